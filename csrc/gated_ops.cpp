@@ -1,0 +1,604 @@
+// gated_ops: op schemas (declared once), input checks and the CPU kernels.
+//
+// The math of every op is gated_ops/reference.py; the plan layout is gated_ops/plan.py.
+// CPU strategy: the GEMMs go to ATen (MKL/oneDNN BLAS), batched over the plan's blocks; the
+// gather/scatter epilogues and the reductions are at::parallel_for loops in a fixed order, so
+// every result is deterministic (no atomics, no order that depends on the thread count).
+#include <Python.h>
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "gated_ops.h"
+
+extern "C" {
+// A plain module so that `import gated_ops._C` loads this library and runs the registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace gated_ops {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------
+// Plan access on the CPU: raw pointers into paths / csr, and the index range checks that a GPU
+// backend does once at plan time (reading indices there would need a host synchronisation).
+struct CpuPlan : Plan {
+  const int64_t *src, *wgt, *dst, *zrow, *zcol;
+  const int64_t *dst_ptr, *dst_perm, *src_ptr, *src_perm, *wgt_ptr, *wgt_perm;
+};
+
+CpuPlan cpu_plan(const Tensor& paths, const Tensor& csr, at::IntArrayRef layout, int64_t S,
+                 int64_t M, const Tensor& ref) {
+  CpuPlan p;
+  static_cast<Plan&>(p) = make_plan_view(paths, csr, layout, S, M, ref);
+  const int64_t* pa = paths.data_ptr<int64_t>();
+  p.src = pa; p.wgt = pa + p.P; p.dst = pa + 2 * p.P; p.zrow = pa + 3 * p.P; p.zcol = pa + 4 * p.P;
+  const int64_t* c = csr.data_ptr<int64_t>();
+  p.dst_ptr = c; c += p.T + 1; p.dst_perm = c; c += p.P;
+  p.src_ptr = c; c += S + 1;   p.src_perm = c; c += p.P;
+  p.wgt_ptr = c; c += M + 1;   p.wgt_perm = c;
+  for (int64_t i = 0; i < p.P; ++i) {
+    TORCH_CHECK(p.src[i] >= 0 && p.src[i] < S, "paths: source index ", p.src[i], " of pathway ",
+                i, " out of range [0, ", S, ") (S = x.size(0))");
+    TORCH_CHECK(p.wgt[i] >= 0 && p.wgt[i] < M, "paths: weight index ", p.wgt[i], " of pathway ",
+                i, " out of range [0, ", M, ") (M = weight.size(0))");
+    TORCH_CHECK(p.dst[i] >= 0 && p.dst[i] < p.T, "paths: destination index ", p.dst[i],
+                " of pathway ", i, " out of range [0, ", p.T, ")");
+  }
+  TORCH_CHECK(p.dst_ptr[p.T] == p.P && p.src_ptr[S] == p.P && p.wgt_ptr[M] == p.P,
+              "csr: corrupt plan (CSR totals differ from P); rebuild it with make_plan");
+  return p;
+}
+
+void check_data(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 3, "x: expected (S, B, D_in), got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 3, "weight: expected (M, D_out, D_in), got shape ", weight.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  x.device().type() != at::kCPU,
+              "x: the CPU kernels support float32 and float64, got ", x.scalar_type());
+  check_float(weight, "weight", x.scalar_type());
+  check_same_device(weight, "weight", x);
+  TORCH_CHECK(weight.size(2) == x.size(2), "weight: expected D_in = ", x.size(2),
+              " (x.size(2)), got weight of shape ", weight.sizes());
+  if (bias) {
+    check_float(*bias, "bias", x.scalar_type());
+    check_same_device(*bias, "bias", x);
+    GATED_CHECK_SHAPE("bias", *bias, weight.size(0), weight.size(1));
+  }
+}
+
+// `ref` carries the dtype and device the gate must have; B is the batch size.
+void check_gate(const c10::optional<Tensor>& gate, const Tensor& ref, int64_t P, int64_t B) {
+  if (!gate) return;
+  check_float(*gate, "gate", ref.scalar_type());
+  check_same_device(*gate, "gate", ref);
+  TORCH_CHECK((gate->dim() == 1 && gate->size(0) == P) ||
+                  (gate->dim() == 2 && gate->size(0) == P && gate->size(1) == B),
+              "gate: expected (P,) or (P, B) = (", P, ",) or (", P, ", ", B, "), got shape ",
+              gate->sizes());
+}
+
+// Views of the sources / weights of the plan's blocks: (n, ns*B, D_in) and (n, nm*D_out, D_in).
+Tensor x_blocks(const Plan& p, const Tensor& x) {
+  return x.narrow(0, p.s0, p.n * p.ns).reshape({p.n, p.ns * x.size(1), x.size(2)});
+}
+Tensor w_blocks(const Plan& p, const Tensor& w) {
+  return w.narrow(0, p.m0, p.n * p.nm).reshape({p.n, p.nm * w.size(1), w.size(2)});
+}
+
+// Grouped layout: the sources of every pathway in by-weight order, (P*B, D_in).
+Tensor gather_sources(const CpuPlan& p, const Tensor& x) {
+  auto order = at::from_blob(const_cast<int64_t*>(p.wgt_perm), {p.P}, at::kLong);
+  auto src = at::from_blob(const_cast<int64_t*>(p.src), {p.P}, at::kLong);
+  return x.index_select(0, src.index_select(0, order)).view({p.P * x.size(1), x.size(2)});
+}
+
+// Runs fn(m, row0, rows) for every weight m of a grouped plan that has pathways, in parallel.
+template <typename F>
+void for_each_weight_group(const CpuPlan& p, int64_t B, const F& fn) {
+  at::parallel_for(0, p.M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t cnt = p.wgt_ptr[m + 1] - p.wgt_ptr[m];
+      if (cnt > 0) fn(m, p.wgt_ptr[m] * B, cnt * B);
+    }
+  });
+}
+
+// Z (z_rows, z_cols): every pathway's pre-gate output x[s_p] @ W[m_p]^T, without bias.
+Tensor compute_z(const CpuPlan& p, const Tensor& x, const Tensor& w) {
+  const int64_t B = x.size(1);
+  if (p.blocked()) {
+    return at::bmm(x_blocks(p, x), w_blocks(p, w).transpose(1, 2))
+        .view({p.z_rows(B), p.z_cols(w.size(1))});
+  }
+  Tensor z = at::empty({p.z_rows(B), w.size(1)}, x.options());
+  if (p.P == 0 || B == 0) return z;
+  Tensor xg = gather_sources(p, x);
+  for_each_weight_group(p, B, [&](int64_t m, int64_t r0, int64_t rows) {
+    Tensor out = z.narrow(0, r0, rows);
+    at::mm_out(out, xg.narrow(0, r0, rows), w[m].t());
+  });
+  return z;
+}
+
+// ---------------------------------------------------------------------------------------------
+// pathway_matmul: y[t] = sum_{p: t_p = t} gate[p] * (Z_p + bias[m_p])
+Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optional<Tensor>& bias_,
+                          const c10::optional<Tensor>& gate_, const Tensor& paths,
+                          const Tensor& csr, at::IntArrayRef layout) {
+  check_data(x_, w_, bias_);
+  const Tensor x = x_.contiguous(), w = w_.contiguous();
+  const CpuPlan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
+  check_gate(gate_, x, p.P, x.size(1));
+  const int64_t B = x.size(1), Do = w.size(1);
+  Tensor y = at::zeros({p.T, B, Do}, x.options());
+  if (p.P == 0 || B == 0 || Do == 0) return y;
+  const Tensor z = compute_z(p, x, w);
+  const Tensor bias = bias_ ? bias_->contiguous() : Tensor();
+  const Tensor gate = gate_ ? gate_->contiguous() : Tensor();
+  const bool per_sample = gate.defined() && gate.dim() == 2;
+  const int64_t ldz = z.size(1);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pathway_matmul_cpu", [&] {
+    const scalar_t* Z = z.data_ptr<scalar_t>();
+    const scalar_t* bi = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* g = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
+    scalar_t* Y = y.data_ptr<scalar_t>();
+    at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t k = p.dst_ptr[t]; k < p.dst_ptr[t + 1]; ++k) {
+          const int64_t q = p.dst_perm[k];
+          const scalar_t* zq = Z + p.zrow[q] * B * ldz + p.zcol[q] * Do;
+          const scalar_t* bq = bi ? bi + p.wgt[q] * Do : nullptr;
+          for (int64_t b = 0; b < B; ++b) {
+            const scalar_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
+            scalar_t* yr = Y + (t * B + b) * Do;
+            const scalar_t* zr = zq + b * ldz;
+            if (bq) {
+              for (int64_t o = 0; o < Do; ++o) yr[o] += gv * (zr[o] + bq[o]);
+            } else {
+              for (int64_t o = 0; o < Do; ++o) yr[o] += gv * zr[o];
+            }
+          }
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// dZ_p = gate[p] * grad_y[t_p], laid out like Z. Every Z cell belongs to exactly one pathway.
+Tensor pathway_grad_z_cpu(const Tensor& grad_y_, const c10::optional<Tensor>& gate_,
+                          const Tensor& paths, const Tensor& csr, at::IntArrayRef layout,
+                          int64_t num_sources, int64_t num_weights) {
+  TORCH_CHECK(grad_y_.dim() == 3, "grad_y: expected (T, B, D_out), got shape ", grad_y_.sizes());
+  const Tensor gy = grad_y_.contiguous();
+  const CpuPlan p = cpu_plan(paths, csr, layout, num_sources, num_weights, gy);
+  TORCH_CHECK(gy.size(0) == p.T, "grad_y: expected T = ", p.T, " destinations, got shape ",
+              gy.sizes());
+  const int64_t B = gy.size(1), Do = gy.size(2);
+  check_gate(gate_, gy, p.P, B);
+  Tensor dz = at::empty({p.z_rows(B), p.z_cols(Do)}, gy.options());
+  if (dz.numel() == 0) return dz;
+  const Tensor gate = gate_ ? gate_->contiguous() : Tensor();
+  const bool per_sample = gate.defined() && gate.dim() == 2;
+  const int64_t ldz = dz.size(1);
+  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "pathway_grad_z_cpu", [&] {
+    const scalar_t* GY = gy.data_ptr<scalar_t>();
+    const scalar_t* g = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
+    scalar_t* DZ = dz.data_ptr<scalar_t>();
+    at::parallel_for(0, p.P, 16, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        scalar_t* dq = DZ + p.zrow[q] * B * ldz + p.zcol[q] * Do;
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
+          const scalar_t* gr = GY + (p.dst[q] * B + b) * Do;
+          scalar_t* dr = dq + b * ldz;
+          for (int64_t o = 0; o < Do; ++o) dr[o] = gv * gr[o];
+        }
+      }
+    });
+  });
+  return dz;
+}
+
+void check_grad_z(const Tensor& dz, const Plan& p, int64_t B, int64_t Do) {
+  TORCH_CHECK(dz.dim() == 2 && dz.size(0) == p.z_rows(B) && dz.size(1) == p.z_cols(Do),
+              "grad_z: expected shape (", p.z_rows(B), ", ", p.z_cols(Do),
+              ") for this plan, batch and D_out, got ", dz.sizes());
+}
+
+// grad_x[s] = sum_{p: s_p = s} dZ_p @ W[m_p]
+Tensor pathway_grad_x_cpu(const Tensor& dz_, const Tensor& w_, const Tensor& paths,
+                          const Tensor& csr, at::IntArrayRef layout, int64_t num_sources,
+                          int64_t batch) {
+  TORCH_CHECK(w_.dim() == 3, "weight: expected (M, D_out, D_in), got shape ", w_.sizes());
+  check_float(dz_, "grad_z", w_.scalar_type());
+  const Tensor dz = dz_.contiguous(), w = w_.contiguous();
+  const CpuPlan p = cpu_plan(paths, csr, layout, num_sources, w.size(0), w);
+  const int64_t B = batch, Do = w.size(1), Di = w.size(2);
+  check_grad_z(dz, p, B, Do);
+  const bool covers = p.blocked() && p.n * p.ns == p.S;
+  Tensor gx = covers ? at::empty({p.S, B, Di}, w.options()) : at::zeros({p.S, B, Di}, w.options());
+  if (p.P == 0 || B == 0) return gx;
+  if (p.blocked()) {
+    Tensor out = x_blocks(p, gx);
+    at::bmm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}), w_blocks(p, w));
+    return gx;
+  }
+  Tensor dxg = at::empty({p.P * B, Di}, w.options());  // per pathway, by-weight order
+  for_each_weight_group(p, B, [&](int64_t m, int64_t r0, int64_t rows) {
+    Tensor out = dxg.narrow(0, r0, rows);
+    at::mm_out(out, dz.narrow(0, r0, rows), w[m]);
+  });
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pathway_grad_x_cpu", [&] {
+    const scalar_t* D = dxg.data_ptr<scalar_t>();
+    scalar_t* GX = gx.data_ptr<scalar_t>();
+    const int64_t row = B * Di;
+    at::parallel_for(0, p.S, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        scalar_t* out = GX + s * row;
+        for (int64_t k = p.src_ptr[s]; k < p.src_ptr[s + 1]; ++k) {
+          const scalar_t* in = D + p.zrow[p.src_perm[k]] * row;
+          for (int64_t i = 0; i < row; ++i) out[i] += in[i];
+        }
+      }
+    });
+  });
+  return gx;
+}
+
+// grad_W[m] = sum_{p: m_p = m} dZ_p^T @ x[s_p]
+Tensor pathway_grad_weight_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& paths,
+                               const Tensor& csr, at::IntArrayRef layout, int64_t num_weights,
+                               int64_t d_out) {
+  TORCH_CHECK(x_.dim() == 3, "x: expected (S, B, D_in), got shape ", x_.sizes());
+  check_float(dz_, "grad_z", x_.scalar_type());
+  const Tensor dz = dz_.contiguous(), x = x_.contiguous();
+  const CpuPlan p = cpu_plan(paths, csr, layout, x.size(0), num_weights, x);
+  const int64_t B = x.size(1), Di = x.size(2), Do = d_out;
+  check_grad_z(dz, p, B, Do);
+  const bool covers = p.blocked() && p.n * p.nm == p.M;
+  if (p.P == 0 || B == 0) return at::zeros({p.M, Do, Di}, x.options());
+  Tensor gw = covers ? at::empty({p.M, Do, Di}, x.options()) : at::zeros({p.M, Do, Di}, x.options());
+  if (p.blocked()) {
+    Tensor out = w_blocks(p, gw);
+    at::bmm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}).transpose(1, 2), x_blocks(p, x));
+    return gw;
+  }
+  Tensor xg = gather_sources(p, x);
+  for_each_weight_group(p, B, [&](int64_t m, int64_t r0, int64_t rows) {
+    Tensor out = gw[m];
+    at::mm_out(out, dz.narrow(0, r0, rows).t(), xg.narrow(0, r0, rows));
+  });
+  return gw;
+}
+
+// grad_bias[m] = sum_{p: m_p = m} sum_b dZ_p[b]
+Tensor pathway_grad_bias_cpu(const Tensor& dz_, const Tensor& paths, const Tensor& csr,
+                             at::IntArrayRef layout, int64_t num_sources, int64_t num_weights,
+                             int64_t d_out) {
+  const Tensor dz = dz_.contiguous();
+  const CpuPlan p = cpu_plan(paths, csr, layout, num_sources, num_weights, dz);
+  const int64_t Do = d_out;
+  TORCH_CHECK(dz.dim() == 2 && dz.size(1) == p.z_cols(Do), "grad_z: expected ", p.z_cols(Do),
+              " columns, got shape ", dz.sizes());
+  const int64_t rows_per_path = p.blocked() ? p.n * p.ns : p.P;
+  const int64_t B = rows_per_path ? dz.size(0) / rows_per_path : 0;
+  Tensor gb = at::zeros({p.M, Do}, dz.options());
+  if (p.P == 0 || B == 0) return gb;
+  const int64_t ldz = dz.size(1);
+  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "pathway_grad_bias_cpu", [&] {
+    const scalar_t* DZ = dz.data_ptr<scalar_t>();
+    scalar_t* GB = gb.data_ptr<scalar_t>();
+    at::parallel_for(0, p.M, 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        scalar_t* out = GB + m * Do;
+        for (int64_t k = p.wgt_ptr[m]; k < p.wgt_ptr[m + 1]; ++k) {
+          const int64_t q = p.wgt_perm[k];
+          const scalar_t* dq = DZ + p.zrow[q] * B * ldz + p.zcol[q] * Do;
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t o = 0; o < Do; ++o) out[o] += dq[b * ldz + o];
+        }
+      }
+    });
+  });
+  return gb;
+}
+
+// grad_gate[p, b] = <grad_y[t_p, b], Z_p[b] + bias[m_p]>  (summed over b for a (P,) gate)
+Tensor pathway_grad_gate_cpu(const Tensor& grad_y_, const Tensor& x_, const Tensor& w_,
+                             const c10::optional<Tensor>& bias_, const Tensor& gate,
+                             const Tensor& paths, const Tensor& csr, at::IntArrayRef layout) {
+  check_data(x_, w_, bias_);
+  const Tensor x = x_.contiguous(), w = w_.contiguous(), gy = grad_y_.contiguous();
+  const CpuPlan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
+  check_gate(gate, x, p.P, x.size(1));
+  const int64_t B = x.size(1), Do = w.size(1);
+  GATED_CHECK_SHAPE("grad_y", gy, p.T, B, Do);
+  Tensor gg = at::zeros({p.P, B}, x.options());
+  if (p.P > 0 && B > 0 && Do > 0) {
+    const Tensor z = compute_z(p, x, w);
+    const Tensor bias = bias_ ? bias_->contiguous() : Tensor();
+    const int64_t ldz = z.size(1);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pathway_grad_gate_cpu", [&] {
+      using acc_t = at::acc_type<scalar_t, false>;
+      const scalar_t* Z = z.data_ptr<scalar_t>();
+      const scalar_t* GY = gy.data_ptr<scalar_t>();
+      const scalar_t* bi = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+      scalar_t* GG = gg.data_ptr<scalar_t>();
+      at::parallel_for(0, p.P, 16, [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q) {
+          const scalar_t* zq = Z + p.zrow[q] * B * ldz + p.zcol[q] * Do;
+          const scalar_t* bq = bi ? bi + p.wgt[q] * Do : nullptr;
+          for (int64_t b = 0; b < B; ++b) {
+            const scalar_t* gr = GY + (p.dst[q] * B + b) * Do;
+            acc_t acc = 0;
+            for (int64_t o = 0; o < Do; ++o)
+              acc += acc_t(gr[o]) * acc_t(zq[b * ldz + o] + (bq ? bq[o] : scalar_t(0)));
+            GG[q * B + b] = scalar_t(acc);
+          }
+        }
+      });
+    });
+  }
+  return gate.dim() == 2 ? gg : gg.sum(1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused SGD: W <- W - lr * d, buf <- momentum * buf + (g + wd * W), d = buf (or g + momentum * buf
+// with nesterov), g = grad_W computed a few rows at a time and never written to memory. Per step
+// this reads and writes W and buf once: at K=100, D=784, H=128 that is 4 x 40 MB instead of the
+// 7 x 40 MB of autograd's grad tensor followed by torch.optim.SGD.
+//
+// The hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time
+// (GCC/Clang function multi-versioning), since the rest of the build targets baseline x86-64.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GATED_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define GATED_TARGET_CLONES
+#endif
+
+template <typename scalar_t>
+GATED_TARGET_CLONES void sgd_rows(scalar_t* w, scalar_t* buf, const scalar_t* g, int64_t count,
+                                  scalar_t lr, scalar_t mom, scalar_t wd, bool nesterov) {
+  for (int64_t i = 0; i < count; ++i) {
+    scalar_t d = g ? g[i] : scalar_t(0);
+    if (wd != 0) d += wd * w[i];
+    if (buf) {
+      const scalar_t b = mom * buf[i] + d;
+      buf[i] = b;
+      d = nesterov ? d + mom * b : b;
+    }
+    w[i] -= lr * d;
+  }
+}
+
+// g (Di) = sum_r a[r * lda] * x[r, :]: one row of grad_W = dZ^T X for a skinny dZ (nr rows).
+template <typename scalar_t>
+GATED_TARGET_CLONES void grad_row(scalar_t* g, const scalar_t* a, int64_t lda, const scalar_t* x,
+                                  int64_t nr, int64_t Di) {
+  for (int64_t i = 0; i < Di; ++i) g[i] = 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    const scalar_t ar = a[r * lda];
+    const scalar_t* xr = x + r * Di;
+    for (int64_t i = 0; i < Di; ++i) g[i] += ar * xr[i];
+  }
+}
+
+// Below this many rows of dZ per weight (ns * B), grad rows are rank-nr updates computed in
+// cache by grad_row; above it a BLAS GEMM per weight wins (the decoders: K * B = 800 rows).
+constexpr int64_t kSkinnyRows = 64;
+
+void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
+                     const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
+                     at::IntArrayRef layout, double lr, double momentum, double weight_decay,
+                     bool nesterov) {
+  TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
+  check_float(w, "weight", x_.scalar_type());
+  check_float(dz_, "grad_z", x_.scalar_type());
+  TORCH_CHECK(w.is_contiguous(), "weight: the fused SGD update needs a contiguous weight");
+  TORCH_CHECK((momentum != 0) == buf.has_value(),
+              "momentum_buffer: expected a buffer exactly when momentum != 0");
+  if (buf) {
+    TORCH_CHECK(buf->sizes() == w.sizes() && buf->is_contiguous() &&
+                    buf->scalar_type() == w.scalar_type(),
+                "momentum_buffer: expected a contiguous tensor like weight ", w.sizes(), ", got ",
+                buf->sizes());
+  }
+  const Tensor dz = dz_.contiguous(), x = x_.contiguous();
+  const CpuPlan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
+  const int64_t B = x.size(1), Do = w.size(1), Di = w.size(2);
+  check_grad_z(dz, p, B, Do);
+  const int64_t ldz = dz.size(1);
+  const Tensor xg = (!p.blocked() && p.P > 0 && B > 0) ? gather_sources(p, x) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pathway_sgd_cpu", [&] {
+    scalar_t* W = w.data_ptr<scalar_t>();
+    scalar_t* BUF = buf ? buf->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* DZ = dz.data_ptr<scalar_t>();
+    const scalar_t lr_ = lr, mom_ = momentum, wd_ = weight_decay;
+    at::parallel_for(0, p.M, 1, [&](int64_t m0, int64_t m1) {
+      std::vector<scalar_t> g(Di);
+      Tensor gm;  // scratch (Do, Di) for the GEMM path
+      for (int64_t m = m0; m < m1; ++m) {
+        // The rows of dZ (nr of them, starting at dz_m, columns from col0) and of x that feed
+        // W[m]; nr = 0 when no pathway uses it (zero gradient: decay and momentum still apply).
+        int64_t nr = 0, row0 = 0, col0 = 0;
+        const scalar_t* xm = nullptr;
+        if (p.blocked()) {
+          const int64_t j = m - p.m0;
+          if (j >= 0 && j < p.n * p.nm) {
+            const int64_t i = j / p.nm;
+            nr = p.ns * B; row0 = i * p.ns * B; col0 = (j % p.nm) * Do;
+            xm = x.data_ptr<scalar_t>() + (p.s0 + i * p.ns) * B * Di;
+          }
+        } else if (B > 0) {
+          nr = (p.wgt_ptr[m + 1] - p.wgt_ptr[m]) * B; row0 = p.wgt_ptr[m] * B;
+          if (nr) xm = xg.data_ptr<scalar_t>() + row0 * Di;
+        }
+        scalar_t* wm = W + m * Do * Di;
+        scalar_t* bm = BUF ? BUF + m * Do * Di : nullptr;
+        const scalar_t* dzm = DZ + row0 * ldz + col0;
+        if (nr == 0) {
+          sgd_rows<scalar_t>(wm, bm, nullptr, Do * Di, lr_, mom_, wd_, nesterov);
+        } else if (nr <= kSkinnyRows) {
+          for (int64_t o = 0; o < Do; ++o) {
+            grad_row<scalar_t>(g.data(), dzm + o, ldz, xm, nr, Di);
+            sgd_rows<scalar_t>(wm + o * Di, bm ? bm + o * Di : nullptr, g.data(), Di, lr_, mom_,
+                               wd_, nesterov);
+          }
+        } else {
+          if (!gm.defined()) gm = at::empty({Do, Di}, x.options());
+          const Tensor dzt = dz.narrow(0, row0, nr).narrow(1, col0, Do).t();
+          const Tensor xt = at::from_blob(const_cast<scalar_t*>(xm), {nr, Di}, x.options());
+          at::mm_out(gm, dzt, xt);
+          sgd_rows<scalar_t>(wm, bm, gm.data_ptr<scalar_t>(), Do * Di, lr_, mom_, wd_, nesterov);
+        }
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gated cross-entropy over (R, P, B, C) logits: per-path mean loss, correct counts, gated mean.
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor& logits_,
+                                                                   const Tensor& target_,
+                                                                   const Tensor& gate_) {
+  TORCH_CHECK(logits_.dim() == 4, "logits: expected (R, P, B, C), got shape ", logits_.sizes());
+  TORCH_CHECK(logits_.scalar_type() == at::kFloat || logits_.scalar_type() == at::kDouble,
+              "logits: the CPU kernels support float32 and float64, got ", logits_.scalar_type());
+  const int64_t R = logits_.size(0), P = logits_.size(1), B = logits_.size(2), C = logits_.size(3);
+  TORCH_CHECK(target_.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
+              target_.scalar_type());
+  GATED_CHECK_SHAPE("target", target_, R, P, B);
+  check_float(gate_, "gate", logits_.scalar_type());
+  GATED_CHECK_SHAPE("gate", gate_, R, P);
+  check_same_device(target_, "target", logits_);
+  check_same_device(gate_, "gate", logits_);
+  TORCH_CHECK(B > 0, "logits: expected a batch of B > 0 samples (the loss is a mean over B)");
+  TORCH_CHECK(C > 0, "logits: expected C > 0 classes");
+  const Tensor logits = logits_.contiguous(), target = target_.contiguous(),
+               gate = gate_.contiguous();
+  Tensor loss = at::empty({R}, logits.options());
+  Tensor path_loss = at::empty({R, P}, logits.options());
+  Tensor correct = at::empty({R, P}, target.options());
+  Tensor lse = at::empty({R, P, B}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "gated_cross_entropy_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    const scalar_t* L = logits.data_ptr<scalar_t>();
+    const int64_t* Y = target.data_ptr<int64_t>();
+    const scalar_t* G = gate.data_ptr<scalar_t>();
+    scalar_t *PL = path_loss.data_ptr<scalar_t>(), *LSE = lse.data_ptr<scalar_t>();
+    int64_t* CO = correct.data_ptr<int64_t>();
+    at::parallel_for(0, R * P, 64, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        acc_t nll_sum = 0;
+        int64_t hits = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* l = L + (q * B + b) * C;
+          const int64_t y = Y[q * B + b];
+          TORCH_CHECK(y >= 0 && y < C, "target: class index ", y, " out of range [0, ", C, ")");
+          // argmax as torch.argmax: first maximum, NaN counts as the maximum.
+          int64_t arg = 0;
+          scalar_t mx = l[0];
+          for (int64_t c = 1; c < C; ++c) {
+            if (std::isnan(mx)) break;
+            if (l[c] > mx || std::isnan(l[c])) { mx = l[c]; arg = c; }
+          }
+          acc_t sum = 0;
+          // Shifted by the max as log_softmax is; an infinite max gives NaN, as it does there.
+          for (int64_t c = 0; c < C; ++c) sum += std::exp(acc_t(l[c]) - acc_t(mx));
+          const acc_t lse_b = std::log(sum) + acc_t(mx);
+          LSE[q * B + b] = scalar_t(lse_b);
+          nll_sum += lse_b - acc_t(l[y]);
+          hits += (arg == y);
+        }
+        PL[q] = scalar_t(nll_sum / acc_t(B));
+        CO[q] = hits;
+      }
+    });
+    scalar_t* LO = loss.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < R; ++r) {
+      acc_t num = 0, den = 0;
+      for (int64_t j = 0; j < P; ++j) {
+        num += acc_t(G[r * P + j]) * acc_t(PL[r * P + j]);
+        den += acc_t(G[r * P + j]);
+      }
+      TORCH_CHECK(den != 0, "gate: the path gate of replica ", r,
+                  " sums to zero, so the gated mean loss is undefined; gate at least one path");
+      LO[r] = scalar_t(num / den);
+    }
+  });
+  return {loss, path_loss, correct, lse};
+}
+
+// d/dlogits of sum_r grad_loss[r] * loss[r] + sum_{r,p} grad_path_loss[r,p] * path_loss[r,p]
+//   = w[r,p] * (softmax(logits) - onehot(target)),
+//   w[r,p] = (grad_loss[r] * gate[r,p] / sum_p gate[r,p] + grad_path_loss[r,p]) / B.
+// Three vectorised ATen passes over the logits (exp, scale, scatter): no per-element scalar exp.
+Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& grad_pl,
+                                        const Tensor& logits, const Tensor& target,
+                                        const Tensor& gate, const Tensor& lse) {
+  TORCH_CHECK(logits.dim() == 4, "logits: expected (R, P, B, C), got shape ", logits.sizes());
+  const int64_t R = logits.size(0), P = logits.size(1), B = logits.size(2);
+  GATED_CHECK_SHAPE("grad_loss", grad_loss, R);
+  GATED_CHECK_SHAPE("grad_path_loss", grad_pl, R, P);
+  GATED_CHECK_SHAPE("target", target, R, P, B);
+  GATED_CHECK_SHAPE("gate", gate, R, P);
+  GATED_CHECK_SHAPE("lse", lse, R, P, B);
+  const Tensor w = ((grad_loss.unsqueeze(1) * gate / gate.sum(1, true) + grad_pl) / B)
+                       .view({R, P, 1, 1});
+  Tensor grad = at::exp(logits - lse.unsqueeze(-1));
+  grad.mul_(w);
+  grad.scatter_add_(3, target.unsqueeze(-1), -w.expand({R, P, B, 1}));
+  return grad;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The schemas, declared once. `paths`, `csr`, `layout` come from gated_ops.make_plan.
+TORCH_LIBRARY(gated_ops, m) {
+  m.def("pathway_matmul(Tensor x, Tensor weight, Tensor? bias, Tensor? gate, Tensor paths, "
+        "Tensor csr, int[] layout) -> Tensor");
+  m.def("pathway_grad_z(Tensor grad_y, Tensor? gate, Tensor paths, Tensor csr, int[] layout, "
+        "int num_sources, int num_weights) -> Tensor");
+  m.def("pathway_grad_x(Tensor grad_z, Tensor weight, Tensor paths, Tensor csr, int[] layout, "
+        "int num_sources, int batch) -> Tensor");
+  m.def("pathway_grad_weight(Tensor grad_z, Tensor x, Tensor paths, Tensor csr, int[] layout, "
+        "int num_weights, int d_out) -> Tensor");
+  m.def("pathway_grad_bias(Tensor grad_z, Tensor paths, Tensor csr, int[] layout, "
+        "int num_sources, int num_weights, int d_out) -> Tensor");
+  m.def("pathway_grad_gate(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor gate, "
+        "Tensor paths, Tensor csr, int[] layout) -> Tensor");
+  m.def("pathway_sgd_(Tensor grad_z, Tensor x, Tensor(a!) weight, Tensor(b!)? momentum_buffer, "
+        "Tensor paths, Tensor csr, int[] layout, float lr, float momentum, float weight_decay, "
+        "bool nesterov) -> ()");
+  m.def("gated_cross_entropy(Tensor logits, Tensor target, Tensor gate) "
+        "-> (Tensor loss, Tensor path_loss, Tensor correct, Tensor lse)");
+  m.def("gated_cross_entropy_backward(Tensor grad_loss, Tensor grad_path_loss, Tensor logits, "
+        "Tensor target, Tensor gate, Tensor lse) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gated_ops, CPU, m) {
+  m.impl("pathway_matmul", &pathway_matmul_cpu);
+  m.impl("pathway_grad_z", &pathway_grad_z_cpu);
+  m.impl("pathway_grad_x", &pathway_grad_x_cpu);
+  m.impl("pathway_grad_weight", &pathway_grad_weight_cpu);
+  m.impl("pathway_grad_bias", &pathway_grad_bias_cpu);
+  m.impl("pathway_grad_gate", &pathway_grad_gate_cpu);
+  m.impl("pathway_sgd_", &pathway_sgd_cpu);
+  m.impl("gated_cross_entropy", &gated_cross_entropy_cpu);
+  m.impl("gated_cross_entropy_backward", &gated_cross_entropy_backward_cpu);
+}
+
+}  // namespace gated_ops

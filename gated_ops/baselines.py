@@ -1,0 +1,110 @@
+"""Plain-PyTorch k-path models that gated_ops is measured and tested against.
+
+* :class:`LoopKPath` - the paper-style model: K nn.Linear encoders, one hidden nn.Linear, K
+  nn.Linear decoders, and a Python loop over the K*K pathways (the "naive" provider).
+* :class:`BatchedKPath` - the best plain-PyTorch formulation we know: baddbmm over encoders and
+  replicas, one wide GEMM for all decoders, F.cross_entropy (the "torch" provider).
+
+Both hold the same parameters as :class:`gated_ops.kpath.KPathNet` (``from_kpath`` copies them),
+take the same inputs and return the same (loss, path_loss, correct) triple, so a test can run one
+step of each from identical weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .kpath import KPathNet
+
+__all__ = ["LoopKPath", "BatchedKPath", "path_metrics"]
+
+
+def path_metrics(logits: Tensor, target: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gated loss of GDLN.md section 2 in plain PyTorch: logits (R, P, B, C)."""
+    R, P, B, C = logits.shape
+    nll = F.cross_entropy(logits.reshape(-1, C), target.reshape(-1), reduction="none")
+    path_loss = nll.view(R, P, B).mean(-1)
+    loss = (path_loss * gate).sum(-1) / gate.sum(-1)
+    correct = (logits.argmax(-1) == target).sum(-1)
+    return loss, path_loss, correct
+
+
+class LoopKPath(nn.Module):
+    """The paper-style k-path network for one run: a Python loop over pathways of nn.Linear."""
+
+    def __init__(self, K: int, d_in: int, hidden: int, classes: int = 10):
+        super().__init__()
+        self.K, self.C = K, classes
+        self.encoders = nn.ModuleList(nn.Linear(d_in, hidden) for _ in range(K))
+        self.hidden = nn.Linear(hidden, hidden)
+        self.decoders = nn.ModuleList(nn.Linear(hidden, classes) for _ in range(K))
+
+    @classmethod
+    def from_kpath(cls, net: KPathNet, replica: int = 0) -> "LoopKPath":
+        K, r = net.K, replica
+        enc, hid, dec = net.encoder, net.hidden, net.decoder
+        m = cls(K, enc.in_features, hid.in_features, net.C).to(enc.weight)
+        with torch.no_grad():
+            for k in range(K):
+                m.encoders[k].weight.copy_(enc.weight[r * K + k])
+                m.encoders[k].bias.copy_(enc.bias[r * K + k])
+                m.decoders[k].weight.copy_(dec.weight[r * K + k])
+                m.decoders[k].bias.copy_(dec.bias[r * K + k])
+            m.hidden.weight.copy_(hid.weight[r])
+            m.hidden.bias.copy_(hid.bias[r])
+        return m
+
+    def forward(self, xk: Tensor) -> Tensor:
+        """xk (K, B, D_in) -> logits (1, K*K, B, C)."""
+        outs = []
+        for i in range(self.K):
+            h = self.hidden(self.encoders[i](xk[i]))
+            for j in range(self.K):
+                outs.append(self.decoders[j](h))
+        return torch.stack(outs).unsqueeze(0)
+
+    def loss(self, xk: Tensor, target: Tensor, gate: Tensor):
+        return path_metrics(self(xk), target, gate)
+
+
+class BatchedKPath(nn.Module):
+    """R k-path runs as batched plain PyTorch: baddbmm encoders, bmm hidden and decoders."""
+
+    def __init__(self, K: int, d_in: int, hidden: int, classes: int = 10, replicas: int = 1):
+        super().__init__()
+        self.K, self.C, self.R = K, classes, replicas
+        R, H = replicas, hidden
+        self.w_enc = nn.Parameter(torch.empty(R * K, H, d_in))
+        self.b_enc = nn.Parameter(torch.zeros(R * K, H))
+        self.w_hid = nn.Parameter(torch.empty(R, H, H))
+        self.b_hid = nn.Parameter(torch.zeros(R, H))
+        self.w_dec = nn.Parameter(torch.empty(R, K * classes, H))  # all decoders stacked
+        self.b_dec = nn.Parameter(torch.zeros(R, K * classes))
+        for w in (self.w_enc, self.w_hid, self.w_dec):
+            nn.init.normal_(w, std=w.shape[-1] ** -0.5)
+
+    @classmethod
+    def from_kpath(cls, net: KPathNet) -> "BatchedKPath":
+        enc, hid, dec = net.encoder, net.hidden, net.decoder
+        m = cls(net.K, enc.in_features, hid.in_features, net.C, net.R).to(enc.weight)
+        with torch.no_grad():
+            m.w_enc.copy_(enc.weight)
+            m.b_enc.copy_(enc.bias)
+            m.w_hid.copy_(hid.weight)
+            m.b_hid.copy_(hid.bias)
+            m.w_dec.copy_(dec.weight.reshape(m.w_dec.shape))
+            m.b_dec.copy_(dec.bias.reshape(m.b_dec.shape))
+        return m
+
+    def forward(self, xk: Tensor) -> Tensor:
+        """xk (R*K, B, D_in) -> logits (R, K*K, B, C)."""
+        R, K, C, B = self.R, self.K, self.C, xk.shape[1]
+        h = torch.baddbmm(self.b_enc.unsqueeze(1), xk, self.w_enc.transpose(1, 2))
+        h = torch.baddbmm(self.b_hid.unsqueeze(1), h.reshape(R, K * B, -1),
+                          self.w_hid.transpose(1, 2))
+        out = torch.baddbmm(self.b_dec.unsqueeze(1), h, self.w_dec.transpose(1, 2))
+        return out.view(R, K, B, K, C).transpose(2, 3).reshape(R, K * K, B, C)
+
+    def loss(self, xk: Tensor, target: Tensor, gate: Tensor):
+        return path_metrics(self(xk), target, gate)

@@ -1,0 +1,123 @@
+"""The paper's k-path network (GDLN.md section 2) on the fused ops, for R replicas at once.
+
+K encoders Linear(D_in -> H) (encoder k sees input transformation k), one shared hidden
+Linear(H -> H), K decoders Linear(H -> C); path (i, j) = encoder i -> hidden -> decoder j, whose
+target is the label under output transformation j. Deep linear: no nonlinearity.
+
+Replica r (r < R) is an independent run: its own weights, gate, init and data; the R runs train
+in one call of each fused op because replicas are just more pathways over disjoint weights.
+Replica r's loss depends only on its weights, so the summed loss gives each its own gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .nn import GatedPathwayLinear, SGDConfig
+from .ops import gated_cross_entropy
+
+__all__ = ["KPathNet", "kpath_gate", "transform_batch"]
+
+
+def kpath_gate(K: int, N: int, mode: str = "N_plus_mod", seed: int = 0) -> Tensor:
+    """The K x K 0/1 path gate of the authors' scripts.
+
+    ``N_plus_mod``: row i has ones at columns (i + 0..N-1) mod K. ``N_plus_mod_permute``: then
+    the columns are shuffled by a random permutation (torch.Generator seeded with ``seed``).
+    ``fully_connected``: all ones (N ignored).
+    """
+    if mode == "fully_connected":
+        return torch.ones(K, K)
+    if not 1 <= N <= K:
+        raise ValueError(f"N: expected 1 <= N <= K = {K}, got {N}")
+    cols = (torch.arange(K).view(K, 1) + torch.arange(N).view(1, N)) % K
+    gate = torch.zeros(K, K).scatter_(1, cols, 1.0)
+    if mode == "N_plus_mod":
+        return gate
+    if mode == "N_plus_mod_permute":
+        perm = torch.randperm(K, generator=torch.Generator().manual_seed(seed))
+        return gate[:, perm]
+    raise ValueError(f"mode: expected 'N_plus_mod', 'N_plus_mod_permute' or 'fully_connected', "
+                     f"got {mode!r}")
+
+
+def transform_batch(x: Tensor, y: Tensor, pixel_perms: Tensor | None, label_maps: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+    """Inputs and targets of every path, on the data's device, without host synchronisation.
+
+    Args:
+        x: (R, B, D) one batch per replica (flattened images); or (R, K, B, D) already
+            transformed per encoder (rotations), then ``pixel_perms`` is None.
+        y: (R, B) int64 labels.
+        pixel_perms: (K, D) int64 input permutations, or None.
+        label_maps: (K, C) int64: label y becomes label_maps[j, y] on decoder j.
+    Returns:
+        xk (R*K, B, D): encoder k's input for every replica; target (R, K*K, B) int64 where
+        path (i, j) = i*K + j has target label_maps[j, y].
+    """
+    K = label_maps.shape[0]
+    if pixel_perms is not None:
+        xk = x[:, :, pixel_perms].permute(0, 2, 1, 3)  # (R, K, B, D)
+    else:
+        xk = x
+    R, _, B, D = xk.shape
+    target = label_maps[:, y].permute(1, 0, 2)  # (R, K_j, B)
+    target = target.unsqueeze(1).expand(R, K, K, B).reshape(R, K * K, B)
+    return xk.reshape(R * K, B, D), target
+
+
+class KPathNet(nn.Module):
+    """R replicas of the k-path network. forward(xk (R*K, B, D_in)) -> logits (R, K*K, B, C)."""
+
+    def __init__(self, K: int, d_in: int, hidden: int, classes: int = 10, replicas: int = 1,
+                 bias: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.K, self.R, self.C = K, replicas, classes
+        kw = dict(replicas=replicas, bias=bias, device=device, dtype=dtype)
+        self.encoder = GatedPathwayLinear.batched(K, d_in, hidden, **kw)
+        self.hidden = GatedPathwayLinear.shared(K, hidden, hidden, **kw)
+        self.decoder = GatedPathwayLinear.fanout(K, K, hidden, classes, **kw)
+
+    @property
+    def layers(self) -> tuple[GatedPathwayLinear, ...]:
+        return (self.encoder, self.hidden, self.decoder)
+
+    def xavier_init_(self, gains: Tensor | list[float], generators: list[torch.Generator]
+                     ) -> None:
+        """Xavier-uniform init with a gain per replica, biases 0 (the authors' init).
+
+        Each replica draws from its own generator, encoder, hidden, decoders in order, so a
+        replica's weights do not depend on the other replicas.
+        """
+        if len(gains) != self.R or len(generators) != self.R:
+            raise ValueError(f"gains, generators: expected {self.R} each (one per replica)")
+        with torch.no_grad():
+            for r in range(self.R):
+                for layer in self.layers:
+                    n = layer.num_weights // self.R
+                    fan_out, fan_in = layer.weight.shape[1:]
+                    bound = float(gains[r]) * math.sqrt(6.0 / (fan_in + fan_out))
+                    w = torch.rand(n, fan_out, fan_in, generator=generators[r],
+                                   dtype=torch.float64)
+                    layer.weight[r * n:(r + 1) * n] = ((2 * w - 1) * bound).to(layer.weight)
+                    if layer.bias is not None:
+                        layer.bias[r * n:(r + 1) * n] = 0
+
+    def fuse_sgd(self, config: SGDConfig | None) -> "KPathNet":
+        """Fused SGD in every layer's backward (see GatedPathwayLinear.fuse_sgd)."""
+        for layer in self.layers:
+            layer.fuse_sgd(config)
+        return self
+
+    def forward(self, xk: Tensor) -> Tensor:
+        h = self.hidden(self.encoder(xk))  # (R*K, B, H)
+        out = self.decoder(h)  # (R*K*K, B, C)
+        return out.view(self.R, self.K * self.K, xk.shape[1], self.C)
+
+    def loss(self, xk: Tensor, target: Tensor, gate: Tensor
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        """loss (R,), path_loss (R, K*K), correct (R, K*K) for one batch; gate (R, K*K)."""
+        return gated_cross_entropy(self(xk), target, gate)

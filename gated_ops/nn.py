@@ -1,0 +1,190 @@
+"""``GatedPathwayLinear``: a module that owns a weight bank, its bias and a compiled plan."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .ops import _ops, pathway_matmul
+from .plan import PathwayPlan, make_plan
+from .reference import sgd_momentum_ref
+
+__all__ = ["GatedPathwayLinear", "SGDConfig"]
+
+
+@dataclass(frozen=True)
+class SGDConfig:
+    """torch.optim.SGD's hyper-parameters (dampening 0) for the fused update."""
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lr < 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(f"SGDConfig: expected lr, momentum, weight_decay >= 0, got {self}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("SGDConfig: nesterov needs momentum > 0")
+
+
+class GatedPathwayLinear(nn.Module):
+    """Many gated linear pathways as one op: y[t] = sum_{p: dst_p=t} gate[p] (x[src_p] W_{wgt_p}^T + b).
+
+    Args:
+        src, wgt, dst: the pathway table (see :func:`gated_ops.make_plan`).
+        num_sources, num_weights, num_dst: S, M, T.
+        in_features, out_features: D_in, D_out of every weight.
+        bias: learn a bias per weight.
+    Shapes: forward(x (S, B, D_in), gate None | (P,) | (P, B)) -> (T, B, D_out).
+
+    Constructors for the common patterns: :meth:`batched` (one weight per source),
+    :meth:`shared` (one weight for all sources), :meth:`fanout` (every source through every
+    weight), :meth:`mixture_of_experts`; all take ``replicas=R`` for R independent copies.
+
+    ``fuse_sgd(SGDConfig(...))`` switches on the fused optimizer: the backward pass computes the
+    weight gradient tile by tile and applies SGD (with momentum) in place, so ``weight.grad`` is
+    never materialised (``weight.grad`` stays None: exclude the weight from other optimizers).
+    The bias is updated in the same backward. Eager mode and CUDA graphs only (not under
+    torch.compile, which cannot trace a parameter update inside backward).
+    """
+
+    def __init__(self, src: Sequence[int] | Tensor, wgt: Sequence[int] | Tensor,
+                 dst: Sequence[int] | Tensor, *, num_sources: int, num_weights: int,
+                 num_dst: int, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        plan = make_plan(src, wgt, dst, num_sources=num_sources, num_weights=num_weights,
+                         num_dst=num_dst)
+        self.in_features, self.out_features = in_features, out_features
+        self.num_sources, self.num_dst = num_sources, num_dst
+        self.layout = plan.layout
+        self.register_buffer("paths", plan.paths.to(device), persistent=False)
+        self.register_buffer("csr", plan.csr.to(device), persistent=False)
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_weights, out_features, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(num_weights, out_features, **kw)) if bias else None
+        self.sgd: SGDConfig | None = None
+        self.reset_parameters()
+
+    # -- constructors --------------------------------------------------------------------------
+    @classmethod
+    def batched(cls, n: int, in_features: int, out_features: int, *, replicas: int = 1,
+                **kw) -> "GatedPathwayLinear":
+        """n independent linears: pathway p maps source p with weight p to destination p."""
+        r = list(range(n * replicas))
+        return cls(r, r, r, num_sources=n * replicas, num_weights=n * replicas,
+                   num_dst=n * replicas, in_features=in_features, out_features=out_features, **kw)
+
+    @classmethod
+    def shared(cls, n: int, in_features: int, out_features: int, *, replicas: int = 1,
+               **kw) -> "GatedPathwayLinear":
+        """One weight applied to n sources (per replica)."""
+        r = list(range(n * replicas))
+        return cls(r, [i // n for i in r], r, num_sources=n * replicas, num_weights=replicas,
+                   num_dst=n * replicas, in_features=in_features, out_features=out_features, **kw)
+
+    @classmethod
+    def fanout(cls, n_src: int, n_w: int, in_features: int, out_features: int, *,
+               replicas: int = 1, **kw) -> "GatedPathwayLinear":
+        """Every source through every weight: destination (r, i, j) = (r*n_src + i)*n_w + j."""
+        src = [r * n_src + i for r in range(replicas) for i in range(n_src) for _ in range(n_w)]
+        wgt = [r * n_w + j for r in range(replicas) for _ in range(n_src) for j in range(n_w)]
+        return cls(src, wgt, list(range(len(src))), num_sources=n_src * replicas,
+                   num_weights=n_w * replicas, num_dst=len(src), in_features=in_features,
+                   out_features=out_features, **kw)
+
+    @classmethod
+    def mixture_of_experts(cls, num_experts: int, in_features: int, out_features: int, *,
+                           replicas: int = 1, **kw) -> "GatedPathwayLinear":
+        """One source, num_experts experts summed into one output; gate = router weights (P, B)."""
+        src = [r for r in range(replicas) for _ in range(num_experts)]
+        wgt = list(range(num_experts * replicas))
+        return cls(src, wgt, src, num_sources=replicas, num_weights=num_experts * replicas,
+                   num_dst=replicas, in_features=in_features, out_features=out_features, **kw)
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def plan(self) -> PathwayPlan:
+        return PathwayPlan(self.num_sources, self.num_weights, self.num_dst, self.paths,
+                           self.csr, self.layout)
+
+    @property
+    def num_weights(self) -> int:
+        return self.weight.shape[0]
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, per weight matrix."""
+        bound = 1 / math.sqrt(self.in_features) if self.in_features else 0.0
+        with torch.no_grad():
+            for w in self.weight:
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    def fuse_sgd(self, config: SGDConfig | None) -> "GatedPathwayLinear":
+        """Apply SGD inside backward (None switches it off). Momentum buffers start at zero."""
+        self.sgd = config
+        for name in ("weight_momentum", "bias_momentum"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if config is not None and config.momentum:
+            self.register_buffer("weight_momentum", torch.zeros_like(self.weight.detach()))
+            if self.bias is not None:
+                self.register_buffer("bias_momentum", torch.zeros_like(self.bias.detach()))
+        return self
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        if self.sgd is not None and torch.is_grad_enabled():
+            return _FusedSGDPathway.apply(x, self.weight, self.bias, gate, self)
+        return pathway_matmul(x, self.weight, self.plan, self.bias, gate)
+
+    def extra_repr(self) -> str:
+        _, n, s0, ns, m0, nm = self.layout
+        structure = f"blocked(n={n}, ns={ns}, nm={nm})" if n else "grouped"
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, "
+             f"sources={self.num_sources}, weights={self.num_weights}, "
+             f"destinations={self.num_dst}, pathways={self.paths.shape[1]}, {structure}, "
+             f"bias={self.bias is not None}")
+        if self.sgd is not None:
+            s += f", fused_sgd={self.sgd}"
+        return s
+
+
+class _FusedSGDPathway(torch.autograd.Function):
+    """pathway_matmul whose backward updates the weight (and bias) in place instead of
+    returning their gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gate, module):
+        ctx.module = module
+        ctx.save_for_backward(x, weight, gate)
+        plan = module.plan
+        return _ops.pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, gate = ctx.saved_tensors
+        m: GatedPathwayLinear = ctx.module
+        cfg, plan, layout = m.sgd, m.plan, list(m.layout)
+        S, M = plan.num_sources, plan.num_weights
+        if ctx.needs_input_grad[3]:
+            raise RuntimeError("fused SGD: gradients for the gate are not supported; "
+                                      "use the unfused layer (fuse_sgd(None))")
+        dz = _ops.pathway_grad_z(grad_y, gate, plan.paths, plan.csr, layout, S, M)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # before the update: it reads the current weight
+            grad_x = _ops.pathway_grad_x(dz, weight, plan.paths, plan.csr, layout, S, x.shape[1])
+        with torch.no_grad():
+            _ops.pathway_sgd_(dz, x, weight, getattr(m, "weight_momentum", None), plan.paths,
+                              plan.csr, layout, cfg.lr, cfg.momentum, cfg.weight_decay,
+                              cfg.nesterov)
+            if m.bias is not None:
+                gb = _ops.pathway_grad_bias(dz, plan.paths, plan.csr, layout, S, M,
+                                            m.out_features)
+                sgd_momentum_ref(m.bias, gb, getattr(m, "bias_momentum", None), cfg.lr,
+                                 cfg.momentum, cfg.weight_decay, cfg.nesterov)
+        return grad_x, None, None, None, None

@@ -1,0 +1,210 @@
+"""Public functions over the registered ops ``torch.ops.gated_ops.*``: fake kernels and autograd.
+
+The schemas are declared once in csrc/gated_ops.cpp; CPU and CUDA kernels are registered there
+per dispatch key. This module adds what Python owns (STYLE.md rules 2-3): ``register_fake`` for
+every op (torch.compile, meta tensors) and ``register_autograd`` for the differentiable ones,
+whose backward is written with the same family of registered ops.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .plan import PathwayPlan
+
+__all__ = ["pathway_matmul", "gated_cross_entropy", "pathway_sgd_"]
+
+_ops = torch.ops.gated_ops
+
+
+def pathway_matmul(
+    x: Tensor,
+    weight: Tensor,
+    plan: PathwayPlan,
+    bias: Tensor | None = None,
+    gate: Tensor | None = None,
+) -> Tensor:
+    """Gated multi-pathway matmul (reference: ``gated_ops.reference.pathway_matmul_ref``).
+
+    y[t] = sum_{p : dst_p = t} gate[p] * (x[src_p] @ weight[wgt_p]^T + bias[wgt_p])
+
+    Args:
+        x: (S, B, D_in) sources.
+        weight: (M, D_out, D_in) weight bank.
+        plan: the compiled pathway table (:func:`gated_ops.make_plan`), on x's device.
+        bias: (M, D_out) or None.
+        gate: None, (P,) or (P, B).
+    Returns:
+        (T, B, D_out).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x: expected (S, B, D_in), got shape {tuple(x.shape)}")
+    if x.shape[0] != plan.num_sources or weight.shape[0] != plan.num_weights:
+        raise ValueError(
+            f"x, weight: the plan was built for S={plan.num_sources} sources and "
+            f"M={plan.num_weights} weights, got x {tuple(x.shape)} and weight "
+            f"{tuple(weight.shape)}"
+        )
+    if plan.device != x.device:
+        raise ValueError(f"plan: its index tensors are on {plan.device}, x is on {x.device}; "
+                         "move the plan with plan.to(x.device)")
+    return _ops.pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout))
+
+
+def gated_cross_entropy(
+    logits: Tensor, target: Tensor, gate: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused per-path cross-entropy (reference: ``gated_cross_entropy_ref``).
+
+    Args:
+        logits: (R, P, B, C); target: (R, P, B) int64; gate: (R, P), each row summing to > 0.
+    Returns:
+        loss (R,) gated mean loss per replica, path_loss (R, P), correct (R, P) int64.
+        Differentiable w.r.t. logits and gate through loss and path_loss.
+    """
+    loss, path_loss, correct, _ = _ops.gated_cross_entropy(logits, target, gate)
+    return loss, path_loss, correct
+
+
+def pathway_sgd_(
+    grad_z: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    momentum_buffer: Tensor | None,
+    plan: PathwayPlan,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> None:
+    """Fused weight gradient + SGD step, in place: grad_W is never written to memory.
+
+    ``grad_z`` is the gradient of the pathways' pre-gate outputs (``pathway_grad_z``). Equal to
+    computing grad_W with ``pathway_grad_weight`` and stepping torch.optim.SGD (dampening 0)
+    whose momentum buffer starts at zero (``reference.sgd_momentum_ref``).
+    """
+    _ops.pathway_sgd_(grad_z, x, weight, momentum_buffer, plan.paths, plan.csr,
+                      list(plan.layout), lr, momentum, weight_decay, nesterov)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake (meta) kernels: output shapes only.
+def _z_shape(layout: list[int], num_paths: int, batch, d_out):
+    _, n, _, ns, _, nm = layout
+    return (n * ns * batch, nm * d_out) if n > 0 else (num_paths * batch, d_out)
+
+
+@torch.library.register_fake("gated_ops::pathway_matmul")
+def _(x, weight, bias, gate, paths, csr, layout):
+    return x.new_empty(layout[0], x.shape[1], weight.shape[1])
+
+
+@torch.library.register_fake("gated_ops::pathway_grad_z")
+def _(grad_y, gate, paths, csr, layout, num_sources, num_weights):
+    return grad_y.new_empty(_z_shape(layout, paths.shape[1], grad_y.shape[1], grad_y.shape[2]))
+
+
+@torch.library.register_fake("gated_ops::pathway_grad_x")
+def _(grad_z, weight, paths, csr, layout, num_sources, batch):
+    return grad_z.new_empty(num_sources, batch, weight.shape[2])
+
+
+@torch.library.register_fake("gated_ops::pathway_grad_weight")
+def _(grad_z, x, paths, csr, layout, num_weights, d_out):
+    return grad_z.new_empty(num_weights, d_out, x.shape[2])
+
+
+@torch.library.register_fake("gated_ops::pathway_grad_bias")
+def _(grad_z, paths, csr, layout, num_sources, num_weights, d_out):
+    return grad_z.new_empty(num_weights, d_out)
+
+
+@torch.library.register_fake("gated_ops::pathway_grad_gate")
+def _(grad_y, x, weight, bias, gate, paths, csr, layout):
+    return torch.empty_like(gate)
+
+
+@torch.library.register_fake("gated_ops::pathway_sgd_")
+def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
+      nesterov):
+    return None
+
+
+@torch.library.register_fake("gated_ops::gated_cross_entropy")
+def _(logits, target, gate):
+    R, P, B, _ = logits.shape
+    return (logits.new_empty(R), logits.new_empty(R, P), target.new_empty(R, P),
+            logits.new_empty(R, P, B))
+
+
+@torch.library.register_fake("gated_ops::gated_cross_entropy_backward")
+def _(grad_loss, grad_path_loss, logits, target, gate, lse):
+    return torch.empty_like(logits)
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd: backward = the same family of registered ops, honouring needs_input_grad.
+def _pathway_setup_context(ctx, inputs, output):
+    x, weight, bias, gate, paths, csr, layout = inputs
+    ctx.layout = list(layout)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(
+        x if ctx.needs_input_grad[1] or ctx.needs_input_grad[3] else None,
+        weight if ctx.needs_input_grad[0] or ctx.needs_input_grad[3] else None,
+        bias if ctx.needs_input_grad[3] else None,
+        gate,
+        paths,
+        csr,
+    )
+    ctx.shapes = (x.shape[0], x.shape[1], weight.shape[0], weight.shape[1])
+
+
+def _pathway_backward(ctx, grad_y):
+    x, weight, bias, gate, paths, csr = ctx.saved_tensors
+    S, B, M, d_out = ctx.shapes
+    need_x, need_w, need_b, need_g = ctx.needs_input_grad[:4]
+    grad_x = grad_w = grad_b = grad_g = None
+    if need_x or need_w or need_b:
+        dz = _ops.pathway_grad_z(grad_y, gate, paths, csr, ctx.layout, S, M)
+        if need_x:
+            grad_x = _ops.pathway_grad_x(dz, weight, paths, csr, ctx.layout, S, B)
+        if need_w:
+            grad_w = _ops.pathway_grad_weight(dz, x, paths, csr, ctx.layout, M, d_out)
+        if need_b:
+            grad_b = _ops.pathway_grad_bias(dz, paths, csr, ctx.layout, S, M, d_out)
+    if need_g:
+        grad_g = _ops.pathway_grad_gate(grad_y, x, weight, bias, gate, paths, csr, ctx.layout)
+    return grad_x, grad_w, grad_b, grad_g, None, None, None
+
+
+torch.library.register_autograd(
+    "gated_ops::pathway_matmul", _pathway_backward, setup_context=_pathway_setup_context
+)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, target, gate = inputs
+    loss, path_loss, _, lse = output
+    ctx.save_for_backward(logits, target, gate, lse, loss, path_loss)
+
+
+def _ce_backward(ctx, grad_loss, grad_path_loss, _grad_correct, _grad_lse):
+    logits, target, gate, lse, loss, path_loss = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(loss)
+    if grad_path_loss is None:
+        grad_path_loss = torch.zeros_like(path_loss)
+    grad_logits = grad_gate = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = _ops.gated_cross_entropy_backward(
+            grad_loss, grad_path_loss, logits, target, gate, lse)
+    if ctx.needs_input_grad[2]:
+        # d loss_r / d gate[r, p] = (path_loss[r, p] - loss[r]) / sum_p gate[r, p]
+        grad_gate = grad_loss.unsqueeze(-1) * (path_loss - loss.unsqueeze(-1)) / gate.sum(
+            -1, keepdim=True)
+    return grad_logits, None, grad_gate
+
+
+torch.library.register_autograd(
+    "gated_ops::gated_cross_entropy", _ce_backward, setup_context=_ce_setup_context
+)

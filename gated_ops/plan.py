@@ -1,0 +1,186 @@
+"""Pathway table -> plan. All index work (validation, sorting, grouping) happens here, once.
+
+A plan turns the user's pathway table (src, wgt, dst) into the tensors the kernels read every step
+without any host synchronisation:
+
+* ``paths`` (5, P) int64: rows src, wgt, dst, zrow, zcol. ``zrow``/``zcol`` place pathway p's
+  pre-gate output Z_p (B, D_out) inside the intermediate matrix Z (see below).
+* ``csr`` (T+1 + P + S+1 + P + M+1 + P,) int64: three CSR indexes of the pathways, by destination
+  (deterministic forward sum), by source (grad_x sum) and by weight (grad_W sum); each is
+  ``ptr`` then ``perm``, perm stable so that ties keep the table order.
+* ``layout`` [T, n, s0, ns, m0, nm]: the GEMM structure.
+
+Two layouts cover every table:
+
+``blocked`` (n > 0): the table is exactly the pairs {(s0 + i*ns + a, m0 + i*nm + c)} for
+i < n, a < ns, c < nm, each pair once. Then Z = bmm(X_i, W_i^T) with X_i (ns*B, D_in) the ns
+sources of block i and W_i (nm*D_out, D_in) its nm weights, both plain views: no gather. Z is
+(n*ns*B, nm*D_out); pathway (i, a, c) owns rows (i*ns + a)*B.. and columns c*D_out... This one
+pattern is a batched linear (encoders: ns = nm = 1), a shared weight (hidden layer: nm = 1,
+n = 1), a full fan-out (decoders: ns = nm = K), mixture-of-experts (ns = 1, nm = M) and R
+replicas of each (n = R).
+
+``grouped`` (n = 0): anything else (arbitrary GDLN graphs). Pathways are sorted by weight; the
+sources of weight m's pathways are gathered and multiplied by W_m in one GEMM; Z is (P*B, D_out)
+with pathway p at row block zrow[p] = its rank in the by-weight order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["PathwayPlan", "make_plan"]
+
+
+@dataclass(frozen=True, eq=False)
+class PathwayPlan:
+    """A compiled pathway table. Build with :func:`make_plan`; move with :meth:`to`."""
+
+    num_sources: int  # S
+    num_weights: int  # M
+    num_dst: int  # T
+    paths: Tensor  # (5, P) int64: src, wgt, dst, zrow, zcol
+    csr: Tensor  # int64, see module docstring
+    layout: tuple[int, ...]  # (T, n, s0, ns, m0, nm); n == 0 means grouped
+
+    @property
+    def num_paths(self) -> int:
+        return self.paths.shape[1]
+
+    @property
+    def src(self) -> Tensor:
+        return self.paths[0]
+
+    @property
+    def wgt(self) -> Tensor:
+        return self.paths[1]
+
+    @property
+    def dst(self) -> Tensor:
+        return self.paths[2]
+
+    @property
+    def kind(self) -> str:
+        return "blocked" if self.layout[1] > 0 else "grouped"
+
+    @property
+    def device(self) -> torch.device:
+        return self.paths.device
+
+    def to(self, device: torch.device | str) -> "PathwayPlan":
+        return PathwayPlan(
+            self.num_sources, self.num_weights, self.num_dst,
+            self.paths.to(device), self.csr.to(device), self.layout,
+        )
+
+    def z_shape(self, batch: int, d_out: int) -> tuple[int, int]:
+        """Shape of the intermediate Z (and of its gradient) for a batch of ``batch`` rows."""
+        _, n, _, ns, _, nm = self.layout
+        if n > 0:
+            return (n * ns * batch, nm * d_out)
+        return (self.num_paths * batch, d_out)
+
+    def __repr__(self) -> str:
+        _, n, s0, ns, m0, nm = self.layout
+        structure = f"blocked(n={n}, s0={s0}, ns={ns}, m0={m0}, nm={nm})" if n else "grouped"
+        return (
+            f"PathwayPlan(P={self.num_paths}, S={self.num_sources}, M={self.num_weights}, "
+            f"T={self.num_dst}, {structure}, device={self.device})"
+        )
+
+
+def _as_index(name: str, t: Tensor | list[int], size: int) -> Tensor:
+    t = torch.as_tensor(t)
+    if t.dim() != 1 or (t.numel() and t.is_floating_point()):
+        raise ValueError(f"{name}: expected a 1-D integer tensor, got shape {tuple(t.shape)} "
+                         f"dtype {t.dtype}")
+    t = t.to(device="cpu", dtype=torch.int64)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= size):
+        raise ValueError(f"{name}: indices must lie in [0, {size}), got range "
+                         f"[{int(t.min())}, {int(t.max())}]")
+    return t
+
+
+def _csr(keys: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    perm = torch.sort(keys, stable=True).indices
+    ptr = torch.zeros(size + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(torch.bincount(keys, minlength=size), 0)
+    return ptr, perm
+
+
+def _find_block(src: Tensor, wgt: Tensor) -> tuple[int, int, int, int, int] | None:
+    """(n, s0, ns, m0, nm) if the pairs (src, wgt) are exactly one batched outer product."""
+    P = src.numel()
+    if P == 0:
+        return None
+    s0, m0 = int(src.min()), int(wgt.min())
+    nm = int((src == s0).sum())
+    ns = int((wgt == m0).sum())
+    if P % (ns * nm):
+        return None
+    n = P // (ns * nm)
+    i = torch.arange(n).view(n, 1, 1)
+    a = torch.arange(ns).view(1, ns, 1)
+    c = torch.arange(nm).view(1, 1, nm)
+    want_s = (s0 + i * ns + a).expand(n, ns, nm).reshape(-1)
+    want_m = (m0 + i * nm + c).expand(n, ns, nm).reshape(-1)
+    key = lambda s, m: s * (int(wgt.max()) + nm * n + 1) + m  # noqa: E731
+    if torch.equal(torch.sort(key(src, wgt)).values, torch.sort(key(want_s, want_m)).values):
+        return n, s0, ns, m0, nm
+    return None
+
+
+def make_plan(
+    src: Tensor | list[int],
+    wgt: Tensor | list[int],
+    dst: Tensor | list[int],
+    *,
+    num_sources: int,
+    num_weights: int,
+    num_dst: int,
+    device: torch.device | str | None = None,
+    layout: str = "auto",
+) -> PathwayPlan:
+    """Validate a pathway table and compile it into a :class:`PathwayPlan`.
+
+    Args:
+        src, wgt, dst: (P,) pathway table: pathway p computes x[src[p]] @ W[wgt[p]]^T and adds it
+            (gated) into destination dst[p].
+        num_sources, num_weights, num_dst: S, M, T.
+        device: where the plan's index tensors live (the device of the data it will see).
+        layout: "auto" (blocked when the table allows it), or force "grouped" (for tests).
+    """
+    for name, v in (("num_sources", num_sources), ("num_weights", num_weights),
+                    ("num_dst", num_dst)):
+        if int(v) < 0:
+            raise ValueError(f"{name}: expected >= 0, got {v}")
+    src = _as_index("src", src, num_sources)
+    wgt = _as_index("wgt", wgt, num_weights)
+    dst = _as_index("dst", dst, num_dst)
+    if not (src.numel() == wgt.numel() == dst.numel()):
+        raise ValueError(f"src, wgt, dst: expected the same length P, got {src.numel()}, "
+                         f"{wgt.numel()}, {dst.numel()}")
+    if layout not in ("auto", "grouped"):
+        raise ValueError(f"layout: expected 'auto' or 'grouped', got {layout!r}")
+    P = src.numel()
+
+    dst_ptr, dst_perm = _csr(dst, num_dst)
+    src_ptr, src_perm = _csr(src, num_sources)
+    wgt_ptr, wgt_perm = _csr(wgt, num_weights)
+    block = _find_block(src, wgt) if layout == "auto" else None
+    if block is not None:
+        n, s0, ns, m0, nm = block
+        zrow = src - s0
+        zcol = wgt - m0 - torch.div(zrow, ns, rounding_mode="floor") * nm
+    else:
+        n = s0 = ns = m0 = nm = 0
+        zrow = torch.empty(P, dtype=torch.int64)
+        zrow[wgt_perm] = torch.arange(P)
+        zcol = torch.zeros(P, dtype=torch.int64)
+    paths = torch.stack([src, wgt, dst, zrow, zcol]) if P else torch.zeros(5, 0, dtype=torch.int64)
+    csr = torch.cat([dst_ptr, dst_perm, src_ptr, src_perm, wgt_ptr, wgt_perm])
+    plan = PathwayPlan(num_sources, num_weights, num_dst, paths, csr,
+                       (num_dst, n, s0, ns, m0, nm))
+    return plan.to(device) if device is not None else plan

@@ -1,0 +1,95 @@
+"""The spec: readable pure-PyTorch versions of every gated_ops op.
+
+Every compiled backend (CPU C++, CUDA, Triton) must agree with these functions; the tests compare
+them in float64. They are differentiable with plain autograd and run on any device and dtype, so
+they are also the documented fallback (slow: they materialise one weight copy per pathway).
+
+Notation (GDLN.md section 1): a pathway p reads source s_p, multiplies by weight m_p and adds its
+gated output into destination t_p:
+
+    y[t] = sum_{p : t_p = t} gate[p] * (x[s_p] @ W[m_p]^T + bias[m_p])                    (1)
+
+A GDLN layer h_v = g_v * sum_{e=(u->v)} g_e W_e h_u is (1) with one pathway per edge and
+gate[p] = g_{t_p} * g_e (node gate times edge gate).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["pathway_matmul_ref", "gated_cross_entropy_ref", "sgd_momentum_ref"]
+
+
+def pathway_matmul_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gate: Tensor | None,
+    src: Tensor,
+    wgt: Tensor,
+    dst: Tensor,
+    num_dst: int,
+) -> Tensor:
+    """Gated multi-pathway matmul, equation (1).
+
+    Args:
+        x: (S, B, D_in) sources.
+        weight: (M, D_out, D_in) weight bank.
+        bias: (M, D_out) or None.
+        gate: None (all ones), (P,) one scalar per pathway, or (P, B) one value per sample.
+        src, wgt, dst: (P,) int64 pathway table: source, weight and destination of pathway p.
+        num_dst: T, the number of destinations.
+    Returns:
+        y: (T, B, D_out); a destination with no incoming pathway is zero.
+    """
+    z = torch.einsum("pbi,poi->pbo", x[src], weight[wgt])  # (P, B, D_out)
+    if bias is not None:
+        z = z + bias[wgt].unsqueeze(1)
+    if gate is not None:
+        z = z * (gate.unsqueeze(-1) if gate.dim() == 2 else gate.view(-1, 1, 1))
+    y = z.new_zeros(num_dst, x.shape[1], weight.shape[1])
+    return y.index_add(0, dst, z)
+
+
+def gated_cross_entropy_ref(
+    logits: Tensor, target: Tensor, gate: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-path cross-entropy with a path gate, for R independent replicas.
+
+    Args:
+        logits: (R, P, B, C) one logit block per (replica, path).
+        target: (R, P, B) int64 class indices.
+        gate: (R, P) path weights (0/1 in the k-path experiments); each replica's must sum to > 0.
+    Returns:
+        loss: (R,) gated mean, sum_p gate[r,p] * path_loss[r,p] / sum_p gate[r,p].
+        path_loss: (R, P) mean over the batch of the cross-entropy of each path.
+        correct: (R, P) int64 number of samples whose argmax equals the target.
+    """
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (R, P, B)
+    path_loss = nll.mean(-1)
+    loss = (gate * path_loss).sum(-1) / gate.sum(-1)
+    correct = (logits.argmax(-1) == target).sum(-1)
+    return loss, path_loss, correct
+
+
+def sgd_momentum_ref(
+    param: Tensor,
+    grad: Tensor,
+    buf: Tensor | None,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> None:
+    """In-place SGD step, torch.optim.SGD semantics (dampening 0), buffer initialised to zeros.
+
+    With a zero-initialised buffer, momentum * 0 + g == g, so the first step equals torch's
+    (which clones the gradient into the buffer).
+    """
+    d = grad if weight_decay == 0 else grad + weight_decay * param
+    if momentum != 0:
+        assert buf is not None
+        buf.mul_(momentum).add_(d)
+        d = d + momentum * buf if nesterov else buf
+    param.add_(d, alpha=-lr)

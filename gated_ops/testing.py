@@ -1,0 +1,163 @@
+"""Shared by tests and benchmarks: the curated shape table, sample inputs, the tolerance rule.
+
+One table so that tests and benchmarks cannot drift apart (STYLE.md rule 6).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .plan import PathwayPlan, make_plan
+
+__all__ = [
+    "Table", "Case", "SHAPES", "kpath_tables", "replicate", "make_inputs", "assert_close",
+    "tolerance",
+]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A pathway table: pathway p reads src[p], uses weight wgt[p], adds into dst[p]."""
+
+    src: tuple[int, ...]
+    wgt: tuple[int, ...]
+    dst: tuple[int, ...]
+    num_sources: int
+    num_weights: int
+    num_dst: int
+
+    def plan(self, device: torch.device | str = "cpu", layout: str = "auto") -> PathwayPlan:
+        return make_plan(self.src, self.wgt, self.dst, num_sources=self.num_sources,
+                         num_weights=self.num_weights, num_dst=self.num_dst, device=device,
+                         layout=layout)
+
+    @property
+    def num_paths(self) -> int:
+        return len(self.src)
+
+
+def kpath_tables(K: int) -> dict[str, Table]:
+    """The three layers of the paper's k-path network (GDLN.md section 2) as pathway tables.
+
+    encoder: K sources (one input transformation each) -> K weights -> K hidden activations.
+    hidden: one weight shared by the K pathways.
+    decoder: every hidden activation i through every decoder j: destination i*K + j.
+    """
+    r = tuple(range(K))
+    pairs = [(i, j) for i in range(K) for j in range(K)]
+    return {
+        "encoder": Table(r, r, r, K, K, K),
+        "hidden": Table(r, (0,) * K, r, K, 1, K),
+        "decoder": Table(tuple(i for i, _ in pairs), tuple(j for _, j in pairs),
+                         tuple(range(K * K)), K, K, K * K),
+    }
+
+
+def replicate(t: Table, R: int) -> Table:
+    """R independent replicas of a table: disjoint sources, weights and destinations."""
+    def rep(v: tuple[int, ...], n: int) -> tuple[int, ...]:
+        return tuple(r * n + i for r in range(R) for i in v)
+    return Table(rep(t.src, t.num_sources), rep(t.wgt, t.num_weights), rep(t.dst, t.num_dst),
+                 R * t.num_sources, R * t.num_weights, R * t.num_dst)
+
+
+def _random_table(P: int, S: int, M: int, T: int, seed: int) -> Table:
+    g = torch.Generator().manual_seed(seed)
+    return Table(*(tuple(torch.randint(0, n, (P,), generator=g).tolist()) for n in (S, M, T)),
+                 S, M, T)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the shape table."""
+
+    name: str
+    table: Table
+    batch: int
+    d_in: int
+    d_out: int
+    gate: str = "sample"  # "none", "path" (P,), "sample" (P, B)
+    bias: bool = True
+    gate_off: tuple[int, ...] = ()  # pathways whose gate is zero for the whole batch
+    large: bool = False  # the paper's sizes: fewer dtype/backend combinations in tests
+    tags: tuple[str, ...] = field(default=())
+
+
+_KP = kpath_tables(100)
+_K4 = kpath_tables(4)
+
+SHAPES: list[Case] = [
+    Case("tiny_grouped", _random_table(7, 3, 2, 4, seed=0), 2, 3, 5),
+    Case("odd_encoder", kpath_tables(3)["encoder"], 5, 13, 7),
+    Case("odd_decoder", kpath_tables(3)["decoder"], 3, 7, 11, gate="path"),
+    Case("one_pathway", Table((0,), (0,), (0,), 1, 1, 1), 4, 6, 3),
+    Case("gated_off", _random_table(6, 3, 3, 3, seed=1), 4, 5, 6, gate_off=(2,)),
+    Case("empty_batch", kpath_tables(3)["hidden"], 0, 4, 5),
+    Case("no_pathways", Table((), (), (), 2, 2, 3), 3, 4, 5),
+    Case("orphan_destination", Table((0, 1, 1), (0, 1, 0), (0, 0, 2), 2, 2, 4), 3, 4, 5),
+    Case("moe", Table((0,) * 4, (0, 1, 2, 3), (0,) * 4, 1, 4, 1), 6, 8, 5),
+    Case("replicas_hidden", replicate(_K4["hidden"], 3), 2, 5, 5, gate="none"),
+    Case("replicas_decoder", replicate(_K4["decoder"], 2), 2, 5, 3, gate="none", bias=True),
+    Case("duplicate_pairs", Table((0, 0, 1), (1, 1, 0), (0, 1, 1), 2, 2, 2), 3, 4, 3),
+    Case("paper_encoder", _KP["encoder"], 8, 784, 128, gate="none", large=True),
+    Case("paper_hidden", _KP["hidden"], 8, 128, 128, gate="none", large=True),
+    Case("paper_decoder", _KP["decoder"], 8, 128, 10, gate="none", large=True),
+]
+
+
+def make_inputs(case: Case, dtype: torch.dtype = torch.float64, device: str = "cpu",
+                seed: int = 0, noncontiguous: bool = False, requires_grad: bool = True
+                ) -> dict[str, Tensor | None]:
+    """x, weight, bias, gate for a case; with ``noncontiguous``, each is a strided slice."""
+    g = torch.Generator().manual_seed(seed)
+    t = case.table
+    B, P = case.batch, t.num_paths
+
+    def make(*shape: int, scale: float = 1.0) -> Tensor:
+        if noncontiguous:  # cut from a wider tensor: last-dim stride 2
+            v = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=torch.float64)
+            v = v[..., ::2]
+        else:
+            v = torch.randn(*shape, generator=g, dtype=torch.float64)
+        return (v * scale).to(device=device, dtype=dtype)
+
+    x = make(t.num_sources, B, case.d_in)
+    weight = make(t.num_weights, case.d_out, case.d_in, scale=case.d_in ** -0.5)
+    bias = make(t.num_weights, case.d_out) if case.bias else None
+    gate = None
+    if case.gate != "none":
+        gate = make(P, B) if case.gate == "sample" else make(P)
+        if case.gate_off:
+            gate = gate.clone()
+            gate[list(case.gate_off)] = 0
+    out = {"x": x, "weight": weight, "bias": bias, "gate": gate}
+    for v in out.values():
+        if v is not None:
+            v.requires_grad_(requires_grad)
+    return out
+
+
+def tolerance(ref64: Tensor, plain: Tensor) -> float:
+    """The house tolerance (STYLE.md rule 5, flash-attention's rule).
+
+    A backend's max error against the float64 reference may be at most twice the max error of
+    plain PyTorch computing the same thing in the backend's dtype (``plain``), plus a floor of a
+    few ulps of the output's magnitude (plain PyTorch can be exact by luck).
+    """
+    base = (plain.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    floor = 4 * torch.finfo(plain.dtype).eps * max(scale, 1.0)
+    return 2 * base + floor
+
+
+def assert_close(name: str, out: Tensor, ref64: Tensor, plain: Tensor) -> None:
+    """Assert ``out`` is within :func:`tolerance` of ``ref64``, naming the tensor on failure."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    if not ref64.numel():
+        return
+    ref64 = ref64.to(out.device)
+    err = (out.double() - ref64).abs().max().item()
+    tol = tolerance(ref64, plain.to(out.device))
+    assert err <= tol, f"{name}: max error {err:.3e} > tolerance {tol:.3e}"

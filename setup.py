@@ -1,0 +1,52 @@
+"""Build gated_ops._C: C++ always, CUDA sources added when a CUDA toolkit and a CUDA torch exist.
+
+No GPU is queried at build time; the extension is built against the torch already installed
+(pip install --no-build-isolation -e .).
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+here = os.path.dirname(os.path.abspath(__file__))
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+use_cuda = (
+    os.environ.get("GATED_OPS_FORCE_CPU", "0") != "1"
+    and torch.version.cuda is not None
+    and CUDA_HOME is not None
+    and bool(cuda_sources)
+)
+debug = os.environ.get("GATED_OPS_DEBUG", "0") == "1"
+extra_compile_args = {
+    "cxx": ["-O0", "-g"] if debug else ["-O3", "-fdiagnostics-color=always"],
+    "nvcc": ["-O0", "-g", "-lineinfo"] if debug else ["-O3", "--use_fast_math", "-lineinfo",
+                                                       "--expt-relaxed-constexpr"],
+}
+Extension = CUDAExtension if use_cuda else CppExtension
+if use_cuda:
+    sources += cuda_sources
+    extra_compile_args["cxx"].append("-DGATED_OPS_WITH_CUDA")
+else:
+    extra_compile_args.pop("nvcc")
+
+setup(
+    name="gated_ops",
+    version="0.1.0",
+    description="Fused gated multi-pathway matmuls for PyTorch (Gated Deep Linear Networks)",
+    packages=find_packages(include=["gated_ops", "gated_ops.*"]),
+    ext_modules=[
+        Extension(
+            "gated_ops._C",
+            sources,
+            include_dirs=[os.path.join(here, "csrc")],
+            extra_compile_args=extra_compile_args,
+            py_limited_api=False,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+)

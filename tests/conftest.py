@@ -1,0 +1,37 @@
+"""Backends and devices for the op tests. A GPU backend only adds a parameter here."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gated_ops
+from gated_ops.reference import pathway_matmul_ref
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def run_pathway(backend: str, inputs: dict, plan: gated_ops.PathwayPlan):
+    """Forward of one backend on the inputs (already on the backend's device)."""
+    if backend == "reference":
+        return pathway_matmul_ref(inputs["x"], inputs["weight"], inputs["bias"], inputs["gate"],
+                                  plan.src, plan.wgt, plan.dst, plan.num_dst)
+    return gated_ops.pathway_matmul(inputs["x"], inputs["weight"], plan, inputs["bias"],
+                                    inputs["gate"])
+
+
+# backend -> device it runs on; GPU backends join when a GPU is present.
+BACKENDS = {"reference": "cpu", "cpu": "cpu"}
+if HAS_CUDA:
+    BACKENDS["cuda"] = "cuda"
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)

@@ -1,0 +1,90 @@
+"""Bad input gets a clear error naming the argument and what was expected."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gated_ops
+
+F64 = torch.float64
+
+
+def _good():
+    plan = gated_ops.make_plan([0, 1, 1], [0, 0, 1], [0, 1, 1], num_sources=2, num_weights=2,
+                               num_dst=2)
+    x = torch.randn(2, 3, 4, dtype=F64)
+    w = torch.randn(2, 5, 4, dtype=F64)
+    return plan, x, w
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(src=[0, 5], wgt=[0, 0], dst=[0, 0]), r"src: indices must lie in \[0, 2\)"),
+    (dict(src=[0, 1], wgt=[0, -1], dst=[0, 0]), r"wgt: indices must lie in \[0, 2\)"),
+    (dict(src=[0, 1], wgt=[0, 1], dst=[0, 3]), r"dst: indices must lie in \[0, 2\)"),
+    (dict(src=[0, 1], wgt=[0], dst=[0, 0]), "expected the same length"),
+    (dict(src=[[0, 1]], wgt=[0, 1], dst=[0, 0]), "src: expected a 1-D integer tensor"),
+    (dict(src=[0.5, 1.0], wgt=[0, 1], dst=[0, 0]), "src: expected a 1-D integer tensor"),
+])
+def test_make_plan_rejects_bad_tables(kw, match):
+    with pytest.raises(ValueError, match=match):
+        gated_ops.make_plan(**kw, num_sources=2, num_weights=2, num_dst=2)
+
+
+def test_make_plan_rejects_negative_sizes():
+    with pytest.raises(ValueError, match="num_dst: expected >= 0"):
+        gated_ops.make_plan([], [], [], num_sources=1, num_weights=1, num_dst=-1)
+
+
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda p, x, w: (x[0], w, p, None, None), ValueError, r"x: expected \(S, B, D_in\)"),
+    (lambda p, x, w: (x[:1], w, p, None, None), ValueError, "plan was built for S=2"),
+    (lambda p, x, w: (x, w[:1], p, None, None), ValueError, "M=2 weights"),
+    (lambda p, x, w: (x, w[:, :, :3], p, None, None), RuntimeError, "weight: expected D_in = 4"),
+    (lambda p, x, w: (x, w.float(), p, None, None), RuntimeError,
+     "weight: expected dtype Double"),
+    (lambda p, x, w: (x.half(), w.half(), p, None, None), RuntimeError,
+     "x: the CPU kernels support float32 and float64"),
+    (lambda p, x, w: (x, w, p, torch.zeros(2, 4, dtype=F64), None), RuntimeError,
+     r"bias: expected shape \[2, 5\]"),
+    (lambda p, x, w: (x, w, p, None, torch.ones(2, dtype=F64)), RuntimeError,
+     r"gate: expected \(P,\) or \(P, B\) = \(3,\) or \(3, 3\)"),
+    (lambda p, x, w: (x, w, p, None, torch.ones(3, 2, dtype=F64)), RuntimeError,
+     r"gate: expected \(P,\) or \(P, B\)"),
+    (lambda p, x, w: (x, w, p, None, torch.ones(3)), RuntimeError, "gate: expected dtype Double"),
+    (lambda p, x, w: (x, w, p.to("meta"), None, None), ValueError, "move the plan"),
+])
+def test_pathway_matmul_rejects_bad_input(make, exc, match):
+    plan, x, w = _good()
+    with pytest.raises(exc, match=match):
+        gated_ops.pathway_matmul(*make(plan, x, w))
+
+
+def test_raw_op_rejects_out_of_range_indices():
+    """The registered op re-checks indices on the CPU, for callers that bypass make_plan."""
+    plan, x, w = _good()
+    paths = plan.paths.clone()
+    paths[0, 1] = 7
+    with pytest.raises(RuntimeError, match=r"source index 7 of pathway 1 out of range \[0, 2\)"):
+        torch.ops.gated_ops.pathway_matmul(x, w, None, None, paths, plan.csr, list(plan.layout))
+
+
+def test_raw_op_rejects_plan_for_other_sizes():
+    plan, x, w = _good()
+    with pytest.raises(RuntimeError, match="a plan built for other sizes"):
+        torch.ops.gated_ops.pathway_matmul(x, torch.cat([w, w]), None, None, plan.paths,
+                                           plan.csr, list(plan.layout))
+
+
+def test_empty_batch_and_no_pathways():
+    plan, x, w = _good()
+    x0 = x[:, :0].requires_grad_()
+    y = gated_ops.pathway_matmul(x0, w, plan)
+    assert y.shape == (2, 0, 5)
+    y.sum().backward()
+    assert x0.grad.shape == x0.shape
+    empty = gated_ops.make_plan([], [], [], num_sources=2, num_weights=2, num_dst=4)
+    w = w.clone().requires_grad_()
+    y = gated_ops.pathway_matmul(x, w, empty)
+    assert torch.equal(y, torch.zeros(4, 3, 5, dtype=F64))
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))

@@ -1,0 +1,67 @@
+"""The k-path baselines compute the same function as the fused KPathNet (so benchmarks compare
+like with like): forward metrics and gradients from the same weights."""
+from __future__ import annotations
+
+import torch
+
+from gated_ops.baselines import BatchedKPath, LoopKPath
+from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
+
+
+def _setup(R=2, K=3, B=4, D=6, H=5, C=4, dtype=torch.float64):
+    net = KPathNet(K, D, H, C, replicas=R, dtype=dtype)
+    net.xavier_init_([1.0] * R, [torch.Generator().manual_seed(r) for r in range(R)])
+    with torch.no_grad():  # non-zero biases so that their gradients are checked too
+        for layer in net.layers:
+            layer.bias.normal_()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(R, B, D, generator=g, dtype=dtype)
+    y = torch.randint(0, C, (R, B), generator=g)
+    perms = torch.stack([torch.randperm(D, generator=g) for _ in range(K)])
+    maps = torch.stack([torch.randperm(C, generator=g) for _ in range(K)])
+    xk, target = transform_batch(x, y, perms, maps)
+    gate = torch.stack([kpath_gate(K, 2, seed=r).flatten() for r in range(R)]).to(dtype)
+    return net, xk, target, gate
+
+
+def test_batched_and_loop_baselines_equal_kpathnet():
+    net, xk, target, gate = _setup()
+    R, K = net.R, net.K
+    fused = net.loss(xk, target, gate)
+    fused[0].sum().backward()
+    batched = BatchedKPath.from_kpath(net)
+    out_b = batched.loss(xk, target, gate)
+    out_b[0].sum().backward()
+    for a, b in zip(fused, out_b):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(batched.w_enc.grad, net.encoder.weight.grad)
+    torch.testing.assert_close(batched.w_dec.grad.view_as(net.decoder.weight),
+                               net.decoder.weight.grad)
+    torch.testing.assert_close(batched.b_hid.grad, net.hidden.bias.grad)
+    for r in range(R):
+        loop = LoopKPath.from_kpath(net, replica=r)
+        out_l = loop.loss(xk[r * K:(r + 1) * K], target[r:r + 1], gate[r:r + 1])
+        for a, b in zip(fused, out_l):
+            torch.testing.assert_close(a[r:r + 1], b)
+        out_l[0].sum().backward()
+        for k in range(K):
+            torch.testing.assert_close(loop.encoders[k].weight.grad,
+                                       net.encoder.weight.grad[r * K + k])
+            torch.testing.assert_close(loop.decoders[k].bias.grad,
+                                       net.decoder.bias.grad[r * K + k])
+        torch.testing.assert_close(loop.hidden.weight.grad, net.hidden.weight.grad[r])
+
+
+def test_transform_batch_targets():
+    net, xk, target, gate = _setup(R=1, K=3, C=4)
+    assert xk.shape == (3, 4, 6) and target.shape == (1, 9, 4)
+    # path (i, j) has the target of decoder j, whatever the encoder i
+    assert torch.equal(target[0, 0 * 3 + 2], target[0, 1 * 3 + 2])
+
+
+def test_kpath_gate_modes():
+    g = kpath_gate(5, 2)
+    assert torch.equal(g.sum(1), torch.full((5,), 2.0)) and g[4, 0] == 1 and g[4, 4] == 1
+    gp = kpath_gate(5, 2, "N_plus_mod_permute", seed=3)
+    assert torch.equal(gp.sum(1), torch.full((5,), 2.0)) and torch.equal(gp.sum(0), g.sum(0))
+    assert torch.equal(kpath_gate(4, 1, "fully_connected"), torch.ones(4, 4))

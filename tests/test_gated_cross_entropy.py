@@ -1,0 +1,100 @@
+"""gated_cross_entropy against its float64 reference: values, gradients, opcheck, edge cases."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gated_ops
+from gated_ops.reference import gated_cross_entropy_ref
+from gated_ops.testing import assert_close
+
+SHAPES = [(1, 1, 1, 2), (1, 9, 8, 10), (3, 16, 5, 7), (2, 100, 8, 10)]
+
+
+def _inputs(R, P, B, C, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(R, P, B, C, generator=g, dtype=torch.float64)).to(dtype)
+    target = torch.randint(0, C, (R, P, B), generator=g)
+    gate = (torch.rand(R, P, generator=g) < 0.5).to(dtype)
+    gate[:, 0] = 1  # every replica trains at least one path
+    return logits.requires_grad_(), target, gate.requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(shape, dtype):
+    l64, t, g64 = _inputs(*shape)
+    ref = gated_cross_entropy_ref(l64, t, g64)
+    lp, _, gp = _inputs(*shape, dtype=dtype)
+    plain = gated_cross_entropy_ref(lp, t, gp)
+    lo, _, go = _inputs(*shape, dtype=dtype)
+    out = gated_ops.gated_cross_entropy(lo, t, go)
+    for name, a, r, p in zip(("loss", "path_loss"), out[:2], ref[:2], plain[:2]):
+        assert_close(name, a.detach(), r.detach(), p.detach())
+    assert torch.equal(out[2], ref[2]) and out[2].dtype == torch.int64
+    # gradients through both differentiable outputs, w.r.t. logits and gate
+    w = torch.randn(shape[:2], dtype=torch.float64)
+    grads = [torch.autograd.grad(o[0].sum() + (o[1] * w.to(o[1].dtype)).sum(), (lg, gg))
+             for o, lg, gg in ((ref, l64, g64), (plain, lp, gp), (out, lo, go))]
+    for i, name in enumerate(("grad logits", "grad gate")):
+        assert_close(name, grads[2][i], grads[0][i], grads[1][i])
+
+
+def test_opcheck_and_gradcheck():
+    logits, target, gate = _inputs(2, 5, 3, 4)
+    torch.library.opcheck(torch.ops.gated_ops.gated_cross_entropy, (logits, target, gate))
+    f = lambda l, g: gated_ops.gated_cross_entropy(l, target, g)[:2]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (logits, gate))
+
+
+def test_compile_fullgraph_parity():
+    logits, target, gate = _inputs(2, 6, 4, 5, dtype=torch.float32)
+    f = lambda l: gated_ops.gated_cross_entropy(l, target, gate)[0].sum()  # noqa: E731
+    eager = torch.autograd.grad(f(logits), logits)[0]
+    comp = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(torch.autograd.grad(comp(logits), logits)[0], eager)
+
+
+def test_gate_summing_to_zero_is_an_error():
+    logits, target, gate = _inputs(2, 4, 3, 5)
+    gate = gate.detach().clone()
+    gate[1] = 0
+    with pytest.raises(RuntimeError, match="replica 1 sums to zero"):
+        gated_ops.gated_cross_entropy(logits, target, gate)
+
+
+def test_nan_and_inf_propagate():
+    logits, target, gate = _inputs(1, 3, 2, 4)
+    logits = logits.detach().clone()
+    logits[0, 1, 0, 2] = float("nan")
+    logits[0, 2, 1, 0] = float("inf")
+    loss, path_loss, correct = gated_ops.gated_cross_entropy(logits, target, gate)
+    ref = gated_cross_entropy_ref(logits, target, gate)
+    assert math.isnan(loss.item()) and math.isnan(ref[0].item())
+    assert torch.equal(path_loss.isnan(), ref[1].isnan())
+    assert torch.equal(correct, ref[2])  # argmax picks the NaN, as torch.argmax does
+
+
+def test_argmax_ties_take_the_first_maximum():
+    logits = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
+    target = torch.tensor([[[0, 1, 3]]])
+    _, _, correct = gated_ops.gated_cross_entropy(logits, target, torch.ones(1, 1,
+                                                                             dtype=torch.float64))
+    assert correct.item() == 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda l, t, g: (l[0], t, g), "logits: expected \\(R, P, B, C\\)"),
+    (lambda l, t, g: (l, t.float(), g), "target: expected int64"),
+    (lambda l, t, g: (l, t[:, :2], g), "target: expected shape"),
+    (lambda l, t, g: (l, t, g[:, :2]), "gate: expected shape"),
+    (lambda l, t, g: (l, t, g.float()), "gate: expected dtype"),
+    (lambda l, t, g: (l, t + 100, g), "target: class index"),
+    (lambda l, t, g: (l[:, :, :0], t[:, :, :0], g), "B > 0"),
+])
+def test_bad_input(bad, match):
+    l, t, g = _inputs(2, 3, 4, 5)
+    with pytest.raises(RuntimeError, match=match):
+        gated_ops.gated_cross_entropy(*bad(l.detach(), t, g.detach()))
