@@ -21,10 +21,12 @@ except ImportError as e:  # pragma: no cover - the message is the point
 
 from . import reference  # noqa: E402
 from .nn import GatedPathwayLinear, SGDConfig  # noqa: E402
+from .gdln import GDLN  # noqa: E402
 from .ops import gated_cross_entropy, pathway_matmul, pathway_sgd_  # noqa: E402
 from .plan import PathwayPlan, make_plan  # noqa: E402
 
 __all__ = [
+    "GDLN",
     "GatedPathwayLinear",
     "SGDConfig",
     "PathwayPlan",
