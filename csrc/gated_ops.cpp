@@ -546,14 +546,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
           const scalar_t* l = lq + b * C;
           const int64_t y = Y[q * B + b];
           TORCH_CHECK(y >= 0 && y < C, "target: class index ", y, " out of range [0, ", C, ")");
-          // argmax as torch.argmax: first maximum, NaN counts as the maximum.
-          int64_t arg = 0;
+          // argmax as torch.argmax: the first maximum, or the first NaN (NaN is the maximum).
           scalar_t m = l[0];
-          for (int64_t c = 1; c < C; ++c) {
-            if (std::isnan(m)) break;
-            if (l[c] > m || std::isnan(l[c])) { m = l[c]; arg = c; }
+          bool nan = false;
+          for (int64_t c = 0; c < C; ++c) {
+            m = l[c] > m ? l[c] : m;
+            nan |= l[c] != l[c];
           }
-          mx[b] = m;
+          int64_t arg = 0;
+          while (arg < C && !(nan ? l[arg] != l[arg] : l[arg] == m)) ++arg;
+          mx[b] = nan ? std::numeric_limits<scalar_t>::quiet_NaN() : m;
           hits += (arg == y);
         }
         // Shifted by the max as log_softmax is; an infinite max gives NaN, as it does there.
@@ -587,23 +589,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
 
 // d/dlogits of sum_r grad_loss[r] * loss[r] + sum_{r,p} grad_path_loss[r,p] * path_loss[r,p]
 //   = w[r,p] * (softmax(logits) - onehot(target)),
-//   w[r,p] = (grad_loss[r] * gate[r,p] / sum_p gate[r,p] + grad_path_loss[r,p]) / B.
-// Three vectorised ATen passes over the logits (exp, scale, scatter): no per-element scalar exp.
-Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& grad_pl,
-                                        const Tensor& logits, const Tensor& target,
-                                        const Tensor& gate, const Tensor& lse) {
-  TORCH_CHECK(logits.dim() == 4, "logits: expected (R, P, B, C), got shape ", logits.sizes());
-  const int64_t R = logits.size(0), P = logits.size(1), B = logits.size(2);
-  GATED_CHECK_SHAPE("grad_loss", grad_loss, R);
-  GATED_CHECK_SHAPE("grad_path_loss", grad_pl, R, P);
-  GATED_CHECK_SHAPE("target", target, R, P, B);
-  GATED_CHECK_SHAPE("gate", gate, R, P);
-  GATED_CHECK_SHAPE("lse", lse, R, P, B);
-  const Tensor w = ((grad_loss.unsqueeze(1) * gate / gate.sum(1, true) + grad_pl) / B)
-                       .view({R, P, 1, 1});
-  Tensor grad = at::exp(logits - lse.unsqueeze(-1));
-  grad.mul_(w);
-  grad.scatter_add_(3, target.unsqueeze(-1), -w.expand({R, P, B, 1}));
+//   w[r,p] = (grad_loss[r] * gate[r,p] / sum_p gate[r,p] + grad_path_loss[r,p]) / B,
+// one pass over the logits: softmax = exp(logits - lse) with the forward's lse.
+Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& grad_pl_,
+                                        const Tensor& logits_, const Tensor& target_,
+                                        const Tensor& gate_, const Tensor& lse_) {
+  TORCH_CHECK(logits_.dim() == 4, "logits: expected (R, P, B, C), got shape ", logits_.sizes());
+  const int64_t R = logits_.size(0), P = logits_.size(1), B = logits_.size(2),
+                C = logits_.size(3);
+  GATED_CHECK_SHAPE("grad_loss", grad_loss_, R);
+  GATED_CHECK_SHAPE("grad_path_loss", grad_pl_, R, P);
+  GATED_CHECK_SHAPE("target", target_, R, P, B);
+  GATED_CHECK_SHAPE("gate", gate_, R, P);
+  GATED_CHECK_SHAPE("lse", lse_, R, P, B);
+  const Tensor logits = logits_.contiguous(), target = target_.contiguous(),
+               lse = lse_.contiguous();
+  // w (R, P): a few small ATen ops on (R, P) tensors.
+  const Tensor w = ((grad_loss_.unsqueeze(1) * gate_ / gate_.sum(1, true) + grad_pl_) / B)
+                       .to(logits.scalar_type()).contiguous();
+  Tensor grad = at::empty_like(logits);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "gated_cross_entropy_backward_cpu", [&] {
+    const scalar_t *L = logits.data_ptr<scalar_t>(), *LSE = lse.data_ptr<scalar_t>(),
+                   *W = w.data_ptr<scalar_t>();
+    const int64_t* Y = target.data_ptr<int64_t>();
+    scalar_t* D = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, R * P, 64, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        scalar_t* d = D + q * B * C;
+        exp_shifted(L + q * B * C, LSE + q * B, B, C, d);
+        const scalar_t wq = W[q];
+        for (int64_t i = 0; i < B * C; ++i) d[i] *= wq;
+        for (int64_t b = 0; b < B; ++b) d[b * C + Y[q * B + b]] -= wq;
+      }
+    });
+  });
   return grad;
 }
 
