@@ -142,8 +142,8 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
   const CpuPlan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
   check_gate(gate_, x, p.P, x.size(1));
   const int64_t B = x.size(1), Do = w.size(1);
-  Tensor y = at::zeros({p.T, B, Do}, x.options());
-  if (p.P == 0 || B == 0 || Do == 0) return y;
+  if (p.P == 0 || B == 0 || Do == 0) return at::zeros({p.T, B, Do}, x.options());
+  Tensor y = at::empty({p.T, B, Do}, x.options());  // every row written below: no fill pass
   const Tensor z = compute_z(p, x, w);
   const Tensor bias = bias_ ? bias_->contiguous() : Tensor();
   const Tensor gate = gate_ ? gate_->contiguous() : Tensor();
@@ -156,18 +156,21 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
     scalar_t* Y = y.data_ptr<scalar_t>();
     at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
+        scalar_t* yt = Y + t * B * Do;
+        if (p.dst_ptr[t] == p.dst_ptr[t + 1]) std::fill(yt, yt + B * Do, scalar_t(0));
+        // The first pathway into t assigns, the others add: a fixed order (the table's).
         for (int64_t k = p.dst_ptr[t]; k < p.dst_ptr[t + 1]; ++k) {
           const int64_t q = p.dst_perm[k];
+          const bool first = k == p.dst_ptr[t];
           const scalar_t* zq = Z + p.zrow[q] * B * ldz + p.zcol[q] * Do;
           const scalar_t* bq = bi ? bi + p.wgt[q] * Do : nullptr;
           for (int64_t b = 0; b < B; ++b) {
             const scalar_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
-            scalar_t* yr = Y + (t * B + b) * Do;
+            scalar_t* yr = yt + b * Do;
             const scalar_t* zr = zq + b * ldz;
-            if (bq) {
-              for (int64_t o = 0; o < Do; ++o) yr[o] += gv * (zr[o] + bq[o]);
-            } else {
-              for (int64_t o = 0; o < Do; ++o) yr[o] += gv * zr[o];
+            for (int64_t o = 0; o < Do; ++o) {
+              const scalar_t v = gv * (zr[o] + (bq ? bq[o] : scalar_t(0)));
+              yr[o] = first ? v : yr[o] + v;
             }
           }
         }
@@ -297,6 +300,11 @@ Tensor pathway_grad_bias_cpu(const Tensor& dz_, const Tensor& paths, const Tenso
   const int64_t B = rows_per_path ? dz.size(0) / rows_per_path : 0;
   Tensor gb = at::zeros({p.M, Do}, dz.options());
   if (p.P == 0 || B == 0) return gb;
+  if (p.blocked()) {  // a plain reduction over the rows of each block (vectorised, in order)
+    gb.narrow(0, p.m0, p.n * p.nm).view({p.n, p.nm, Do})
+        .copy_(dz.view({p.n, p.ns * B, p.nm, Do}).sum(1));
+    return gb;
+  }
   const int64_t ldz = dz.size(1);
   AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "pathway_grad_bias_cpu", [&] {
     const scalar_t* DZ = dz.data_ptr<scalar_t>();
