@@ -1,0 +1,631 @@
+"""The k-path experiment of "The Neural Race Reduction" (GDLN.md section 2), whole grids at once.
+
+Every configuration of the grid is a run; runs of the same shape (dataset, K, H) train together
+as the R replicas of one fused ``KPathNet``. Replica r has its own gate (its N, mode, seed), its
+own Xavier init (its gain, a generator seeded with its seed) and its own data order (another
+generator seeded with its seed, one permutation per epoch), so it computes exactly what a
+separate run would. Each run writes ``OUT/<run>/config.json`` and ``metrics.jsonl`` (one line
+per epoch); ``OUT/summary.json``, the figure and ``results.md`` come at the end.
+
+    python -m experiments.kpath --preset quick    # Fashion-MNIST, K=10, ~3 min on 2 CPU cores
+    python -m experiments.kpath --preset smoke --data-dir DIR   # tiny (tests)
+    python -m experiments.kpath --preset paper_mnist --cuda-graph true   # the authors' 216 runs
+    torchrun --nproc-per-node 8 -m experiments.kpath --preset paper_mnist   # runs split over ranks
+    python -m experiments.plot experiments/runs/quick     # redraw the figure and table
+    # time per step of each implementation (logged; metrics.jsonl "time_train_s"):
+    T="--preset quick --epochs 1 --max-steps-per-epoch 60 --eval-samples 200"
+    python -m experiments.kpath $T --out /tmp/fused
+    python -m experiments.kpath $T --out /tmp/unfused --fused-sgd false  # torch.optim.SGD
+    python -m experiments.kpath $T --out /tmp/loop --model loop  # the paper-style loop
+
+metrics.jsonl, one line per epoch: epoch, step, steps; {train_running, train, test}_{trained,
+untrained}_{acc, loss}: mean over the run's trained (gate 1) and untrained (gate 0) paths, where
+train_running is over the epoch's SGD batches (before each update, the authors' train metric)
+and train / test are evaluated after the epoch on ``eval_samples`` fixed samples of each split
+(all of it by default), every ``eval_every`` epochs and at the last; test_acc_matrix, the K x K
+test accuracy of every path, on the last epoch; time_train_s, time_steps, time_eval_s (wall
+clock, the only fields that differ between two executions of the same run).
+
+A run killed at any moment resumes from its group's checkpoint (OUT/_checkpoints/) when started
+again with the same command, and ends bit-identical (on CPU) to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
+from gated_ops.nn import SGDConfig
+
+from .configs import KPathConfig, parse_args
+from .data import (class_label_maps, load_dataset, pixel_permutations, rotate_images,
+                   rotation_angles, to_float)
+
+log = logging.getLogger("experiments.kpath")
+CLASSES = 10
+# An evaluation chunk holds about R*K*b*(D + 2H + K*C) floats; 2**28 of them (1 GiB in float32)
+# gives the paper's R=54, K=100, H=1024 group b=12 samples per chunk, small groups b=1000.
+EVAL_CHUNK_ELEMENTS = 1 << 28
+# Fields a resumed group may change: they do not change what is computed.
+RESUME_FREE = {"epochs", "checkpoint_every", "checkpoint_unit", "progress", "stop_after_steps",
+               "out", "data_dir", "download", "device", "eval_batch_size", "cuda_graph",
+               "max_replicas", "verify_data", "max_precompute_gb", "threads"}
+
+
+class SimulatedKill(RuntimeError):
+    """Raised by ``stop_after_steps``: the process stops as if killed, saving nothing."""
+
+
+# ---------------------------------------------------------------------------------------- data
+@dataclass
+class TaskData:
+    """The data set on the device and the K input / output transformations."""
+
+    x: dict[str, Tensor]  # split -> (n, D) images, or (K, n, D) pre-rotated copies
+    y: dict[str, Tensor]  # split -> (n,) int64 labels
+    pixel_perms: Tensor | None  # (K, D) input permutations (MNIST, Fashion-MNIST)
+    angles: list[float] | None  # rotations applied per batch (CIFAR-10 when not pre-rotated)
+    image_shape: tuple[int, ...]
+    label_maps: Tensor  # (K, C): label y becomes label_maps[j, y] on decoder j
+    eval_idx: dict[str, Tensor]  # split -> indices evaluated every epoch
+    source: str
+
+    @property
+    def d_in(self) -> int:
+        return self.x["train"].shape[-1]
+
+    def batch(self, split: str, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """idx (R, B): one batch per replica -> xk (R*K, B, D), target (R, K*K, B)."""
+        x, y = self.x[split], self.y[split]
+        if self.pixel_perms is not None:
+            return transform_batch(x[idx], y[idx], self.pixel_perms, self.label_maps)
+        if self.angles is None:
+            xb = x[:, idx].transpose(0, 1)  # (R, K, B, D)
+        else:
+            (R, B), K = idx.shape, len(self.angles)
+            img = x[idx.flatten()].view(R * B, *self.image_shape)
+            xb = torch.stack([rotate_images(img, a).flatten(1) for a in self.angles])
+            xb = xb.view(K, R, B, -1).transpose(0, 1)
+        return transform_batch(xb, y[idx], None, self.label_maps)
+
+
+def load_task_data(cfg: KPathConfig, device: torch.device) -> TaskData:
+    """The whole data set as float tensors on ``device`` (pixels / 255), with the K transforms."""
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, expect_counts=cfg.verify_data,
+                      verify_checksums=cfg.verify_data)
+    dtype = getattr(torch, cfg.dtype)
+    image_shape = tuple(ds.train_x.shape[1:])
+    x = {s: to_float(v, flatten=True).to(device, dtype) for s, v in
+         (("train", ds.train_x), ("test", ds.test_x))}
+    y = {"train": ds.train_y.to(device), "test": ds.test_y.to(device)}
+    perms = angles = None
+    if cfg.dataset == "cifar10":
+        angles = rotation_angles(cfg.K)
+        size_gb = cfg.K * sum(v.numel() for v in x.values()) * x["train"].element_size() / 1e9
+        if size_gb <= cfg.max_precompute_gb:
+            log.info("pre-rotating %d copies of %s (%.1f GB)", cfg.K, cfg.dataset, size_gb)
+            x = {s: torch.stack([rotate_images(v.view(-1, *image_shape), a).flatten(1)
+                                 for a in angles]) for s, v in x.items()}
+            angles = None
+    else:
+        perms = pixel_permutations(cfg.K, x["train"].shape[1]).to(device)
+    eval_idx = {}
+    for split, labels in y.items():
+        n = len(labels)
+        if cfg.eval_samples is None or cfg.eval_samples >= n:
+            eval_idx[split] = torch.arange(n, device=device)
+        else:
+            g = torch.Generator().manual_seed(0)
+            subset = torch.randperm(n, generator=g)[:cfg.eval_samples].sort().values
+            eval_idx[split] = subset.to(device)
+    return TaskData(x, y, perms, angles, image_shape, class_label_maps(cfg.K, CLASSES).to(device),
+                    eval_idx, ds.source)
+
+
+# -------------------------------------------------------------------------------------- models
+class PaperLoopNet(nn.Module):
+    """The authors' formulation, for timing comparisons: per run K nn.Linear encoders, one
+    hidden nn.Linear and K nn.Linear decoders, with Python loops over encoders, paths and
+    per-path losses. Built from a KPathNet's weights; ``loss`` has KPathNet.loss's contract.
+    """
+
+    def __init__(self, net: KPathNet):
+        super().__init__()
+        self.K, self.R, self.C = net.K, net.R, net.C
+        D, H = net.encoder.in_features, net.hidden.in_features
+        self.runs = nn.ModuleList()
+        for _ in range(self.R):
+            run = nn.Module()
+            run.encoders = nn.ModuleList(nn.Linear(D, H) for _ in range(self.K))
+            run.hidden = nn.Linear(H, H)
+            run.decoders = nn.ModuleList(nn.Linear(H, self.C) for _ in range(self.K))
+            self.runs.append(run)
+        self.to(net.encoder.weight)
+        with torch.no_grad():
+            for linear, layer, i in self._linears():
+                linear.weight.copy_(getattr(net, layer).weight[i])
+                linear.bias.copy_(getattr(net, layer).bias[i])
+
+    def _linears(self):
+        """(nn.Linear, KPathNet layer name, index in that layer's weight bank)."""
+        for r, run in enumerate(self.runs):
+            yield run.hidden, "hidden", r
+            for k in range(self.K):
+                yield run.encoders[k], "encoder", r * self.K + k
+                yield run.decoders[k], "decoder", r * self.K + k
+
+    def kpath_state(self) -> dict[str, Tensor]:
+        """The weights in KPathNet's layout: {"encoder.weight": (R*K, H, D), ...}."""
+        banks: dict[str, dict[int, Tensor]] = {}
+        for linear, layer, i in self._linears():
+            banks.setdefault(f"{layer}.weight", {})[i] = linear.weight.detach()
+            banks.setdefault(f"{layer}.bias", {})[i] = linear.bias.detach()
+        return {k: torch.stack([v[i] for i in sorted(v)]) for k, v in banks.items()}
+
+    def loss(self, xk: Tensor, target: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """xk (R*K, B, D), target (R, K*K, B), gate (R, K*K) -> loss (R,), path_loss, correct."""
+        K = self.K
+        xk = xk.view(self.R, K, *xk.shape[1:])
+        losses, path_losses, corrects = [], [], []
+        for r, run in enumerate(self.runs):
+            hidden = [run.hidden(encoder(xk[r, i])) for i, encoder in enumerate(run.encoders)]
+            path_loss, correct = [], []
+            for i in range(K):
+                for j, decoder in enumerate(run.decoders):
+                    logits, t = decoder(hidden[i]), target[r, i * K + j]
+                    path_loss.append(F.cross_entropy(logits, t))
+                    correct.append((logits.argmax(-1) == t).sum())
+            path_loss = torch.stack(path_loss)
+            losses.append((path_loss * gate[r]).sum() / gate[r].sum())
+            path_losses.append(path_loss)
+            corrects.append(torch.stack(correct))
+        return torch.stack(losses), torch.stack(path_losses), torch.stack(corrects)
+
+
+def build_model(cfg: KPathConfig, net: KPathNet) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    """The model that trains ``net``'s weights, and its optimizer (None: fused SGD)."""
+    sgd = {"lr": cfg.lr, "momentum": cfg.momentum}
+    if cfg.model == "loop":
+        model = PaperLoopNet(net)
+        return model, torch.optim.SGD(model.parameters(), **sgd)
+    if cfg.fused_sgd:
+        return net.fuse_sgd(SGDConfig(**sgd)), None
+    return net, torch.optim.SGD(net.parameters(), **sgd)
+
+
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer | None, xk: Tensor, target: Tensor,
+             gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One SGD step of every replica; no host synchronisation. Returns loss (R,), path_loss
+    (R, P), correct (R, P) of the batch (before the update)."""
+    loss, path_loss, correct = model.loss(xk, target, gate)
+    loss.sum().backward()  # replica r's loss depends only on its own weights
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss.detach(), path_loss.detach(), correct
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TaskData, split: str, gate: Tensor, max_chunk: int
+             ) -> tuple[Tensor, Tensor]:
+    """Mean loss and accuracy of every path on ``data.eval_idx[split]``: (R, P) float64 each."""
+    idx, R = data.eval_idx[split], gate.shape[0]
+    loss_sum = torch.zeros(gate.shape, dtype=torch.float64, device=gate.device)
+    correct = torch.zeros(gate.shape, dtype=torch.int64, device=gate.device)
+    for chunk in idx.split(max_chunk):
+        xk, target = data.batch(split, chunk.expand(R, -1))
+        _, path_loss, c = model.loss(xk, target, gate)
+        loss_sum += path_loss.double() * len(chunk)
+        correct += c
+    return loss_sum / len(idx), correct.double() / len(idx)
+
+
+def path_summary(prefix: str, loss: Tensor, acc: Tensor, gate: Tensor) -> list[dict]:
+    """Per replica: mean accuracy and loss over trained (gate 1) and untrained (gate 0) paths;
+    None where a replica has no such path."""
+    loss, acc, on = loss.double().cpu(), acc.double().cpu(), gate.cpu() > 0
+    rows = []
+    for r in range(gate.shape[0]):
+        row = {}
+        for part, mask in (("trained", on[r]), ("untrained", ~on[r])):
+            any_ = bool(mask.any())
+            row[f"{prefix}_{part}_acc"] = acc[r][mask].mean().item() if any_ else None
+            row[f"{prefix}_{part}_loss"] = loss[r][mask].mean().item() if any_ else None
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------- the grid
+def expand_grid(cfg: KPathConfig) -> list[KPathConfig]:
+    """One config per run: the product of the grid lists (an empty list keeps the scalar)."""
+    axes = [cfg.hiddens or [cfg.hidden], cfg.modes or [cfg.mode], cfg.Ns or [cfg.N],
+            cfg.gains or [cfg.gain], cfg.seeds or [cfg.seed]]
+    return [dataclasses.replace(cfg, hidden=h, mode=m, N=n, gain=g, seed=s, hiddens=[],
+                                modes=[], Ns=[], gains=[], seeds=[])
+            for h, m, n, g, s in itertools.product(*axes)]
+
+
+def run_name(c: KPathConfig) -> str:
+    return f"{c.dataset}_K{c.K}_H{c.hidden}_{c.mode}_N{c.N}_gain{c.gain:g}_seed{c.seed}"
+
+
+def make_groups(runs: list[KPathConfig], max_replicas: int = 0) -> list[list[KPathConfig]]:
+    """Runs of one shape (dataset, K, H) in order, cut into groups of at most max_replicas."""
+    shapes: dict[tuple, list[KPathConfig]] = {}
+    for c in runs:
+        shapes.setdefault((c.dataset, c.K, c.hidden), []).append(c)
+    size = max_replicas or len(runs)
+    return [v[i:i + size] for v in shapes.values() for i in range(0, len(v), size)]
+
+
+def group_id(runs: list[KPathConfig]) -> str:
+    c, names = runs[0], [run_name(r) for r in runs]
+    digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:10]
+    return f"{c.dataset}_K{c.K}_H{c.hidden}_R{len(runs)}_{digest}"
+
+
+# ------------------------------------------------------------------------- files and machine
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) then os.replace: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def machine_info(device: torch.device) -> dict:
+    status = _git("status", "--porcelain")
+    info = {"hostname": platform.node(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(device), "git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty": bool(status) if status is not None else None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+class Progress:
+    """A one-line progress bar on stderr: steps, rate, ETA and a status string (computed only
+    when the bar is redrawn: at most every 0.5 s on a terminal, every 30 s otherwise)."""
+
+    def __init__(self, total: int, desc: str, start: int = 0, enabled: bool = True):
+        self.total, self.desc, self.start, self.enabled = total, desc, start, enabled
+        self.tty = sys.stderr.isatty()
+        self.interval = 0.5 if self.tty else 30.0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, done: int, status: Callable[[], str]) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < self.interval and done < self.total):
+            return
+        self.last = now
+        rate = (done - self.start) / max(now - self.t0, 1e-9)
+        eta = int((self.total - done) / rate) if rate > 0 else 0
+        fill = int(20 * done / max(self.total, 1))
+        line = (f"{self.desc} [{'#' * fill}{'.' * (20 - fill)}] {done}/{self.total} "
+                f"{rate:.1f} it/s ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d} {status()}")
+        sys.stderr.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+# -------------------------------------------------------------------------------- training
+class GroupTrainer:
+    """R runs of one shape trained as one model; checkpoints and resumes as a unit."""
+
+    def __init__(self, runs: list[KPathConfig], data: TaskData, device: torch.device,
+                 out: Path, stop_after_steps: int | None = None, extra: dict | None = None):
+        c = self.cfg = runs[0]
+        self.runs, self.names = runs, [run_name(r) for r in runs]
+        self.data, self.device = data, device
+        self.R, self.K, self.id = len(runs), c.K, group_id(runs)
+        self.out, self.stop_after_steps, self.steps_run = out, stop_after_steps, 0
+        dtype = getattr(torch, c.dtype)
+        net = KPathNet(c.K, data.d_in, c.hidden, CLASSES, replicas=self.R, device=device,
+                       dtype=dtype)
+        net.xavier_init_([r.gain for r in runs],
+                         [torch.Generator().manual_seed(r.seed) for r in runs])
+        self.model, self.opt = build_model(c, net)
+        self.gate = torch.stack([kpath_gate(c.K, r.N, r.mode, seed=r.seed).flatten()
+                                 for r in runs]).to(device, dtype)  # (R, K*K)
+        # Each replica's data order: state of its generator at the start of the current epoch.
+        self.shuffle_states = [torch.Generator().manual_seed(r.seed).get_state() for r in runs]
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.acc_loss = torch.zeros(self.gate.shape, dtype=torch.float64, device=device)
+        self.acc_correct = torch.zeros(self.gate.shape, dtype=torch.int64, device=device)
+        self.lines: list[list[str]] = [[] for _ in runs]
+        self.finished = False
+        n_train = len(data.y["train"])
+        self.steps_per_epoch = min(n_train // c.batch_size,
+                                   c.max_steps_per_epoch if c.max_steps_per_epoch is not None
+                                   else n_train)
+        elems = self.R * c.K * (data.d_in + 2 * c.hidden + c.K * CLASSES)
+        self.eval_chunk = max(1, min(c.eval_batch_size, EVAL_CHUNK_ELEMENTS // elems))
+        self.ckpt_path = out / "_checkpoints" / f"{self.id}.pt"
+        self._last_ckpt = time.monotonic()
+        resumed = self._resume()
+        info = {"machine": machine_info(device), "data_source": data.source, **(extra or {})}
+        for r, (run, name) in enumerate(zip(runs, self.names)):
+            group = {"id": self.id, "replica": r, "replicas": self.R, "runs": self.names}
+            write_text(out / name / "config.json", json.dumps(
+                {"run": name, "config": dataclasses.asdict(run), "group": group, **info},
+                indent=1) + "\n")
+            write_text(out / name / "metrics.jsonl", "".join(self.lines[r]))
+        log.info("group %s: %d runs, %s the %s model%s", self.id, self.R,
+                 f"resumed at epoch {self.epoch} step {self.step_in_epoch}" if resumed else "new",
+                 c.model, "" if c.model == "loop" else f" (fused SGD: {c.fused_sgd})")
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"runs": self.names, "configs": [dataclasses.asdict(r) for r in self.runs],
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict() if self.opt is not None else None,
+                "shuffle_states": self.shuffle_states, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "acc_loss": self.acc_loss, "acc_correct": self.acc_correct,
+                "metrics": self.lines, "finished": self.finished}
+
+    def save_checkpoint(self) -> None:
+        atomic_write(self.ckpt_path, lambda p: torch.save(self._state(), p))
+        self._last_ckpt = time.monotonic()
+        log.debug("checkpoint %s at step %d", self.ckpt_path, self.global_step)
+
+    def _resume(self) -> bool:
+        if not self.ckpt_path.exists():
+            return False
+        ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        for old, new in zip(ck["configs"], self.runs):
+            diff = {k for k, v in dataclasses.asdict(new).items() if old.get(k) != v}
+            if diff - RESUME_FREE or ck["runs"] != self.names:
+                raise ValueError(f"{self.ckpt_path}: written by a different configuration "
+                                 f"({sorted(diff - RESUME_FREE)}); use another --out or delete it")
+        self.model.load_state_dict(ck["model"])
+        if self.opt is not None:
+            self.opt.load_state_dict(ck["optimizer"])
+        for k in ("epoch", "step_in_epoch", "global_step", "finished"):
+            setattr(self, k, ck[k])
+        self.shuffle_states = [s.cpu() for s in ck["shuffle_states"]]
+        self.acc_loss.copy_(ck["acc_loss"])
+        self.acc_correct.copy_(ck["acc_correct"])
+        self.lines = ck["metrics"]  # lines written after this checkpoint are dropped
+        return True
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.cfg.checkpoint_every
+        if every <= 0:
+            return
+        if (self.global_step % max(int(every), 1) == 0 if self.cfg.checkpoint_unit == "steps"
+                else time.monotonic() - self._last_ckpt >= every):
+            self.save_checkpoint()
+
+    # -- one step ------------------------------------------------------------------------------
+    def _step(self, idx: Tensor) -> None:
+        xk, target = self.data.batch("train", idx)
+        _, path_loss, correct = sgd_step(self.model, self.opt, xk, target, self.gate)
+        self.acc_loss += path_loss
+        self.acc_correct += correct
+
+    def _captured_step(self) -> Callable[[Tensor], None]:
+        """The step as a CUDA graph over a static index buffer. The warm-up steps train (the
+        SGD is inside backward), so every tensor a step writes is restored after capture."""
+        if self.data.angles is not None:
+            raise ValueError("cuda_graph: rotations per batch are not capturable; raise "
+                             "--max-precompute-gb so the rotated copies are precomputed")
+        static_idx = torch.zeros(self.R, self.cfg.batch_size, dtype=torch.int64,
+                                 device=self.device)
+        written = [*self.model.state_dict().values(), self.acc_loss, self.acc_correct]
+        saved = [t.clone() for t in written]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._step(static_idx)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(static_idx)
+        with torch.no_grad():
+            for t, v in zip(written, saved):
+                t.copy_(v)
+
+        def replay(idx: Tensor) -> None:
+            static_idx.copy_(idx)
+            graph.replay()
+        return replay
+
+    def _running(self) -> str:
+        n = max(self.step_in_epoch * self.cfg.batch_size, 1)
+        rows = path_summary("a", self.acc_loss / n, self.acc_correct.double() / n, self.gate)
+        mean = lambda k: sum(r[k] for r in rows if r[k] is not None) / max(  # noqa: E731
+            sum(r[k] is not None for r in rows), 1)
+        return f"acc trained {mean('a_trained_acc'):.3f} untrained {mean('a_untrained_acc'):.3f}"
+
+    # -- the epochs ------------------------------------------------------------------------------
+    def train(self) -> None:
+        c, B, steps = self.cfg, self.cfg.batch_size, self.steps_per_epoch
+        if self.finished and self.epoch >= c.epochs:
+            return
+        step = self._step
+        if c.cuda_graph and self.device.type == "cuda":
+            step = self._captured_step()
+        elif c.cuda_graph:
+            log.warning("cuda_graph: ignored on %s", self.device)
+        n_train = len(self.data.y["train"])
+        while self.epoch < c.epochs:
+            gens = [torch.Generator() for _ in self.runs]
+            for g, s in zip(gens, self.shuffle_states):
+                g.set_state(s)
+            order = torch.stack([torch.randperm(n_train, generator=g) for g in gens])
+            order = order.to(self.device)  # (R, n_train): replica r's data order this epoch
+            bar = Progress(steps, f"{self.id} epoch {self.epoch + 1}/{c.epochs}",
+                           self.step_in_epoch, c.progress)
+            t0, first = time.perf_counter(), self.step_in_epoch
+            for s in range(self.step_in_epoch, steps):
+                step(order[:, s * B:(s + 1) * B])
+                self.step_in_epoch += 1
+                self.global_step += 1
+                self._maybe_checkpoint()
+                self.steps_run += 1
+                if self.steps_run == self.stop_after_steps:
+                    raise SimulatedKill(f"stopped after step {self.global_step}")
+                bar.update(s + 1, self._running)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t_train = time.perf_counter() - t0
+            bar.close()
+            self._end_epoch(steps, first, t_train)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.shuffle_states = [g.get_state() for g in gens]
+            self.acc_loss.zero_()
+            self.acc_correct.zero_()
+        self.finished = True
+        self.save_checkpoint()
+
+    def _end_epoch(self, steps: int, first: int, t_train: float) -> None:
+        c = self.cfg
+        n = max(steps * c.batch_size, 1)
+        rows = path_summary("train_running", self.acc_loss / n,
+                            self.acc_correct.double() / n, self.gate)
+        last = self.epoch + 1 == c.epochs
+        t0 = time.perf_counter()
+        if (self.epoch + 1) % c.eval_every == 0 or last:
+            for split in ("train", "test"):
+                loss, acc = evaluate(self.model, self.data, split, self.gate, self.eval_chunk)
+                for row, extra in zip(rows, path_summary(split, loss, acc, self.gate)):
+                    row.update(extra)
+                if last and split == "test":  # the K x K accuracy matrix of every run
+                    for row, a in zip(rows, acc.view(self.R, self.K, self.K).cpu()):
+                        row["test_acc_matrix"] = a.tolist()
+        t_eval = time.perf_counter() - t0
+        for r, row in enumerate(rows):
+            line = {"epoch": self.epoch + 1, "step": self.global_step, "steps": steps, **row,
+                    "time_train_s": t_train, "time_steps": steps - first,
+                    "time_eval_s": t_eval}
+            text = json.dumps(line) + "\n"
+            with open(self.out / self.names[r] / "metrics.jsonl", "a") as f:
+                f.write(text)
+            self.lines[r].append(text)
+        test = [r["test_trained_acc"] for r in rows if r.get("test_trained_acc") is not None]
+        untr = [r["test_untrained_acc"] for r in rows if r.get("test_untrained_acc") is not None]
+        log.info("%s epoch %d/%d: %.1f ms/step, eval %.1f s; test acc trained %s untrained %s "
+                 "(mean over runs)", self.id, self.epoch + 1, c.epochs,
+                 1e3 * t_train / max(steps - first, 1), t_eval,
+                 f"{sum(test) / len(test):.3f}" if test else "-",
+                 f"{sum(untr) / len(untr):.3f}" if untr else "-")
+
+
+def summary_row(run: KPathConfig, lines: list[str]) -> dict:
+    """Final trained / untrained accuracies of a run: its last evaluated epoch."""
+    last = next((d for d in map(json.loads, reversed(lines)) if "test_trained_acc" in d), {})
+    keys = ("test_trained_acc", "test_untrained_acc", "train_trained_acc", "train_untrained_acc")
+    return {"run": run_name(run), "dataset": run.dataset, "K": run.K, "N": run.N,
+            "mode": run.mode, "hidden": run.hidden, "gain": run.gain, "seed": run.seed,
+            "epoch": last.get("epoch"), **{k: last.get(k) for k in keys}}
+
+
+# ------------------------------------------------------------------------------------ main
+def _distributed() -> tuple[int, int, int]:
+    """rank, world size, local rank from torchrun's environment (0, 1, 0 without it)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    env = os.environ
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Train the grid (this rank's share of it); rank 0 writes summary.json and the report.
+    Returns the summary on rank 0, None on other ranks."""
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, local_rank = _distributed()
+    device = resolve_device(cfg.device, local_rank)
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    out = Path(cfg.out)
+    runs = expand_grid(cfg)
+    mine = runs[rank::world]  # deterministic round-robin over runs
+    log.info("rank %d/%d: %d of %d runs on %s", rank, world, len(mine), len(runs), device)
+    rows, t0 = [], time.perf_counter()
+    data = load_task_data(cfg, device) if mine else None
+    steps_left = cfg.stop_after_steps
+    for group in make_groups(mine, cfg.max_replicas):
+        trainer = GroupTrainer(group, data, device, out, steps_left,
+                               {"rank": rank, "world_size": world})
+        trainer.train()
+        steps_left = None if steps_left is None else steps_left - trainer.steps_run
+        rows += [summary_row(run, lines) for run, lines in zip(group, trainer.lines)]
+    if world > 1:
+        gathered: list[list[dict]] = [[] for _ in range(world)]
+        dist.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank != 0:
+            return None
+    order = {run_name(r): i for i, r in enumerate(runs)}
+    rows.sort(key=lambda row: order[row["run"]])
+    summary = {"runs": rows, "num_runs": len(rows), "world_size": world,
+               "wall_time_s": time.perf_counter() - t0, "config": dataclasses.asdict(cfg)}
+    write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    from . import plot  # matplotlib: only where the report is drawn
+    png, table = plot.make_report(out)
+    log.info("wrote %s, %s and %s", out / "summary.json", png, out / "results.md")
+    print(table)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
