@@ -1,8 +1,16 @@
 """Theory against simulation for gated deep linear networks (GDLN.md 4.3-4.5): four figures.
 
-Run (about 30 s on 2 CPU cores):
+Run (about 1-2 min on 2 shared CPU cores, 1 thread):
 
     cd /work/main && .venv/bin/python experiments/theory_figures.py --out experiments/results/theory
+
+Figure 1 runs the routing network as a ``gated_ops.GDLN`` on the fused pathway op
+(``--engine fused``, the default; ``gated_ops.gdln.routing_network`` / ``train_routing_network``)
+and its theory is built automatically from that graph (``GDLN.reduced_dynamics``); the einsum
+simulator and the hand-written equations of 4.3 (``gated_ops.theory``) are run as the
+cross-check and their deviations recorded. ``--engine einsum`` uses the einsum simulator and
+the hand-written theory only (no compiled extension needed). Figures 2-3 use the einsum
+simulator (batched over runs), figure 4 path-form gradient descent (4.1).
 
 Writes to --out:
   fig1_routing_theory_vs_sim.png   routing network of 4.4: loss and per-layer singular values,
@@ -26,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
@@ -51,13 +60,23 @@ def load_theory():
         return module
 
 
+def load_gdln():
+    """``gated_ops.gdln`` (needs the compiled extension), or None; --engine fused then fails."""
+    try:
+        return importlib.import_module("gated_ops.gdln")
+    except ImportError:
+        return None
+
+
 theory = load_theory()
+gdln = load_gdln()
 
 
 @dataclass
 class Config:
     out: str = "experiments/results/theory"
     threads: int = 1  # tiny ops: 1 thread avoids OpenMP spin-waiting on a shared 2-core machine
+    engine: str = "fused"  # figure 1: "fused" (gated_ops.GDLN) or "einsum" (theory's simulator)
     # figure 1 (GDLN.md 4.4)
     b0: float = 0.08
     lr: float = 0.02
@@ -85,8 +104,15 @@ def parse_args() -> Config:
     p.add_argument("--out", default=cfg.out, help="output folder (default: %(default)s)")
     p.add_argument("--threads", type=int, default=cfg.threads)
     p.add_argument("--seeds", type=int, default=len(cfg.seeds), help="random seeds in figure 1")
+    p.add_argument("--engine", choices=["fused", "einsum"], default=cfg.engine,
+                   help="figure 1 simulation: fused pathway op via gated_ops.GDLN, or the einsum "
+                   "simulator (default: %(default)s)")
     args = p.parse_args()
     cfg.out, cfg.threads, cfg.seeds = args.out, args.threads, list(range(args.seeds))
+    cfg.engine = args.engine
+    if cfg.engine == "fused" and gdln is None:
+        p.error("--engine fused needs gated_ops built (pip install --no-build-isolation -e .); "
+                "or run with --engine einsum")
     return cfg
 
 
@@ -95,20 +121,82 @@ def parse_args() -> Config:
 # ---------------------------------------------------------------------------------------------
 
 
+def _stack_runs(runs: list) -> SimpleNamespace:
+    """Runs of one config over seeds -> fields with a leading seed axis (like a batched run)."""
+    fields = ("loss", "trained_error", "untrained_error", "sv_in", "sv_hidden", "sv_out")
+    return SimpleNamespace(**{f: torch.stack([getattr(r, f) for r in runs]) for f in fields})
+
+
+def graph_theory(rn, task, b0: float, lr: float, steps: int) -> SimpleNamespace:
+    """Discrete theory of 4.4 built automatically from the routing GDLN: its reduced dynamics
+    (GDLN.reduced_dynamics with the trained contexts at their batch frequency and the data's
+    modes), one Euler step per SGD step (dt = 2 K M lr / N in GDLN time), and the reduced loss.
+    Same fields as theory.routing_theory (b1, b2, b3 of module 0 / hidden / output module 0)."""
+    modes = gdln.data_modes(task.X, task.Y)
+    dyn = rn.net.reduced_dynamics(modes.s, rn.node_gates, lam=modes.lam)
+    scale = 2 * len(rn.pairs) / task.N_out  # the 4.4 loss is scale * GDLN.loss
+    traj = theory.euler(dyn, torch.full((task.rank, len(dyn.edges)), float(b0), dtype=F64), scale * lr, steps)
+    return SimpleNamespace(
+        b1=traj[..., dyn.index("in0")],
+        b2=traj[..., dyn.index("hidden")],
+        b3=traj[..., dyn.index("out0")],
+        loss=scale * dyn.loss(traj),
+    )
+
+
 def figure1(cfg: Config, task, out: Path) -> dict:
-    th = theory.routing_theory(task, cfg.b0, cfg.lr, cfg.steps)
-    dec = theory.simulate_routing_network(task, "decoupled", lr=cfg.lr, steps=cfg.steps, b0=cfg.b0)
-    rnd = theory.simulate_routing_network(task, "random", cfg.small_gain, cfg.lr, cfg.steps, seed=cfg.seeds)
-    th_rnd = theory.routing_theory(task, theory.routing_theory_b0("random", cfg.small_gain), cfg.lr, cfg.steps)
+    cross: dict = {}
+    rnd_b0 = theory.routing_theory_b0("random", cfg.small_gain)
+    # the einsum simulator and the hand-written 4.3 theory: the engine of --engine einsum, and
+    # the cross-check of the fused runs
+    dec_e = theory.simulate_routing_network(task, "decoupled", lr=cfg.lr, steps=cfg.steps, b0=cfg.b0)
+    rnd_e = theory.simulate_routing_network(task, "random", cfg.small_gain, cfg.lr, cfg.steps, seed=cfg.seeds)
+    th_hand = theory.routing_theory(task, cfg.b0, cfg.lr, cfg.steps)
+    th_rnd_hand = theory.routing_theory(task, rnd_b0, cfg.lr, cfg.steps)
+    if cfg.engine == "fused":
+        rn = gdln.routing_network(task.M, task.K, task.hidden, task.D, task.N_out, dtype=F64)
+        dec = gdln.train_routing_network(rn, task, "decoupled", lr=cfg.lr, steps=cfg.steps, b0=cfg.b0,
+                                         track_untrained=False)
+        rnd = _stack_runs(
+            [
+                gdln.train_routing_network(rn, task, "random", cfg.small_gain, cfg.lr, cfg.steps, seed=sd,
+                                           track_untrained=False)
+                for sd in cfg.seeds
+            ]
+        )
+        th = graph_theory(rn, task, cfg.b0, cfg.lr, cfg.steps)
+        th_rnd = graph_theory(rn, task, rnd_b0, cfg.lr, cfg.steps)
+        sv = ("sv_in", "sv_hidden", "sv_out")
+        cross = {
+            "fused_vs_einsum_loss_max_abs": max(
+                float((dec.loss - dec_e.loss).abs().max()), float((rnd.loss - rnd_e.loss).abs().max())
+            ),
+            "fused_vs_einsum_sv_max_abs": max(
+                max(float((getattr(dec, n) - getattr(dec_e, n)).abs().max()) for n in sv),
+                max(float((getattr(rnd, n) - getattr(rnd_e, n)).abs().max()) for n in sv),
+            ),
+            "graph_theory_vs_hand_written_43_max_abs": max(
+                max(float((getattr(a, n) - getattr(b, n)).abs().max()) for n in ("b1", "b2", "b3", "loss"))
+                for a, b in ((th, th_hand), (th_rnd, th_rnd_hand))
+            ),
+            "note": (
+                "simulation: gated_ops.GDLN on the fused pathway op, checked against the einsum simulator; "
+                "theory: built automatically from the GDLN graph, checked against the hand-written 4.3 map"
+            ),
+        }
+    else:
+        dec, rnd, th, th_rnd = dec_e, rnd_e, th_hand, th_rnd_hand
     steps = torch.arange(cfg.steps + 1)
+    sim_name = "fused GDLN" if cfg.engine == "fused" else "einsum sim"
+    th_name = "theory from the graph" if cfg.engine == "fused" else "discrete theory"
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     ax = axes[0, 0]
     for k in range(len(cfg.seeds)):
-        lab = f"sim, random init gain {cfg.small_gain} ({len(cfg.seeds)} seeds)" if k == 0 else None
+        lab = f"{sim_name}, random init gain {cfg.small_gain} ({len(cfg.seeds)} seeds)" if k == 0 else None
         ax.plot(steps, rnd.loss[k], color="tab:gray", lw=0.8, alpha=0.6, label=lab)
-    ax.plot(steps[::8], dec.loss[::8], "o", ms=4, mfc="none", color="tab:purple", label="sim, decoupled init 0.08")
-    ax.plot(steps, th.loss, "k-", lw=1.5, label=f"discrete theory, b0 = {cfg.b0}")
+    ax.plot(steps[::8], dec.loss[::8], "o", ms=4, mfc="none", color="tab:purple", label=f"{sim_name}, decoupled init {cfg.b0}")
+    ax.plot(steps, th.loss, "k-", lw=1.5, label=f"{th_name} (discrete), b0 = {cfg.b0}")
     ax.set(xlabel="SGD step", ylabel="training loss (trained pairs)", title="(a) loss", yscale="symlog")
     ax.set_ylim(0, 400)
     ax.legend(fontsize=8)
@@ -125,14 +213,21 @@ def figure1(cfg: Config, task, out: Path) -> dict:
             ax.plot(steps[::8], getattr(dec, name)[::8, m], "o", ms=3.5, mfc="none", color=c)
             ax.plot(steps, th_sv[:, m], "-", color="k", lw=1.2)
             ax.plot([], [], "-", color=c, label=f"mode {m + 1}: s = {float(task.s[m]):.3f}")
-        ax.plot([], [], "k-", label="discrete theory (b0 0.08)")
-        ax.plot([], [], "o", mfc="none", color="gray", label="sim decoupled")
-        ax.plot([], [], "-", color="gray", alpha=0.5, label="sim random (10 seeds)")
+        ax.plot([], [], "k-", label=f"{th_name} (b0 {cfg.b0})")
+        ax.plot([], [], "o", mfc="none", color="gray", label=f"{sim_name}, decoupled")
+        ax.plot([], [], "-", color="gray", alpha=0.5, label=f"{sim_name}, random ({len(cfg.seeds)} seeds)")
         ax.set(xlabel="SGD step", ylabel="singular value", title=title)
         ax.legend(fontsize=7, loc="lower right")
+    how = (
+        "simulation: gated_ops.GDLN on the fused pathway op; theory: GDLN.reduced_dynamics of the same graph"
+        if cfg.engine == "fused"
+        else "simulation: einsum simulator; theory: the equations of GDLN.md 4.3"
+    )
     fig.suptitle(
-        f"Routing network (M={task.M}, K={task.K}, H={task.hidden}): one Euler step of GDLN.md 4.3 per SGD step, "
-        f"dt = {theory.routing_sgd_dt(task, cfg.lr):.3f}"
+        f"Routing network (M={task.M}, K={task.K}, H={task.hidden}): {how}\n"
+        f"theory = one Euler step per SGD step (lr {cfg.lr}, dt = {theory.routing_sgd_dt(task, cfg.lr):.3f} "
+        "in 4.3 units); random init: theory b0 = gain/2.5",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(out / "fig1_routing_theory_vs_sim.png", dpi=120)
@@ -146,6 +241,8 @@ def figure1(cfg: Config, task, out: Path) -> dict:
         float((getattr(dec, n) - t).abs().max()) for n, t in (("sv_in", th.b1), ("sv_hidden", th.b2), ("sv_out", th.b3))
     )
     return {
+        "engine": cfg.engine,
+        "cross_checks": cross,
         "max_deviation": {
             "value": float((dec.loss - th.loss).abs().max()),
             "what": "max over steps of |simulated loss - discrete theory loss|, decoupled init (GDLN.md 4.5 check 3)",
@@ -161,6 +258,11 @@ def figure1(cfg: Config, task, out: Path) -> dict:
         "random_drop_max_rel_dev": float((drops / th_drops - 1).abs().max()),
         "random_first_drop_mean_rel_dev": float((drops[:, 0] / th_drops[0] - 1).mean()),
         "random_plateaus_per_seed": plateaus.tolist(),
+        "random_final_sv_max_abs_dev": {
+            n: float((getattr(rnd, n)[:, -1] - t[-1]).abs().max())
+            for n, t in (("sv_in", th_rnd.b1), ("sv_hidden", th_rnd.b2), ("sv_out", th_rnd.b3))
+        },
+        "random_initial_sv": float(rnd.sv_hidden[:, 0].mean()),
         "random_plateau_max_rel_dev_vs_58.85_17.9": max(
             float((plateaus[:, 0] / 58.85 - 1).abs().max()), float((plateaus[:, 1] / 17.9 - 1).abs().max())
         ),

@@ -12,11 +12,29 @@ layer's sources and gates uses index tensors built at compile time (no per-edge 
 Gates are tensors: ``node_gates`` (num_nodes, B) and ``edge_gates`` (num_edges, B) in the order
 of :attr:`GDLN.nodes` / :attr:`GDLN.edges` (None = all ones); :meth:`GDLN.gates` builds them
 from dicts.
+
+The theory of GDLN.md 4 is one call away from the graph (it lives in :mod:`gated_ops.theory`,
+which is independent of the compiled op, so that simulations can be checked against it):
+
+* :meth:`GDLN.theory_graph`, :meth:`GDLN.path_correlations`, :meth:`GDLN.path_form_gradient`:
+  the exact path-form gradient of 4.1 of this network's loss (tied weights: summed over edges).
+* :meth:`GDLN.reduced_dynamics`: the one-dimensional race dynamics of 4.2, built from the graph's
+  pathways, a gating distribution (gates per context, context probabilities) and the data's
+  mode strengths (:func:`data_modes`); :meth:`GDLN.set_aligned_` / :meth:`GDLN.mode_strengths`
+  move between weights and mode strengths.
+* :func:`routing_network`: the routing network of GDLN.md 4.3/4.4 as a GDLN, with the context
+  gates of its trained pairs; :func:`train_routing_network` trains it on the fused op by
+  full-batch SGD and records what :func:`gated_ops.theory.simulate_routing_network` records.
+
+Time units: with ``tau = 1``, one SGD step of size ``lr`` on :meth:`GDLN.loss` is one Euler step
+``dt = lr`` of the reduced dynamics built with the contexts' empirical frequencies as ``probs``.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +42,16 @@ from torch import Tensor, nn
 from .ops import pathway_matmul
 from .plan import PathwayPlan, make_plan
 
-__all__ = ["GDLN", "Edge", "Pathway"]
+if TYPE_CHECKING:  # the theory module imports scipy: loaded on first use, not with gated_ops
+    from . import theory as _theory_t
+
+__all__ = ["GDLN", "Edge", "Pathway", "GraphReducedDynamics", "DataModes", "data_modes",
+           "RoutingNetwork", "routing_network", "train_routing_network"]
+
+
+def _theory():
+    from . import theory  # scipy costs ~1 s of import time on the shared machine (measured)
+    return theory
 
 
 @dataclass(frozen=True)
@@ -124,6 +151,25 @@ class GDLN(nn.Module):
                                        torch.tensor([node_idx[self.edges[i].dst] for i in eids],
                                                     device=device)))
 
+        # Pathways, enumerated once; index tables for gathering their gates in one op each:
+        # path_nodes[p] = nodes visited (source first), path_edges[p] = edges, both padded with
+        # an index pointing at an appended row of ones.
+        self._pathways = self._enumerate_pathways()
+        L = max((len(p.edges) for p in self._pathways), default=0)
+        path_nodes = torch.full((len(self._pathways), L + 1), len(self.node_names))
+        path_edges = torch.full((len(self._pathways), L), len(self.edges))
+        for q, p in enumerate(self._pathways):
+            visited = [p.src] + [self.edges[i].dst for i in p.edges]
+            path_nodes[q, : len(visited)] = torch.tensor([node_idx[n] for n in visited])
+            path_edges[q, : len(p.edges)] = torch.tensor(p.edges)
+        out_cols = torch.tensor([node_idx[n] for n in self.outputs for _ in range(nodes[n])],
+                                dtype=torch.long)  # node of every column of the stacked outputs
+        path_targets = torch.tensor([node_idx[p.dst] for p in self._pathways], dtype=torch.long)
+        self._index = {k: v.to(device) for k, v in (("path_nodes", path_nodes),
+                                                    ("path_edges", path_edges),
+                                                    ("path_targets", path_targets),
+                                                    ("out_cols", out_cols))}
+
     # -- structure ---------------------------------------------------------------------------
     def _depths(self) -> dict[str, int]:
         depth: dict[str, int] = {n: 0 for n in self.inputs}
@@ -138,9 +184,29 @@ class GDLN(nn.Module):
                 remaining.remove(n)
         return depth
 
+    def _enumerate_pathways(self) -> list[Pathway]:
+        out: list[Pathway] = []
+        out_edges: dict[str, list[int]] = {}
+        for i, e in enumerate(self.edges):
+            out_edges.setdefault(e.src, []).append(i)
+
+        def walk(node: str, start: str, path: tuple[int, ...]) -> None:
+            if node in self.outputs and path:
+                out.append(Pathway(path, start, node))
+            for i in out_edges.get(node, []):
+                walk(self.edges[i].dst, start, path + (i,))
+        for n in self.inputs:
+            walk(n, n, ())
+        return out
+
     @property
     def num_layers(self) -> int:
         return len(self._layers)
+
+    @property
+    def weight_names(self) -> list[str]:
+        """Every distinct weight, in order of first use by an edge."""
+        return list(self.weight_slot)
 
     def _slot(self, name: str) -> tuple[str, int]:
         if name not in self.weight_slot:
@@ -154,6 +220,15 @@ class GDLN(nn.Module):
         key, row = self._slot(name)
         return self.banks[key][row]
 
+    def stacked_weights(self, names: Sequence[str]) -> Tensor:
+        """Weights of the same shape stacked, ``(len(names), D_out, D_in)``: one gather from
+        their bank (differentiable; a copy)."""
+        slots = [self._slot(n) for n in names]
+        if len({k for k, _ in slots}) != 1:
+            raise ValueError(f"names: expected weights of one shape, got banks "
+                             f"{sorted({k for k, _ in slots})}")
+        return self.banks[slots[0][0]][[r for _, r in slots]]
+
     def bias(self, name: str) -> Tensor:
         """The bias of a weight (by weight name or edge name); needs bias=True."""
         if self.biases is None:
@@ -163,17 +238,7 @@ class GDLN(nn.Module):
 
     def pathways(self) -> list[Pathway]:
         """Every input-to-output path, as edge index tuples (depth-first, in edge order)."""
-        out: list[Pathway] = []
-
-        def walk(node: str, start: str, path: tuple[int, ...]) -> None:
-            if node in self.outputs and path:
-                out.append(Pathway(path, start, node))
-            for i, e in enumerate(self.edges):
-                if e.src == node:
-                    walk(e.dst, start, path + (i,))
-        for n in self.inputs:
-            walk(n, n, ())
-        return out
+        return list(self._pathways)
 
     def pathway_weight(self, p: Pathway) -> Tensor:
         """W_p: the product of the weights along p (last edge leftmost)."""
@@ -193,6 +258,28 @@ class GDLN(nn.Module):
         if edge_gates is not None:
             g = g * edge_gates[list(p.edges)].prod(0)
         return g
+
+    def pathway_gate_table(self, node_gates: Tensor | None, edge_gates: Tensor | None,
+                           batch: int) -> Tensor:
+        """g_p for every pathway of :meth:`pathways`, ``(P, B)``: the product of the gates of
+        the nodes it visits (its input node included, as in :meth:`forward`) and of its edges.
+        Two gathers, no loop over pathways."""
+        self._check_gates(node_gates, edge_gates, batch)
+        g = torch.ones(len(self._pathways), batch, dtype=self._dtype, device=self._device)
+        if node_gates is not None:
+            ext = torch.cat([node_gates, node_gates.new_ones(1, batch)])  # (N + 1, B)
+            g = g * ext[self._index["path_nodes"]].prod(1)  # (P, L + 1, B) -> (P, B)
+        if edge_gates is not None:
+            ext = torch.cat([edge_gates, edge_gates.new_ones(1, batch)])
+            g = g * ext[self._index["path_edges"]].prod(1)
+        return g
+
+    def _check_gates(self, node_gates: Tensor | None, edge_gates: Tensor | None,
+                     batch: int) -> None:
+        for name, g, n in (("node_gates", node_gates, len(self.node_names)),
+                           ("edge_gates", edge_gates, len(self.edges))):
+            if g is not None and tuple(g.shape) != (n, batch):
+                raise ValueError(f"{name}: expected shape ({n}, {batch}), got {tuple(g.shape)}")
 
     def gates(self, batch: int, node_gates: dict[str, Tensor | float] | None = None,
               edge_gates: dict[str, Tensor | float] | None = None
@@ -225,11 +312,12 @@ class GDLN(nn.Module):
             for w in self.banks.values():
                 w.normal_(0.0, init_std if init_std is not None else 1 / math.sqrt(w.shape[2]))
 
-    def _apply(self, fn, recurse=True):  # keep the plans on the parameters' device
+    def _apply(self, fn, recurse=True):  # keep the plans and index tables on the parameters' device
         out = super()._apply(fn, recurse)
         dev = self._device
         self._layers = [_Layer(l.bank, l.plan.to(dev), l.src_nodes, l.dst_nodes,
                                l.edge_idx.to(dev), l.dst_of_path.to(dev)) for l in self._layers]
+        self._index = {k: v.to(dev) for k, v in self._index.items()}
         return out
 
     # -- computation -------------------------------------------------------------------------
@@ -258,18 +346,462 @@ class GDLN(nn.Module):
                 gate = eg if gate is None else gate * eg
             bias = self.biases[layer.bank] if self.biases is not None else None
             y = pathway_matmul(x, self.banks[layer.bank], layer.plan, bias, gate)
-            for row, v in enumerate(layer.dst_nodes):
-                h[v] = h[v] + y[row] if v in h else y[row]
+            # unbind, not y[row]: one backward stack instead of a zero-filled (T, B, D) per row
+            # (halved the routing network's SGD step, 10 -> 5 ms, measured)
+            for v, yv in zip(layer.dst_nodes, y.unbind(0)):
+                h[v] = h[v] + yv if v in h else yv
         return {n: h[i] for i, n in enumerate(self.node_names) if i in h}
 
     def loss(self, outputs: dict[str, Tensor], targets: dict[str, Tensor],
              node_gates: Tensor | None = None) -> Tensor:
         """L = < 1/2 sum_{v out} ||g_v y_v - h_v||^2 > over the batch (GDLN.md section 4)."""
+        missing = [n for n in self.outputs if n not in targets or n not in outputs]
+        if missing:
+            raise ValueError(f"outputs, targets: missing output nodes {missing}")
+        h = torch.cat([outputs[n] for n in self.outputs], -1)  # (B, sum of output widths)
+        y = torch.cat([targets[n] for n in self.outputs], -1)
+        if node_gates is not None:
+            y = y * node_gates[self._index["out_cols"]].T
+        return 0.5 * (y - h).square().sum(-1).mean()
+
+    # -- theory (GDLN.md 4): exact path-form gradient ------------------------------------------
+    def theory_graph(self) -> "_theory_t.GDLNGraph":
+        """This network as a :class:`gated_ops.theory.GDLNGraph`: edge ``e`` of the theory graph
+        is ``self.edges[e]`` (as the pair of node names), pathway ``q`` is
+        ``self.pathways()[q]``. The theory graph has one weight per edge: for tied weights pass
+        :meth:`edge_weights` (the shared matrix repeated on each of its edges), and the gradient
+        of a shared weight is the sum of its edges' gradients (:meth:`path_form_gradient`)."""
+        return _theory().GDLNGraph(tuple((e.src, e.dst) for e in self.edges),
+                                   tuple(p.edges for p in self._pathways))
+
+    def edge_weights(self) -> list[Tensor]:
+        """The weight of every edge, in edge order (tied weights repeated): the ``weights``
+        argument of the functions of :mod:`gated_ops.theory` on :meth:`theory_graph`."""
+        return [self.weight(e.weight) for e in self.edges]
+
+    def _theory_data(self, inputs: dict[str, Tensor], targets: dict[str, Tensor],
+                     node_gates: Tensor | None, edge_gates: Tensor | None):
+        batch = next(iter(inputs.values())).shape[0]
+        gates = self.pathway_gate_table(node_gates, edge_gates, batch)
         idx = {n: i for i, n in enumerate(self.node_names)}
-        total = 0.0
-        for n in self.outputs:
-            y = targets[n]
-            if node_gates is not None:
-                y = y * node_gates[idx[n]].unsqueeze(-1)
-            total = total + 0.5 * (y - outputs[n]).square().sum(-1).mean()
-        return total
+        y = {}
+        for n in self.outputs:  # the loss compares h_v with g_v y_v
+            if n not in targets:
+                raise ValueError(f"targets: missing output node {n!r}")
+            y[n] = targets[n] if node_gates is None else targets[n] * node_gates[idx[n]][:, None]
+        # inputs stay ungated: an input node's gate is a factor of g_p (pathway_gate_table)
+        return dict(inputs), y, gates
+
+    def path_correlations(self, inputs: dict[str, Tensor], targets: dict[str, Tensor],
+                          node_gates: Tensor | None = None, edge_gates: Tensor | None = None
+                          ) -> "_theory_t.PathCorrelations":
+        """Gated path correlations ``Sxy(p)``, ``Sxx(j, p)`` of GDLN.md 4.1 for this network's
+        :meth:`loss` on a batch (pathways indexed as in :meth:`pathways`). Gates as in
+        :meth:`forward`; targets enter gated by their node's gate, as in :meth:`loss`."""
+        x, y, gates = self._theory_data(inputs, targets, node_gates, edge_gates)
+        return _theory().path_correlations(self.theory_graph(), x, y, gates)
+
+    def path_form_gradient(self, inputs: dict[str, Tensor], targets: dict[str, Tensor],
+                           node_gates: Tensor | None = None, edge_gates: Tensor | None = None
+                           ) -> dict[str, Tensor]:
+        """``dL/dW`` of :meth:`loss` for every weight, from the path-form formula of GDLN.md 4.1
+        (no autograd): ``{weight name: (D_out, D_in)}`` in :attr:`weight_names` order. A weight
+        shared by several edges gets the sum of its edges' path-form gradients (chain rule).
+
+        Needs ``bias=False``: with biases the gradient is not a sum over pathways.
+        """
+        if self.biases is not None:
+            raise ValueError("path_form_gradient: the path form of GDLN.md 4.1 is for networks "
+                             "without biases; this GDLN was built with bias=True")
+        th = _theory()
+        x, y, gates = self._theory_data(inputs, targets, node_gates, edge_gates)
+        graph = self.theory_graph()
+        corr = th.path_correlations(graph, x, y, gates)
+        grads = th.path_form_gradient(graph, [w.detach() for w in self.edge_weights()], corr)
+        out: dict[str, Tensor] = {}
+        for e, g in zip(self.edges, grads):
+            out[e.weight] = out[e.weight] + g if e.weight in out else g
+        return {n: out[n] for n in self.weight_names}
+
+    # -- theory (GDLN.md 4.2): reduced race dynamics ------------------------------------------
+    def reduced_pathways(self) -> list[tuple[str, ...]]:
+        """Every pathway as the tuple of its weight names (input to output): the pathways of
+        the reduced dynamics, whose state is one mode strength per weight (tied edges share
+        one)."""
+        paths = [tuple(self.edges[i].weight for i in p.edges) for p in self._pathways]
+        for p, names in zip(self._pathways, paths):
+            if len(set(names)) != len(names):
+                raise ValueError(f"reduced_pathways: the pathway {p.src} -> {p.dst} uses the "
+                                 f"same weight twice ({names}); the reduced dynamics of "
+                                 f"GDLN.md 4.2 need each weight at most once per pathway")
+        return paths
+
+    def mode_statistics(self, s: Tensor | Sequence[float], node_gates: Tensor | None = None,
+                        edge_gates: Tensor | None = None, probs: Tensor | None = None, *,
+                        lam: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+        """``s_p`` and ``d_{j,p}`` of GDLN.md 4.2 for every mode, from a gating distribution.
+
+        The distribution is C contexts, column ``c`` of ``node_gates (num_nodes, C)`` /
+        ``edge_gates (num_edges, C)`` holding context c's gates, with probabilities ``probs (C,)``
+        (default uniform; they may sum to less than 1, the rest being contexts that gate every
+        pathway off). Within context c the data have, along mode alpha, input-output
+        correlation ``s[c, alpha]`` (``s`` of shape (r,) is the same in every context) and
+        input variance ``lam[c, alpha]`` (default 1: whitened inputs). Then (exactly)
+
+            s_p      = sum_c probs_c g_p(c) g_{t(p)}(c) s[c]      (Sxy(p) along the mode)
+            d_{j,p}  = sum_c probs_c g_j(c) g_p(c) lam[c]         (Sxx(j, p) along the mode)
+
+        Returns:
+            ``s_p (r, P)`` and ``d (r, P, P)`` (pathways as in :meth:`pathways`; ``d[:, j, p]``
+            for pathways with different outputs is computed but unused by the dynamics).
+        """
+        dist = self._gating_distribution(s, node_gates, edge_gates, probs, lam)
+        return dist.s_p, dist.d
+
+    def _gating_distribution(self, s, node_gates, edge_gates, probs, lam) -> "_Gating":
+        C = next((g.shape[1] for g in (node_gates, edge_gates) if g is not None), 1)
+        dtype, dev = torch.float64, self._device
+        s = torch.as_tensor(s, dtype=dtype, device=dev)
+        if s.dim() not in (1, 2) or (s.dim() == 2 and s.shape[0] != C):
+            raise ValueError(f"s: expected (r,) or (C={C}, r) mode strengths, got shape "
+                             f"{tuple(s.shape)}")
+        s_c = s.expand(C, s.shape[-1])  # (C, r)
+        lam_c = torch.as_tensor(lam, dtype=dtype, device=dev).expand(C, s.shape[-1])
+        probs = (torch.full((C,), 1.0 / C, dtype=dtype, device=dev) if probs is None
+                 else torch.as_tensor(probs, dtype=dtype, device=dev))
+        if probs.shape != (C,) or bool((probs < 0).any()):
+            raise ValueError(f"probs: expected ({C},) non-negative context probabilities, got "
+                             f"{tuple(probs.shape)}")
+        ng = node_gates.to(dtype) if node_gates is not None else None
+        eg = edge_gates.to(dtype) if edge_gates is not None else None
+        G = self.pathway_gate_table(ng, eg, C).to(dtype)  # (P, C)
+        outs = [self.node_names.index(v) for v in self.outputs]
+        g_out = ng[outs] if ng is not None else G.new_ones(len(outs), C)  # (V, C)
+        # the target of t(p) is gated by t(p)'s node gate (see loss)
+        Gt = G * ng[self._index["path_targets"]] if ng is not None else G
+        s_p = torch.einsum("c,pc,ca->ap", probs, Gt, s_c)
+        d = torch.einsum("c,jc,pc,ca->ajp", probs, G, G, lam_c)
+        return _Gating(probs, G, g_out, s_c, lam_c, s_p, d)
+
+    def reduced_dynamics(self, s: Tensor | Sequence[float], node_gates: Tensor | None = None,
+                         edge_gates: Tensor | None = None, probs: Tensor | None = None, *,
+                         lam: Tensor | float = 1.0, tau: float = 1.0) -> "GraphReducedDynamics":
+        """The reduced race dynamics of GDLN.md 4.2 of this graph, built automatically.
+
+        The gating distribution and the data's mode strengths are as in
+        :meth:`mode_statistics` (contexts as gate columns, ``probs``, ``s``, ``lam``; use
+        :func:`data_modes` for ``s``, ``lam`` of a data set). The state is one strength per
+        weight and mode, ``b (r, W)`` with the weights in the order of ``.edges`` (first use
+        along :meth:`reduced_pathways`; ``.index(name)`` finds one), and
+
+            tau db_w/dt = sum_{p through w} ( prod_{w' in p, w' != w} b_w' )
+                                            ( s_p - sum_{j: t(j) = t(p)} d_{j,p} a_j )
+
+        so a weight on many active pathways (or shared by many edges) sums their gradients.
+
+        Assumptions under which this is the exact gradient flow of :meth:`loss` (GDLN.md 4.2):
+
+        1. shared mode bases: in every context the input-output correlation of every active
+           output node v and input node u is ``U_v diag(s_c) V_u^T`` and the input correlation
+           ``<x_u x_u'^T> = V_u diag(lam_c) V_u'^T``, with the same bases in all contexts (only
+           the strengths depend on the context; e.g. the same items on every input node);
+        2. gates depend on the context only, not on the item within it;
+        3. aligned weights: ``W_w = R_dst diag(b_w) R_src^T`` with one orthonormal basis R_v
+           per node (V at inputs, U at outputs), equal across the edges of a tied weight
+           (:meth:`set_aligned_`). Gradient flow then keeps the bases fixed.
+
+        Balance and small initial strengths are not needed for exactness; they are what the
+        closed forms of 4.2/4.3 assume. A random init breaks assumption 3; a small one becomes
+        roughly aligned early in learning, a large one does not (lazy): that is where simulation
+        and theory part. With ``tau = 1``, one SGD step of size ``lr`` on :meth:`loss` is one
+        Euler step ``dt = lr`` when ``probs`` are the contexts' frequencies in the batch.
+        """
+        return GraphReducedDynamics(
+            self, self._gating_distribution(s, node_gates, edge_gates, probs, lam), tau)
+
+    def mode_strengths(self, bases: dict[str, Tensor], names: Sequence[str] | None = None
+                       ) -> Tensor:
+        """``b_w = diag(R_dst^T W_w R_src)`` for every weight (first edge's nodes), ``(r, W)``
+        in the order of ``names`` (default :attr:`weight_names`); ``bases[v]`` is the
+        ``(width_v, r)`` orthonormal mode basis of node v."""
+        names = self.weight_names if names is None else list(names)
+        first = {}
+        for e in self.edges:
+            first.setdefault(e.weight, e)
+        cols = []
+        for n in names:
+            e = first[n]
+            cols.append(torch.diagonal(bases[e.dst].T @ self.weight(n).detach() @ bases[e.src]))
+        return torch.stack(cols, -1)
+
+    def set_aligned_(self, bases: dict[str, Tensor], strengths: Tensor | float,
+                     names: Sequence[str] | None = None) -> "GDLN":
+        """Set every weight to ``R_dst diag(b_w) R_src^T`` (assumption 3 of
+        :meth:`reduced_dynamics`). ``bases[v]``: ``(width_v, r)`` orthonormal columns;
+        ``strengths``: a float (all weights, all modes) or ``(r, W)`` in the order of ``names``
+        (default :attr:`weight_names`)."""
+        names = self.weight_names if names is None else list(names)
+        edges_of: dict[str, list[Edge]] = {}
+        for e in self.edges:
+            edges_of.setdefault(e.weight, []).append(e)
+        r = next(iter(bases.values())).shape[1]
+        b = torch.as_tensor(strengths, dtype=self._dtype, device=self._device)
+        b = b.expand(r, len(names)) if b.dim() == 0 else b
+        if b.shape != (r, len(names)):
+            raise ValueError(f"strengths: expected a float or shape ({r}, {len(names)}), got "
+                             f"{tuple(b.shape)}")
+        with torch.no_grad():
+            for k, n in enumerate(names):
+                es = edges_of[n]
+                for e in es[1:]:
+                    if not (torch.equal(bases[e.src], bases[es[0].src])
+                            and torch.equal(bases[e.dst], bases[es[0].dst])):
+                        raise ValueError(f"bases: weight {n!r} is tied across edges whose nodes "
+                                         f"have different bases ({es[0].name}, {e.name})")
+                w = bases[es[0].dst] @ torch.diag(b[:, k]) @ bases[es[0].src].T
+                self.weight(n).copy_(w)
+        return self
+
+
+@dataclass(frozen=True)
+class _Gating:
+    """A gating distribution over C contexts and the data's modes, evaluated on a graph."""
+
+    probs: Tensor  # (C,)
+    G: Tensor  # (P, C) pathway gates per context
+    g_out: Tensor  # (V, C) output-node gates per context (V = GDLN.outputs)
+    s_c: Tensor  # (C, r)
+    lam_c: Tensor  # (C, r)
+    s_p: Tensor  # (r, P)
+    d: Tensor  # (r, P, P)
+
+
+class GraphReducedDynamics:
+    """:class:`gated_ops.theory.ReducedDynamics` built from a :class:`GDLN` and a gating
+    distribution (:meth:`GDLN.reduced_dynamics`), plus the loss it predicts.
+
+    Calling it on ``b (..., r, W)`` gives ``db/dt``; ``.edges`` (weight names), ``.index``,
+    ``.strengths``, ``.s`` (= s_p), ``.d`` as in the theory class, which it wraps (``.dynamics``).
+    """
+
+    def __init__(self, net: GDLN, gating: _Gating, tau: float = 1.0):
+        self.dynamics = _theory().ReducedDynamics(
+            net.reduced_pathways(), gating.s_p, gating.d,
+            targets=[p.dst for p in net.pathways()], tau=tau)
+        self.edges, self.index, self.strengths = (self.dynamics.edges, self.dynamics.index,
+                                                  self.dynamics.strengths)
+        self.s, self.d, self.tau = gating.s_p, gating.d, tau
+        self._gating = gating
+        self._T = torch.tensor([[p.dst == v for v in net.outputs] for p in net.pathways()],
+                               dtype=gating.G.dtype, device=gating.G.device)  # (P, V) t(p) = v
+
+    def __call__(self, b: Tensor) -> Tensor:
+        return self.dynamics(b)
+
+    def loss(self, b: Tensor) -> Tensor:
+        """The part of :meth:`GDLN.loss` carried by the modes, at strengths ``b (..., r, W)``:
+
+            1/2 sum_c probs_c sum_alpha sum_{v out} (lam A_{c,v} - g_v(c) s)^2 / lam,
+            A_{c,v} = sum_{p: t(p) = v} g_p(c) a_p
+
+        (exact under the assumptions of :meth:`GDLN.reduced_dynamics`, up to the constant part
+        of the targets outside the modes, which is 0 when the targets lie in the span of the
+        modes, as in the routing task). Returns ``(...)``.
+        """
+        g = self._gating
+        a = self.dynamics.strengths(b)  # (..., r, P)
+        A = torch.einsum("...ap,pc,pv->...acv", a, g.G, self._T)  # (..., r, C, V)
+        lam = g.lam_c.T[..., None]  # (r, C, 1)
+        target = g.g_out.T[None] * g.s_c.T[..., None]  # (r, C, V)
+        sq = (lam * A - target).square() / lam
+        return 0.5 * torch.einsum("c,...acv->...", g.probs, sq)
+
+
+@dataclass(frozen=True)
+class DataModes:
+    """Modes of a data set (GDLN.md 4.2): ``<y x^T> = U diag(s) V^T`` and the input variance
+    along each mode, ``lam = diag(V^T <x x^T> V)``; ``off_diagonal`` = max |off-diagonal entry|
+    of ``V^T <x x^T> V`` (0 when the inputs share the modes, as the reduction assumes)."""
+
+    s: Tensor  # (r,)
+    lam: Tensor  # (r,)
+    U: Tensor  # (N, r)
+    V: Tensor  # (D, r)
+    off_diagonal: float
+
+
+def data_modes(x: Tensor, y: Tensor, tol: float = 1e-10) -> DataModes:
+    """Modes of the samples ``x (n, D)``, ``y (n, N)`` (averages over the n rows). Modes with
+    ``s < tol * max(s)`` are dropped. Signs: the largest entry of each U column is positive."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"x, y: expected (n, D) and (n, N) with the same n > 0, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    n = x.shape[0]
+    u, sv, vh = torch.linalg.svd(y.T @ x / n, full_matrices=False)
+    r = int((sv > sv.max() * tol).sum())
+    u, sv, v = u[:, :r], sv[:r], vh[:r].T
+    sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))[0]
+    u, v = u * sign, v * sign
+    cov = v.T @ (x.T @ x / n) @ v
+    off = cov - torch.diag(torch.diagonal(cov))
+    return DataModes(sv, torch.diagonal(cov).clone(), u, v, float(off.abs().max()) if r > 1 else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The routing network of GDLN.md 4.3 / 4.4
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoutingNetwork:
+    """The routing network of GDLN.md 4.3 as a :class:`GDLN` (built by :func:`routing_network`).
+
+    Nodes: input ``"x"`` (D), input modules ``"a0".."a{M-1}"`` (H), shared hidden ``"h"`` (H),
+    output modules ``"y0".."y{M-1}"`` (N). Edges: ``x -> a_i`` (weight ``"in{i}"``), ``a_i -> h``
+    (all tied to ``"hidden"``), ``h -> y_j`` (weight ``"out{j}"``): three fused calls per
+    forward. Context (i, j) turns on node gates x, a_i, h, y_j and no others, so its only
+    active pathway is ``x -> a_i -> h -> y_j`` computing ``W_out_j W_hidden W_in_i x``.
+
+    Attributes:
+        net: the GDLN.
+        M, K: modules and trained output modules per input module.
+        pairs: the K M trained contexts (i, j), row-major (as ``theory.RoutingTask.pairs``).
+        node_gates: ``(num_nodes, K M)``, column c = the gates of context ``pairs[c]``.
+    """
+
+    net: GDLN
+    M: int
+    K: int
+    pairs: tuple[tuple[int, int], ...]
+    node_gates: Tensor
+
+    @property
+    def untrained_pairs(self) -> tuple[tuple[int, int], ...]:
+        trained = set(self.pairs)
+        return tuple((i, j) for i in range(self.M) for j in range(self.M) if (i, j) not in trained)
+
+    def context_gates(self, pairs: Sequence[tuple[int, int]]) -> Tensor:
+        """Node gates ``(num_nodes, len(pairs))`` of the given contexts (i, j)."""
+        return _routing_context_gates(self.net, self.M, pairs)
+
+    def batch(self, X: Tensor, Y: Tensor, pairs: Sequence[tuple[int, int]] | None = None
+              ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """Every context times every item, context-major (sample ``c P + k``: item k in context
+        ``pairs[c]``, default the trained pairs): ``(inputs, targets, node_gates (N, C P))``.
+        ``X (P, D)`` items, ``Y (P, N)`` targets (the same for every context)."""
+        pairs = self.pairs if pairs is None else tuple(pairs)
+        P = X.shape[0]
+        xs = X.repeat(len(pairs), 1)
+        ys = Y.repeat(len(pairs), 1)
+        gates = self.context_gates(pairs).repeat_interleave(P, dim=1)
+        return {"x": xs}, {f"y{j}": ys for j in range(self.M)}, gates
+
+    def module_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``W1 (M, H, D)`` input modules, ``W2 (H, H)`` hidden, ``W3 (M, N, H)`` output modules
+        (copies; differentiable)."""
+        net = self.net
+        return (net.stacked_weights([f"in{i}" for i in range(self.M)]), net.weight("hidden"),
+                net.stacked_weights([f"out{j}" for j in range(self.M)]))
+
+    def load_(self, W1: Tensor, W2: Tensor, W3: Tensor) -> "RoutingNetwork":
+        """Copy ``W1 (M, H, D)``, ``W2 (H, H)``, ``W3 (M, N, H)`` into the network."""
+        with torch.no_grad():
+            for i in range(self.M):
+                self.net.weight(f"in{i}").copy_(W1[i])
+                self.net.weight(f"out{i}").copy_(W3[i])
+            self.net.weight("hidden").copy_(W2)
+        return self
+
+
+def routing_network(M: int = 7, K: int = 4, hidden: int = 64, d_in: int = 4, d_out: int = 7,
+                    offsets: Sequence[int] | None = None, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> RoutingNetwork:
+    """The routing network of GDLN.md 4.3/4.4 as a :class:`GDLN`, with the context gates of its
+    trained pairs: input module i is trained with output modules ``(i + o) mod M`` for ``o`` in
+    ``offsets`` (default ``-1, 0, ..., K-2``: 28 of 49 pairs for M = 7, K = 4), as
+    :func:`gated_ops.theory.routing_network_task`. No biases (the theory has none)."""
+    if not 1 <= K <= M:
+        raise ValueError(f"K: need 1 <= K <= M, got M={M}, K={K}")
+    offsets = tuple(range(-1, K - 1)) if offsets is None else tuple(int(o) for o in offsets)
+    if len({o % M for o in offsets}) != K:
+        raise ValueError(f"offsets: expected {K} offsets distinct mod M={M}, got {offsets}")
+    nodes = ({"x": d_in} | {f"a{i}": hidden for i in range(M)} | {"h": hidden}
+             | {f"y{j}": d_out for j in range(M)})
+    edges = ([("x", f"a{i}", f"in{i}") for i in range(M)]
+             + [(f"a{i}", "h", "hidden") for i in range(M)]
+             + [("h", f"y{j}", f"out{j}") for j in range(M)])
+    net = GDLN(nodes, edges, dtype=dtype, device=device)
+    pairs = tuple(sorted({(i, (i + o) % M) for i in range(M) for o in offsets}))
+    return RoutingNetwork(net, M, K, pairs, _routing_context_gates(net, M, pairs))
+
+
+def _routing_context_gates(net: GDLN, M: int, pairs: Sequence[tuple[int, int]]) -> Tensor:
+    idx = {n: k for k, n in enumerate(net.node_names)}
+    g = torch.zeros(len(net.node_names), len(pairs), dtype=net._dtype, device=net._device)
+    for c, (i, j) in enumerate(pairs):
+        if not (0 <= i < M and 0 <= j < M):
+            raise ValueError(f"pairs: context {(i, j)} outside 0..{M - 1}")
+        g[[idx["x"], idx[f"a{i}"], idx["h"], idx[f"y{j}"]], c] = 1.0
+    return g
+
+
+def train_routing_network(rn: RoutingNetwork, task: "_theory_t.RoutingTask",
+                          init: str = "decoupled", gain: float = 0.2, lr: float = 0.02,
+                          steps: int = 500, seed: int = 0, *, b0: float = 0.08,
+                          track_svd: bool = True, track_untrained: bool = True
+                          ) -> "_theory_t.RoutingRun":
+    """Train the routing network on the fused op by full-batch SGD (GDLN.md 4.4) and record
+    what :func:`gated_ops.theory.simulate_routing_network` records, from the same initial
+    weights (:func:`gated_ops.theory.routing_init` with ``init``, ``gain``, ``seed``, ``b0``).
+
+    The batch is every trained context times every item (K M P samples); the loss of 4.4,
+    ``sum_{(i,j) trained} ||Y^T - out_ij||_F^2 / (P N)``, is ``2 K M / N`` times
+    :meth:`GDLN.loss` on it, so SGD with ``lr`` on it is an Euler step ``dt = 2 K M lr / N`` of
+    the network's own :meth:`GDLN.reduced_dynamics` (contexts at their batch frequency).
+    ``track_untrained``: also evaluate the untrained pairs every step (one more forward, no
+    grad); otherwise ``untrained_error`` is NaN.
+    """
+    th = _theory()
+    net = rn.net
+    if tuple(task.pairs) != rn.pairs or (task.M, task.K) != (rn.M, rn.K):
+        raise ValueError("task: its M, K and trained pairs must be those of the routing network")
+    dtype = net._dtype
+    rn.load_(*th.routing_init(task, init, gain, seed, b0, dtype))
+    X, Y = task.X.to(dtype), task.Y.to(dtype)
+    P, N, r = task.P, task.N_out, task.rank
+    inputs, targets, gates = rn.batch(X, Y)
+    un = rn.untrained_pairs
+    if track_untrained and un:
+        inputs_u, targets_u, gates_u = rn.batch(X, Y, un)
+    scale = 2.0 * len(rn.pairs) / N  # loss of 4.4 = scale * GDLN.loss
+    params = list(net.banks.values())
+    loss, tr_err, un_err, sv1, sv2, sv3 = [], [], [], [], [], []
+    for step in range(steps + 1):
+        l_gdln = net.loss(net(inputs, gates), targets, gates)
+        # GDLN.loss = (1 / (C P)) sum_pairs ||Y^T - out||^2 / 2: the mean over pairs of
+        # ||Y^T - out||^2 / 2 is P times it
+        loss.append(scale * l_gdln.detach())
+        tr_err.append(P * l_gdln.detach())
+        if track_untrained and un:
+            with torch.no_grad():
+                un_err.append(P * net.loss(net(inputs_u, gates_u), targets_u, gates_u))
+        else:
+            un_err.append(l_gdln.new_tensor(float("nan")))
+        if track_svd:
+            with torch.no_grad():
+                W1, W2, W3 = rn.module_weights()
+                sv1.append(torch.linalg.svdvals(W1)[:, :r].mean(0))
+                sv2.append(torch.linalg.svdvals(W2)[:r])
+                sv3.append(torch.linalg.svdvals(W3)[:, :r].mean(0))
+        if step == steps:
+            break
+        grads = torch.autograd.grad(scale * l_gdln, params)
+        with torch.no_grad():
+            for w, g in zip(params, grads):  # three banks, not one update per edge
+                w.sub_(lr * g)
+    empty = torch.zeros(0, r, dtype=dtype)
+    with torch.no_grad():
+        W1, W2, W3 = rn.module_weights()
+    return th.RoutingRun(torch.stack(loss), torch.stack(tr_err), torch.stack(un_err),
+                         torch.stack(sv1) if sv1 else empty, torch.stack(sv2) if sv2 else empty,
+                         torch.stack(sv3) if sv3 else empty, W1, W2, W3)

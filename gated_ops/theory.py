@@ -66,6 +66,7 @@ __all__ = [
     "RoutingTheory",
     "routing_theory",
     "routing_theory_b0",
+    "routing_init",
     "routing_sgd_dt",
     "routing_pathways",
     "routing_gdln",
@@ -996,6 +997,21 @@ def _routing_init(
         w3 = torch.stack([xavier_uniform(N, H, gain, gen, torch.float64) for _ in range(M)])
         return w1.to(dtype), w2.to(dtype), w3.to(dtype)
     raise ValueError(f"init: expected 'decoupled', 'random' or 'xavier', got {init!r}")
+
+
+def routing_init(
+    task: RoutingTask,
+    init: str = "decoupled",
+    gain: float = 0.2,
+    seed: int = 0,
+    b0: float = 0.08,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The initial weights ``W1 (M, H, D)``, ``W2 (H, H)``, ``W3 (M, N_out, H)`` that
+    :func:`simulate_routing_network` uses for one run (same generator, same draws), so that
+    another implementation of the network (e.g. ``gated_ops.gdln.routing_network``) can start
+    from exactly the same point. Arguments as in :func:`simulate_routing_network`."""
+    return _routing_init(task, init, gain, seed, b0, dtype)
 
 
 def _as_list(v: float | int | Sequence[float] | Sequence[int] | Tensor) -> list:
