@@ -2,7 +2,7 @@
 
 Run (about 1-2 min on 2 shared CPU cores, 1 thread):
 
-    cd /work/main && .venv/bin/python experiments/theory_figures.py --out experiments/results/theory
+    .venv/bin/python experiments/theory_figures.py --out experiments/results/theory
 
 Figure 1 runs the routing network as a ``gated_ops.GDLN`` on the fused pathway op
 (``--engine fused``, the default; ``gated_ops.gdln.routing_network`` / ``train_routing_network``)
