@@ -1,0 +1,44 @@
+"""k-path network benchmarks: provider x mode x shape (GDLN.md section 2).
+
+    pytest benchmarks/bench_kpath.py -m "mnist and (small or medium)" \
+        --benchmark-json benchmarks/results/cpu-$(date +%F).json
+
+Test ids read ``<case>-<mode>-<provider>``; markers carry the size class, the case group and the
+provider (benchmarks/conftest.py), so ``-m`` and ``-k`` pick feasible subsets.
+"""
+from __future__ import annotations
+
+import pytest
+
+import flops
+from providers import KPATH_CASES, PROVIDERS, KPathCase, Unavailable, in_smoke_set, make_kpath
+
+
+def _params():
+    for case in KPATH_CASES:
+        marks = [getattr(pytest.mark, case.size), getattr(pytest.mark, case.group)]
+        if case.group != "tiny":
+            marks.append(getattr(pytest.mark, case.dataset))
+        for mode in case.modes:
+            for provider in PROVIDERS:
+                extra = [getattr(pytest.mark, provider)]
+                if in_smoke_set(case, mode, provider):
+                    extra.append(pytest.mark.smoke)
+                yield pytest.param(case, mode, provider, id=f"{case.name}-{mode}-{provider}",
+                                   marks=marks + extra)
+
+
+@pytest.mark.parametrize("case,mode,provider", list(_params()))
+def test_kpath(measure, bench_env, case: KPathCase, mode: str, provider: str):
+    device = bench_env.device(provider)
+    try:
+        prov = make_kpath(provider, case, mode, device, bench_env.compile_backend)
+        fn, setup = prov.fns(mode)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    counts = flops.kpath(mode, case.R, case.K, case.B, case.D, case.H, case.C)
+    info = {"provider": provider, "mode": mode, "case": case.name, "shape": case.shape,
+            "dataset": case.dataset, "size": case.size, "group": case.group}
+    if provider == "torch_compile":
+        info["compile_backend"] = prov.backend
+    measure(fn, setup, device, counts, info, per=case.R)

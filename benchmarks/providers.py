@@ -1,0 +1,724 @@
+"""The benchmark cases and every provider's way of running them (STYLE.md rule 9: vs what).
+
+k-path providers (GDLN.md section 2; all start from the weights of one KPathNet and see the
+same batch, so they compute the same function):
+
+    naive          LoopKPath, the paper-style loop over pathways of nn.Linear, one model per
+                   replica, + torch.optim.SGD (defaults)
+    torch          BatchedKPath (baddbmm), the best plain PyTorch, + torch.optim.SGD(foreach=True)
+    torch_compile  the torch provider's step under torch.compile (Inductor); compile time is
+                   excluded by the warm-up
+    torch_graph    the torch provider's full step captured in one CUDA graph (CUDA only)
+    reference      the spec: reference.pathway_matmul_ref per layer with the plan tables of
+                   testing.kpath_tables/replicate, gated_cross_entropy_ref, torch.optim.SGD
+    cpu            KPathNet on the CPU kernels; step = SGD fused into backward (fuse_sgd)
+    cuda           KPathNet on the CUDA kernels, the same code
+    triton         KPathNet's layers through gated_ops.triton_ops (needs it and CUDA); no Triton
+                   fused SGD yet, so its step uses torch.optim.SGD(foreach=True)
+
+Modes: ``forward`` (forward + gated loss, no grad, from transformed inputs), ``backward``
+(autograd backward of a prepared forward, gradients written, not applied), ``step`` (input
+transformation on device, forward, loss, backward, SGD momentum 0.9 lr 1e-4, the provider's
+best way). The MoE layer case has ``forward``, ``backward`` and ``full`` (forward + backward).
+
+A provider that cannot run on this machine raises :class:`Unavailable` with the reason; the
+benchmark skips with it. Nothing is ever substituted.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gated_ops import GatedPathwayLinear, SGDConfig
+from gated_ops.baselines import BatchedKPath, LoopKPath
+from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
+from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref
+from gated_ops.testing import kpath_tables, replicate
+
+PROVIDERS = ("naive", "torch", "torch_compile", "torch_graph", "reference", "cpu", "cuda",
+             "triton")
+LR, MOMENTUM = 1e-4, 0.9  # the authors' optimizer (GDLN.md section 2)
+
+
+class Unavailable(Exception):
+    """The provider (or this mode of it) cannot run here; the message says why."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases. ``size`` is the CPU cost class used as a marker (see README.md): tiny (< 10 ms),
+# small (a step well under 0.1 s on 2 CPU cores), medium (~0.1-1 s), large (seconds, or GBs).
+@dataclass(frozen=True)
+class KPathCase:
+    name: str
+    dataset: str  # "mnist": K pixel permutations; "cifar": K rotations by 270*k/K degrees
+    K: int
+    B: int
+    D: int
+    H: int
+    C: int = 10
+    R: int = 1
+    size: str = "small"
+    group: str = "paper"  # paper | large_batch | replicas | tiny
+    modes: tuple[str, ...] = ("forward", "backward", "step")
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"R": self.R, "K": self.K, "B": self.B, "D": self.D, "H": self.H, "C": self.C}
+
+
+@dataclass(frozen=True)
+class MoECase:
+    name: str
+    E: int  # experts
+    B: int  # tokens
+    Di: int
+    Do: int
+    top_k: int = 2  # router: softmax over experts, top-k kept (others gate 0), renormalised
+    size: str = "small"
+    group: str = "moe"
+    modes: tuple[str, ...] = ("forward", "backward", "full")
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"E": self.E, "B": self.B, "Di": self.Di, "Do": self.Do, "top_k": self.top_k}
+
+
+KPATH_CASES = [
+    KPathCase("tiny-K4-B2-D16-H8", "mnist", 4, 2, 16, 8, size="tiny", group="tiny"),
+    KPathCase("mnist-K100-B8-H128", "mnist", 100, 8, 784, 128, size="small"),
+    KPathCase("mnist-K100-B8-H1024", "mnist", 100, 8, 784, 1024, size="medium"),
+    KPathCase("cifar-K40-B8-H128", "cifar", 40, 8, 3072, 128, size="small"),
+    KPathCase("cifar-K40-B8-H1024", "cifar", 40, 8, 3072, 1024, size="medium"),
+    KPathCase("mnist-K100-B512-H128", "mnist", 100, 512, 784, 128, size="large",
+              group="large_batch"),
+    # R configurations of the K=100 H=128 model in one call; reported per replica as well.
+    KPathCase("mnist-K100-B8-H128-R1", "mnist", 100, 8, 784, 128, R=1, size="small",
+              group="replicas", modes=("step",)),
+    KPathCase("mnist-K100-B8-H128-R8", "mnist", 100, 8, 784, 128, R=8, size="medium",
+              group="replicas", modes=("step",)),
+    KPathCase("mnist-K100-B8-H128-R54", "mnist", 100, 8, 784, 128, R=54, size="large",
+              group="replicas", modes=("step",)),
+]
+
+MOE_CASES = [
+    MoECase("moe-tiny-E4-B2-D16-8", 4, 2, 16, 8, size="tiny", group="tiny"),
+    MoECase("moe-E8-B512-D256", 8, 512, 256, 256, size="small"),
+    MoECase("moe-E8-B4096-D1024", 8, 4096, 1024, 1024, size="large"),
+]
+
+
+def in_smoke_set(case: KPathCase | MoECase, mode: str, provider: str) -> bool:
+    """CI's smoke set: the tiny cases, every provider and mode, except torch_compile, which runs
+    only its widest mode (step / full): each compiled mode is a separate trace of seconds."""
+    return case.size == "tiny" and (provider != "torch_compile" or mode in ("step", "full"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Where a provider runs, and whether it can.
+def default_device(choice: str = "auto") -> torch.device:
+    """The device of the device-agnostic providers: CUDA when present (or asked for), else CPU."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise Unavailable("--bench-device cuda: no CUDA device")
+    return torch.device(choice)
+
+
+def _has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("gated_ops::pathway_matmul", "CUDA")
+
+
+def triton_ops():
+    """The gated_ops.triton_ops module, or :class:`Unavailable` saying what is missing."""
+    if importlib.util.find_spec("gated_ops.triton_ops") is None:
+        raise Unavailable("no gated_ops.triton_ops module (the Triton kernels are not written yet)")
+    if not torch.cuda.is_available():
+        raise Unavailable("Triton kernels need a CUDA device")
+    import gated_ops.triton_ops as t
+    missing = [n for n in ("pathway_matmul", "gated_cross_entropy") if not hasattr(t, n)]
+    if missing:
+        raise Unavailable(f"gated_ops.triton_ops has no {', '.join(missing)} (the public "
+                          "functions this provider calls)")
+    return t
+
+
+def provider_device(provider: str, device_choice: str = "auto") -> torch.device:
+    """The device ``provider`` runs on here, or :class:`Unavailable`."""
+    if provider == "cpu":
+        return torch.device("cpu")
+    if provider in ("cuda", "triton", "torch_graph"):
+        if provider == "triton":
+            triton_ops()  # says what is missing: the module, CUDA or its entry points
+        if not torch.cuda.is_available():
+            raise Unavailable(f"{provider}: needs a CUDA device, none present")
+        if provider == "cuda" and not _has_cuda_kernels():
+            raise Unavailable("cuda: gated_ops was built without CUDA kernels "
+                              "(no CUDA dispatch key for gated_ops::pathway_matmul)")
+        return torch.device("cuda")
+    if provider in ("naive", "torch", "torch_compile", "reference"):
+        return default_device(device_choice)
+    raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# The k-path batch, prepared once on the device (input preparation is never timed).
+def rotation_grid(K: int, n: int, side: int, device: torch.device) -> Tensor:
+    """Sampling grid of K rotations by 270*k/K degrees for n images of side x side pixels.
+
+    The affine map is experiments/data.py ``rotate_images``' (counter-clockwise about the centre,
+    bilinear, zeros outside), for all K angles at once: one grid_sample per step instead of K.
+    Returns (K*n, side, side, 2), angle-major.
+    """
+    thetas = []
+    for k in range(K):
+        a = math.radians(270.0 * k / K)
+        c, s = math.cos(a), math.sin(a)
+        thetas.append([[c, -s, 0.0], [s, c, 0.0]])  # square images: the h/w factors are 1
+    theta = torch.tensor(thetas, device=device).repeat_interleave(n, 0)  # (K*n, 2, 3)
+    return F.affine_grid(theta, [K * n, 1, side, side], align_corners=False)
+
+
+class KPathData:
+    """Batch (x, y), transformations, gate for one case; ``xk``/``target`` already transformed."""
+
+    def __init__(self, case: KPathCase, device: torch.device, seed: int = 0):
+        R, K, B, D, C = case.R, case.K, case.B, case.D, case.C
+        g = torch.Generator().manual_seed(seed)
+        self.case, self.device = case, device
+        self.y = torch.randint(0, C, (R, B), generator=g).to(device)
+        self.maps = torch.stack([torch.randperm(C, generator=g) for _ in range(K)]).to(device)
+        self.perms = self.grid = None
+        if case.dataset == "mnist":
+            self.x = torch.rand(R, B, D, generator=g).to(device)  # pixels / 255
+            self.perms = torch.stack([torch.randperm(D, generator=g) for _ in range(K)]).to(device)
+        elif case.dataset == "cifar":
+            side = math.isqrt(D // 3)
+            if 3 * side * side != D:
+                raise ValueError(f"cifar case: D = {D} is not 3 * side^2")
+            self.x = torch.rand(R, B, 3, side, side, generator=g).to(device)
+            self.grid = rotation_grid(K, R * B, side, device).view(K, R * B, side, side, 2)
+        else:
+            raise ValueError(f"dataset: expected 'mnist' or 'cifar', got {case.dataset!r}")
+        self.gate = torch.stack([
+            kpath_gate(K, max(1, K // 2), "N_plus_mod_permute", seed=r).flatten() for r in range(R)
+        ]).to(device)  # (R, K*K): the authors' gate, N = K/2 trained paths per encoder
+        self.xk, self.target = self.transform(self.x, self.y)
+
+    def transform(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, B, ...) batch -> xk (R*K, B, D), target (R, K*K, B); on device, no host sync."""
+        if self.perms is not None:
+            return transform_batch(x, y, self.perms, self.maps)
+        R, B, K = x.shape[0], x.shape[1], self.case.K
+        imgs = x.reshape(1, R * B, *x.shape[2:]).expand(K, -1, -1, -1, -1).reshape(
+            K * R * B, *x.shape[2:])
+        grid = self.grid[:, :R * B].reshape(K * R * B, *self.grid.shape[2:])  # R may be a slice
+        rot = F.grid_sample(imgs, grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)  # (K*R*B, 3, side, side)
+        xk = rot.view(K, R, B, -1).transpose(0, 1)  # (R, K, B, D)
+        return transform_batch(xk, y, None, self.maps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mode callables. A provider returns, per mode, (fn, setup): setup (or None) runs before each
+# timed call, untimed, and returns fn's (args, kwargs) as pytest-benchmark's pedantic expects.
+Fns = tuple[Callable, Callable | None]
+
+
+class Provider:
+    """Shared mode logic over three provider hooks: infer(), objective(), step()."""
+
+    name = "?"
+    device: torch.device
+
+    def infer(self):  # forward + loss under no_grad
+        raise NotImplementedError
+
+    def objective(self) -> Tensor:  # forward + loss with grad, a scalar
+        raise NotImplementedError
+
+    def grad_tensors(self) -> list[Tensor]:  # whose .grad backward writes
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise Unavailable(f"{self.name}: no step mode for this case")
+
+    def zero_grad(self) -> None:
+        for t in self.grad_tensors():
+            t.grad = None
+
+    def fns(self, mode: str) -> Fns:
+        if mode == "forward":
+            def forward():
+                with torch.no_grad():
+                    return self.infer()
+            return forward, None
+        if mode == "backward":
+            def setup():
+                self.zero_grad()  # gradients written fresh, never accumulated
+                return (self.objective(),), {}
+
+            def backward(loss):
+                loss.backward()
+            return backward, setup
+        if mode == "full":
+            def full_setup():
+                self.zero_grad()
+                return (), {}
+
+            def full():
+                self.objective().backward()
+            return full, full_setup
+        if mode == "step":
+            return self.step, None
+        raise ValueError(f"mode: unknown {mode!r}")
+
+
+class KPathProvider(Provider):
+    """A model with ``.loss(xk, target, gate) -> (loss (R,), path_loss, correct)``."""
+
+    def __init__(self, data: KPathData, model: nn.Module):
+        self.data, self.model, self.device = data, model, data.device
+        self.opt: torch.optim.Optimizer | None = None
+
+    def loss(self, xk, target, gate):
+        return self.model.loss(xk, target, gate)
+
+    def infer(self):
+        d = self.data
+        return self.loss(d.xk, d.target, d.gate)
+
+    def objective(self) -> Tensor:
+        d = self.data
+        return self.loss(d.xk, d.target, d.gate)[0].sum()
+
+    def grad_tensors(self) -> list[Tensor]:
+        return list(self.model.parameters())
+
+    def step(self) -> None:
+        d = self.data
+        xk, target = d.transform(d.x, d.y)
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(xk, target, d.gate)[0].sum().backward()
+        self.opt.step()
+
+
+class NaiveKPath(KPathProvider):
+    """One LoopKPath per replica, each its own torch.optim.SGD: the R runs as separate jobs."""
+
+    name = "naive"
+
+    def __init__(self, data: KPathData, net: KPathNet):
+        self.data, self.device = data, data.device
+        self.models = [LoopKPath.from_kpath(net, r) for r in range(net.R)]
+        self.opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM)
+                     for m in self.models]
+        self.K = net.K
+
+    def _replica(self, r: int, xk, target, gate):
+        K = self.K
+        return self.models[r].loss(xk[r * K:(r + 1) * K], target[r:r + 1], gate[r:r + 1])
+
+    def infer(self):
+        d = self.data
+        return [self._replica(r, d.xk, d.target, d.gate) for r in range(len(self.models))]
+
+    def objective(self) -> Tensor:
+        d = self.data
+        return sum(self._replica(r, d.xk, d.target, d.gate)[0].sum()
+                   for r in range(len(self.models)))
+
+    def grad_tensors(self) -> list[Tensor]:
+        return [p for m in self.models for p in m.parameters()]
+
+    def step(self) -> None:
+        d = self.data
+        for r, opt in enumerate(self.opts):
+            xk, target = d.transform(d.x[r:r + 1], d.y[r:r + 1])
+            opt.zero_grad(set_to_none=True)
+            self.models[r].loss(xk, target, d.gate[r:r + 1])[0].sum().backward()
+            opt.step()
+
+
+class TorchKPath(KPathProvider):
+    name = "torch"
+
+    def __init__(self, data: KPathData, net: KPathNet):
+        super().__init__(data, BatchedKPath.from_kpath(net))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM,
+                                   foreach=True)
+
+
+class TorchCompileKPath(TorchKPath):
+    """The torch step under torch.compile: forward + loss (and the transform, in step mode) as one
+    compiled graph whose backward AOTAutograd compiles too, and the optimizer step compiled
+    separately (PyTorch's "compiling the optimizer" recipe). ``dynamic=False``: one graph per
+    shape, as a training run sees one shape."""
+
+    name = "torch_compile"
+
+    def __init__(self, data: KPathData, net: KPathNet, backend: str = "inductor"):
+        super().__init__(data, net)
+        torch._dynamo.reset()  # fresh caches: no recompile limit or dynamic-shape carry-over
+        self.backend = backend
+        self._loss = torch.compile(self.model.loss, dynamic=False, backend=backend)
+        d = self.data
+
+        def step_objective(x, y):
+            xk, target = d.transform(x, y)
+            return self.model.loss(xk, target, d.gate)[0].sum()
+
+        self._step_objective = torch.compile(step_objective, dynamic=False, backend=backend)
+        opt = self.opt
+
+        def opt_step():
+            opt.step()
+
+        self._opt_step = torch.compile(opt_step, backend=backend)
+
+    def loss(self, xk, target, gate):
+        return self._loss(xk, target, gate)
+
+    def step(self) -> None:
+        d = self.data
+        self.opt.zero_grad(set_to_none=True)
+        self._step_objective(d.x, d.y).backward()
+        self._opt_step()
+
+
+class ReferenceKPathNet(nn.Module):
+    """The k-path network written with the spec op: one pathway_matmul_ref per layer over the
+    replicated plan tables of gated_ops.testing, gated_cross_entropy_ref for the loss."""
+
+    LAYERS = ("encoder", "hidden", "decoder")
+
+    def __init__(self, net: KPathNet):
+        super().__init__()
+        self.K, self.R, self.C = net.K, net.R, net.C
+        tables = kpath_tables(net.K)
+        self.num_dst = {}
+        for name, layer in zip(self.LAYERS, net.layers):
+            t = replicate(tables[name], net.R)
+            self.register_parameter(f"{name}_weight", nn.Parameter(layer.weight.detach().clone()))
+            self.register_parameter(f"{name}_bias", nn.Parameter(layer.bias.detach().clone()))
+            self.register_buffer(f"{name}_table",
+                                 torch.tensor([t.src, t.wgt, t.dst], device=layer.weight.device))
+            self.num_dst[name] = t.num_dst
+
+    def _layer(self, name: str, x: Tensor) -> Tensor:
+        src, wgt, dst = getattr(self, f"{name}_table")
+        return pathway_matmul_ref(x, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"),
+                                  None, src, wgt, dst, self.num_dst[name])
+
+    def forward(self, xk: Tensor) -> Tensor:
+        out = self._layer("decoder", self._layer("hidden", self._layer("encoder", xk)))
+        return out.view(self.R, self.K * self.K, xk.shape[1], self.C)
+
+    def loss(self, xk: Tensor, target: Tensor, gate: Tensor):
+        return gated_cross_entropy_ref(self(xk), target, gate)
+
+
+class ReferenceKPath(KPathProvider):
+    name = "reference"
+
+    def __init__(self, data: KPathData, net: KPathNet):
+        super().__init__(data, ReferenceKPathNet(net))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+
+
+class FusedKPath(KPathProvider):
+    """KPathNet on the registered ops (CPU or CUDA kernels). In step mode the SGD update
+    runs inside backward (fuse_sgd): no optimizer, no .grad tensors."""
+
+    def __init__(self, data: KPathData, net: KPathNet, name: str, mode: str):
+        super().__init__(data, net)
+        self.name = name
+        if mode == "step":
+            net.fuse_sgd(SGDConfig(lr=LR, momentum=MOMENTUM))
+
+    def step(self) -> None:
+        d = self.data
+        xk, target = d.transform(d.x, d.y)
+        self.loss(xk, target, d.gate)[0].sum().backward()  # updates weights and biases
+
+
+class TritonKPathNet(nn.Module):
+    """KPathNet's layers (same weights, same plans) through gated_ops.triton_ops' public
+    pathway_matmul and gated_cross_entropy, which are differentiable (Triton backward)."""
+
+    def __init__(self, net: KPathNet):
+        super().__init__()
+        self.net, self.t = net, triton_ops()
+
+    def forward(self, xk: Tensor) -> Tensor:
+        h = xk
+        for layer in self.net.layers:
+            h = self.t.pathway_matmul(h, layer.weight, layer.plan, layer.bias)
+        n = self.net
+        return h.view(n.R, n.K * n.K, xk.shape[1], n.C)
+
+    def loss(self, xk: Tensor, target: Tensor, gate: Tensor):
+        return self.t.gated_cross_entropy(self(xk), target, gate)
+
+
+class TritonKPath(KPathProvider):
+    """The Triton kernels. They have no fused SGD (no Triton pathway_sgd_), so the step applies
+    torch.optim.SGD(foreach=True) to the gradients, as the torch provider does."""
+
+    name = "triton"
+
+    def __init__(self, data: KPathData, net: KPathNet):
+        super().__init__(data, TritonKPathNet(net))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM,
+                                   foreach=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA graphs (torch_graph): capture on a side stream after warm-up, then replay.
+def _warmup_on_side_stream(fn: Callable, n: int = 3) -> None:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(n):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+
+
+class GraphMixin:
+    """Replaces a provider's mode callables by CUDA-graph replays of the same work.
+
+    forward: the no-grad forward captured. backward: the forward and the backward captured as two
+    graphs sharing a memory pool (as torch.cuda.make_graphed_callables does); setup replays the
+    forward, the timed call replays the backward. step / full: the whole thing in one graph, the
+    optimizer's momentum buffers and the grads created during warm-up (PyTorch's "whole network
+    capture" recipe), zero_grad(set_to_none=True) before capture.
+    """
+
+    def fns(self, mode: str) -> Fns:
+        if mode == "forward":
+            def fwd():
+                with torch.no_grad():
+                    return self.infer()
+            _warmup_on_side_stream(fwd)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self._static_out = fwd()
+            return g.replay, None
+        if mode == "backward":
+            tensors = self.grad_tensors()
+
+            def fwd_bwd():
+                torch.autograd.grad(self.objective(), tensors)
+            _warmup_on_side_stream(fwd_bwd)
+            gf, gb = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gf):
+                loss = self.objective()
+            with torch.cuda.graph(gb, pool=gf.pool()):
+                self._static_grads = torch.autograd.grad(loss, tensors, retain_graph=True)
+
+            def setup():
+                gf.replay()
+                return (), {}
+            return gb.replay, setup
+        if mode in ("step", "full"):
+            def work():
+                if mode == "step":
+                    self.step()
+                else:
+                    self.objective().backward()
+            _warmup_on_side_stream(work)
+            self.zero_grad()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                work()
+            return g.replay, None
+        raise ValueError(f"mode: unknown {mode!r}")
+
+
+class TorchGraphKPath(GraphMixin, TorchKPath):
+    """The torch provider (BatchedKPath + SGD(foreach=True)) replayed from CUDA graphs."""
+
+    name = "torch_graph"
+
+
+def make_kpath(provider: str, case: KPathCase, mode: str, device: torch.device,
+               compile_backend: str = "inductor") -> KPathProvider:
+    """Build ``provider`` for ``case`` on ``device``: one KPathNet (seeded) whose weights every
+    provider copies, and the batch."""
+    torch.manual_seed(0)
+    net = KPathNet(case.K, case.D, case.H, case.C, replicas=case.R, device=device)
+    data = KPathData(case, device)
+    if provider == "naive":
+        return NaiveKPath(data, net)
+    if provider == "torch":
+        return TorchKPath(data, net)
+    if provider == "torch_compile":
+        return TorchCompileKPath(data, net, compile_backend)
+    if provider == "torch_graph":
+        return TorchGraphKPath(data, net)
+    if provider == "reference":
+        return ReferenceKPath(data, net)
+    if provider in ("cpu", "cuda"):
+        return FusedKPath(data, net, provider, mode)
+    if provider == "triton":
+        return TritonKPath(data, net)
+    raise ValueError(f"provider: unknown {provider!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE layer: y[b] = sum_e gate[e, b] (x[b] W_e^T + bias_e); grads for x, W, bias and the gate.
+class MoEData:
+    def __init__(self, case: MoECase, device: torch.device, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        E, B = case.E, case.B
+        self.x = torch.randn(B, case.Di, generator=g).to(device).requires_grad_()
+        probs = torch.softmax(torch.randn(E, B, generator=g), dim=0)
+        top = probs.topk(min(case.top_k, E), dim=0)
+        routed = torch.zeros(E, B).scatter_(0, top.indices, top.values)
+        self.gate = (routed / routed.sum(0, keepdim=True)).to(device).requires_grad_()  # (E, B)
+        self.grad_out = torch.randn(B, case.Do, generator=g).to(device)  # fixed upstream grad
+        self.device = device
+
+
+class MoEProvider(Provider):
+    def __init__(self, data: MoEData, layer: GatedPathwayLinear):
+        self.data, self.device = data, data.device
+        self.weight, self.bias = layer.weight, layer.bias  # (E, Do, Di), (E, Do)
+
+    def layer(self, x: Tensor, gate: Tensor) -> Tensor:  # (B, Di), (E, B) -> (B, Do)
+        raise NotImplementedError
+
+    def infer(self):
+        return self.layer(self.data.x, self.data.gate)
+
+    def objective(self) -> Tensor:
+        # <y, grad_out>: backward starts from a fixed upstream gradient, as inside a network
+        return (self.layer(self.data.x, self.data.gate) * self.data.grad_out).sum()
+
+    def grad_tensors(self) -> list[Tensor]:
+        return [self.data.x, self.data.gate, *self.parameters()]
+
+    def parameters(self) -> list[Tensor]:
+        return [self.weight, self.bias]
+
+
+class NaiveMoE(MoEProvider):
+    """A loop over experts of nn.Linear, gated sum: what a user writes first."""
+
+    name = "naive"
+
+    def __init__(self, data: MoEData, layer: GatedPathwayLinear):
+        super().__init__(data, layer)
+        E, Do, Di = layer.weight.shape
+        self.experts = nn.ModuleList(nn.Linear(Di, Do) for _ in range(E)).to(data.device)
+        with torch.no_grad():
+            for e, lin in enumerate(self.experts):
+                lin.weight.copy_(layer.weight[e])
+                lin.bias.copy_(layer.bias[e])
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.experts.parameters())
+
+    def layer(self, x, gate):
+        y = 0
+        for e, lin in enumerate(self.experts):
+            y = y + gate[e].unsqueeze(-1) * lin(x)
+        return y
+
+
+class TorchMoE(MoEProvider):
+    """All experts in one baddbmm, gated sum as one einsum: the best plain PyTorch (dense)."""
+
+    name = "torch"
+
+    def __init__(self, data: MoEData, layer: GatedPathwayLinear):
+        super().__init__(data, layer)
+        self.weight = nn.Parameter(layer.weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+
+    def layer(self, x, gate):
+        E = self.weight.shape[0]
+        z = torch.baddbmm(self.bias.unsqueeze(1), x.expand(E, *x.shape),
+                          self.weight.transpose(1, 2))  # (E, B, Do)
+        return torch.einsum("eb,ebo->bo", gate, z)
+
+
+class TorchCompileMoE(TorchMoE):
+    name = "torch_compile"
+
+    def __init__(self, data: MoEData, layer: GatedPathwayLinear, backend: str = "inductor"):
+        super().__init__(data, layer)
+        torch._dynamo.reset()
+        self._compiled = torch.compile(super().layer, dynamic=False, backend=backend)
+        self.backend = backend
+
+    def layer(self, x, gate):
+        return self._compiled(x, gate)
+
+
+class TorchGraphMoE(GraphMixin, TorchMoE):
+    name = "torch_graph"
+
+
+class ReferenceMoE(TorchMoE):
+    name = "reference"
+
+    def __init__(self, data: MoEData, layer: GatedPathwayLinear):
+        super().__init__(data, layer)
+        self.plan = layer.plan
+
+    def layer(self, x, gate):
+        p = self.plan
+        return pathway_matmul_ref(x.unsqueeze(0), self.weight, self.bias, gate, p.src, p.wgt,
+                                  p.dst, p.num_dst)[0]
+
+
+class FusedMoE(MoEProvider):
+    def __init__(self, data: MoEData, layer: GatedPathwayLinear, name: str):
+        super().__init__(data, layer)
+        self.module, self.name = layer, name
+
+    def layer(self, x, gate):
+        return self.module(x.unsqueeze(0), gate)[0]
+
+
+class TritonMoE(FusedMoE):
+    def __init__(self, data: MoEData, layer: GatedPathwayLinear):
+        super().__init__(data, layer, "triton")
+        self.t = triton_ops()
+
+    def layer(self, x, gate):
+        m = self.module
+        return self.t.pathway_matmul(x.unsqueeze(0), m.weight, m.plan, m.bias, gate)[0]
+
+
+def make_moe(provider: str, case: MoECase, mode: str, device: torch.device,
+             compile_backend: str = "inductor") -> MoEProvider:
+    torch.manual_seed(0)
+    layer = GatedPathwayLinear.mixture_of_experts(case.E, case.Di, case.Do, device=device)
+    data = MoEData(case, device)
+    if provider == "naive":
+        return NaiveMoE(data, layer)
+    if provider == "torch":
+        return TorchMoE(data, layer)
+    if provider == "torch_compile":
+        return TorchCompileMoE(data, layer, compile_backend)
+    if provider == "torch_graph":
+        return TorchGraphMoE(data, layer)
+    if provider == "reference":
+        return ReferenceMoE(data, layer)
+    if provider in ("cpu", "cuda"):
+        return FusedMoE(data, layer, provider)
+    if provider == "triton":
+        return TritonMoE(data, layer)
+    raise ValueError(f"provider: unknown {provider!r}")
