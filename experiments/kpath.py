@@ -47,9 +47,9 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gated_ops.baselines import LoopKPath
 from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
 from gated_ops.nn import SGDConfig
 
@@ -139,70 +139,11 @@ def load_task_data(cfg: KPathConfig, device: torch.device) -> TaskData:
 
 
 # -------------------------------------------------------------------------------------- models
-class PaperLoopNet(nn.Module):
-    """The authors' formulation, for timing comparisons: per run K nn.Linear encoders, one
-    hidden nn.Linear and K nn.Linear decoders, with Python loops over encoders, paths and
-    per-path losses. Built from a KPathNet's weights; ``loss`` has KPathNet.loss's contract.
-    """
-
-    def __init__(self, net: KPathNet):
-        super().__init__()
-        self.K, self.R, self.C = net.K, net.R, net.C
-        D, H = net.encoder.in_features, net.hidden.in_features
-        self.runs = nn.ModuleList()
-        for _ in range(self.R):
-            run = nn.Module()
-            run.encoders = nn.ModuleList(nn.Linear(D, H) for _ in range(self.K))
-            run.hidden = nn.Linear(H, H)
-            run.decoders = nn.ModuleList(nn.Linear(H, self.C) for _ in range(self.K))
-            self.runs.append(run)
-        self.to(net.encoder.weight)
-        with torch.no_grad():
-            for linear, layer, i in self._linears():
-                linear.weight.copy_(getattr(net, layer).weight[i])
-                linear.bias.copy_(getattr(net, layer).bias[i])
-
-    def _linears(self):
-        """(nn.Linear, KPathNet layer name, index in that layer's weight bank)."""
-        for r, run in enumerate(self.runs):
-            yield run.hidden, "hidden", r
-            for k in range(self.K):
-                yield run.encoders[k], "encoder", r * self.K + k
-                yield run.decoders[k], "decoder", r * self.K + k
-
-    def kpath_state(self) -> dict[str, Tensor]:
-        """The weights in KPathNet's layout: {"encoder.weight": (R*K, H, D), ...}."""
-        banks: dict[str, dict[int, Tensor]] = {}
-        for linear, layer, i in self._linears():
-            banks.setdefault(f"{layer}.weight", {})[i] = linear.weight.detach()
-            banks.setdefault(f"{layer}.bias", {})[i] = linear.bias.detach()
-        return {k: torch.stack([v[i] for i in sorted(v)]) for k, v in banks.items()}
-
-    def loss(self, xk: Tensor, target: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """xk (R*K, B, D), target (R, K*K, B), gate (R, K*K) -> loss (R,), path_loss, correct."""
-        K = self.K
-        xk = xk.view(self.R, K, *xk.shape[1:])
-        losses, path_losses, corrects = [], [], []
-        for r, run in enumerate(self.runs):
-            hidden = [run.hidden(encoder(xk[r, i])) for i, encoder in enumerate(run.encoders)]
-            path_loss, correct = [], []
-            for i in range(K):
-                for j, decoder in enumerate(run.decoders):
-                    logits, t = decoder(hidden[i]), target[r, i * K + j]
-                    path_loss.append(F.cross_entropy(logits, t))
-                    correct.append((logits.argmax(-1) == t).sum())
-            path_loss = torch.stack(path_loss)
-            losses.append((path_loss * gate[r]).sum() / gate[r].sum())
-            path_losses.append(path_loss)
-            corrects.append(torch.stack(correct))
-        return torch.stack(losses), torch.stack(path_losses), torch.stack(corrects)
-
-
 def build_model(cfg: KPathConfig, net: KPathNet) -> tuple[nn.Module, torch.optim.Optimizer | None]:
     """The model that trains ``net``'s weights, and its optimizer (None: fused SGD)."""
     sgd = {"lr": cfg.lr, "momentum": cfg.momentum}
     if cfg.model == "loop":
-        model = PaperLoopNet(net)
+        model = LoopKPath.from_kpath(net)
         return model, torch.optim.SGD(model.parameters(), **sgd)
     if cfg.fused_sgd:
         return net.fuse_sgd(SGDConfig(**sgd)), None

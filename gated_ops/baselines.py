@@ -31,38 +31,59 @@ def path_metrics(logits: Tensor, target: Tensor, gate: Tensor) -> tuple[Tensor, 
 
 
 class LoopKPath(nn.Module):
-    """The paper-style k-path network for one run: a Python loop over pathways of nn.Linear."""
+    """The paper-style k-path network: per run K nn.Linear encoders, one hidden nn.Linear and K
+    nn.Linear decoders, applied in a Python loop over the K*K pathways; R runs one after the
+    other. ``from_kpath`` copies a KPathNet's weights; ``kpath_state`` returns them in its layout.
+    """
 
-    def __init__(self, K: int, d_in: int, hidden: int, classes: int = 10):
+    def __init__(self, K: int, d_in: int, hidden: int, classes: int = 10, replicas: int = 1):
         super().__init__()
-        self.K, self.C = K, classes
-        self.encoders = nn.ModuleList(nn.Linear(d_in, hidden) for _ in range(K))
-        self.hidden = nn.Linear(hidden, hidden)
-        self.decoders = nn.ModuleList(nn.Linear(hidden, classes) for _ in range(K))
+        self.K, self.C, self.R = K, classes, replicas
+        self.runs = nn.ModuleList()
+        for _ in range(replicas):
+            run = nn.Module()
+            run.encoders = nn.ModuleList(nn.Linear(d_in, hidden) for _ in range(K))
+            run.hidden = nn.Linear(hidden, hidden)
+            run.decoders = nn.ModuleList(nn.Linear(hidden, classes) for _ in range(K))
+            self.runs.append(run)
+
+    def _linears(self, offset: int = 0):
+        """(nn.Linear, KPathNet layer name, index in that layer's weight bank)."""
+        for r, run in enumerate(self.runs, start=offset):
+            yield run.hidden, "hidden", r
+            for k in range(self.K):
+                yield run.encoders[k], "encoder", r * self.K + k
+                yield run.decoders[k], "decoder", r * self.K + k
 
     @classmethod
-    def from_kpath(cls, net: KPathNet, replica: int = 0) -> "LoopKPath":
-        K, r = net.K, replica
-        enc, hid, dec = net.encoder, net.hidden, net.decoder
-        m = cls(K, enc.in_features, hid.in_features, net.C).to(enc.weight)
+    def from_kpath(cls, net: KPathNet, replica: int | None = None) -> "LoopKPath":
+        """All of net's R runs, or only run ``replica``."""
+        m = cls(net.K, net.encoder.in_features, net.hidden.in_features, net.C,
+                net.R if replica is None else 1).to(net.encoder.weight)
         with torch.no_grad():
-            for k in range(K):
-                m.encoders[k].weight.copy_(enc.weight[r * K + k])
-                m.encoders[k].bias.copy_(enc.bias[r * K + k])
-                m.decoders[k].weight.copy_(dec.weight[r * K + k])
-                m.decoders[k].bias.copy_(dec.bias[r * K + k])
-            m.hidden.weight.copy_(hid.weight[r])
-            m.hidden.bias.copy_(hid.bias[r])
+            for linear, layer, i in m._linears(offset=replica or 0):
+                linear.weight.copy_(getattr(net, layer).weight[i])
+                linear.bias.copy_(getattr(net, layer).bias[i])
         return m
 
+    def kpath_state(self) -> dict[str, Tensor]:
+        """The weights in KPathNet's layout: {"encoder.weight": (R*K, H, D), ...}."""
+        banks: dict[str, dict[int, Tensor]] = {}
+        for linear, layer, i in self._linears():
+            banks.setdefault(f"{layer}.weight", {})[i] = linear.weight.detach()
+            banks.setdefault(f"{layer}.bias", {})[i] = linear.bias.detach()
+        return {k: torch.stack([v[i] for i in sorted(v)]) for k, v in banks.items()}
+
     def forward(self, xk: Tensor) -> Tensor:
-        """xk (K, B, D_in) -> logits (1, K*K, B, C)."""
-        outs = []
-        for i in range(self.K):
-            h = self.hidden(self.encoders[i](xk[i]))
-            for j in range(self.K):
-                outs.append(self.decoders[j](h))
-        return torch.stack(outs).unsqueeze(0)
+        """xk (R*K, B, D_in) -> logits (R, K*K, B, C)."""
+        K = self.K
+        out = []
+        for r, run in enumerate(self.runs):
+            for i in range(K):
+                h = run.hidden(run.encoders[i](xk[r * K + i]))
+                for j in range(K):
+                    out.append(run.decoders[j](h))
+        return torch.stack(out).view(self.R, K * K, xk.shape[1], self.C)
 
     def loss(self, xk: Tensor, target: Tensor, gate: Tensor):
         return path_metrics(self(xk), target, gate)

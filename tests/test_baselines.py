@@ -44,12 +44,13 @@ def test_batched_and_loop_baselines_equal_kpathnet():
         for a, b in zip(fused, out_l):
             torch.testing.assert_close(a[r:r + 1], b)
         out_l[0].sum().backward()
+        run = loop.runs[0]
         for k in range(K):
-            torch.testing.assert_close(loop.encoders[k].weight.grad,
+            torch.testing.assert_close(run.encoders[k].weight.grad,
                                        net.encoder.weight.grad[r * K + k])
-            torch.testing.assert_close(loop.decoders[k].bias.grad,
+            torch.testing.assert_close(run.decoders[k].bias.grad,
                                        net.decoder.bias.grad[r * K + k])
-        torch.testing.assert_close(loop.hidden.weight.grad, net.hidden.weight.grad[r])
+        torch.testing.assert_close(run.hidden.weight.grad, net.hidden.weight.grad[r])
 
 
 def test_transform_batch_targets():

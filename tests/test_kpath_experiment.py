@@ -22,6 +22,7 @@ from experiments import kpath as E
 from experiments import plot
 from experiments.configs import KPathConfig, build_parser, parse_args, smoke
 from experiments.data import class_label_maps, pixel_permutations
+from gated_ops.baselines import LoopKPath
 from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
 from gated_ops.nn import SGDConfig
 from gated_ops.testing import assert_close
@@ -95,7 +96,7 @@ def test_fused_step_equals_paper_loop_step():
     fused, _ = E.build_model(cfg, copy.deepcopy(net32))
     loop32, opt32 = E.build_model(dataclasses.replace(cfg, model="loop"), net32)
     loop64, opt64 = E.build_model(dataclasses.replace(cfg, model="loop"), net64)
-    assert isinstance(loop32, E.PaperLoopNet) and fused.encoder.sgd == SGDConfig(0.1, 0.9)
+    assert isinstance(loop32, LoopKPath) and fused.encoder.sgd == SGDConfig(0.1, 0.9)
     perms, maps = pixel_permutations(K, D), class_label_maps(K)
     gate = torch.stack([kpath_gate(K, 1).flatten(), kpath_gate(K, 2).flatten()])
     g = torch.Generator().manual_seed(5)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import gated_ops
-from gated_ops.reference import pathway_matmul_ref
 from gated_ops.testing import SHAPES, Case, assert_close, make_inputs
 
 from conftest import BACKENDS, run_pathway
