@@ -45,7 +45,7 @@ from .plan import PathwayPlan, make_plan
 if TYPE_CHECKING:  # the theory module imports scipy: loaded on first use, not with gated_ops
     from . import theory as _theory_t
 
-__all__ = ["GDLN", "Edge", "Pathway", "GraphReducedDynamics", "DataModes", "data_modes",
+__all__ = ["GDLN", "Edge", "Pathway", "kpath_gdln", "load_kpath_", "GraphReducedDynamics", "DataModes", "data_modes",
            "RoutingNetwork", "routing_network", "train_routing_network"]
 
 
@@ -650,6 +650,35 @@ def data_modes(x: Tensor, y: Tensor, tol: float = 1e-10) -> DataModes:
 # ---------------------------------------------------------------------------------------------
 # The routing network of GDLN.md 4.3 / 4.4
 # ---------------------------------------------------------------------------------------------
+
+
+def kpath_gdln(K: int, d_in: int, hidden: int, classes: int = 10, *, bias: bool = True,
+               dtype: torch.dtype | None = None, device: torch.device | str | None = None
+               ) -> GDLN:
+    """The k-path network (GDLN.md section 2) as a graph: input nodes x{i}, encoder outputs
+    e{i} (weight enc{i}), hidden outputs s{i} (one weight "hidden" tied across the K edges) and
+    path outputs o{i}_{j} (weight dec{j} tied across encoders). It compiles to the same three
+    fused calls as :class:`gated_ops.kpath.KPathNet` (batched, shared, fan-out)."""
+    nodes = {f"x{i}": d_in for i in range(K)} | {f"e{i}": hidden for i in range(K)} \
+        | {f"s{i}": hidden for i in range(K)} \
+        | {f"o{i}_{j}": classes for i in range(K) for j in range(K)}
+    edges = [(f"x{i}", f"e{i}", f"enc{i}") for i in range(K)] \
+        + [(f"e{i}", f"s{i}", "hidden") for i in range(K)] \
+        + [(f"s{i}", f"o{i}_{j}", f"dec{j}") for i in range(K) for j in range(K)]
+    return GDLN(nodes, edges, bias=bias, dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def load_kpath_(g: GDLN, net, replica: int = 0) -> GDLN:
+    """Copy replica ``replica`` of a KPathNet's weights into a :func:`kpath_gdln` graph."""
+    K = net.K
+    layers = (("enc{}", net.encoder, K), ("dec{}", net.decoder, K), ("hidden", net.hidden, 1))
+    for name, layer, n in layers:
+        for k in range(n):
+            g.weight(name.format(k)).copy_(layer.weight[replica * n + k])
+            if g.biases is not None and layer.bias is not None:
+                g.bias(name.format(k)).copy_(layer.bias[replica * n + k])
+    return g
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gated_ops import GDLN
-from gated_ops.kpath import KPathNet
+from gated_ops import GDLN, gated_cross_entropy
+from gated_ops.gdln import kpath_gdln, load_kpath_
+from gated_ops.kpath import KPathNet, kpath_gate
 
 D = torch.float64
 
@@ -92,55 +93,30 @@ def test_kpath_graph_equals_kpathnet():
     torch.manual_seed(2)
     K, B, Din, H, C = 3, 4, 5, 6, 2
     net = KPathNet(K, Din, H, C, dtype=D)
-    nodes = {f"x{i}": Din for i in range(K)} | {f"e{i}": H for i in range(K)} \
-        | {f"s{i}": H for i in range(K)} | {f"o{i}{j}": C for i in range(K) for j in range(K)}
-    edges = [(f"x{i}", f"e{i}", f"enc{i}") for i in range(K)] \
-        + [(f"e{i}", f"s{i}", "hidden") for i in range(K)] \
-        + [(f"s{i}", f"o{i}{j}", f"dec{j}") for i in range(K) for j in range(K)]
-    g = GDLN(nodes, edges, dtype=D, bias=True)
+    with torch.no_grad():  # non-zero biases, so that they are compared too
+        for layer in net.layers:
+            layer.bias.normal_()
+    g = load_kpath_(kpath_gdln(K, Din, H, C, dtype=D), net)
     # compiled to the same three fused calls as KPathNet: batched, shared, fan-out
     assert [layer.plan.kind for layer in g._layers] == ["blocked"] * 3
-    with torch.no_grad():
-        for i in range(K):
-            g.weight(f"enc{i}").copy_(net.encoder.weight[i])
-            g.weight(f"dec{i}").copy_(net.decoder.weight[i])
-            g.bias(f"enc{i}").copy_(net.encoder.bias[i].normal_())
-            g.bias(f"dec{i}").copy_(net.decoder.bias[i].normal_())
-        g.weight("hidden").copy_(net.hidden.weight[0])
-        g.bias("hidden").copy_(net.hidden.bias[0].normal_())
     xk = torch.randn(K, B, Din, dtype=D)
     out = g({f"x{i}": xk[i] for i in range(K)})
     logits = net(xk)[0]  # (K*K, B, C)
     for i in range(K):
         for j in range(K):
-            torch.testing.assert_close(out[f"o{i}{j}"], logits[i * K + j])
+            torch.testing.assert_close(out[f"o{i}_{j}"], logits[i * K + j])
 
 
 def test_kpath_graph_equals_kpathnet_on_one_sgd_step():
     """The k-path GDLN graph trained one SGD step on KPathNet's loss (gated cross-entropy over
     the K*K paths, some gated off) lands on KPathNet's weights after the same step."""
-    from gated_ops import gated_cross_entropy
-    from gated_ops.kpath import kpath_gate
-
     torch.manual_seed(3)
     K, B, Din, H, C, lr = 3, 5, 4, 6, 4, 0.1
     net = KPathNet(K, Din, H, C, dtype=D)
-    nodes = {f"x{i}": Din for i in range(K)} | {f"e{i}": H for i in range(K)} \
-        | {f"s{i}": H for i in range(K)} | {f"o{i}{j}": C for i in range(K) for j in range(K)}
-    edges = [(f"x{i}", f"e{i}", f"enc{i}") for i in range(K)] \
-        + [(f"e{i}", f"s{i}", "hidden") for i in range(K)] \
-        + [(f"s{i}", f"o{i}{j}", f"dec{j}") for i in range(K) for j in range(K)]
-    g = GDLN(nodes, edges, dtype=D, bias=True)
     with torch.no_grad():
         for layer in net.layers:
             layer.bias.normal_()
-        for i in range(K):
-            g.weight(f"enc{i}").copy_(net.encoder.weight[i])
-            g.weight(f"dec{i}").copy_(net.decoder.weight[i])
-            g.bias(f"enc{i}").copy_(net.encoder.bias[i])
-            g.bias(f"dec{i}").copy_(net.decoder.bias[i])
-        g.weight("hidden").copy_(net.hidden.weight[0])
-        g.bias("hidden").copy_(net.hidden.bias[0])
+    g = load_kpath_(kpath_gdln(K, Din, H, C, dtype=D), net)
     xk = torch.randn(K, B, Din, dtype=D)
     target = torch.randint(0, C, (1, K * K, B))
     gate = kpath_gate(K, 2).reshape(1, K * K).to(D)  # 2 of 3 decoders per encoder
@@ -150,7 +126,7 @@ def test_kpath_graph_equals_kpathnet_on_one_sgd_step():
             loss = net.loss(xk, target, gate)[0]
         else:
             out = g({f"x{i}": xk[i] for i in range(K)})
-            logits = torch.stack([out[f"o{i}{j}"] for i in range(K) for j in range(K)])[None]
+            logits = torch.stack([out[f"o{i}_{j}"] for i in range(K) for j in range(K)])[None]
             loss = gated_cross_entropy(logits, target, gate)[0]
         loss.sum().backward()
         opt.step()
