@@ -31,23 +31,11 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------------------
-// Plan access on the CPU: raw pointers into paths / csr, and the index range checks that a GPU
-// backend does once at plan time (reading indices there would need a host synchronisation).
-struct CpuPlan : Plan {
-  const int64_t *src, *wgt, *dst, *zrow, *zcol;
-  const int64_t *dst_ptr, *dst_perm, *src_ptr, *src_perm, *wgt_ptr, *wgt_perm;
-};
-
-CpuPlan cpu_plan(const Tensor& paths, const Tensor& csr, at::IntArrayRef layout, int64_t S,
-                 int64_t M, const Tensor& ref) {
-  CpuPlan p;
-  static_cast<Plan&>(p) = make_plan_view(paths, csr, layout, S, M, ref);
-  const int64_t* pa = paths.data_ptr<int64_t>();
-  p.src = pa; p.wgt = pa + p.P; p.dst = pa + 2 * p.P; p.zrow = pa + 3 * p.P; p.zcol = pa + 4 * p.P;
-  const int64_t* c = csr.data_ptr<int64_t>();
-  p.dst_ptr = c; c += p.T + 1; p.dst_perm = c; c += p.P;
-  p.src_ptr = c; c += S + 1;   p.src_perm = c; c += p.P;
-  p.wgt_ptr = c; c += M + 1;   p.wgt_perm = c;
+// The plan on the CPU, with the index range checks that a GPU backend does once at plan time
+// (reading indices there would need a host synchronisation).
+Plan cpu_plan(const Tensor& paths, const Tensor& csr, at::IntArrayRef layout, int64_t S,
+              int64_t M, const Tensor& ref) {
+  const Plan p = make_plan_view(paths, csr, layout, S, M, ref);
   for (int64_t i = 0; i < p.P; ++i) {
     TORCH_CHECK(p.src[i] >= 0 && p.src[i] < S, "paths: source index ", p.src[i], " of pathway ",
                 i, " out of range [0, ", S, ") (S = x.size(0))");
@@ -61,44 +49,13 @@ CpuPlan cpu_plan(const Tensor& paths, const Tensor& csr, at::IntArrayRef layout,
   return p;
 }
 
-void check_data(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 3, "x: expected (S, B, D_in), got shape ", x.sizes());
-  TORCH_CHECK(weight.dim() == 3, "weight: expected (M, D_out, D_in), got shape ", weight.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
-                  x.device().type() != at::kCPU,
-              "x: the CPU kernels support float32 and float64, got ", x.scalar_type());
-  check_float(weight, "weight", x.scalar_type());
-  check_same_device(weight, "weight", x);
-  TORCH_CHECK(weight.size(2) == x.size(2), "weight: expected D_in = ", x.size(2),
-              " (x.size(2)), got weight of shape ", weight.sizes());
-  if (bias) {
-    check_float(*bias, "bias", x.scalar_type());
-    check_same_device(*bias, "bias", x);
-    GATED_CHECK_SHAPE("bias", *bias, weight.size(0), weight.size(1));
-  }
-}
-
-// `ref` carries the dtype and device the gate must have; B is the batch size.
-void check_gate(const c10::optional<Tensor>& gate, const Tensor& ref, int64_t P, int64_t B) {
-  if (!gate) return;
-  check_float(*gate, "gate", ref.scalar_type());
-  check_same_device(*gate, "gate", ref);
-  TORCH_CHECK((gate->dim() == 1 && gate->size(0) == P) ||
-                  (gate->dim() == 2 && gate->size(0) == P && gate->size(1) == B),
-              "gate: expected (P,) or (P, B) = (", P, ",) or (", P, ", ", B, "), got shape ",
-              gate->sizes());
-}
-
-// Views of the sources / weights of the plan's blocks: (n, ns*B, D_in) and (n, nm*D_out, D_in).
-Tensor x_blocks(const Plan& p, const Tensor& x) {
-  return x.narrow(0, p.s0, p.n * p.ns).reshape({p.n, p.ns * x.size(1), x.size(2)});
-}
-Tensor w_blocks(const Plan& p, const Tensor& w) {
-  return w.narrow(0, p.m0, p.n * p.nm).reshape({p.n, p.nm * w.size(1), w.size(2)});
+void check_cpu_dtype(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              ": the CPU kernels support float32 and float64, got ", t.scalar_type());
 }
 
 // Grouped layout: the sources of every pathway in by-weight order, (P*B, D_in).
-Tensor gather_sources(const CpuPlan& p, const Tensor& x) {
+Tensor gather_sources(const Plan& p, const Tensor& x) {
   auto order = at::from_blob(const_cast<int64_t*>(p.wgt_perm), {p.P}, at::kLong);
   auto src = at::from_blob(const_cast<int64_t*>(p.src), {p.P}, at::kLong);
   return x.index_select(0, src.index_select(0, order)).view({p.P * x.size(1), x.size(2)});
@@ -106,7 +63,7 @@ Tensor gather_sources(const CpuPlan& p, const Tensor& x) {
 
 // Runs fn(m, row0, rows) for every weight m of a grouped plan that has pathways, in parallel.
 template <typename F>
-void for_each_weight_group(const CpuPlan& p, int64_t B, const F& fn) {
+void for_each_weight_group(const Plan& p, int64_t B, const F& fn) {
   at::parallel_for(0, p.M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t cnt = p.wgt_ptr[m + 1] - p.wgt_ptr[m];
@@ -116,7 +73,7 @@ void for_each_weight_group(const CpuPlan& p, int64_t B, const F& fn) {
 }
 
 // Z (z_rows, z_cols): every pathway's pre-gate output x[s_p] @ W[m_p]^T, without bias.
-Tensor compute_z(const CpuPlan& p, const Tensor& x, const Tensor& w) {
+Tensor compute_z(const Plan& p, const Tensor& x, const Tensor& w) {
   const int64_t B = x.size(1);
   if (p.blocked()) {
     return at::bmm(x_blocks(p, x), w_blocks(p, w).transpose(1, 2))
@@ -138,8 +95,9 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
                           const c10::optional<Tensor>& gate_, const Tensor& paths,
                           const Tensor& csr, at::IntArrayRef layout) {
   check_data(x_, w_, bias_);
+  check_cpu_dtype(x_, "x");
   const Tensor x = x_.contiguous(), w = w_.contiguous();
-  const CpuPlan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
+  const Plan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
   check_gate(gate_, x, p.P, x.size(1));
   const int64_t B = x.size(1), Do = w.size(1);
   if (p.P == 0 || B == 0 || Do == 0) return at::zeros({p.T, B, Do}, x.options());
@@ -186,7 +144,7 @@ Tensor pathway_grad_z_cpu(const Tensor& grad_y_, const c10::optional<Tensor>& ga
                           int64_t num_sources, int64_t num_weights) {
   TORCH_CHECK(grad_y_.dim() == 3, "grad_y: expected (T, B, D_out), got shape ", grad_y_.sizes());
   const Tensor gy = grad_y_.contiguous();
-  const CpuPlan p = cpu_plan(paths, csr, layout, num_sources, num_weights, gy);
+  const Plan p = cpu_plan(paths, csr, layout, num_sources, num_weights, gy);
   TORCH_CHECK(gy.size(0) == p.T, "grad_y: expected T = ", p.T, " destinations, got shape ",
               gy.sizes());
   const int64_t B = gy.size(1), Do = gy.size(2);
@@ -215,11 +173,6 @@ Tensor pathway_grad_z_cpu(const Tensor& grad_y_, const c10::optional<Tensor>& ga
   return dz;
 }
 
-void check_grad_z(const Tensor& dz, const Plan& p, int64_t B, int64_t Do) {
-  TORCH_CHECK(dz.dim() == 2 && dz.size(0) == p.z_rows(B) && dz.size(1) == p.z_cols(Do),
-              "grad_z: expected shape (", p.z_rows(B), ", ", p.z_cols(Do),
-              ") for this plan, batch and D_out, got ", dz.sizes());
-}
 
 // grad_x[s] = sum_{p: s_p = s} dZ_p @ W[m_p]
 Tensor pathway_grad_x_cpu(const Tensor& dz_, const Tensor& w_, const Tensor& paths,
@@ -228,7 +181,7 @@ Tensor pathway_grad_x_cpu(const Tensor& dz_, const Tensor& w_, const Tensor& pat
   TORCH_CHECK(w_.dim() == 3, "weight: expected (M, D_out, D_in), got shape ", w_.sizes());
   check_float(dz_, "grad_z", w_.scalar_type());
   const Tensor dz = dz_.contiguous(), w = w_.contiguous();
-  const CpuPlan p = cpu_plan(paths, csr, layout, num_sources, w.size(0), w);
+  const Plan p = cpu_plan(paths, csr, layout, num_sources, w.size(0), w);
   const int64_t B = batch, Do = w.size(1), Di = w.size(2);
   check_grad_z(dz, p, B, Do);
   const bool covers = p.blocked() && p.n * p.ns == p.S;
@@ -268,7 +221,7 @@ Tensor pathway_grad_weight_cpu(const Tensor& dz_, const Tensor& x_, const Tensor
   TORCH_CHECK(x_.dim() == 3, "x: expected (S, B, D_in), got shape ", x_.sizes());
   check_float(dz_, "grad_z", x_.scalar_type());
   const Tensor dz = dz_.contiguous(), x = x_.contiguous();
-  const CpuPlan p = cpu_plan(paths, csr, layout, x.size(0), num_weights, x);
+  const Plan p = cpu_plan(paths, csr, layout, x.size(0), num_weights, x);
   const int64_t B = x.size(1), Di = x.size(2), Do = d_out;
   check_grad_z(dz, p, B, Do);
   const bool covers = p.blocked() && p.n * p.nm == p.M;
@@ -292,7 +245,7 @@ Tensor pathway_grad_bias_cpu(const Tensor& dz_, const Tensor& paths, const Tenso
                              at::IntArrayRef layout, int64_t num_sources, int64_t num_weights,
                              int64_t d_out) {
   const Tensor dz = dz_.contiguous();
-  const CpuPlan p = cpu_plan(paths, csr, layout, num_sources, num_weights, dz);
+  const Plan p = cpu_plan(paths, csr, layout, num_sources, num_weights, dz);
   const int64_t Do = d_out;
   TORCH_CHECK(dz.dim() == 2 && dz.size(1) == p.z_cols(Do), "grad_z: expected ", p.z_cols(Do),
               " columns, got shape ", dz.sizes());
@@ -329,8 +282,9 @@ Tensor pathway_grad_gate_cpu(const Tensor& grad_y_, const Tensor& x_, const Tens
                              const c10::optional<Tensor>& bias_, const Tensor& gate,
                              const Tensor& paths, const Tensor& csr, at::IntArrayRef layout) {
   check_data(x_, w_, bias_);
+  check_cpu_dtype(x_, "x");
   const Tensor x = x_.contiguous(), w = w_.contiguous(), gy = grad_y_.contiguous();
-  const CpuPlan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
+  const Plan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
   check_gate(gate, x, p.P, x.size(1));
   const int64_t B = x.size(1), Do = w.size(1);
   GATED_CHECK_SHAPE("grad_y", gy, p.T, B, Do);
@@ -426,7 +380,7 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
                 buf->sizes());
   }
   const Tensor dz = dz_.contiguous(), x = x_.contiguous();
-  const CpuPlan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
+  const Plan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
   const int64_t B = x.size(1), Do = w.size(1), Di = w.size(2);
   check_grad_z(dz, p, B, Do);
   const int64_t ldz = dz.size(1);
@@ -520,8 +474,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
                                                                    const Tensor& target_,
                                                                    const Tensor& gate_) {
   TORCH_CHECK(logits_.dim() == 4, "logits: expected (R, P, B, C), got shape ", logits_.sizes());
-  TORCH_CHECK(logits_.scalar_type() == at::kFloat || logits_.scalar_type() == at::kDouble,
-              "logits: the CPU kernels support float32 and float64, got ", logits_.scalar_type());
+  check_cpu_dtype(logits_, "logits");
   const int64_t R = logits_.size(0), P = logits_.size(1), B = logits_.size(2), C = logits_.size(3);
   TORCH_CHECK(target_.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
               target_.scalar_type());

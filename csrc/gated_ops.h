@@ -3,17 +3,22 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 
 namespace gated_ops {
 
-// Read-only view of a PathwayPlan (gated_ops/plan.py documents the layout).
+// Read-only view of a PathwayPlan (gated_ops/plan.py documents the layout): its sizes and raw
+// pointers into paths / csr, on the plan's device. Passed by value to CUDA kernels.
 struct Plan {
   int64_t T = 0, n = 0, s0 = 0, ns = 0, m0 = 0, nm = 0;  // layout
   int64_t P = 0, S = 0, M = 0;
-  bool blocked() const { return n > 0; }
+  const int64_t *src = nullptr, *wgt = nullptr, *dst = nullptr, *zrow = nullptr, *zcol = nullptr;
+  const int64_t *dst_ptr = nullptr, *dst_perm = nullptr, *src_ptr = nullptr,
+                *src_perm = nullptr, *wgt_ptr = nullptr, *wgt_perm = nullptr;
+  C10_HOST_DEVICE bool blocked() const { return n > 0; }
   // Row/column counts of the intermediate Z for a batch of B rows and D_out outputs.
-  int64_t z_rows(int64_t B) const { return blocked() ? n * ns * B : P * B; }
-  int64_t z_cols(int64_t D_out) const { return blocked() ? nm * D_out : D_out; }
+  C10_HOST_DEVICE int64_t z_rows(int64_t B) const { return blocked() ? n * ns * B : P * B; }
+  C10_HOST_DEVICE int64_t z_cols(int64_t D_out) const { return blocked() ? nm * D_out : D_out; }
 };
 
 // Names the argument as the user passed it (name), and the shape it should have had.
@@ -59,7 +64,56 @@ inline Plan make_plan_view(const at::Tensor& paths, const at::Tensor& csr, at::I
                 ", nm=", p.nm, ") does not fit P=", p.P, ", S=", S, ", M=", M,
                 " (a plan built for other sizes?)");
   }
+  const int64_t* pa = paths.data_ptr<int64_t>();
+  p.src = pa; p.wgt = pa + p.P; p.dst = pa + 2 * p.P; p.zrow = pa + 3 * p.P; p.zcol = pa + 4 * p.P;
+  const int64_t* c = csr.data_ptr<int64_t>();
+  p.dst_ptr = c; c += p.T + 1; p.dst_perm = c; c += p.P;
+  p.src_ptr = c; c += S + 1;   p.src_perm = c; c += p.P;
+  p.wgt_ptr = c; c += M + 1;   p.wgt_perm = c;
   return p;
+}
+
+// x (S, B, D_in), weight (M, D_out, D_in), bias (M, D_out): shapes, dtypes, devices agree.
+// (Which dtypes a backend supports is checked by the backend.)
+inline void check_data(const at::Tensor& x, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 3, "x: expected (S, B, D_in), got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 3, "weight: expected (M, D_out, D_in), got shape ", weight.sizes());
+  check_float(weight, "weight", x.scalar_type());
+  check_same_device(weight, "weight", x);
+  TORCH_CHECK(weight.size(2) == x.size(2), "weight: expected D_in = ", x.size(2),
+              " (x.size(2)), got weight of shape ", weight.sizes());
+  if (bias) {
+    check_float(*bias, "bias", x.scalar_type());
+    check_same_device(*bias, "bias", x);
+    GATED_CHECK_SHAPE("bias", *bias, weight.size(0), weight.size(1));
+  }
+}
+
+// `ref` carries the dtype and device the gate must have; B is the batch size.
+inline void check_gate(const c10::optional<at::Tensor>& gate, const at::Tensor& ref, int64_t P,
+                       int64_t B) {
+  if (!gate) return;
+  check_float(*gate, "gate", ref.scalar_type());
+  check_same_device(*gate, "gate", ref);
+  TORCH_CHECK((gate->dim() == 1 && gate->size(0) == P) ||
+                  (gate->dim() == 2 && gate->size(0) == P && gate->size(1) == B),
+              "gate: expected (P,) or (P, B) = (", P, ",) or (", P, ", ", B, "), got shape ",
+              gate->sizes());
+}
+
+// Views of the blocked layout's sources and weights: (n, ns*B, D_in) and (n, nm*D_out, D_in).
+inline at::Tensor x_blocks(const Plan& p, const at::Tensor& x) {
+  return x.narrow(0, p.s0, p.n * p.ns).reshape({p.n, p.ns * x.size(1), x.size(2)});
+}
+inline at::Tensor w_blocks(const Plan& p, const at::Tensor& w) {
+  return w.narrow(0, p.m0, p.n * p.nm).reshape({p.n, p.nm * w.size(1), w.size(2)});
+}
+
+inline void check_grad_z(const at::Tensor& dz, const Plan& p, int64_t B, int64_t Do) {
+  TORCH_CHECK(dz.dim() == 2 && dz.size(0) == p.z_rows(B) && dz.size(1) == p.z_cols(Do),
+              "grad_z: expected shape (", p.z_rows(B), ", ", p.z_cols(Do),
+              ") for this plan, batch and D_out, got ", dz.sizes());
 }
 
 }  // namespace gated_ops

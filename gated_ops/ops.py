@@ -11,10 +11,26 @@ import torch
 from torch import Tensor
 
 from .plan import PathwayPlan
+from .reference import gated_cross_entropy_ref, pathway_matmul_ref
 
-__all__ = ["pathway_matmul", "gated_cross_entropy", "pathway_sgd_"]
+__all__ = ["pathway_matmul", "gated_cross_entropy", "pathway_sgd_", "BACKENDS"]
 
 _ops = torch.ops.gated_ops
+
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _op_namespace(backend: str):
+    """The registered ops of a backend: "auto" = gated_ops (C++ CPU / CUDA kernels, picked by
+    the dispatcher from the tensors' device); "triton" = gated_ops_triton (loaded on first use,
+    since importing Triton reads TRITON_INTERPRET)."""
+    if backend == "auto":
+        return _ops
+    if backend == "triton":
+        from . import triton_ops  # noqa: F401  (registers torch.ops.gated_ops_triton)
+        return torch.ops.gated_ops_triton
+    raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
 def pathway_matmul(
@@ -23,6 +39,8 @@ def pathway_matmul(
     plan: PathwayPlan,
     bias: Tensor | None = None,
     gate: Tensor | None = None,
+    *,
+    backend: str = "auto",
 ) -> Tensor:
     """Gated multi-pathway matmul (reference: ``gated_ops.reference.pathway_matmul_ref``).
 
@@ -34,6 +52,8 @@ def pathway_matmul(
         plan: the compiled pathway table (:func:`gated_ops.make_plan`), on x's device.
         bias: (M, D_out) or None.
         gate: None, (P,) or (P, B).
+        backend: "auto" (the compiled kernels of x's device), "triton" (gated_ops.triton_ops:
+            CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (pure PyTorch).
     Returns:
         (T, B, D_out).
     """
@@ -48,21 +68,32 @@ def pathway_matmul(
     if plan.device != x.device:
         raise ValueError(f"plan: its index tensors are on {plan.device}, x is on {x.device}; "
                          "move the plan with plan.to(x.device)")
-    return _ops.pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout))
+    if backend == "reference":
+        return pathway_matmul_ref(x, weight, bias, gate, plan.src, plan.wgt, plan.dst,
+                                  plan.num_dst)
+    return _op_namespace(backend).pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr,
+                                                 list(plan.layout))
 
 
 def gated_cross_entropy(
-    logits: Tensor, target: Tensor, gate: Tensor
+    logits: Tensor, target: Tensor, gate: Tensor, *, backend: str = "auto"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused per-path cross-entropy (reference: ``gated_cross_entropy_ref``).
 
     Args:
         logits: (R, P, B, C); target: (R, P, B) int64; gate: (R, P), each row summing to > 0.
+        backend: as for :func:`pathway_matmul`.
     Returns:
         loss (R,) gated mean loss per replica, path_loss (R, P), correct (R, P) int64.
         Differentiable w.r.t. logits and gate through loss and path_loss.
+
+    A gate row summing to zero raises on the CPU; on CUDA and Triton, where checking would need
+    a host synchronisation, it gives a NaN loss. A target outside [0, C) raises on the CPU, is a
+    device-side assert on CUDA (as in torch's nll_loss) and gives NaN in Triton.
     """
-    loss, path_loss, correct, _ = _ops.gated_cross_entropy(logits, target, gate)
+    if backend == "reference":
+        return gated_cross_entropy_ref(logits, target, gate)
+    loss, path_loss, correct, _ = _op_namespace(backend).gated_cross_entropy(logits, target, gate)
     return loss, path_loss, correct
 
 
@@ -144,7 +175,7 @@ def _(grad_loss, grad_path_loss, logits, target, gate, lse):
 
 # ------------------------------------------------------------------------------------------------
 # Autograd: backward = the same family of registered ops, honouring needs_input_grad.
-def _pathway_setup_context(ctx, inputs, output):
+def pathway_setup_context(ctx, inputs, output):
     x, weight, bias, gate, paths, csr, layout = inputs
     ctx.layout = list(layout)
     ctx.has_bias = bias is not None
@@ -159,52 +190,59 @@ def _pathway_setup_context(ctx, inputs, output):
     ctx.shapes = (x.shape[0], x.shape[1], weight.shape[0], weight.shape[1])
 
 
-def _pathway_backward(ctx, grad_y):
-    x, weight, bias, gate, paths, csr = ctx.saved_tensors
-    S, B, M, d_out = ctx.shapes
-    need_x, need_w, need_b, need_g = ctx.needs_input_grad[:4]
-    grad_x = grad_w = grad_b = grad_g = None
-    if need_x or need_w or need_b:
-        dz = _ops.pathway_grad_z(grad_y, gate, paths, csr, ctx.layout, S, M)
-        if need_x:
-            grad_x = _ops.pathway_grad_x(dz, weight, paths, csr, ctx.layout, S, B)
-        if need_w:
-            grad_w = _ops.pathway_grad_weight(dz, x, paths, csr, ctx.layout, M, d_out)
-        if need_b:
-            grad_b = _ops.pathway_grad_bias(dz, paths, csr, ctx.layout, S, M, d_out)
-    if need_g:
-        grad_g = _ops.pathway_grad_gate(grad_y, x, weight, bias, gate, paths, csr, ctx.layout)
-    return grad_x, grad_w, grad_b, grad_g, None, None, None
+def pathway_backward(ns):
+    """The backward of ``ns.pathway_matmul`` written with the same namespace's ops (shared by the
+    compiled and the Triton backends)."""
+    def backward(ctx, grad_y):
+        x, weight, bias, gate, paths, csr = ctx.saved_tensors
+        S, B, M, d_out = ctx.shapes
+        need_x, need_w, need_b, need_g = ctx.needs_input_grad[:4]
+        grad_x = grad_w = grad_b = grad_g = None
+        if need_x or need_w or need_b:
+            dz = ns.pathway_grad_z(grad_y, gate, paths, csr, ctx.layout, S, M)
+            if need_x:
+                grad_x = ns.pathway_grad_x(dz, weight, paths, csr, ctx.layout, S, B)
+            if need_w:
+                grad_w = ns.pathway_grad_weight(dz, x, paths, csr, ctx.layout, M, d_out)
+            if need_b:
+                grad_b = ns.pathway_grad_bias(dz, paths, csr, ctx.layout, S, M, d_out)
+        if need_g:
+            grad_g = ns.pathway_grad_gate(grad_y, x, weight, bias, gate, paths, csr, ctx.layout)
+        return grad_x, grad_w, grad_b, grad_g, None, None, None
+    return backward
 
 
 torch.library.register_autograd(
-    "gated_ops::pathway_matmul", _pathway_backward, setup_context=_pathway_setup_context
+    "gated_ops::pathway_matmul", pathway_backward(_ops), setup_context=pathway_setup_context
 )
 
 
-def _ce_setup_context(ctx, inputs, output):
+def ce_setup_context(ctx, inputs, output):
     logits, target, gate = inputs
     loss, path_loss, _, lse = output
     ctx.save_for_backward(logits, target, gate, lse, loss, path_loss)
 
 
-def _ce_backward(ctx, grad_loss, grad_path_loss, _grad_correct, _grad_lse):
-    logits, target, gate, lse, loss, path_loss = ctx.saved_tensors
-    if grad_loss is None:
-        grad_loss = torch.zeros_like(loss)
-    if grad_path_loss is None:
-        grad_path_loss = torch.zeros_like(path_loss)
-    grad_logits = grad_gate = None
-    if ctx.needs_input_grad[0]:
-        grad_logits = _ops.gated_cross_entropy_backward(
-            grad_loss, grad_path_loss, logits, target, gate, lse)
-    if ctx.needs_input_grad[2]:
-        # d loss_r / d gate[r, p] = (path_loss[r, p] - loss[r]) / sum_p gate[r, p]
-        grad_gate = grad_loss.unsqueeze(-1) * (path_loss - loss.unsqueeze(-1)) / gate.sum(
-            -1, keepdim=True)
-    return grad_logits, None, grad_gate
+def ce_backward(ns):
+    """The backward of ``ns.gated_cross_entropy`` (shared by the compiled and Triton backends)."""
+    def backward(ctx, grad_loss, grad_path_loss, _grad_correct, _grad_lse):
+        logits, target, gate, lse, loss, path_loss = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(loss)
+        if grad_path_loss is None:
+            grad_path_loss = torch.zeros_like(path_loss)
+        grad_logits = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = ns.gated_cross_entropy_backward(
+                grad_loss, grad_path_loss, logits, target, gate, lse)
+        if ctx.needs_input_grad[2]:
+            # d loss_r / d gate[r, p] = (path_loss[r, p] - loss[r]) / sum_p gate[r, p]
+            grad_gate = grad_loss.unsqueeze(-1) * (path_loss - loss.unsqueeze(-1)) / gate.sum(
+                -1, keepdim=True)
+        return grad_logits, None, grad_gate
+    return backward
 
 
 torch.library.register_autograd(
-    "gated_ops::gated_cross_entropy", _ce_backward, setup_context=_ce_setup_context
+    "gated_ops::gated_cross_entropy", ce_backward(_ops), setup_context=ce_setup_context
 )

@@ -16,13 +16,15 @@ def run_pathway(backend: str, inputs: dict, plan: gated_ops.PathwayPlan):
         return pathway_matmul_ref(inputs["x"], inputs["weight"], inputs["bias"], inputs["gate"],
                                   plan.src, plan.wgt, plan.dst, plan.num_dst)
     return gated_ops.pathway_matmul(inputs["x"], inputs["weight"], plan, inputs["bias"],
-                                    inputs["gate"])
+                                    inputs["gate"],
+                                    backend="triton" if backend == "triton" else "auto")
 
 
 # backend -> device it runs on; GPU backends join when a GPU is present.
 BACKENDS = {"reference": "cpu", "cpu": "cpu"}
-if HAS_CUDA:
+if HAS_CUDA:  # Triton on the CPU interpreter is too slow for the whole table: tests/test_triton.py
     BACKENDS["cuda"] = "cuda"
+    BACKENDS["triton"] = "cuda"
 
 
 @pytest.fixture(params=list(BACKENDS))

@@ -88,3 +88,11 @@ def test_empty_batch_and_no_pathways():
     assert torch.equal(y, torch.zeros(4, 3, 5, dtype=F64))
     y.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_backend_option():
+    plan, x, w = _good()
+    ref = gated_ops.pathway_matmul(x, w, plan, backend="reference")
+    torch.testing.assert_close(gated_ops.pathway_matmul(x, w, plan), ref)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        gated_ops.pathway_matmul(x, w, plan, backend="cuda")

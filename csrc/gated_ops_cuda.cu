@@ -1,0 +1,1204 @@
+// gated_ops: the CUDA kernels (float32, float64, and bf16 / fp16 with fp32 accumulation).
+//
+// The math of every op is gated_ops/reference.py; the exact semantics are the CPU kernels of
+// gated_ops.cpp; the plan layout is gated_ops/plan.py. Rules kept by every launcher here:
+//   * everything runs on the current stream, with no host synchronisation: plan indices are never
+//     read on the host (make_plan validated them; the kernels re-check them with device asserts),
+//     only the layout ints are;
+//   * no float atomics: every output element is owned by one thread (or one warp / block that
+//     reduces in a fixed order), so two runs are bitwise equal;
+//   * scratch tensors depend only on the shapes, so a training step can be captured in a graph.
+//
+// Design for the k-path step (B = 8 rows per pathway, weights streamed every step):
+//   * "skinny" kernels (CUDA cores, fp32 accumulation) when the batch is small: each warp streams
+//     a few rows of W with 16-byte loads against the 8 staged rows of x, so W is read once per
+//     step at close to DRAM bandwidth and no 128-row tensor-core tile is wasted on 8 rows;
+//   * the gate multiply, the bias, the pathway sum (forward) and the SGD update (pathway_sgd_) are
+//     fused into the kernels' epilogues;
+//   * when the batch (or the reduction of a blocked GEMM) is large, the GEMM goes to cuBLAS
+//     (at::bmm on the plan's block views, as the CPU kernels do) and a small kernel does the
+//     epilogue. Grouped plans always use the skinny kernels (their group sizes live on the device).
+//
+// Where the CPU kernels raise on a value they read, these kernels cannot without a host sync:
+//   * a gated_cross_entropy gate row summing to zero gives a NaN loss for that replica (the CPU
+//     raises); the NaN shows in the loss the caller logs, and the backward is NaN/inf as well;
+//   * a class index outside [0, C) and a plan index out of range trip a device-side assert
+//     (CUDA_KERNEL_ASSERT, as torch's own nll_loss does), which fails the next CUDA call.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "gated_ops.h"
+
+namespace gated_ops {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------
+// Policy: which path a call takes (host-side, from shapes and layout ints only).
+//
+// kSkinnyBatch: up to this many rows per pathway the skinny kernels are used (4 tiles of 8 rows;
+// each tile re-reads its W rows, from L2 when the tiles of one slab run side by side).
+constexpr int64_t kSkinnyBatch = 32;
+// kSkinnyRows: a blocked weight whose gradient sums more rows than this (ns * B: the shared hidden
+// layer and the decoders of the k-path net have 100 * 8 = 800) gets its gradient from cuBLAS;
+// the same 64 as the CPU kernels' kSkinnyRows.
+constexpr int64_t kSkinnyRows = 64;
+// kSkinnyReduce: a blocked grad_x whose reduction (nm * D_out) is longer than this goes to cuBLAS
+// (the decoders: 100 * 10 = 1000, a real GEMM), shorter ones (encoders, hidden: 128) stay skinny.
+constexpr int64_t kSkinnyReduce = 512;
+
+constexpr int kWarp = 32;
+constexpr int kBT = 8;          // batch rows per tile in the skinny kernels
+constexpr int kRowsPerWarp = 4;  // W rows per warp: kRowsPerWarp * kBT = 32 = one value per lane
+constexpr int kMaxWarps = 8;
+constexpr int kChunkBytes = 32 * 1024;  // shared-memory x staging per block (skinny forward)
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// 16-byte vectors: 4 floats, 8 halves, 2 doubles.
+template <typename scalar_t>
+constexpr int vec_of() {
+  return 16 / static_cast<int>(sizeof(scalar_t));
+}
+
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_vec(const scalar_t* __restrict__ p, acc_t (&out)[VEC]) {
+  const Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(p);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) out[v] = static_cast<acc_t>(pk.v[v]);
+}
+
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_vec(scalar_t* p, const acc_t (&in)[VEC]) {
+  Pack<scalar_t, VEC> pk;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) pk.v[v] = static_cast<scalar_t>(in[v]);
+  *reinterpret_cast<Pack<scalar_t, VEC>*>(p) = pk;
+}
+
+// A plan index read on the device, checked against its range (the host never reads them).
+__device__ __forceinline__ int64_t checked(int64_t v, int64_t bound) {
+  CUDA_KERNEL_ASSERT(v >= 0 && v < bound);
+  return v;
+}
+
+// Warp reduce-scatter of 32 values: lane l returns the warp-wide sum of v[l]. 31 shuffles instead
+// of 32 * 5 for 32 separate reductions, in a fixed pattern (deterministic). Each step halves the
+// live values: a lane keeps the half whose index bit O matches its lane bit O. The steps are
+// separate instantiations so that every index is a constant and v stays in registers.
+template <int O, typename T>
+__device__ __forceinline__ void reduce_scatter_step(T (&v)[32], int lane) {
+  const bool upper = lane & O;
+#pragma unroll
+  for (int i = 0; i < O; ++i) {
+    const T send = upper ? v[i] : v[i + O];
+    const T keep = upper ? v[i + O] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T reduce_scatter32(T (&v)[32], int lane) {
+  reduce_scatter_step<16>(v, lane);
+  reduce_scatter_step<8>(v, lane);
+  reduce_scatter_step<4>(v, lane);
+  reduce_scatter_step<2>(v, lane);
+  reduce_scatter_step<1>(v, lane);
+  return v[0];
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum of one value per thread over a block of up to 1024 threads, in a fixed order; the result
+// is valid in thread 0. `red` holds one value per warp.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* red) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  v = warp_sum(v);
+  __syncthreads();  // red may still be read by a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  T total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < (int)(blockDim.x / kWarp); ++w) total += red[w];
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan as raw device pointers (pointer arithmetic on the host, no value read).
+Plan dev_plan(const Tensor& paths, const Tensor& csr, at::IntArrayRef layout, int64_t S,
+                 int64_t M, const Tensor& ref) {
+  TORCH_CHECK(paths.is_cuda() && csr.is_cuda(), "paths, csr (plan): expected CUDA tensors like "
+              "the data; move the plan with plan.to(x.device)");
+  return make_plan_view(paths, csr, layout, S, M, ref);
+}
+
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+int64_t flat_blocks(int64_t n, int threads) {
+  return std::max<int64_t>(1, std::min<int64_t>((n + threads - 1) / threads, int64_t(1) << 22));
+}
+
+#define GATED_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// ---------------------------------------------------------------------------------------------
+// Input checks: the shared ones are in gated_ops.h; the dtypes these kernels support:
+void check_cuda_dtype(const Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
+              ": the CUDA kernels support float32, float64, float16 and bfloat16, got ",
+              t.scalar_type());
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t gate_of(const scalar_t* gate, bool per_sample, int64_t p,
+                                         int64_t b, int64_t B) {
+  if (!gate) return acc_t(1);
+  return static_cast<acc_t>(per_sample ? gate[p * B + b] : gate[p]);
+}
+
+// =============================================================================================
+// Kernel 1: Z tiles, skinny (forward and grad_gate).
+//
+// Z (z_rows, z_cols) has one row block of B rows per "row block" k (blocked: source s0 + k;
+// grouped: the pathway of by-weight rank k) and its columns are the rows of a contiguous range of
+// W (blocked: the nm weights of block i = k / ns, nm * D_out rows; grouped: one weight's D_out
+// rows). A block owns (k, a tile of 32 columns, a tile of 8 batch rows): it stages the 8 rows of
+// x[s] in shared memory (fp32, in 32 KB chunks of D_in) and each of its 8 warps streams 4 rows of
+// W with 16-byte loads, every lane accumulating 4 x 8 partial dot products that one
+// reduce-scatter turns into one Z value per lane. At the k-path encoder (D_in 784, D_out 128) a
+// block reads 32 x 784 x 4 B = 100 KB of W against 25 KB of x from L2: the W stream dominates.
+//
+// Epilogue kFused (forward): the lane's pathway p owns its Z value; when p is the only pathway
+// of its destination t (the decoders, the encoders: every k-path layer) the lane writes
+// y[t, b, o] = gate * (z + bias) directly; otherwise (a summing destination) it stores z into the
+// Z scratch and gather_epilogue_kernel sums the destination in CSR order.
+// Otherwise (grad_gate) every z goes to the Z scratch.
+template <typename scalar_t>
+struct ZTileArgs {
+  const scalar_t* x;     // (S, B, Di)
+  const scalar_t* w;     // (M, Do, Di)
+  const scalar_t* bias;  // (M, Do) or null
+  const scalar_t* gate;  // (P,) / (P, B) or null
+  scalar_t* y;           // (T, B, Do)
+  scalar_t* z;           // (z_rows, z_cols)
+  const int64_t* zinv;   // blocked: pathway of (row block k, weight column block c)
+  Plan p;
+  int64_t B, Di, Do, zcols, chunk;
+  bool per_sample;
+  int nbt, nct;
+};
+
+template <typename scalar_t, int VEC, bool kFused>
+__global__ void __launch_bounds__(kMaxWarps * kWarp)
+ztile_kernel(const ZTileArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* xs = reinterpret_cast<acc_t*>(smem_raw);  // (kBT, chunk)
+  const Plan& p = a.p;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t bt = blockIdx.x % a.nbt;
+  const int64_t ct = (blockIdx.x / a.nbt) % a.nct;
+  const int64_t k = blockIdx.x / (int64_t(a.nbt) * a.nct);
+  const int64_t b0 = bt * kBT;
+  const int64_t rows_per_block = int64_t(blockDim.x / kWarp) * kRowsPerWarp;
+  const int64_t zc0 = ct * rows_per_block + warp * kRowsPerWarp;
+
+  int64_t s, pg = 0;  // source; grouped: the pathway
+  const scalar_t* wbase;
+  if (p.blocked()) {
+    s = p.s0 + k;
+    wbase = a.w + (p.m0 + (k / p.ns) * p.nm) * a.Do * a.Di;
+  } else {
+    pg = checked(p.wgt_perm[k], p.P);
+    s = checked(p.src[pg], p.S);
+    wbase = a.w + checked(p.wgt[pg], p.M) * a.Do * a.Di;
+  }
+  const scalar_t* xrow = a.x + (s * a.B + b0) * a.Di;
+  const int64_t nb = min(int64_t(kBT), a.B - b0);
+
+  acc_t acc[kRowsPerWarp * kBT];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp * kBT; ++i) acc[i] = acc_t(0);
+
+  for (int64_t d0 = 0; d0 < a.Di; d0 += a.chunk) {
+    const int dc = (int)min(a.chunk, a.Di - d0);
+    __syncthreads();  // the previous chunk is consumed
+    for (int i = threadIdx.x; i < kBT * dc; i += blockDim.x) {
+      const int b = i / dc, d = i - b * dc;
+      xs[i] = b < nb ? static_cast<acc_t>(xrow[b * a.Di + d0 + d]) : acc_t(0);
+    }
+    __syncthreads();
+    for (int d = lane * VEC; d < dc; d += kWarp * VEC) {
+      acc_t wv[kRowsPerWarp][VEC];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        if (zc0 + r < a.zcols) {
+          load_vec<VEC>(wbase + (zc0 + r) * a.Di + d0 + d, wv[r]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) wv[r][v] = acc_t(0);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kBT; ++b) {
+        acc_t xv[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) xv[v] = xs[b * dc + d + v];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[r * kBT + b] += wv[r][v] * xv[v];
+        }
+      }
+    }
+  }
+  const acc_t zv = reduce_scatter32(acc, lane);
+  const int64_t zc = zc0 + (lane / kBT), b = b0 + (lane % kBT);
+  if (zc >= a.zcols || b >= a.B) return;
+  if (kFused) {
+    int64_t q, m, o;
+    if (p.blocked()) {
+      const int64_t c = zc / a.Do;
+      o = zc - c * a.Do;
+      q = checked(a.zinv[k * p.nm + c], p.P);
+      m = p.m0 + (k / p.ns) * p.nm + c;
+    } else {
+      q = pg; o = zc; m = p.wgt[pg];
+    }
+    const int64_t t = checked(p.dst[q], p.T);
+    if (p.dst_ptr[t + 1] - p.dst_ptr[t] == 1) {
+      const acc_t bv = a.bias ? static_cast<acc_t>(a.bias[m * a.Do + o]) : acc_t(0);
+      const acc_t g = gate_of<scalar_t, acc_t>(a.gate, a.per_sample, q, b, a.B);
+      a.y[(t * a.B + b) * a.Do + o] = static_cast<scalar_t>(g * (zv + bv));
+      return;
+    }
+  }
+  a.z[(k * a.B + b) * a.zcols + zc] = static_cast<scalar_t>(zv);
+}
+
+// blocked: zinv[zrow[p] * nm + zcol[p]] = p, the pathway of each (row block, column block) of Z.
+__global__ void zinv_kernel(const Plan p, int64_t* zinv) {
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < p.P;
+       q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t zr = checked(p.zrow[q], p.n * p.ns), zc = checked(p.zcol[q], p.nm);
+    zinv[zr * p.nm + zc] = q;
+  }
+}
+
+// y[t, b, o] = sum_{k in dst CSR(t)} gate * (Z_p[b, o] + bias[m_p, o]), in CSR order; with
+// only_multi, destinations with exactly one pathway are skipped (ztile_kernel wrote them).
+template <typename scalar_t>
+__global__ void gather_epilogue_kernel(const Plan p, const scalar_t* __restrict__ z,
+                                       const scalar_t* __restrict__ bias,
+                                       const scalar_t* __restrict__ gate, bool per_sample,
+                                       scalar_t* __restrict__ y, int64_t B, int64_t Do,
+                                       int64_t ldz, bool only_multi) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = p.T * B * Do;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / (B * Do), rem = i - t * B * Do, b = rem / Do, o = rem - b * Do;
+    const int64_t k0 = p.dst_ptr[t], k1 = p.dst_ptr[t + 1];
+    if (only_multi && k1 - k0 == 1) continue;
+    acc_t acc = 0;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t q = checked(p.dst_perm[k], p.P);
+      const acc_t zv = static_cast<acc_t>(z[(p.zrow[q] * B + b) * ldz + p.zcol[q] * Do + o]);
+      const acc_t bv = bias ? static_cast<acc_t>(bias[checked(p.wgt[q], p.M) * Do + o]) : acc_t(0);
+      acc += gate_of<scalar_t, acc_t>(gate, per_sample, q, b, B) * (zv + bv);
+    }
+    y[i] = static_cast<scalar_t>(acc);
+  }
+}
+
+// gg[p, b] = <grad_y[t_p, b], Z_p[b] + bias[m_p]>: one warp per (p, b), fixed-order warp sum.
+template <typename scalar_t>
+__global__ void gate_epilogue_kernel(const Plan p, const scalar_t* __restrict__ gy,
+                                     const scalar_t* __restrict__ z,
+                                     const scalar_t* __restrict__ bias, float* __restrict__ gg_f,
+                                     double* __restrict__ gg_d, int64_t B, int64_t Do,
+                                     int64_t ldz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarp);
+  for (int64_t wi = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp; wi < p.P * B;
+       wi += warps) {
+    const int64_t q = wi / B, b = wi - q * B;
+    const int64_t t = checked(p.dst[q], p.T), m = checked(p.wgt[q], p.M);
+    const scalar_t* zr = z + (p.zrow[q] * B + b) * ldz + p.zcol[q] * Do;
+    const scalar_t* gr = gy + (t * B + b) * Do;
+    acc_t acc = 0;
+    for (int64_t o = lane; o < Do; o += kWarp) {
+      const acc_t bv = bias ? static_cast<acc_t>(bias[m * Do + o]) : acc_t(0);
+      acc += static_cast<acc_t>(gr[o]) * (static_cast<acc_t>(zr[o]) + bv);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      if (gg_d) gg_d[wi] = static_cast<double>(acc);
+      else gg_f[wi] = static_cast<float>(acc);
+    }
+  }
+}
+
+// =============================================================================================
+// Kernel 2: grad_z, elementwise. dZ_p[b, o] = gate[p, b] * grad_y[t_p, b, o]; every Z cell
+// belongs to exactly one pathway, so dZ is fully written.
+template <typename scalar_t>
+__global__ void grad_z_kernel(const Plan p, const scalar_t* __restrict__ gy,
+                              const scalar_t* __restrict__ gate, bool per_sample,
+                              scalar_t* __restrict__ dz, int64_t B, int64_t Do, int64_t ldz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = p.P * B * Do;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t q = i / (B * Do), rem = i - q * B * Do, b = rem / Do, o = rem - b * Do;
+    const int64_t t = checked(p.dst[q], p.T);
+    const acc_t g = gate_of<scalar_t, acc_t>(gate, per_sample, q, b, B);
+    dz[(p.zrow[q] * B + b) * ldz + p.zcol[q] * Do + o] =
+        static_cast<scalar_t>(g * static_cast<acc_t>(gy[(t * B + b) * Do + o]));
+  }
+}
+
+// =============================================================================================
+// Kernel 3: grad_x, skinny. gx[s] (B, Di) = sum over the pathways of s of dZ_p (B, Do) @ W_m.
+//
+// A block owns (s, a tile of 32 * VEC columns of D_in, a tile of 8 batch rows); every lane owns
+// VEC columns for the 8 rows (8 * VEC accumulators), and the 4 warps split the reduction rows
+// (interleaved), then add their partial sums in warp order through shared memory. The reduction
+// is a list of segments: blocked, the one segment of nm * D_out concatenated rows of W_i against
+// the columns of dZ's row block; grouped, one segment per pathway of s (src CSR order). dZ rows
+// are staged transposed (row j -> 8 batch values) in chunks of kRedChunk.
+constexpr int kGxWarps = 4;
+constexpr int kRedChunk = 256;
+
+template <typename scalar_t>
+struct GradXArgs {
+  const scalar_t* dz;  // (z_rows, ldz)
+  const scalar_t* w;   // (M, Do, Di)
+  scalar_t* gx;        // (S, B, Di)
+  Plan p;
+  int64_t B, Di, Do, ldz;
+  int nbt, ndt;
+};
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kGxWarps * kWarp) grad_x_kernel(const GradXArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kCols = kWarp * VEC;
+  constexpr int kRed = kGxWarps * kBT * kCols;       // cross-warp partial sums
+  constexpr int kStage = kRedChunk * kBT;            // staged dZ
+  __shared__ __align__(16) acc_t sm[kRed > kStage ? kRed : kStage];
+  const Plan& p = a.p;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t bt = blockIdx.x % a.nbt;
+  const int64_t dt = (blockIdx.x / a.nbt) % a.ndt;
+  const int64_t k = blockIdx.x / (int64_t(a.nbt) * a.ndt);  // blocked: row block; grouped: s
+  const int64_t b0 = bt * kBT, nb = min(int64_t(kBT), a.B - b0);
+  const int64_t d = dt * kCols + lane * VEC;
+  const bool col_ok = d < a.Di;
+
+  acc_t acc[kBT][VEC];
+#pragma unroll
+  for (int b = 0; b < kBT; ++b)
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[b][v] = acc_t(0);
+
+  const int64_t nseg = p.blocked() ? 1 : p.src_ptr[k + 1] - p.src_ptr[k];
+  for (int64_t e = 0; e < nseg; ++e) {
+    int64_t row0, col0 = 0, len;
+    const scalar_t* wseg;
+    if (p.blocked()) {
+      row0 = k * a.B; len = p.nm * a.Do;
+      wseg = a.w + (p.m0 + (k / p.ns) * p.nm) * a.Do * a.Di;
+    } else {
+      const int64_t q = checked(p.src_perm[p.src_ptr[k] + e], p.P);
+      row0 = p.zrow[q] * a.B; col0 = p.zcol[q] * a.Do; len = a.Do;
+      wseg = a.w + checked(p.wgt[q], p.M) * a.Do * a.Di;
+    }
+    for (int64_t j0 = 0; j0 < len; j0 += kRedChunk) {
+      const int jc = (int)min(int64_t(kRedChunk), len - j0);
+      __syncthreads();
+      for (int i = threadIdx.x; i < kBT * jc; i += blockDim.x) {
+        const int b = i / jc, j = i - b * jc;
+        sm[j * kBT + b] =
+            b < nb ? static_cast<acc_t>(a.dz[(row0 + b0 + b) * a.ldz + col0 + j0 + j])
+               : acc_t(0);
+      }
+      __syncthreads();
+      if (col_ok) {
+        for (int j = warp; j < jc; j += kGxWarps) {
+          acc_t wv[VEC];
+          load_vec<VEC>(wseg + (j0 + j) * a.Di + d, wv);
+#pragma unroll
+          for (int b = 0; b < kBT; ++b) {
+            const acc_t dv = sm[j * kBT + b];
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[b][v] += dv * wv[v];
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int b = 0; b < kBT; ++b)
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) sm[(warp * kBT + b) * kCols + lane * VEC + v] = acc[b][v];
+  __syncthreads();
+  const int64_t s = p.blocked() ? p.s0 + k : k;
+  for (int i = threadIdx.x; i < kBT * kCols; i += blockDim.x) {
+    const int b = i / kCols, c = i - b * kCols;
+    const int64_t col = dt * kCols + c;
+    if (b >= nb || col >= a.Di) continue;
+    acc_t sum = 0;
+#pragma unroll
+    for (int w = 0; w < kGxWarps; ++w) sum += sm[(w * kBT + b) * kCols + c];
+    a.gx[(s * a.B + b0 + b) * a.Di + col] = static_cast<scalar_t>(sum);
+  }
+}
+
+// =============================================================================================
+// Kernel 4: weight gradient, skinny, with the fused SGD epilogue (pathway_sgd_).
+//
+// gW[m] (Do, Di) = sum over the rows r feeding weight m of dZ[r, col0 + o] * x[r', d]. A block
+// owns (m, 32 rows of D_out, 32 * VEC columns of D_in); warp w owns 4 rows, lane VEC columns:
+// 4 * VEC accumulators, no cross-thread reduction, so the epilogue holds grad_W in registers and
+// either stores it or applies SGD: W and the momentum buffer are read and written once each,
+// with 16-byte accesses (k-path encoder: 4 x 40 MB per step, the floor for an SGD step; autograd
+// + torch.optim.SGD moves 7 x 40 MB). Rows: blocked, the ns * B rows of block i (contiguous in
+// dZ and in x); grouped, the B rows of each pathway of m (wgt CSR order). Weights without a
+// pathway get a zero gradient (decay and momentum still apply, as in torch.optim.SGD).
+template <typename scalar_t>
+struct WGradArgs {
+  const scalar_t* dz;  // (z_rows, ldz)
+  const scalar_t* x;   // (S, B, Di)
+  scalar_t* out;       // grad: (M, Do, Di); SGD: the weight, updated in place
+  scalar_t* buf;       // SGD momentum buffer or null
+  Plan p;
+  int64_t B, Di, Do, ldz;
+  int not_, ndt;
+  double lr, momentum, weight_decay;
+  bool nesterov;
+};
+
+template <typename scalar_t, int VEC, bool kSGD>
+__global__ void __launch_bounds__(kMaxWarps * kWarp) wgrad_kernel(const WGradArgs<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kCols = kWarp * VEC;
+  const Plan& p = a.p;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t dt = blockIdx.x % a.ndt;
+  const int64_t ot = (blockIdx.x / a.ndt) % a.not_;
+  const int64_t m = blockIdx.x / (int64_t(a.ndt) * a.not_);
+  const int64_t o0 = ot * (int64_t(blockDim.x / kWarp) * kRowsPerWarp) + warp * kRowsPerWarp;
+  const int64_t d = dt * kCols + lane * VEC;
+  if (o0 >= a.Do || d >= a.Di) return;  // no __syncthreads below
+  const int nr = (int)min(int64_t(kRowsPerWarp), a.Do - o0);
+
+  acc_t acc[kRowsPerWarp][VEC];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[r][v] = acc_t(0);
+
+  int64_t nseg = 0;
+  if (p.blocked()) {
+    nseg = (m >= p.m0 && m < p.m0 + p.n * p.nm) ? 1 : 0;
+  } else {
+    nseg = p.wgt_ptr[m + 1] - p.wgt_ptr[m];
+  }
+  for (int64_t e = 0; e < nseg; ++e) {
+    int64_t dzrow0, xrow0, len, col0;
+    if (p.blocked()) {
+      const int64_t j = m - p.m0, i = j / p.nm;
+      dzrow0 = i * p.ns * a.B; xrow0 = (p.s0 + i * p.ns) * a.B; len = p.ns * a.B;
+      col0 = (j - i * p.nm) * a.Do;
+    } else {
+      const int64_t q = checked(p.wgt_perm[p.wgt_ptr[m] + e], p.P);
+      dzrow0 = p.zrow[q] * a.B; xrow0 = checked(p.src[q], p.S) * a.B; len = a.B;
+      col0 = p.zcol[q] * a.Do;
+    }
+    const scalar_t* dzp = a.dz + dzrow0 * a.ldz + col0 + o0;
+    const scalar_t* xp = a.x + xrow0 * a.Di + d;
+#pragma unroll 4
+    for (int64_t r = 0; r < len; ++r) {
+      acc_t xv[VEC];
+      load_vec<VEC>(xp + r * a.Di, xv);
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const acc_t g = i < nr ? static_cast<acc_t>(dzp[r * a.ldz + i]) : acc_t(0);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[i][v] += g * xv[v];
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    if (i >= nr) break;
+    const int64_t off = (m * a.Do + o0 + i) * a.Di + d;
+    if (!kSGD) {
+      store_vec<VEC>(a.out + off, acc[i]);
+      continue;
+    }
+    // torch.optim.SGD (dampening 0), in the accumulation type; see sgd_rows in gated_ops.cpp.
+    const acc_t lr = a.lr, mom = a.momentum, wd = a.weight_decay;
+    acc_t w[VEC], b[VEC];
+    load_vec<VEC>(a.out + off, w);
+    if (a.buf) load_vec<VEC>(a.buf + off, b);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      acc_t dd = acc[i][v];
+      if (wd != acc_t(0)) dd += wd * w[v];
+      if (a.buf) {
+        b[v] = mom * b[v] + dd;
+        dd = a.nesterov ? dd + mom * b[v] : b[v];
+      }
+      w[v] -= lr * dd;
+    }
+    store_vec<VEC>(a.out + off, w);
+    if (a.buf) store_vec<VEC>(a.buf + off, b);
+  }
+}
+
+// SGD with a materialised gradient (the cuBLAS path of pathway_sgd_), elementwise.
+template <typename scalar_t>
+__global__ void sgd_kernel(scalar_t* __restrict__ w, scalar_t* __restrict__ buf,
+                           const scalar_t* __restrict__ g, int64_t n, double lr_, double mom_,
+                           double wd_, bool nesterov) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t lr = lr_, mom = mom_, wd = wd_;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    acc_t wv = w[i];
+    acc_t dd = static_cast<acc_t>(g[i]);
+    if (wd != acc_t(0)) dd += wd * wv;
+    if (buf) {
+      const acc_t b = mom * static_cast<acc_t>(buf[i]) + dd;
+      buf[i] = static_cast<scalar_t>(b);
+      dd = nesterov ? dd + mom * b : b;
+    }
+    w[i] = static_cast<scalar_t>(wv - lr * dd);
+  }
+}
+
+// =============================================================================================
+// Kernel 5: grad_bias. One thread per (m, o), summing the rows of m's pathways in fixed order.
+template <typename scalar_t>
+__global__ void grad_bias_kernel(const Plan p, const scalar_t* __restrict__ dz,
+                                 scalar_t* __restrict__ gb, int64_t B, int64_t Do, int64_t ldz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.M * Do;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = i / Do, o = i - m * Do;
+    acc_t acc = 0;
+    if (p.blocked()) {
+      if (m >= p.m0 && m < p.m0 + p.n * p.nm) {
+        const int64_t j = m - p.m0, ii = j / p.nm;
+        const scalar_t* col = dz + ii * p.ns * B * ldz + (j - ii * p.nm) * Do + o;
+        for (int64_t r = 0; r < p.ns * B; ++r) acc += static_cast<acc_t>(col[r * ldz]);
+      }
+    } else {
+      for (int64_t e = p.wgt_ptr[m]; e < p.wgt_ptr[m + 1]; ++e) {
+        const int64_t q = checked(p.wgt_perm[e], p.P);
+        const scalar_t* col = dz + p.zrow[q] * B * ldz + p.zcol[q] * Do + o;
+        for (int64_t b = 0; b < B; ++b) acc += static_cast<acc_t>(col[b * ldz]);
+      }
+    }
+    gb[i] = static_cast<scalar_t>(acc);
+  }
+}
+
+// =============================================================================================
+// Kernel 6: gated cross-entropy. One block per (replica, path) row group: warp w takes rows
+// w, w + 4, ...; lanes stride the C classes. Per row: argmax (first maximum, NaN counts as the
+// maximum, as torch.argmax), the max-shifted log-sum-exp, the NLL; per block: the mean NLL and
+// the hit count, summed in warp order. A second small kernel forms the gated mean per replica.
+constexpr int kCeWarps = 4;
+
+// The argmax order: NaN above every number, then value, then the smaller index first.
+template <typename acc_t>
+__device__ __forceinline__ bool arg_better(acc_t v, int64_t i, acc_t bv, int64_t bi) {
+  const bool vn = v != v, bn = bv != bv;
+  if (vn != bn) return vn;
+  if (!vn && v != bv) return v > bv;
+  return i < bi;
+}
+
+// Statistics of one logit row, computed by a warp and valid in every lane: the argmax in
+// torch.argmax order and the log-sum-exp shifted by the max as log_softmax is (an infinite or NaN
+// maximum gives NaN, as on the CPU).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void row_stats(const scalar_t* __restrict__ l, int64_t C, int lane,
+                                          acc_t& lse, int64_t& arg) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  arg = std::numeric_limits<int64_t>::max();
+  for (int64_t c = lane; c < C; c += kWarp) {
+    const acc_t v = static_cast<acc_t>(l[c]);
+    if (arg_better(v, c, mx, arg)) { mx = v; arg = c; }
+  }
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) {
+    const acc_t ov = __shfl_xor_sync(0xffffffffu, mx, o);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, arg, o);
+    if (arg_better(ov, oi, mx, arg)) { mx = ov; arg = oi; }
+  }
+  acc_t sum = 0;
+  for (int64_t c = lane; c < C; c += kWarp) sum += ::exp(static_cast<acc_t>(l[c]) - mx);
+  lse = ::log(warp_sum(sum)) + mx;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kCeWarps * kWarp)
+ce_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
+                  scalar_t* __restrict__ path_loss, int64_t* __restrict__ correct,
+                  scalar_t* __restrict__ lse, int64_t B, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t nll_w[kCeWarps];
+  __shared__ int64_t hit_w[kCeWarps];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t q = blockIdx.x;
+  acc_t nll_sum = 0;
+  int64_t hits = 0;
+  for (int64_t b = warp; b < B; b += kCeWarps) {
+    const int64_t row = q * B + b;
+    const scalar_t* l = logits + row * C;
+    acc_t lse_b;
+    int64_t arg;
+    row_stats(l, C, lane, lse_b, arg);
+    if (lane == 0) {
+      const int64_t y = target[row];
+      CUDA_KERNEL_ASSERT(y >= 0 && y < C && "target: class index out of range [0, C)");
+      lse[row] = static_cast<scalar_t>(lse_b);
+      nll_sum += lse_b - static_cast<acc_t>(l[y]);
+      hits += (arg == y);
+    }
+  }
+  if (lane == 0) { nll_w[warp] = nll_sum; hit_w[warp] = hits; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    acc_t s = 0;
+    int64_t h = 0;
+    for (int w = 0; w < kCeWarps; ++w) { s += nll_w[w]; h += hit_w[w]; }
+    path_loss[q] = static_cast<scalar_t>(s / static_cast<acc_t>(B));
+    correct[q] = h;
+  }
+}
+
+// loss[r] = sum_p gate * path_loss / sum_p gate. A gate row summing to zero gives NaN: the CPU
+// kernel raises instead, which here would need a host synchronisation (documented in ops.py).
+template <typename scalar_t>
+__global__ void ce_loss_kernel(const scalar_t* __restrict__ gate,
+                               const scalar_t* __restrict__ path_loss, scalar_t* __restrict__ loss,
+                               int64_t P) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t red[kMaxWarps];
+  const int64_t r = blockIdx.x;
+  acc_t num = 0, den = 0;
+  for (int64_t j = threadIdx.x; j < P; j += blockDim.x) {
+    const acc_t g = static_cast<acc_t>(gate[r * P + j]);
+    num += g * static_cast<acc_t>(path_loss[r * P + j]);
+    den += g;
+  }
+  num = block_sum(num, red);
+  den = block_sum(den, red);
+  if (threadIdx.x == 0) {
+    loss[r] = den == acc_t(0) ? static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN())
+                              : static_cast<scalar_t>(num / den);
+  }
+}
+
+// w[r, p] = (grad_loss[r] * gate[r, p] / sum_p gate[r, p] + grad_path_loss[r, p]) / B
+template <typename scalar_t>
+__global__ void ce_weights_kernel(const scalar_t* __restrict__ grad_loss,
+                                  const scalar_t* __restrict__ grad_pl,
+                                  const scalar_t* __restrict__ gate,
+                                  at::opmath_type<scalar_t>* __restrict__ wout, int64_t P,
+                                  int64_t B) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t red[kMaxWarps];
+  __shared__ acc_t den_s;
+  const int64_t r = blockIdx.x;
+  acc_t den = 0;
+  for (int64_t j = threadIdx.x; j < P; j += blockDim.x) den += static_cast<acc_t>(gate[r * P + j]);
+  den = block_sum(den, red);
+  if (threadIdx.x == 0) den_s = den;
+  __syncthreads();
+  den = den_s;
+  const acc_t gl = static_cast<acc_t>(grad_loss[r]);
+  for (int64_t j = threadIdx.x; j < P; j += blockDim.x) {
+    wout[r * P + j] = (gl * static_cast<acc_t>(gate[r * P + j]) / den +
+                       static_cast<acc_t>(grad_pl[r * P + j])) / static_cast<acc_t>(B);
+  }
+}
+
+// grad[r, p, b, c] = w[r, p] * (exp(logits - lse) - [c == target]), one warp per row. For 16-bit
+// logits the row's lse is recomputed in fp32 instead of read back rounded: at |lse| ~ 8 a bf16
+// lse is off by up to 0.03, a 3% error on every softmax value, far more than plain PyTorch makes
+// (its log_softmax output is rounded near 0 for the rows' dominant classes).
+template <typename scalar_t, bool kRecompute>
+__global__ void ce_backward_kernel(const scalar_t* __restrict__ logits,
+                                   const int64_t* __restrict__ target,
+                                   const scalar_t* __restrict__ lse,
+                                   const at::opmath_type<scalar_t>* __restrict__ wts,
+                                   scalar_t* __restrict__ grad, int64_t rows, int64_t B,
+                                   int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarp);
+  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp; row < rows;
+       row += warps) {
+    const scalar_t* l = logits + row * C;
+    acc_t lse_r;
+    if (kRecompute) {
+      int64_t arg;
+      row_stats(l, C, lane, lse_r, arg);
+    } else {
+      lse_r = static_cast<acc_t>(lse[row]);
+    }
+    const acc_t w = wts[row / B];
+    const int64_t y = target[row];
+    for (int64_t c = lane; c < C; c += kWarp) {
+      const acc_t sm = ::exp(static_cast<acc_t>(l[c]) - lse_r);
+      grad[row * C + c] = static_cast<scalar_t>(w * (sm - (y == c ? acc_t(1) : acc_t(0))));
+    }
+  }
+}
+
+// =============================================================================================
+// Host launchers.
+cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
+
+// Warps per block for a tile of `rows` rows at kRowsPerWarp per warp (at least 1, at most 8).
+int warps_for(int64_t rows) {
+  return (int)std::max<int64_t>(1, std::min<int64_t>(kMaxWarps, (rows + kRowsPerWarp - 1) /
+                                                                    kRowsPerWarp));
+}
+
+// Z tiles (skinny): fused forward into y (+ Z scratch for summing destinations), or all of Z.
+template <typename scalar_t>
+void launch_ztile(const Plan& p, const Tensor& x, const Tensor& w, const Tensor& bias,
+                  const Tensor& gate, Tensor* y, const Tensor& z, bool fused) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(1), Di = x.size(2), Do = w.size(1);
+  const int64_t krows = p.blocked() ? p.n * p.ns : p.P, zc = p.z_cols(Do);
+  Tensor zinv;
+  if (fused && p.blocked()) {
+    zinv = at::empty({p.n * p.ns * p.nm}, x.options().dtype(at::kLong));
+    zinv_kernel<<<flat_blocks(p.P, 256), 256, 0, stream()>>>(p, zinv.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  ZTileArgs<scalar_t> a;
+  a.x = x.data_ptr<scalar_t>(); a.w = w.data_ptr<scalar_t>();
+  a.bias = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+  a.gate = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
+  a.per_sample = gate.defined() && gate.dim() == 2;
+  a.y = y ? y->data_ptr<scalar_t>() : nullptr;
+  a.z = z.data_ptr<scalar_t>();
+  a.zinv = zinv.defined() ? zinv.data_ptr<int64_t>() : nullptr;
+  a.p = p; a.B = B; a.Di = Di; a.Do = Do; a.zcols = zc;
+  constexpr int V = vec_of<scalar_t>();
+  const bool vec = Di % V == 0 && aligned16(a.w);
+  a.chunk = kChunkBytes / (kBT * (int64_t)sizeof(acc_t));  // a multiple of V
+  const int warps = warps_for(zc);
+  a.nbt = (int)((B + kBT - 1) / kBT);
+  a.nct = (int)((zc + warps * kRowsPerWarp - 1) / (warps * kRowsPerWarp));
+  const int64_t grid = krows * a.nbt * a.nct;
+  const size_t smem = kBT * std::min(Di, a.chunk) * sizeof(acc_t);
+  if (grid == 0) return;
+  TORCH_CHECK(grid < std::numeric_limits<int>::max(), "pathway_matmul: problem too large");
+  auto go = [&](auto kernel) {
+    kernel<<<(unsigned)grid, warps * kWarp, smem, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (fused) {
+    vec ? go(ztile_kernel<scalar_t, V, true>) : go(ztile_kernel<scalar_t, 1, true>);
+  } else {
+    vec ? go(ztile_kernel<scalar_t, V, false>) : go(ztile_kernel<scalar_t, 1, false>);
+  }
+}
+
+// Z via cuBLAS (blocked layout only).
+Tensor cublas_z(const Plan& p, const Tensor& x, const Tensor& w) {
+  return at::bmm(x_blocks(p, x), w_blocks(p, w).transpose(1, 2))
+      .view({p.z_rows(x.size(1)), p.z_cols(w.size(1))});
+}
+
+// ---------------------------------------------------------------------------------------------
+// pathway_matmul: y[t] = sum_{p: t_p = t} gate[p] * (Z_p + bias[m_p])
+Tensor pathway_matmul_cuda(const Tensor& x_, const Tensor& w_, const c10::optional<Tensor>& bias_,
+                           const c10::optional<Tensor>& gate_, const Tensor& paths,
+                           const Tensor& csr, at::IntArrayRef layout) {
+  check_data(x_, w_, bias_);
+  check_cuda_dtype(x_, "x");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor x = x_.contiguous(), w = w_.contiguous();
+  const Plan p = dev_plan(paths, csr, layout, x.size(0), w.size(0), x);
+  check_gate(gate_, x, p.P, x.size(1));
+  const int64_t B = x.size(1), Do = w.size(1);
+  if (p.P == 0 || B == 0 || Do == 0) return at::zeros({p.T, B, Do}, x.options());
+  const Tensor bias = bias_ ? bias_->contiguous() : Tensor();
+  const Tensor gate = gate_ ? gate_->contiguous() : Tensor();
+  Tensor y = at::empty({p.T, B, Do}, x.options());
+  const bool skinny = B <= kSkinnyBatch || !p.blocked();
+  GATED_DISPATCH(x.scalar_type(), "pathway_matmul_cuda", [&] {
+    Tensor z;
+    if (skinny) {
+      z = at::empty({p.z_rows(B), p.z_cols(Do)}, x.options());
+      launch_ztile<scalar_t>(p, x, w, bias, gate, &y, z, /*fused=*/true);
+    } else {
+      z = cublas_z(p, x, w);
+    }
+    gather_epilogue_kernel<scalar_t><<<flat_blocks(y.numel(), 256), 256, 0, stream()>>>(
+        p, z.data_ptr<scalar_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+        gate.defined() ? gate.data_ptr<scalar_t>() : nullptr, gate.defined() && gate.dim() == 2,
+        y.data_ptr<scalar_t>(), B, Do, z.size(1), /*only_multi=*/skinny);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+Tensor pathway_grad_z_cuda(const Tensor& grad_y_, const c10::optional<Tensor>& gate_,
+                           const Tensor& paths, const Tensor& csr, at::IntArrayRef layout,
+                           int64_t num_sources, int64_t num_weights) {
+  TORCH_CHECK(grad_y_.dim() == 3, "grad_y: expected (T, B, D_out), got shape ", grad_y_.sizes());
+  const c10::cuda::CUDAGuard guard(grad_y_.device());
+  const Tensor gy = grad_y_.contiguous();
+  const Plan p = dev_plan(paths, csr, layout, num_sources, num_weights, gy);
+  TORCH_CHECK(gy.size(0) == p.T, "grad_y: expected T = ", p.T, " destinations, got shape ",
+              gy.sizes());
+  const int64_t B = gy.size(1), Do = gy.size(2);
+  check_gate(gate_, gy, p.P, B);
+  Tensor dz = at::empty({p.z_rows(B), p.z_cols(Do)}, gy.options());
+  if (dz.numel() == 0) return dz;
+  const Tensor gate = gate_ ? gate_->contiguous() : Tensor();
+  GATED_DISPATCH(gy.scalar_type(), "pathway_grad_z_cuda", [&] {
+    grad_z_kernel<scalar_t><<<flat_blocks(p.P * B * Do, 256), 256, 0, stream()>>>(
+        p, gy.data_ptr<scalar_t>(), gate.defined() ? gate.data_ptr<scalar_t>() : nullptr,
+        gate.defined() && gate.dim() == 2, dz.data_ptr<scalar_t>(), B, Do, dz.size(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dz;
+}
+
+// grad_x[s] = sum_{p: s_p = s} dZ_p @ W[m_p]
+Tensor pathway_grad_x_cuda(const Tensor& dz_, const Tensor& w_, const Tensor& paths,
+                           const Tensor& csr, at::IntArrayRef layout, int64_t num_sources,
+                           int64_t batch) {
+  TORCH_CHECK(w_.dim() == 3, "weight: expected (M, D_out, D_in), got shape ", w_.sizes());
+  check_float(dz_, "grad_z", w_.scalar_type());
+  check_same_device(dz_, "grad_z", w_);
+  const c10::cuda::CUDAGuard guard(w_.device());
+  const Tensor dz = dz_.contiguous(), w = w_.contiguous();
+  const Plan p = dev_plan(paths, csr, layout, num_sources, w.size(0), w);
+  const int64_t B = batch, Do = w.size(1), Di = w.size(2);
+  check_grad_z(dz, p, B, Do);
+  const bool covers = !p.blocked() || p.n * p.ns == p.S;  // every row written by the kernels
+  Tensor gx = covers ? at::empty({p.S, B, Di}, w.options()) : at::zeros({p.S, B, Di}, w.options());
+  if (gx.numel() == 0) return gx;
+  if (p.P == 0) return gx.zero_();
+  if (p.blocked() && (B > kSkinnyBatch || p.nm * Do > kSkinnyReduce)) {
+    Tensor out = x_blocks(p, gx);
+    at::bmm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}), w_blocks(p, w));
+    return gx;
+  }
+  GATED_DISPATCH(w.scalar_type(), "pathway_grad_x_cuda", [&] {
+    constexpr int V = vec_of<scalar_t>();
+    GradXArgs<scalar_t> a;
+    a.dz = dz.data_ptr<scalar_t>(); a.w = w.data_ptr<scalar_t>(); a.gx = gx.data_ptr<scalar_t>();
+    a.p = p; a.B = B; a.Di = Di; a.Do = Do; a.ldz = dz.size(1);
+    const bool vec = Di % V == 0 && aligned16(a.w);
+    const int cols = kWarp * (vec ? V : 1);
+    a.nbt = (int)((B + kBT - 1) / kBT);
+    a.ndt = (int)((Di + cols - 1) / cols);
+    const int64_t grid = (p.blocked() ? p.n * p.ns : p.S) * a.nbt * a.ndt;
+    if (grid == 0) return;
+    auto go = [&](auto kernel) {
+      kernel<<<(unsigned)grid, kGxWarps * kWarp, 0, stream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    vec ? go(grad_x_kernel<scalar_t, V>) : go(grad_x_kernel<scalar_t, 1>);
+  });
+  return gx;
+}
+
+// The skinny weight-gradient kernel: into `out` (grad) or onto the weight (SGD).
+template <typename scalar_t>
+void launch_wgrad(const Plan& p, const Tensor& dz, const Tensor& x, const Tensor& out,
+                  const Tensor& buf, int64_t Do, bool sgd, double lr, double momentum,
+                  double weight_decay, bool nesterov) {
+  constexpr int V = vec_of<scalar_t>();
+  const int64_t Di = x.size(2);
+  WGradArgs<scalar_t> a;
+  a.dz = dz.data_ptr<scalar_t>(); a.x = x.data_ptr<scalar_t>(); a.out = out.data_ptr<scalar_t>();
+  a.buf = buf.defined() ? buf.data_ptr<scalar_t>() : nullptr;
+  a.p = p; a.B = x.size(1); a.Di = Di; a.Do = Do; a.ldz = dz.size(1);
+  a.lr = lr; a.momentum = momentum; a.weight_decay = weight_decay; a.nesterov = nesterov;
+  const bool vec = Di % V == 0 && aligned16(a.x) && aligned16(a.out) &&
+                   (!a.buf || aligned16(a.buf));
+  const int cols = kWarp * (vec ? V : 1), warps = warps_for(Do);
+  a.ndt = (int)((Di + cols - 1) / cols);
+  a.not_ = (int)((Do + warps * kRowsPerWarp - 1) / (warps * kRowsPerWarp));
+  const int64_t grid = p.M * a.ndt * a.not_;
+  if (grid == 0) return;
+  TORCH_CHECK(grid < std::numeric_limits<int>::max(), "pathway weight gradient: too large");
+  auto go = [&](auto kernel) {
+    kernel<<<(unsigned)grid, warps * kWarp, 0, stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (sgd) {
+    vec ? go(wgrad_kernel<scalar_t, V, true>) : go(wgrad_kernel<scalar_t, 1, true>);
+  } else {
+    vec ? go(wgrad_kernel<scalar_t, V, false>) : go(wgrad_kernel<scalar_t, 1, false>);
+  }
+}
+
+// grad_W[m] = sum_{p: m_p = m} dZ_p^T @ x[s_p]
+Tensor pathway_grad_weight_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& paths,
+                                const Tensor& csr, at::IntArrayRef layout, int64_t num_weights,
+                                int64_t d_out) {
+  TORCH_CHECK(x_.dim() == 3, "x: expected (S, B, D_in), got shape ", x_.sizes());
+  check_float(dz_, "grad_z", x_.scalar_type());
+  check_same_device(dz_, "grad_z", x_);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor dz = dz_.contiguous(), x = x_.contiguous();
+  const Plan p = dev_plan(paths, csr, layout, x.size(0), num_weights, x);
+  const int64_t B = x.size(1), Di = x.size(2), Do = d_out;
+  check_grad_z(dz, p, B, Do);
+  if (p.P == 0 || B == 0) return at::zeros({p.M, Do, Di}, x.options());
+  if (p.blocked() && p.ns * B > kSkinnyRows) {
+    const bool covers = p.n * p.nm == p.M;
+    Tensor gw = covers ? at::empty({p.M, Do, Di}, x.options())
+                       : at::zeros({p.M, Do, Di}, x.options());
+    Tensor out = w_blocks(p, gw);
+    at::bmm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}).transpose(1, 2), x_blocks(p, x));
+    return gw;
+  }
+  Tensor gw = at::empty({p.M, Do, Di}, x.options());  // every element written
+  GATED_DISPATCH(x.scalar_type(), "pathway_grad_weight_cuda", [&] {
+    launch_wgrad<scalar_t>(p, dz, x, gw, Tensor(), Do, false, 0, 0, 0, false);
+  });
+  return gw;
+}
+
+Tensor pathway_grad_bias_cuda(const Tensor& dz_, const Tensor& paths, const Tensor& csr,
+                              at::IntArrayRef layout, int64_t num_sources, int64_t num_weights,
+                              int64_t d_out) {
+  const c10::cuda::CUDAGuard guard(dz_.device());
+  const Tensor dz = dz_.contiguous();
+  const Plan p = dev_plan(paths, csr, layout, num_sources, num_weights, dz);
+  const int64_t Do = d_out;
+  TORCH_CHECK(dz.dim() == 2 && dz.size(1) == p.z_cols(Do), "grad_z: expected ", p.z_cols(Do),
+              " columns, got shape ", dz.sizes());
+  const int64_t rows_per_path = p.blocked() ? p.n * p.ns : p.P;
+  const int64_t B = rows_per_path ? dz.size(0) / rows_per_path : 0;
+  if (p.P == 0 || B == 0) return at::zeros({p.M, Do}, dz.options());
+  Tensor gb = at::empty({p.M, Do}, dz.options());
+  if (gb.numel() == 0) return gb;
+  GATED_DISPATCH(dz.scalar_type(), "pathway_grad_bias_cuda", [&] {
+    grad_bias_kernel<scalar_t><<<flat_blocks(p.M * Do, 128), 128, 0, stream()>>>(
+        p, dz.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), B, Do, dz.size(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gb;
+}
+
+// grad_gate[p, b] = <grad_y[t_p, b], Z_p[b] + bias[m_p]>  (summed over b for a (P,) gate)
+Tensor pathway_grad_gate_cuda(const Tensor& grad_y_, const Tensor& x_, const Tensor& w_,
+                              const c10::optional<Tensor>& bias_, const Tensor& gate,
+                              const Tensor& paths, const Tensor& csr, at::IntArrayRef layout) {
+  check_data(x_, w_, bias_);
+  check_cuda_dtype(x_, "x");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  check_float(grad_y_, "grad_y", x_.scalar_type());
+  check_same_device(grad_y_, "grad_y", x_);
+  const Tensor x = x_.contiguous(), w = w_.contiguous(), gy = grad_y_.contiguous();
+  const Plan p = dev_plan(paths, csr, layout, x.size(0), w.size(0), x);
+  check_gate(gate, x, p.P, x.size(1));
+  const int64_t B = x.size(1), Do = w.size(1);
+  GATED_CHECK_SHAPE("grad_y", gy, p.T, B, Do);
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor gg = at::zeros({p.P, B}, x.options().dtype(acc_dtype));
+  if (p.P > 0 && B > 0 && Do > 0) {
+    const Tensor bias = bias_ ? bias_->contiguous() : Tensor();
+    GATED_DISPATCH(x.scalar_type(), "pathway_grad_gate_cuda", [&] {
+      Tensor z;
+      if (B <= kSkinnyBatch || !p.blocked()) {
+        z = at::empty({p.z_rows(B), p.z_cols(Do)}, x.options());
+        launch_ztile<scalar_t>(p, x, w, Tensor(), Tensor(), nullptr, z, /*fused=*/false);
+      } else {
+        z = cublas_z(p, x, w);
+      }
+      const int64_t warps = p.P * B;
+      gate_epilogue_kernel<scalar_t><<<flat_blocks(warps * kWarp, 256), 256, 0, stream()>>>(
+          p, gy.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+          bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+          acc_dtype == at::kFloat ? gg.data_ptr<float>() : nullptr,
+          acc_dtype == at::kDouble ? gg.data_ptr<double>() : nullptr, B, Do, z.size(1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return (gate.dim() == 2 ? gg : gg.sum(1)).to(x.scalar_type());
+}
+
+void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
+                      const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
+                      at::IntArrayRef layout, double lr, double momentum, double weight_decay,
+                      bool nesterov) {
+  TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
+  check_float(w, "weight", x_.scalar_type());
+  check_float(dz_, "grad_z", x_.scalar_type());
+  check_same_device(w, "weight", x_);
+  check_same_device(dz_, "grad_z", x_);
+  TORCH_CHECK(w.is_contiguous(), "weight: the fused SGD update needs a contiguous weight");
+  TORCH_CHECK((momentum != 0) == buf.has_value(),
+              "momentum_buffer: expected a buffer exactly when momentum != 0");
+  if (buf) {
+    TORCH_CHECK(buf->sizes() == w.sizes() && buf->is_contiguous() &&
+                    buf->scalar_type() == w.scalar_type(),
+                "momentum_buffer: expected a contiguous tensor like weight ", w.sizes(), ", got ",
+                buf->sizes());
+    check_same_device(*buf, "momentum_buffer", x_);
+  }
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor dz = dz_.contiguous(), x = x_.contiguous();
+  const Plan p = dev_plan(paths, csr, layout, x.size(0), w.size(0), x);
+  const int64_t B = x.size(1), Do = w.size(1);
+  check_grad_z(dz, p, B, Do);
+  if (w.numel() == 0) return;
+  const Tensor bufv = buf ? *buf : Tensor();
+  GATED_DISPATCH(w.scalar_type(), "pathway_sgd_cuda", [&] {
+    if (p.blocked() && p.ns * B > kSkinnyRows) {
+      // cuBLAS gradient (a scratch of the weight's size), then the elementwise update.
+      const bool covers = p.n * p.nm == p.M;
+      Tensor g = covers ? at::empty_like(w) : at::zeros_like(w);
+      Tensor out = w_blocks(p, g);
+      at::bmm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}).transpose(1, 2), x_blocks(p, x));
+      sgd_kernel<scalar_t><<<flat_blocks(w.numel(), 256), 256, 0, stream()>>>(
+          w.data_ptr<scalar_t>(), bufv.defined() ? bufv.data_ptr<scalar_t>() : nullptr,
+          g.data_ptr<scalar_t>(), w.numel(), lr, momentum, weight_decay, nesterov);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      launch_wgrad<scalar_t>(p, dz, x, w, bufv, Do, true, lr, momentum, weight_decay, nesterov);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cuda(const Tensor& logits_,
+                                                                    const Tensor& target_,
+                                                                    const Tensor& gate_) {
+  TORCH_CHECK(logits_.dim() == 4, "logits: expected (R, P, B, C), got shape ", logits_.sizes());
+  TORCH_CHECK(at::isFloatingType(logits_.scalar_type()),
+              "logits: expected a floating-point tensor, got ", logits_.scalar_type());
+  const int64_t R = logits_.size(0), P = logits_.size(1), B = logits_.size(2), C = logits_.size(3);
+  TORCH_CHECK(target_.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
+              target_.scalar_type());
+  GATED_CHECK_SHAPE("target", target_, R, P, B);
+  check_float(gate_, "gate", logits_.scalar_type());
+  GATED_CHECK_SHAPE("gate", gate_, R, P);
+  check_same_device(target_, "target", logits_);
+  check_same_device(gate_, "gate", logits_);
+  TORCH_CHECK(B > 0, "logits: expected a batch of B > 0 samples (the loss is a mean over B)");
+  TORCH_CHECK(C > 0, "logits: expected C > 0 classes");
+  const c10::cuda::CUDAGuard guard(logits_.device());
+  const Tensor logits = logits_.contiguous(), target = target_.contiguous(),
+               gate = gate_.contiguous();
+  Tensor loss = at::empty({R}, logits.options());
+  Tensor path_loss = at::empty({R, P}, logits.options());
+  Tensor correct = at::empty({R, P}, target.options());
+  Tensor lse = at::empty({R, P, B}, logits.options());
+  if (R == 0) return {loss, path_loss, correct, lse};
+  GATED_DISPATCH(logits.scalar_type(), "gated_cross_entropy_cuda", [&] {
+    if (P > 0) {
+      ce_forward_kernel<scalar_t><<<(unsigned)(R * P), kCeWarps * kWarp, 0, stream()>>>(
+          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(),
+          path_loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
+          B, C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    ce_loss_kernel<scalar_t><<<(unsigned)R, 256, 0, stream()>>>(
+        gate.data_ptr<scalar_t>(), path_loss.data_ptr<scalar_t>(), loss.data_ptr<scalar_t>(), P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, path_loss, correct, lse};
+}
+
+Tensor gated_cross_entropy_backward_cuda(const Tensor& grad_loss_, const Tensor& grad_pl_,
+                                         const Tensor& logits_, const Tensor& target_,
+                                         const Tensor& gate_, const Tensor& lse_) {
+  TORCH_CHECK(logits_.dim() == 4, "logits: expected (R, P, B, C), got shape ", logits_.sizes());
+  const int64_t R = logits_.size(0), P = logits_.size(1), B = logits_.size(2), C = logits_.size(3);
+  GATED_CHECK_SHAPE("grad_loss", grad_loss_, R);
+  GATED_CHECK_SHAPE("grad_path_loss", grad_pl_, R, P);
+  GATED_CHECK_SHAPE("target", target_, R, P, B);
+  GATED_CHECK_SHAPE("gate", gate_, R, P);
+  GATED_CHECK_SHAPE("lse", lse_, R, P, B);
+  auto check_like_logits = [&](const Tensor& t, const char* name) {
+    check_float(t, name, logits_.scalar_type());
+    check_same_device(t, name, logits_);
+  };
+  check_like_logits(grad_loss_, "grad_loss");
+  check_like_logits(grad_pl_, "grad_path_loss");
+  check_like_logits(gate_, "gate");
+  check_like_logits(lse_, "lse");
+  const c10::cuda::CUDAGuard guard(logits_.device());
+  const Tensor logits = logits_.contiguous(), target = target_.contiguous(),
+               gate = gate_.contiguous(), lse = lse_.contiguous(),
+               grad_loss = grad_loss_.contiguous(), grad_pl = grad_pl_.contiguous();
+  Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (grad.numel() == 0) return grad;
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor wts = at::empty({R, P}, logits.options().dtype(acc_dtype));
+  GATED_DISPATCH(logits.scalar_type(), "gated_cross_entropy_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ce_weights_kernel<scalar_t><<<(unsigned)R, 256, 0, stream()>>>(
+        grad_loss.data_ptr<scalar_t>(), grad_pl.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(),
+        wts.data_ptr<acc_t>(), P, B);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    constexpr bool kRecompute = sizeof(scalar_t) == 2;
+    const int64_t rows = R * P * B;
+    ce_backward_kernel<scalar_t, kRecompute><<<flat_blocks(rows * kWarp, 256), 256, 0,
+                                               stream()>>>(
+        logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
+        wts.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), rows, B, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gated_ops, CUDA, m) {
+  m.impl("pathway_matmul", &pathway_matmul_cuda);
+  m.impl("pathway_grad_z", &pathway_grad_z_cuda);
+  m.impl("pathway_grad_x", &pathway_grad_x_cuda);
+  m.impl("pathway_grad_weight", &pathway_grad_weight_cuda);
+  m.impl("pathway_grad_bias", &pathway_grad_bias_cuda);
+  m.impl("pathway_grad_gate", &pathway_grad_gate_cuda);
+  m.impl("pathway_sgd_", &pathway_sgd_cuda);
+  m.impl("gated_cross_entropy", &gated_cross_entropy_cuda);
+  m.impl("gated_cross_entropy_backward", &gated_cross_entropy_backward_cuda);
+}
+
+}  // namespace gated_ops

@@ -1,0 +1,768 @@
+"""Triton kernels for the gated pathway ops, as a second backend beside the compiled CUDA one.
+
+Reading order: kernels, launchers, registration, public functions (STYLE.md). The math is
+:mod:`gated_ops.reference`; the exact semantics and the plan layout are those of the registered
+ops ``torch.ops.gated_ops.*`` (csrc/gated_ops.cpp, gated_ops/plan.py).
+
+Entry points:
+
+* ``pathway_matmul(x, weight, plan, bias=None, gate=None)`` and
+  ``gated_cross_entropy(logits, target, gate)``: the same signatures and semantics as
+  :func:`gated_ops.pathway_matmul` / :func:`gated_ops.gated_cross_entropy`, differentiable.
+* the registered ops ``torch.ops.gated_ops_triton.<name>`` for ``pathway_matmul``,
+  ``pathway_grad_z``, ``pathway_grad_x``, ``pathway_grad_weight``, ``pathway_grad_bias``,
+  ``pathway_grad_gate``, ``gated_cross_entropy``, ``gated_cross_entropy_backward``: the schemas of
+  ``gated_ops::<name>`` (``torch.library.custom_op``, with fake kernels and autograd whose
+  backward calls the ``gated_ops_triton`` ops).
+
+What runs in Triton: the blocked plan layout (every k-path layer; ``plan.kind == "blocked"``) in
+float32 / float16 / bfloat16, as batched tile GEMMs (``tl.dot``, fp32 accumulation, IEEE fp32 for
+float32 inputs) over the plan's block views, with the gate, bias and pathway-sum epilogue fused
+into the forward GEMM; and the gated cross-entropy. Explicit fallbacks, each a documented call of
+the compiled op (``torch.ops.gated_ops.<name>``), logged at DEBUG level: grouped plans (arbitrary
+GDLN graphs) and float64 data.
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slow; float32 / float16 only): set
+it before this module is imported. Determinism: no atomics; every output tile is written by one
+program, so results are bitwise reproducible for a given GPU and Triton version.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import ops
+from .ops import ce_backward, ce_setup_context, pathway_backward, pathway_setup_context
+from .plan import PathwayPlan
+
+__all__ = ["pathway_matmul", "gated_cross_entropy", "TRITON_DTYPES"]
+
+log = logging.getLogger(__name__)
+
+#: Data types the Triton kernels take; others fall back to the compiled ops.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Gate kinds (constexpr): none, one scalar per pathway (P,), one value per sample (P, B).
+_GATE_NONE, _GATE_PATH, _GATE_SAMPLE = 0, 1, 2
+
+
+# =================================================================================================
+# Kernels
+# =================================================================================================
+@triton.jit
+def _ztile_kernel(x_ptr, w_ptr, bias_ptr, gate_ptr, y_ptr, z_ptr, zinv_ptr, paths_ptr, dst_rowptr,
+                  P, B, Di, Do, ns, nm, s0, m0, tiles_n, tiles,
+                  HAS_BIAS: tl.constexpr, GATE: tl.constexpr, FUSED: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of Z_i = X_i @ W_i^T for block i of a blocked plan.
+
+    X_i (ns*B, Di) are the rows of sources s0 + i*ns.., W_i (nm*Do, Di) the rows of weights
+    m0 + i*nm..; Z row a*B + b, column c*Do + o belongs to pathway zinv[(i*ns + a)*nm + c].
+    FUSED: a pathway that is the only one of its destination t writes y[t, b, o] =
+    gate * (z + bias) directly; the others store z into Z for _gather_kernel. Else: store all Z.
+    """
+    pid = tl.program_id(0)  # (block i, tile): a 1-D grid, since n may exceed 65535
+    i = (pid // tiles).to(tl.int64)
+    pid_m = (pid % tiles) // tiles_n
+    pid_n = (pid % tiles) % tiles_n
+    R = ns * B
+    N = nm * Do
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < R
+    cmask = cols < N
+    x_rows = (s0 + i * ns) * B + rows.to(tl.int64)
+    w_rows = (m0 + i * nm) * Do + cols.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, Di, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < Di
+        a = tl.load(x_ptr + x_rows[:, None] * Di + ks[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + w_rows[None, :] * Di + ks[:, None],
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    mask = rmask[:, None] & cmask[None, :]
+    z_off = (i * R + rows)[:, None] * N + cols[None, :]
+    if FUSED:
+        bb = rows % B
+        k = i * ns + rows // B
+        c = cols // Do
+        o = cols % Do
+        q = tl.load(zinv_ptr + k[:, None] * nm + c[None, :], mask=mask, other=0)
+        t = tl.load(paths_ptr + 2 * P + q, mask=mask, other=0)
+        cnt = (tl.load(dst_rowptr + t + 1, mask=mask, other=0)
+               - tl.load(dst_rowptr + t, mask=mask, other=0))
+        val = acc
+        if HAS_BIAS:
+            bv = tl.load(bias_ptr + (m0 + i * nm + c) * Do + o, mask=cmask, other=0.0)
+            val = val + bv.to(tl.float32)[None, :]
+        if GATE == 1:
+            val = val * tl.load(gate_ptr + q, mask=mask, other=0.0).to(tl.float32)
+        if GATE == 2:
+            val = val * tl.load(gate_ptr + q * B + bb[:, None], mask=mask, other=0.0).to(tl.float32)
+        y_off = (t * B + bb[:, None]) * Do + o[None, :]
+        tl.store(y_ptr + y_off, val.to(y_ptr.dtype.element_ty), mask=mask & (cnt == 1))
+        tl.store(z_ptr + z_off, acc.to(z_ptr.dtype.element_ty), mask=mask & (cnt != 1))
+    else:
+        tl.store(z_ptr + z_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_kernel(z_ptr, bias_ptr, gate_ptr, y_ptr, paths_ptr, dst_rowptr, dst_perm,
+                   P, B, Do, ldz,
+                   HAS_BIAS: tl.constexpr, GATE: tl.constexpr, ONLY_MULTI: tl.constexpr,
+                   BLOCK_O: tl.constexpr):
+    """y[t, b] = sum_{p in dst CSR(t)} gate * (Z_p[b] + bias[m_p]), in CSR order, for one (t, b).
+
+    ONLY_MULTI: destinations with exactly one pathway were written by _ztile_kernel."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // B
+    b = pid % B
+    k0 = tl.load(dst_rowptr + t)
+    k1 = tl.load(dst_rowptr + t + 1)
+    for o0 in range(0, Do, BLOCK_O):
+        offs = o0 + tl.arange(0, BLOCK_O)
+        omask = offs < Do
+        acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        for kk in range(k0, k1):
+            q = tl.load(dst_perm + kk)
+            zr = tl.load(paths_ptr + 3 * P + q)
+            zc = tl.load(paths_ptr + 4 * P + q)
+            zv = tl.load(z_ptr + (zr * B + b) * ldz + zc * Do + offs, mask=omask,
+                         other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                m = tl.load(paths_ptr + P + q)
+                zv += tl.load(bias_ptr + m * Do + offs, mask=omask, other=0.0).to(tl.float32)
+            if GATE == 1:
+                zv *= tl.load(gate_ptr + q).to(tl.float32)
+            if GATE == 2:
+                zv *= tl.load(gate_ptr + q * B + b).to(tl.float32)
+            acc += zv
+        write = omask
+        if ONLY_MULTI:
+            write = write & ((offs * 0 + (k1 - k0)) != 1)
+        tl.store(y_ptr + (t * B + b) * Do + offs, acc.to(y_ptr.dtype.element_ty), mask=write)
+
+
+@triton.jit
+def _grad_z_kernel(gy_ptr, gate_ptr, dz_ptr, paths_ptr, P, B, Do, ldz,
+                   GATE: tl.constexpr, BLOCK_O: tl.constexpr):
+    """dZ_p[b] = gate[p, b] * grad_y[t_p, b] for one (p, b); every Z cell has one pathway."""
+    pid = tl.program_id(0).to(tl.int64)
+    q = pid // B
+    b = pid % B
+    t = tl.load(paths_ptr + 2 * P + q)
+    zr = tl.load(paths_ptr + 3 * P + q)
+    zc = tl.load(paths_ptr + 4 * P + q)
+    g = 1.0
+    if GATE == 1:
+        g = tl.load(gate_ptr + q).to(tl.float32)
+    if GATE == 2:
+        g = tl.load(gate_ptr + q * B + b).to(tl.float32)
+    for o0 in range(0, Do, BLOCK_O):
+        offs = o0 + tl.arange(0, BLOCK_O)
+        omask = offs < Do
+        v = tl.load(gy_ptr + (t * B + b) * Do + offs, mask=omask, other=0.0).to(tl.float32)
+        tl.store(dz_ptr + (zr * B + b) * ldz + zc * Do + offs,
+                 (g * v).to(dz_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _grad_x_kernel(dz_ptr, w_ptr, gx_ptr, B, Di, Do, ns, nm, s0, m0, tiles_n, tiles,
+                   DOT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grad X_i (ns*B, Di) = dZ_i (ns*B, nm*Do) @ W_i (nm*Do, Di), one tile."""
+    pid = tl.program_id(0)  # (block i, tile): a 1-D grid, since n may exceed 65535
+    i = (pid // tiles).to(tl.int64)
+    pid_m = (pid % tiles) // tiles_n
+    pid_n = (pid % tiles) % tiles_n
+    R = ns * B
+    K = nm * Do
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < R
+    cmask = cols < Di
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a = tl.load(dz_ptr + (i * R + rows)[:, None] * K + ks[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + ((m0 + i * nm) * Do + ks)[:, None] * Di + cols[None, :],
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    out = gx_ptr + ((s0 + i * ns) * B + rows)[:, None] * Di + cols[None, :]
+    tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _grad_w_kernel(dz_ptr, x_ptr, gw_ptr, B, Di, Do, ns, nm, s0, m0, tiles_n, tiles,
+                   DOT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grad W_i (nm*Do, Di) = dZ_i^T (nm*Do, ns*B) @ X_i (ns*B, Di), one tile."""
+    pid = tl.program_id(0)  # (block i, tile): a 1-D grid, since n may exceed 65535
+    i = (pid // tiles).to(tl.int64)
+    pid_m = (pid % tiles) // tiles_n
+    pid_n = (pid % tiles) % tiles_n
+    R = ns * B
+    N = nm * Do
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    cmask = cols < Di
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, R, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < R
+        a = tl.load(dz_ptr + (i * R + ks)[None, :] * N + rows[:, None],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(x_ptr + ((s0 + i * ns) * B + ks)[:, None] * Di + cols[None, :],
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    out = gw_ptr + ((m0 + i * nm) * Do + rows)[:, None] * Di + cols[None, :]
+    tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _grad_bias_kernel(dz_ptr, gb_ptr, B, Do, ns, nm, m0, tiles,
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """grad bias of block i's weights: the column sums of dZ_i (ns*B, nm*Do), one column tile."""
+    i = (tl.program_id(0) // tiles).to(tl.int64)
+    pid = tl.program_id(0) % tiles
+    R = ns * B
+    N = nm * Do
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        tile = tl.load(dz_ptr + (i * R + rs)[:, None] * N + cols[None, :],
+                       mask=(rs < R)[:, None] & cmask[None, :], other=0.0)
+        acc += tl.sum(tile.to(tl.float32), axis=0)
+    tl.store(gb_ptr + (m0 + i * nm) * Do + cols, acc.to(gb_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _gate_grad_kernel(gy_ptr, z_ptr, bias_ptr, gg_ptr, paths_ptr, P, B, Do, ldz,
+                      HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr):
+    """gg[p, b] = <grad_y[t_p, b], Z_p[b] + bias[m_p]> (fp32) for one (p, b)."""
+    pid = tl.program_id(0).to(tl.int64)
+    q = pid // B
+    b = pid % B
+    m = tl.load(paths_ptr + P + q)
+    t = tl.load(paths_ptr + 2 * P + q)
+    zr = tl.load(paths_ptr + 3 * P + q)
+    zc = tl.load(paths_ptr + 4 * P + q)
+    acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for o0 in range(0, Do, BLOCK_O):
+        offs = o0 + tl.arange(0, BLOCK_O)
+        omask = offs < Do
+        zv = tl.load(z_ptr + (zr * B + b) * ldz + zc * Do + offs, mask=omask,
+                     other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            zv += tl.load(bias_ptr + m * Do + offs, mask=omask, other=0.0).to(tl.float32)
+        gv = tl.load(gy_ptr + (t * B + b) * Do + offs, mask=omask, other=0.0).to(tl.float32)
+        acc += gv * zv
+    tl.store(gg_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _ce_forward_kernel(logits_ptr, target_ptr, path_loss_ptr, correct_ptr, lse_ptr, B, C,
+                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One (replica, path) row group: lse per row, mean NLL, hit count (argmax = the first
+    maximum, NaN counting as the maximum, as torch.argmax). A target outside [0, C) gives NaN
+    (no out-of-bounds read; the compiled kernels raise / assert instead)."""
+    q = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    nll = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    hits = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    for b0 in range(0, B, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        bmask = bs < B
+        rows = q * B + bs
+        v = tl.load(logits_ptr + rows[:, None] * C + cols[None, :],
+                    mask=bmask[:, None] & cmask[None, :], other=float("-inf")).to(tl.float32)
+        isnan = v != v
+        has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
+        vmax = tl.max(tl.where(isnan, float("-inf"), v), axis=1)
+        first_nan = tl.min(tl.where(isnan, cols[None, :], BLOCK_C), axis=1)
+        first_max = tl.min(tl.where(v == vmax[:, None], cols[None, :], BLOCK_C), axis=1)
+        arg = tl.where(has_nan, first_nan, first_max)
+        lse = _row_lse(v, cmask)
+        y = tl.load(target_ptr + rows, mask=bmask, other=0)
+        y_ok = (y >= 0) & (y < C)
+        ly = tl.load(logits_ptr + rows * C + y, mask=bmask & y_ok, other=0.0).to(tl.float32)
+        ly = tl.where(y_ok, ly, float("nan"))
+        tl.store(lse_ptr + rows, lse.to(lse_ptr.dtype.element_ty), mask=bmask)
+        nll += tl.where(bmask, lse - ly, 0.0)
+        hits += tl.where(bmask & (arg == y), 1, 0)
+    tl.store(path_loss_ptr + q, (tl.sum(nll, axis=0) / B).to(path_loss_ptr.dtype.element_ty))
+    tl.store(correct_ptr + q, tl.sum(hits, axis=0).to(tl.int64))
+
+
+@triton.jit
+def _ce_loss_kernel(gate_ptr, path_loss_ptr, loss_ptr, P, BLOCK_P: tl.constexpr):
+    """loss[r] = sum_p gate * path_loss / sum_p gate; NaN when the gate row sums to zero (the
+    CPU kernel raises; raising here would need a host synchronisation)."""
+    r = tl.program_id(0).to(tl.int64)
+    num = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    den = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        pm = ps < P
+        g = tl.load(gate_ptr + r * P + ps, mask=pm, other=0.0).to(tl.float32)
+        pl = tl.load(path_loss_ptr + r * P + ps, mask=pm, other=0.0).to(tl.float32)
+        num += g * pl
+        den += g
+    n = tl.sum(num, axis=0)
+    d = tl.sum(den, axis=0)
+    out = tl.where(d == 0.0, float("nan"), n / d)
+    tl.store(loss_ptr + r, out.to(loss_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _ce_weights_kernel(grad_loss_ptr, grad_pl_ptr, gate_ptr, w_ptr, P, B, BLOCK_P: tl.constexpr):
+    """w[r, p] = (grad_loss[r] * gate[r, p] / sum_p gate[r, p] + grad_path_loss[r, p]) / B."""
+    r = tl.program_id(0).to(tl.int64)
+    den = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        den += tl.load(gate_ptr + r * P + ps, mask=ps < P, other=0.0).to(tl.float32)
+    d = tl.sum(den, axis=0)
+    gl = tl.load(grad_loss_ptr + r).to(tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        pm = ps < P
+        g = tl.load(gate_ptr + r * P + ps, mask=pm, other=0.0).to(tl.float32)
+        gp = tl.load(grad_pl_ptr + r * P + ps, mask=pm, other=0.0).to(tl.float32)
+        tl.store(w_ptr + r * P + ps, (gl * g / d + gp) / B, mask=pm)
+
+
+@triton.jit
+def _row_lse(v, cmask):
+    """log-sum-exp of each row of a (BLOCK_B, BLOCK_C) fp32 tile whose padding is -inf, shifted
+    by the row max as log_softmax is (NaN when the row holds a NaN or an infinite max)."""
+    isnan = v != v
+    has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
+    mx = tl.where(has_nan, float("nan"), tl.max(tl.where(isnan, float("-inf"), v), axis=1))
+    s = tl.sum(tl.where(cmask[None, :], tl.exp(v - mx[:, None]), 0.0), axis=1)
+    return tl.log(s) + mx
+
+
+@triton.jit
+def _ce_backward_kernel(logits_ptr, target_ptr, lse_ptr, w_ptr, grad_ptr, B, C,
+                        RECOMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad = w[r, p] * (softmax(logits) - onehot(target)) for one (r, p), tile by tile.
+
+    RECOMPUTE (16-bit logits): the row lse is recomputed in fp32, not read back rounded (a bf16
+    lse near 8 is off by up to 0.03: a 3% error on every softmax value)."""
+    q = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    wq = tl.load(w_ptr + q)
+    for b0 in range(0, B, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        bmask = bs < B
+        rows = q * B + bs
+        mask = bmask[:, None] & cmask[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        v = tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        if RECOMPUTE:
+            lse = _row_lse(v, cmask)
+        else:
+            lse = tl.load(lse_ptr + rows, mask=bmask, other=0.0).to(tl.float32)
+        y = tl.load(target_ptr + rows, mask=bmask, other=0)
+        onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+        g = wq * (tl.exp(v - lse[:, None]) - onehot)
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# =================================================================================================
+# Launchers
+# =================================================================================================
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _gate_kind(gate: Optional[Tensor]) -> int:
+    if gate is None:
+        return _GATE_NONE
+    return _GATE_SAMPLE if gate.dim() == 2 else _GATE_PATH
+
+
+def _uses_triton(layout: list[int], dtype: torch.dtype) -> bool:
+    """Blocked plans in float32 / float16 / bfloat16; anything else uses the compiled op."""
+    if layout[1] > 0 and dtype in TRITON_DTYPES:
+        return True
+    log.debug("gated_ops_triton: %s plan in %s -> compiled op (torch.ops.gated_ops)",
+              "blocked" if layout[1] > 0 else "grouped", dtype)
+    return False
+
+
+def _check_data(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor],
+                P: int) -> None:
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[2] != x.shape[2]:
+        raise ValueError(f"x, weight: expected (S, B, D_in) and (M, D_out, D_in), got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("gate", gate)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name}: expected {x.dtype} on {x.device} like x, got {t.dtype} on "
+                             f"{t.device}")
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:2]):
+        raise ValueError(f"bias: expected shape {tuple(weight.shape[:2])}, got "
+                         f"{tuple(bias.shape)}")
+    if gate is not None and tuple(gate.shape) not in ((P,), (P, x.shape[1])):
+        raise ValueError(f"gate: expected (P,) or (P, B) = ({P},) or ({P}, {x.shape[1]}), got "
+                         f"{tuple(gate.shape)}")
+
+
+def _zinv(paths: Tensor, layout: list[int]) -> Tensor:
+    """Blocked plans: the pathway of each (row block, column block) of Z, on the device."""
+    _, n, _, ns, _, nm = layout
+    P = paths.shape[1]
+    zinv = torch.empty(n * ns * nm, dtype=torch.int64, device=paths.device)
+    zinv[paths[3] * nm + paths[4]] = torch.arange(P, device=paths.device)
+    return zinv
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 tiles in full IEEE precision, as plain PyTorch's default matmul (TF32 would be an
+    # error of ~1e-3 against the tolerance rule); "tf32" is tl.dot's default, a no-op for 16-bit.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _gemm_blocks(rows: int, cols: int, red: int) -> tuple[int, int, int]:
+    # tl.dot needs every dimension >= 16; 64 caps registers per program.
+    return _pow2(rows, 16, 64), _pow2(cols, 16, 64), _pow2(red, 16, 64)
+
+
+def _launch_ztile(x, weight, bias, gate, paths, csr, layout, y, z, fused) -> None:
+    T, n, s0, ns, m0, nm = layout
+    P = paths.shape[1]
+    B, Di = x.shape[1], x.shape[2]
+    Do = weight.shape[1]
+    BM, BN, BK = _gemm_blocks(ns * B, nm * Do, Di)
+    tiles_n = triton.cdiv(nm * Do, BN)
+    tiles = triton.cdiv(ns * B, BM) * tiles_n
+    grid = (tiles * n,)
+    zinv = _zinv(paths, layout) if fused else paths
+    dummy = z
+    _ztile_kernel[grid](
+        x, weight, bias if bias is not None else dummy, gate if gate is not None else dummy,
+        y if y is not None else dummy, z, zinv, paths, csr, P, B, Di, Do, ns, nm, s0, m0, tiles_n,
+        tiles,
+        HAS_BIAS=bias is not None, GATE=_gate_kind(gate), FUSED=fused,
+        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+
+
+def _pathway_matmul_impl(x, weight, bias, gate, paths, csr, layout):
+    if not _uses_triton(layout, x.dtype):
+        return torch.ops.gated_ops.pathway_matmul(x, weight, bias, gate, paths, csr, layout)
+    P = paths.shape[1]
+    _check_data(x, weight, bias, gate, P)
+    T, n, s0, ns, m0, nm = layout
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    gate = gate.contiguous() if gate is not None else None
+    B, Do = x.shape[1], weight.shape[1]
+    if P == 0 or B == 0 or Do == 0:
+        return x.new_zeros(T, B, Do)
+    y = x.new_empty(T, B, Do)
+    z = x.new_empty(n * ns * B, nm * Do)
+    _launch_ztile(x, weight, bias, gate, paths, csr, layout, y, z, fused=True)
+    dummy = z
+    _gather_kernel[(T * B,)](
+        z, bias if bias is not None else dummy, gate if gate is not None else dummy, y, paths,
+        csr, csr[T + 1:], P, B, Do, nm * Do,
+        HAS_BIAS=bias is not None, GATE=_gate_kind(gate), ONLY_MULTI=True,
+        BLOCK_O=_pow2(Do, 16, 128))
+    return y
+
+
+def _grad_z_impl(grad_y, gate, paths, csr, layout, num_sources, num_weights):
+    if not _uses_triton(layout, grad_y.dtype):
+        return torch.ops.gated_ops.pathway_grad_z(grad_y, gate, paths, csr, layout, num_sources,
+                                                  num_weights)
+    T, n, s0, ns, m0, nm = layout
+    P = paths.shape[1]
+    grad_y = grad_y.contiguous()
+    gate = gate.contiguous() if gate is not None else None
+    B, Do = grad_y.shape[1], grad_y.shape[2]
+    dz = grad_y.new_empty(n * ns * B, nm * Do)
+    if dz.numel() == 0:
+        return dz
+    _grad_z_kernel[(P * B,)](grad_y, gate if gate is not None else grad_y, dz, paths, P, B, Do,
+                             nm * Do, GATE=_gate_kind(gate), BLOCK_O=_pow2(Do, 16, 128))
+    return dz
+
+
+def _grad_x_impl(grad_z, weight, paths, csr, layout, num_sources, batch):
+    if not _uses_triton(layout, weight.dtype):
+        return torch.ops.gated_ops.pathway_grad_x(grad_z, weight, paths, csr, layout,
+                                                  num_sources, batch)
+    T, n, s0, ns, m0, nm = layout
+    grad_z, weight = grad_z.contiguous(), weight.contiguous()
+    B, Do, Di = batch, weight.shape[1], weight.shape[2]
+    covers = n * ns == num_sources
+    gx = (weight.new_empty if covers else weight.new_zeros)(num_sources, B, Di)
+    if gx.numel() == 0:
+        return gx
+    BM, BN, BK = _gemm_blocks(ns * B, Di, nm * Do)
+    tiles_n = triton.cdiv(Di, BN)
+    tiles = triton.cdiv(ns * B, BM) * tiles_n
+    _grad_x_kernel[(tiles * n,)](
+        grad_z, weight, gx, B, Di, Do, ns, nm, s0, m0, tiles_n, tiles,
+        DOT_PRECISION=_dot_precision(weight.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    return gx
+
+
+def _grad_weight_impl(grad_z, x, paths, csr, layout, num_weights, d_out):
+    if not _uses_triton(layout, x.dtype):
+        return torch.ops.gated_ops.pathway_grad_weight(grad_z, x, paths, csr, layout,
+                                                       num_weights, d_out)
+    T, n, s0, ns, m0, nm = layout
+    grad_z, x = grad_z.contiguous(), x.contiguous()
+    B, Di, Do = x.shape[1], x.shape[2], d_out
+    if B == 0:
+        return x.new_zeros(num_weights, Do, Di)
+    covers = n * nm == num_weights
+    gw = (x.new_empty if covers else x.new_zeros)(num_weights, Do, Di)
+    if gw.numel() == 0:
+        return gw
+    BM, BN, BK = _gemm_blocks(nm * Do, Di, ns * B)
+    tiles_n = triton.cdiv(Di, BN)
+    tiles = triton.cdiv(nm * Do, BM) * tiles_n
+    _grad_w_kernel[(tiles * n,)](
+        grad_z, x, gw, B, Di, Do, ns, nm, s0, m0, tiles_n, tiles,
+        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    return gw
+
+
+def _grad_bias_impl(grad_z, paths, csr, layout, num_sources, num_weights, d_out):
+    if not _uses_triton(layout, grad_z.dtype):
+        return torch.ops.gated_ops.pathway_grad_bias(grad_z, paths, csr, layout, num_sources,
+                                                     num_weights, d_out)
+    T, n, s0, ns, m0, nm = layout
+    grad_z = grad_z.contiguous()
+    Do = d_out
+    B = grad_z.shape[0] // (n * ns)
+    covers = n * nm == num_weights
+    gb = (grad_z.new_empty if covers and B > 0 else grad_z.new_zeros)(num_weights, Do)
+    if B == 0 or gb.numel() == 0:
+        return gb
+    BN = _pow2(nm * Do, 16, 128)
+    tiles = triton.cdiv(nm * Do, BN)
+    _grad_bias_kernel[(tiles * n,)](
+        grad_z, gb, B, Do, ns, nm, m0, tiles, BLOCK_R=_pow2(ns * B, 16, 64), BLOCK_N=BN)
+    return gb
+
+
+def _grad_gate_impl(grad_y, x, weight, bias, gate, paths, csr, layout):
+    if not _uses_triton(layout, x.dtype):
+        return torch.ops.gated_ops.pathway_grad_gate(grad_y, x, weight, bias, gate, paths, csr,
+                                                     layout)
+    T, n, s0, ns, m0, nm = layout
+    P = paths.shape[1]
+    _check_data(x, weight, bias, gate, P)
+    x, weight, grad_y = x.contiguous(), weight.contiguous(), grad_y.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    B, Do = x.shape[1], weight.shape[1]
+    gg = torch.zeros(P, B, dtype=torch.float32, device=x.device)
+    if P > 0 and B > 0 and Do > 0:
+        z = x.new_empty(n * ns * B, nm * Do)
+        _launch_ztile(x, weight, None, None, paths, csr, layout, None, z, fused=False)
+        _gate_grad_kernel[(P * B,)](grad_y, z, bias if bias is not None else z, gg, paths, P, B,
+                                    Do, nm * Do, HAS_BIAS=bias is not None,
+                                    BLOCK_O=_pow2(Do, 16, 128))
+    return (gg if gate.dim() == 2 else gg.sum(1)).to(x.dtype)
+
+
+def _ce_check(logits: Tensor, target: Tensor, gate: Tensor) -> None:
+    if logits.dim() != 4:
+        raise ValueError(f"logits: expected (R, P, B, C), got shape {tuple(logits.shape)}")
+    R, P, B, C = logits.shape
+    if target.dtype != torch.int64 or tuple(target.shape) != (R, P, B):
+        raise ValueError(f"target: expected int64 of shape {(R, P, B)}, got {target.dtype} "
+                         f"{tuple(target.shape)}")
+    if gate.dtype != logits.dtype or tuple(gate.shape) != (R, P):
+        raise ValueError(f"gate: expected {logits.dtype} of shape {(R, P)}, got {gate.dtype} "
+                         f"{tuple(gate.shape)}")
+    if B == 0 or C == 0:
+        raise ValueError("logits: expected a batch of B > 0 samples and C > 0 classes")
+
+
+def _ce_blocks(B: int, C: int) -> tuple[int, int]:
+    BC = _pow2(C, 16, 1 << 16)
+    return _pow2(B, 1, max(1, 4096 // BC)), BC  # a (BLOCK_B, BLOCK_C) tile of <= 4096 values
+
+
+def _ce_impl(logits, target, gate):
+    if logits.dtype not in TRITON_DTYPES:
+        return torch.ops.gated_ops.gated_cross_entropy(logits, target, gate)
+    _ce_check(logits, target, gate)
+    logits, target, gate = logits.contiguous(), target.contiguous(), gate.contiguous()
+    R, P, B, C = logits.shape
+    loss = logits.new_empty(R)
+    path_loss = logits.new_empty(R, P)
+    correct = target.new_empty(R, P)
+    lse = logits.new_empty(R, P, B)
+    BB, BC = _ce_blocks(B, C)
+    if R * P > 0:
+        _ce_forward_kernel[(R * P,)](logits, target, path_loss, correct, lse, B, C,
+                                     BLOCK_B=BB, BLOCK_C=BC)
+    if R > 0:
+        _ce_loss_kernel[(R,)](gate, path_loss, loss, P, BLOCK_P=_pow2(P, 16, 1024))
+    return loss, path_loss, correct, lse
+
+
+def _ce_backward_impl(grad_loss, grad_path_loss, logits, target, gate, lse):
+    if logits.dtype not in TRITON_DTYPES:
+        return torch.ops.gated_ops.gated_cross_entropy_backward(grad_loss, grad_path_loss,
+                                                                logits, target, gate, lse)
+    logits, target, gate, lse = (t.contiguous() for t in (logits, target, gate, lse))
+    grad_loss, grad_path_loss = grad_loss.contiguous(), grad_path_loss.contiguous()
+    R, P, B, C = logits.shape
+    grad = torch.empty_like(logits)
+    if grad.numel() == 0:
+        return grad
+    w = torch.empty(R, P, dtype=torch.float32, device=logits.device)
+    _ce_weights_kernel[(R,)](grad_loss, grad_path_loss, gate, w, P, B, BLOCK_P=_pow2(P, 16, 1024))
+    BB, BC = _ce_blocks(B, C)
+    _ce_backward_kernel[(R * P,)](logits, target, lse, w, grad, B, C,
+                                  RECOMPUTE=logits.element_size() == 2, BLOCK_B=BB, BLOCK_C=BC)
+    return grad
+
+
+# =================================================================================================
+# Registration: custom ops with fake kernels and autograd over the same family of ops
+# =================================================================================================
+_LIB = "gated_ops_triton"
+
+
+@torch.library.custom_op(f"{_LIB}::pathway_matmul", mutates_args=())
+def _pathway_matmul_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor],
+                       paths: Tensor, csr: Tensor, layout: list[int]) -> Tensor:
+    return _pathway_matmul_impl(x, weight, bias, gate, paths, csr, layout)
+
+
+@torch.library.custom_op(f"{_LIB}::pathway_grad_z", mutates_args=())
+def _grad_z_op(grad_y: Tensor, gate: Optional[Tensor], paths: Tensor, csr: Tensor,
+               layout: list[int], num_sources: int, num_weights: int) -> Tensor:
+    return _grad_z_impl(grad_y, gate, paths, csr, layout, num_sources, num_weights)
+
+
+@torch.library.custom_op(f"{_LIB}::pathway_grad_x", mutates_args=())
+def _grad_x_op(grad_z: Tensor, weight: Tensor, paths: Tensor, csr: Tensor, layout: list[int],
+               num_sources: int, batch: int) -> Tensor:
+    return _grad_x_impl(grad_z, weight, paths, csr, layout, num_sources, batch)
+
+
+@torch.library.custom_op(f"{_LIB}::pathway_grad_weight", mutates_args=())
+def _grad_weight_op(grad_z: Tensor, x: Tensor, paths: Tensor, csr: Tensor, layout: list[int],
+                    num_weights: int, d_out: int) -> Tensor:
+    return _grad_weight_impl(grad_z, x, paths, csr, layout, num_weights, d_out)
+
+
+@torch.library.custom_op(f"{_LIB}::pathway_grad_bias", mutates_args=())
+def _grad_bias_op(grad_z: Tensor, paths: Tensor, csr: Tensor, layout: list[int],
+                  num_sources: int, num_weights: int, d_out: int) -> Tensor:
+    return _grad_bias_impl(grad_z, paths, csr, layout, num_sources, num_weights, d_out)
+
+
+@torch.library.custom_op(f"{_LIB}::pathway_grad_gate", mutates_args=())
+def _grad_gate_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,
+                  paths: Tensor, csr: Tensor, layout: list[int]) -> Tensor:
+    return _grad_gate_impl(grad_y, x, weight, bias, gate, paths, csr, layout)
+
+
+@torch.library.custom_op(f"{_LIB}::gated_cross_entropy", mutates_args=())
+def _ce_op(logits: Tensor, target: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _ce_impl(logits, target, gate)
+
+
+@torch.library.custom_op(f"{_LIB}::gated_cross_entropy_backward", mutates_args=())
+def _ce_backward_op(grad_loss: Tensor, grad_path_loss: Tensor, logits: Tensor, target: Tensor,
+                    gate: Tensor, lse: Tensor) -> Tensor:
+    return _ce_backward_impl(grad_loss, grad_path_loss, logits, target, gate, lse)
+
+
+def _z_shape(layout, num_paths, batch, d_out):
+    _, n, _, ns, _, nm = layout
+    return (n * ns * batch, nm * d_out) if n > 0 else (num_paths * batch, d_out)
+
+
+@_pathway_matmul_op.register_fake
+def _(x, weight, bias, gate, paths, csr, layout):
+    return x.new_empty(layout[0], x.shape[1], weight.shape[1])
+
+
+@_grad_z_op.register_fake
+def _(grad_y, gate, paths, csr, layout, num_sources, num_weights):
+    return grad_y.new_empty(_z_shape(layout, paths.shape[1], grad_y.shape[1], grad_y.shape[2]))
+
+
+@_grad_x_op.register_fake
+def _(grad_z, weight, paths, csr, layout, num_sources, batch):
+    return grad_z.new_empty(num_sources, batch, weight.shape[2])
+
+
+@_grad_weight_op.register_fake
+def _(grad_z, x, paths, csr, layout, num_weights, d_out):
+    return grad_z.new_empty(num_weights, d_out, x.shape[2])
+
+
+@_grad_bias_op.register_fake
+def _(grad_z, paths, csr, layout, num_sources, num_weights, d_out):
+    return grad_z.new_empty(num_weights, d_out)
+
+
+@_grad_gate_op.register_fake
+def _(grad_y, x, weight, bias, gate, paths, csr, layout):
+    return torch.empty_like(gate)
+
+
+@_ce_op.register_fake
+def _(logits, target, gate):
+    R, P, B, _ = logits.shape
+    return (logits.new_empty(R), logits.new_empty(R, P), target.new_empty(R, P),
+            logits.new_empty(R, P, B))
+
+
+@_ce_backward_op.register_fake
+def _(grad_loss, grad_path_loss, logits, target, gate, lse):
+    return torch.empty_like(logits)
+
+
+_tops = torch.ops.gated_ops_triton
+
+
+# Autograd: the compiled backend's backward formulas, over this backend's ops.
+_pathway_matmul_op.register_autograd(pathway_backward(_tops),
+                                     setup_context=pathway_setup_context)
+_ce_op.register_autograd(ce_backward(_tops), setup_context=ce_setup_context)
+
+
+# =================================================================================================
+# Public functions
+# =================================================================================================
+def pathway_matmul(x: Tensor, weight: Tensor, plan: PathwayPlan, bias: Tensor | None = None,
+                   gate: Tensor | None = None) -> Tensor:
+    """:func:`gated_ops.pathway_matmul` with ``backend="triton"`` (differentiable). Grouped
+    plans and float64 run the compiled op (see the module docstring)."""
+    return ops.pathway_matmul(x, weight, plan, bias, gate, backend="triton")
+
+
+def gated_cross_entropy(logits: Tensor, target: Tensor, gate: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`gated_ops.gated_cross_entropy` with ``backend="triton"`` (differentiable). A gate
+    row summing to zero gives a NaN loss (no host synchronisation to raise); a target outside
+    [0, C) gives NaN."""
+    return ops.gated_cross_entropy(logits, target, gate, backend="triton")

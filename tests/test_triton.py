@@ -1,0 +1,186 @@
+"""The Triton backend (gated_ops.triton_ops) against the float64 reference: forward and every
+gradient in float32 and float16 (bfloat16 too on a GPU), the gated cross-entropy, opcheck.
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1, which this module sets
+(for the rest of the process) before gated_ops.triton_ops is first imported; with a GPU they run
+on it.
+Shapes are the small rows of the shared table (the interpreter is slow: ~30 s for this file).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and "gated_ops.triton_ops" not in sys.modules:
+    # Read when triton.jit wraps the kernels (at import) and later by triton's lazily imported
+    # modules, so it stays set for the rest of the pytest process.
+    os.environ["TRITON_INTERPRET"] = "1"
+triton_ops = pytest.importorskip("gated_ops.triton_ops", reason="triton is not installed")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import gated_ops  # noqa: E402
+from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref  # noqa: E402
+from gated_ops.testing import SHAPES, Case, assert_close, make_inputs  # noqa: E402
+
+if not ON_GPU and not isinstance(triton_ops._ztile_kernel, InterpretedFunction):
+    pytest.skip("gated_ops.triton_ops was imported before TRITON_INTERPRET=1 was set and there is "
+                "no GPU: run this file alone or with TRITON_INTERPRET=1", allow_module_level=True)
+
+# The interpreter evaluates the masked-off padding of the cross-entropy tiles too (-inf - -inf).
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+SMALL = [c for c in SHAPES if not c.large]
+BLOCKED = [c for c in SMALL if c.table.plan().kind == "blocked"]
+GROUPED = [c for c in SMALL if c.table.plan().kind == "grouped"]
+NAMES = ["x", "weight", "bias", "gate"]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+DTYPE_IDS = ["f32", "f16", "bf16"][:len(DTYPES)]
+
+
+def _forward_and_grads(fn, case: Case, dtype: torch.dtype, device: str):
+    """fn's output and the gradients of <output, gy> w.r.t. x, weight, bias, gate."""
+    inp = make_inputs(case, dtype=dtype, device=device)
+    plan = case.table.plan(device)
+    y = fn(inp, plan)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    leaves = [inp[n] for n in NAMES if inp[n] is not None]
+    if y.numel():
+        grads = torch.autograd.grad(y, leaves, gy.to(device=device, dtype=dtype),
+                                    allow_unused=True)
+    else:
+        grads = [None] * len(leaves)
+    grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves)]
+    names = [n for n in NAMES if inp[n] is not None]
+    return y.detach().cpu(), dict(zip(names, [g.detach().cpu() for g in grads]))
+
+
+def _reference(inp, plan):
+    return pathway_matmul_ref(inp["x"], inp["weight"], inp["bias"], inp["gate"], plan.src,
+                              plan.wgt, plan.dst, plan.num_dst)
+
+
+def _triton(inp, plan):
+    return triton_ops.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
+
+
+def _check(case: Case, dtype: torch.dtype) -> None:
+    y64, g64 = _forward_and_grads(_reference, case, torch.float64, "cpu")
+    # "plain": the reference in the backend's dtype (on the GPU when there is one; the CPU's
+    # float16 matmul is fine for these sizes)
+    y_plain, g_plain = _forward_and_grads(_reference, case, dtype, DEVICE)
+    y, g = _forward_and_grads(_triton, case, dtype, DEVICE)
+    assert y.dtype == dtype
+    assert_close(f"{case.name}: y", y, y64, y_plain)
+    for name in g64:
+        assert_close(f"{case.name}: grad {name}", g[name], g64[name], g_plain[name])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", BLOCKED, ids=lambda c: c.name)
+def test_pathway_matmul_matches_reference(case, dtype):
+    _check(case, dtype)
+
+
+@pytest.mark.parametrize("case", GROUPED, ids=lambda c: c.name)
+def test_grouped_plans_fall_back_to_the_compiled_op(case):
+    """Grouped plans run torch.ops.gated_ops.* (documented fallback): identical results."""
+    inp = make_inputs(case, dtype=torch.float32, device=DEVICE)
+    plan = case.table.plan(DEVICE)
+    y = triton_ops.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
+    want = gated_ops.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
+    assert torch.equal(y, want)
+    _check(case, torch.float32)
+
+
+def test_deterministic_bitwise():
+    case = next(c for c in SHAPES if c.name == "replicas_decoder")
+    runs = [_forward_and_grads(_triton, case, torch.float32, DEVICE) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    for name in runs[0][1]:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
+OPCHECK_CASES = [c for c in BLOCKED if c.batch > 0 and c.name in ("odd_decoder", "moe")]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.name)
+def test_opcheck_pathway_matmul(case):
+    inp = make_inputs(case, dtype=torch.float32, device=DEVICE)
+    plan = case.table.plan(DEVICE)
+    torch.library.opcheck(torch.ops.gated_ops_triton.pathway_matmul,
+                          (inp["x"], inp["weight"], inp["bias"], inp["gate"], plan.paths,
+                           plan.csr, list(plan.layout)))
+
+
+# ------------------------------------------------------------------------------------------------
+# gated cross-entropy
+def _ce_inputs(R, P, B, C, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(R, P, B, C, generator=g, dtype=torch.float64)).to(dtype)
+    target = torch.randint(0, C, (R, P, B), generator=g)
+    gate = (torch.rand(R, P, generator=g) < 0.5).to(dtype)
+    gate[:, 0] = 1
+    return (logits.to(DEVICE).requires_grad_(), target.to(DEVICE),
+            gate.to(DEVICE).requires_grad_())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2), (3, 16, 5, 7), (2, 3, 9, 40)], ids=str)
+def test_gated_cross_entropy_matches_reference(shape, dtype):
+    w = torch.randn(shape[:2], dtype=torch.float64)
+    outs = []
+    for fn, dt in ((gated_cross_entropy_ref, torch.float64), (gated_cross_entropy_ref, dtype),
+                   (triton_ops.gated_cross_entropy, dtype)):
+        logits, target, gate = _ce_inputs(*shape, dt)
+        loss, path_loss, correct = fn(logits, target, gate)
+        grads = torch.autograd.grad(loss.sum() + (path_loss * w.to(DEVICE, dt)).sum(),
+                                    (logits, gate))
+        outs.append([t.detach().cpu() for t in (loss, path_loss, correct, *grads)])
+    ref, plain, out = outs
+    for i, name in enumerate(("loss", "path_loss", "correct", "grad logits", "grad gate")):
+        if name == "correct":
+            assert torch.equal(out[i], ref[i]) and out[i].dtype == torch.int64
+        else:
+            assert_close(name, out[i], ref[i], plain[i])
+
+
+def test_gated_cross_entropy_nan_inf_ties_and_zero_gate():
+    logits = torch.zeros(1, 3, 3, 4, device=DEVICE)
+    logits[0, 1, 0, 2] = float("nan")
+    logits[0, 2, 1, 0] = float("inf")
+    target = torch.tensor([[[0, 1, 3], [2, 0, 0], [1, 0, 0]]], device=DEVICE)
+    gate = torch.ones(1, 3, device=DEVICE)
+    loss, path_loss, correct = triton_ops.gated_cross_entropy(logits, target, gate)
+    ref = gated_cross_entropy_ref(logits, target, gate)
+    assert math.isnan(loss.item()) and math.isnan(ref[0].item())
+    assert torch.equal(path_loss.isnan(), ref[1].isnan())
+    assert torch.equal(correct, ref[2])  # ties: the first maximum; a NaN counts as the maximum
+    loss, _, _ = triton_ops.gated_cross_entropy(logits[:, :1], target[:, :1], gate[:, :1] * 0)
+    assert math.isnan(loss.item())  # a gate row summing to zero: NaN, no host synchronisation
+
+
+def test_opcheck_gated_cross_entropy():
+    logits, target, gate = _ce_inputs(2, 5, 3, 4, torch.float32)
+    torch.library.opcheck(torch.ops.gated_ops_triton.gated_cross_entropy, (logits, target, gate))
+
+
+def test_torch_compile_fullgraph_parity():
+    case = next(c for c in SHAPES if c.name == "odd_decoder")
+    inp = make_inputs(case, dtype=torch.float32, device=DEVICE)
+    plan = case.table.plan(DEVICE)
+
+    def f(x, w, b, g):
+        return triton_ops.pathway_matmul(x, w, plan, b, g).square().sum()
+
+    args = (inp["x"], inp["weight"], inp["bias"], inp["gate"])
+    eager = torch.autograd.grad(f(*args), args)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for a, b in zip(torch.autograd.grad(compiled(*args), args), eager):
+        torch.testing.assert_close(a, b)
