@@ -89,6 +89,23 @@ Tensor compute_z(const Plan& p, const Tensor& x, const Tensor& w) {
   return z;
 }
 
+// owner[rb * ncb + cb] = the pathway whose Z block is row block rb, column block cb (ncb = nm for
+// blocked plans, 1 for grouped): lets the forward epilogue walk Z in memory order when every
+// destination has one pathway (the k-path decoder forward measured ~15% faster with it on this
+// 2-core machine; the same change measured no faster for grad_z, so it is not used there).
+std::vector<int64_t> z_owner(const Plan& p) {
+  const int64_t ncb = p.blocked() ? p.nm : 1;
+  std::vector<int64_t> owner(p.blocked() ? p.n * p.ns * p.nm : p.P);
+  for (int64_t q = 0; q < p.P; ++q) owner[p.zrow[q] * ncb + p.zcol[q]] = q;
+  return owner;
+}
+
+bool one_pathway_per_dst(const Plan& p) {
+  for (int64_t t = 0; t < p.T; ++t)
+    if (p.dst_ptr[t + 1] - p.dst_ptr[t] != 1) return false;
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------------
 // pathway_matmul: y[t] = sum_{p: t_p = t} gate[p] * (Z_p + bias[m_p])
 Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optional<Tensor>& bias_,
@@ -112,6 +129,25 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
     const scalar_t* bi = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
     scalar_t* Y = y.data_ptr<scalar_t>();
+    if (one_pathway_per_dst(p)) {  // every k-path layer: y is a gated, biased copy of Z
+      const std::vector<int64_t> owner = z_owner(p);
+      const int64_t ncb = p.blocked() ? p.nm : 1;
+      at::parallel_for(0, p.z_rows(1), 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t rb = r0; rb < r1; ++rb) {
+          for (int64_t b = 0; b < B; ++b) {
+            for (int64_t cb = 0; cb < ncb; ++cb) {
+              const int64_t q = owner[rb * ncb + cb];
+              const scalar_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
+              const scalar_t* zr = Z + (rb * B + b) * ldz + cb * Do;
+              const scalar_t* bq = bi ? bi + p.wgt[q] * Do : nullptr;
+              scalar_t* yr = Y + (p.dst[q] * B + b) * Do;
+              for (int64_t o = 0; o < Do; ++o) yr[o] = gv * (zr[o] + (bq ? bq[o] : scalar_t(0)));
+            }
+          }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         scalar_t* yt = Y + t * B * Do;
@@ -385,6 +421,34 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
   check_grad_z(dz, p, B, Do);
   const int64_t ldz = dz.size(1);
   const Tensor xg = (!p.blocked() && p.P > 0 && B > 0) ? gather_sources(p, x) : Tensor();
+  if (p.blocked() && p.ns * B > kSkinnyRows) {
+    // Wide blocks (the k-path hidden layer and decoders: 800 rows): one multi-threaded GEMM per
+    // block for all its nm weights, G = dZ_i^T X_i (nm*D_out, D_in), then the update row by row.
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pathway_sgd_cpu", [&] {
+      scalar_t* W = w.data_ptr<scalar_t>();
+      scalar_t* BUF = buf ? buf->data_ptr<scalar_t>() : nullptr;
+      const scalar_t lr_ = lr, mom_ = momentum, wd_ = weight_decay;
+      const int64_t rows = p.nm * Do;
+      for (int64_t i = 0; i < p.n; ++i) {
+        const Tensor G = at::mm(dz.narrow(0, i * p.ns * B, p.ns * B).t(),
+                                x.narrow(0, p.s0 + i * p.ns, p.ns).view({p.ns * B, Di}));
+        const scalar_t* g = G.data_ptr<scalar_t>();
+        const int64_t off = (p.m0 + i * p.nm) * Do * Di;
+        at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+          sgd_rows<scalar_t>(W + off + r0 * Di, BUF ? BUF + off + r0 * Di : nullptr,
+                             g + r0 * Di, (r1 - r0) * Di, lr_, mom_, wd_, nesterov);
+        });
+      }
+      // weights outside the blocks: zero gradient (decay and momentum still apply)
+      for (const auto& [m0, m1] : {std::pair<int64_t, int64_t>{0, p.m0},
+                                   std::pair<int64_t, int64_t>{p.m0 + p.n * p.nm, p.M}}) {
+        if (m1 > m0)
+          sgd_rows<scalar_t>(W + m0 * Do * Di, BUF ? BUF + m0 * Do * Di : nullptr, nullptr,
+                             (m1 - m0) * Do * Di, lr_, mom_, wd_, nesterov);
+      }
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pathway_sgd_cpu", [&] {
     scalar_t* W = w.data_ptr<scalar_t>();
     scalar_t* BUF = buf ? buf->data_ptr<scalar_t>() : nullptr;
