@@ -96,21 +96,25 @@ class BatchedKPath(nn.Module):
         super().__init__()
         self.K, self.C, self.R = K, classes, replicas
         R, H = replicas, hidden
-        self.w_enc = nn.Parameter(torch.empty(R * K, H, d_in))
+        # stored (D_in, H), pre-transposed: bmm then needs no transpose, and autograd's gradient
+        # has the parameter's layout (with (H, D_in) storage, re-laying out the gradient was 73%
+        # of the H=1024 backward: benchmarks/NOTES.md)
+        self.w_enc = nn.Parameter(torch.empty(R * K, d_in, H))
         self.b_enc = nn.Parameter(torch.zeros(R * K, H))
         self.w_hid = nn.Parameter(torch.empty(R, H, H))
         self.b_hid = nn.Parameter(torch.zeros(R, H))
         self.w_dec = nn.Parameter(torch.empty(R, K * classes, H))  # all decoders stacked
         self.b_dec = nn.Parameter(torch.zeros(R, K * classes))
-        for w in (self.w_enc, self.w_hid, self.w_dec):
+        for w in (self.w_hid, self.w_dec):
             nn.init.normal_(w, std=w.shape[-1] ** -0.5)
+        nn.init.normal_(self.w_enc, std=d_in ** -0.5)
 
     @classmethod
     def from_kpath(cls, net: KPathNet) -> "BatchedKPath":
         enc, hid, dec = net.encoder, net.hidden, net.decoder
         m = cls(net.K, enc.in_features, hid.in_features, net.C, net.R).to(enc.weight)
         with torch.no_grad():
-            m.w_enc.copy_(enc.weight)
+            m.w_enc.copy_(enc.weight.transpose(1, 2))
             m.b_enc.copy_(enc.bias)
             m.w_hid.copy_(hid.weight)
             m.b_hid.copy_(hid.bias)
@@ -121,7 +125,7 @@ class BatchedKPath(nn.Module):
     def forward(self, xk: Tensor) -> Tensor:
         """xk (R*K, B, D_in) -> logits (R, K*K, B, C)."""
         R, K, C, B = self.R, self.K, self.C, xk.shape[1]
-        h = torch.baddbmm(self.b_enc.unsqueeze(1), xk, self.w_enc.transpose(1, 2))
+        h = torch.baddbmm(self.b_enc.unsqueeze(1), xk, self.w_enc)
         h = torch.baddbmm(self.b_hid.unsqueeze(1), h.reshape(R, K * B, -1),
                           self.w_hid.transpose(1, 2))
         out = torch.baddbmm(self.b_dec.unsqueeze(1), h, self.w_dec.transpose(1, 2))
