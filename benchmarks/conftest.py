@@ -87,8 +87,8 @@ def cpu_model() -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    except OSError:  # no /proc: fall back to what platform knows
+        return platform.processor() or platform.machine()
     return platform.processor() or platform.machine()
 
 

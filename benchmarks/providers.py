@@ -26,6 +26,8 @@ benchmark skips with it. Nothing is ever substituted.
 """
 from __future__ import annotations
 
+import abc
+
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -235,20 +237,23 @@ class KPathData:
 Fns = tuple[Callable, Callable | None]
 
 
-class Provider:
+class Provider(abc.ABC):
     """Shared mode logic over three provider hooks: infer(), objective(), step()."""
 
     name = "?"
     device: torch.device
 
-    def infer(self):  # forward + loss under no_grad
-        raise NotImplementedError
+    @abc.abstractmethod
+    def infer(self):
+        """Forward + loss under no_grad."""
 
-    def objective(self) -> Tensor:  # forward + loss with grad, a scalar
-        raise NotImplementedError
+    @abc.abstractmethod
+    def objective(self) -> Tensor:
+        """Forward + loss with grad, a scalar."""
 
-    def grad_tensors(self) -> list[Tensor]:  # whose .grad backward writes
-        raise NotImplementedError
+    @abc.abstractmethod
+    def grad_tensors(self) -> list[Tensor]:
+        """The tensors whose .grad backward writes."""
 
     def step(self) -> None:
         raise Unavailable(f"{self.name}: no step mode for this case")
@@ -595,8 +600,9 @@ class MoEProvider(Provider):
         self.data, self.device = data, data.device
         self.weight, self.bias = layer.weight, layer.bias  # (E, Do, Di), (E, Do)
 
-    def layer(self, x: Tensor, gate: Tensor) -> Tensor:  # (B, Di), (E, B) -> (B, Do)
-        raise NotImplementedError
+    @abc.abstractmethod
+    def layer(self, x: Tensor, gate: Tensor) -> Tensor:
+        """(B, Di), (E, B) -> (B, Do)."""
 
     def infer(self):
         return self.layer(self.data.x, self.data.gate)

@@ -1,7 +1,8 @@
 """Markdown table from one pytest-benchmark JSON of benchmarks/ (one run, one machine).
 
     python benchmarks/summarize.py benchmarks/results/cpu-2026-11-26.json
-    python benchmarks/summarize.py benchmarks/results/cpu-2026-11-26.json --readme README.md
+    python benchmarks/summarize.py benchmarks/results/cpu-2026-11-26.json --readme README.md \
+        --modes step full       # the README's table: full training steps only
 
 Per case and mode, one row per provider: median time, min time, speedup over ``naive`` and over
 ``torch`` measured in the same run (same JSON), achieved GB/s and TFLOP/s from the explicit counts
@@ -62,11 +63,13 @@ def header(data: dict) -> str:
             f"Measured peaks: {peaks or 'none'}.")
 
 
-def table(data: dict) -> str:
+def table(data: dict, modes: list[str] | None = None) -> str:
     groups: dict[tuple[str, str], dict[str, dict]] = {}
     for b in data["benchmarks"]:
         e = b["extra_info"]
         if "time_s" not in e:  # a --benchmark-disable run has no timings
+            continue
+        if modes and e["mode"] not in modes:
             continue
         groups.setdefault((e["case"], e["mode"]), {})[e["provider"]] = e
     lines = [header(data), "",
@@ -112,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("results", type=Path, help="pytest-benchmark JSON (--benchmark-json)")
     ap.add_argument("--readme", type=Path, help="markdown file whose perf-table block to replace")
+    ap.add_argument("--modes", nargs="*", help="only these modes (e.g. step full)")
     args = ap.parse_args(argv)
     data = json.loads(args.results.read_text())
-    md = table(data)
+    md = table(data, args.modes)
     if args.readme is not None:
         text = args.readme.read_text() if args.readme.exists() else ""
         updated = replace_between_markers(text, md)

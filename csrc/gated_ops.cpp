@@ -383,15 +383,36 @@ GATED_TARGET_CLONES void sgd_rows(scalar_t* w, scalar_t* buf, const scalar_t* g,
   }
 }
 
-// g (Di) = sum_r a[r * lda] * x[r, :]: one row of grad_W = dZ^T X for a skinny dZ (nr rows).
+// One row of W updated from its gradient row g = sum_r a[r * lda] * x[r, :] (a skinny dZ^T X,
+// nr rows), in one streaming pass: the gradient of a 64-wide chunk is formed in registers and
+// applied to W and the momentum buffer at once, so W and buf are read and written once and the
+// gradient row never touches memory. (The two-pass version, the whole gradient row into an L1
+// array and then sgd_rows, profiled at ~2x the encoder's memory floor at K=40, D=3072; this one
+// measured no different within this 2-core VM's +-30% run-to-run noise: benchmarks/NOTES.md.)
 template <typename scalar_t>
-GATED_TARGET_CLONES void grad_row(scalar_t* g, const scalar_t* a, int64_t lda, const scalar_t* x,
-                                  int64_t nr, int64_t Di) {
-  for (int64_t i = 0; i < Di; ++i) g[i] = 0;
-  for (int64_t r = 0; r < nr; ++r) {
-    const scalar_t ar = a[r * lda];
-    const scalar_t* xr = x + r * Di;
-    for (int64_t i = 0; i < Di; ++i) g[i] += ar * xr[i];
+GATED_TARGET_CLONES void grad_sgd_row(scalar_t* w, scalar_t* buf, const scalar_t* a, int64_t lda,
+                                      const scalar_t* x, int64_t nr, int64_t Di, scalar_t lr,
+                                      scalar_t mom, scalar_t wd, bool nesterov) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t i0 = 0; i0 < Di; i0 += kChunk) {
+    const int64_t n = std::min(kChunk, Di - i0);
+    scalar_t g[kChunk] = {};
+    for (int64_t r = 0; r < nr; ++r) {
+      const scalar_t ar = a[r * lda];
+      const scalar_t* xr = x + r * Di + i0;
+      for (int64_t i = 0; i < n; ++i) g[i] += ar * xr[i];
+    }
+    scalar_t* wi = w + i0;
+    scalar_t* bi = buf ? buf + i0 : nullptr;
+    for (int64_t i = 0; i < n; ++i) {
+      scalar_t d = wd != 0 ? g[i] + wd * wi[i] : g[i];
+      if (bi) {
+        const scalar_t b = mom * bi[i] + d;
+        bi[i] = b;
+        d = nesterov ? d + mom * b : b;
+      }
+      wi[i] -= lr * d;
+    }
   }
 }
 
@@ -455,7 +476,6 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
     const scalar_t* DZ = dz.data_ptr<scalar_t>();
     const scalar_t lr_ = lr, mom_ = momentum, wd_ = weight_decay;
     at::parallel_for(0, p.M, 1, [&](int64_t m0, int64_t m1) {
-      std::vector<scalar_t> g(Di);
       Tensor gm;  // scratch (Do, Di) for the GEMM path
       for (int64_t m = m0; m < m1; ++m) {
         // The rows of dZ (nr of them, starting at dz_m, columns from col0) and of x that feed
@@ -480,9 +500,8 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
           sgd_rows<scalar_t>(wm, bm, nullptr, Do * Di, lr_, mom_, wd_, nesterov);
         } else if (nr <= kSkinnyRows) {
           for (int64_t o = 0; o < Do; ++o) {
-            grad_row<scalar_t>(g.data(), dzm + o, ldz, xm, nr, Di);
-            sgd_rows<scalar_t>(wm + o * Di, bm ? bm + o * Di : nullptr, g.data(), Di, lr_, mom_,
-                               wd_, nesterov);
+            grad_sgd_row<scalar_t>(wm + o * Di, bm ? bm + o * Di : nullptr, dzm + o, ldz, xm, nr,
+                                   Di, lr_, mom_, wd_, nesterov);
           }
         } else {
           if (!gm.defined()) gm = at::empty({Do, Di}, x.options());
