@@ -119,7 +119,7 @@ def paper_cifar10() -> KPathConfig:
 
 
 def quick() -> KPathConfig:
-    """Real data, small: Fashion-MNIST, K=10, 8 runs in one model; 3:11 on 2 busy CPU cores.
+    """Real data, small: Fashion-MNIST, K=10, 8 runs in one model; about 2 min on 2 CPU cores.
 
     Departures from the paper, for speed: lr 0.05 instead of 1e-4 and 4000 steps instead of
     7.5M; small gain 0.03 instead of 1e-3, whose plateau would outlast the budget (at lr 0.05,
