@@ -91,8 +91,8 @@ Tensor compute_z(const Plan& p, const Tensor& x, const Tensor& w) {
 
 // owner[rb * ncb + cb] = the pathway whose Z block is row block rb, column block cb (ncb = nm for
 // blocked plans, 1 for grouped): lets the forward epilogue walk Z in memory order when every
-// destination has one pathway (the k-path decoder forward measured ~15% faster with it on this
-// 2-core machine; the same change measured no faster for grad_z, so it is not used there).
+// destination has one pathway (the k-path layers). Built per call, O(P): see benchmarks/NOTES.md
+// (moving it into the plan is open work).
 std::vector<int64_t> z_owner(const Plan& p) {
   const int64_t ncb = p.blocked() ? p.nm : 1;
   std::vector<int64_t> owner(p.blocked() ? p.n * p.ns * p.nm : p.P);
@@ -179,6 +179,7 @@ Tensor pathway_grad_z_cpu(const Tensor& grad_y_, const c10::optional<Tensor>& ga
                           const Tensor& paths, const Tensor& csr, at::IntArrayRef layout,
                           int64_t num_sources, int64_t num_weights) {
   TORCH_CHECK(grad_y_.dim() == 3, "grad_y: expected (T, B, D_out), got shape ", grad_y_.sizes());
+  check_cpu_dtype(grad_y_, "grad_y");
   const Tensor gy = grad_y_.contiguous();
   const Plan p = cpu_plan(paths, csr, layout, num_sources, num_weights, gy);
   TORCH_CHECK(gy.size(0) == p.T, "grad_y: expected T = ", p.T, " destinations, got shape ",
@@ -287,6 +288,8 @@ Tensor pathway_grad_bias_cpu(const Tensor& dz_, const Tensor& paths, const Tenso
               " columns, got shape ", dz.sizes());
   const int64_t rows_per_path = p.blocked() ? p.n * p.ns : p.P;
   const int64_t B = rows_per_path ? dz.size(0) / rows_per_path : 0;
+  TORCH_CHECK(dz.size(0) == rows_per_path * B, "grad_z: expected a multiple of ", rows_per_path,
+              " rows for this plan, got shape ", dz.sizes());
   Tensor gb = at::zeros({p.M, Do}, dz.options());
   if (p.P == 0 || B == 0) return gb;
   if (p.blocked()) {  // a plain reduction over the rows of each block (vectorised, in order)
@@ -416,8 +419,9 @@ GATED_TARGET_CLONES void grad_sgd_row(scalar_t* w, scalar_t* buf, const scalar_t
   }
 }
 
-// Below this many rows of dZ per weight (ns * B), grad rows are rank-nr updates computed in
-// cache by grad_row; above it a BLAS GEMM per weight wins (the decoders: K * B = 800 rows).
+// Up to this many rows of dZ per weight (ns * B), gradient rows are rank-nr updates formed in
+// registers by grad_sgd_row; above it, blocked plans take one GEMM per block (hidden layer and
+// decoders: K * B = 800 rows) and grouped plans one GEMM per weight.
 constexpr int64_t kSkinnyRows = 64;
 
 void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
@@ -646,8 +650,22 @@ Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& 
   GATED_CHECK_SHAPE("target", target_, R, P, B);
   GATED_CHECK_SHAPE("gate", gate_, R, P);
   GATED_CHECK_SHAPE("lse", lse_, R, P, B);
+  check_cpu_dtype(logits_, "logits");
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&grad_loss_, "grad_loss"},
+                                {&grad_pl_, "grad_path_loss"}, {&gate_, "gate"}, {&lse_, "lse"}}) {
+    check_float(*t, name, logits_.scalar_type());
+    check_same_device(*t, name, logits_);
+  }
+  TORCH_CHECK(target_.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
+              target_.scalar_type());
+  check_same_device(target_, "target", logits_);
   const Tensor logits = logits_.contiguous(), target = target_.contiguous(),
                lse = lse_.contiguous();
+  if (target.numel()) {  // a direct call with a bad target would write out of bounds below
+    const int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < C, "target: class indices must lie in [0, ", C, "), got [", lo,
+                ", ", hi, "]");
+  }
   // w (R, P): a few small ATen ops on (R, P) tensors.
   const Tensor w = ((grad_loss_.unsqueeze(1) * gate_ / gate_.sum(1, true) + grad_pl_) / B)
                        .to(logits.scalar_type()).contiguous();

@@ -3,8 +3,8 @@
 // The math of every op is gated_ops/reference.py; the exact semantics are the CPU kernels of
 // gated_ops.cpp; the plan layout is gated_ops/plan.py. Rules kept by every launcher here:
 //   * everything runs on the current stream, with no host synchronisation: plan indices are never
-//     read on the host (make_plan validated them; the kernels re-check them with device asserts),
-//     only the layout ints are;
+//     read on the host (make_plan validated them; the kernels assert the source / weight /
+//     destination indices they read on the device, not zrow / zcol / CSR), only the layout ints;
 //   * no float atomics: every output element is owned by one thread (or one warp / block that
 //     reduces in a fixed order), so two runs are bitwise equal;
 //   * scratch tensors depend only on the shapes, so a training step can be captured in a graph.

@@ -63,9 +63,12 @@ CLASSES = 10
 # gives the paper's R=54, K=100, H=1024 group b=12 samples per chunk, small groups b=1000.
 EVAL_CHUNK_ELEMENTS = 1 << 28
 # Fields a resumed group may change: they do not change what is computed.
+# (threads and eval_batch_size can change float rounding, so they are not free: a resumed run
+# ends bit-identical to an uninterrupted one. max_replicas and the torchrun world size change
+# the grouping, hence the checkpoint a group looks for: see GroupTrainer's existing-results check.)
 RESUME_FREE = {"epochs", "checkpoint_every", "checkpoint_unit", "progress", "stop_after_steps",
-               "out", "data_dir", "download", "device", "eval_batch_size", "cuda_graph",
-               "max_replicas", "verify_data", "max_precompute_gb", "threads"}
+               "out", "data_dir", "download", "device", "cuda_graph", "max_replicas",
+               "verify_data", "max_precompute_gb"}
 
 
 class SimulatedKill(RuntimeError):
@@ -323,6 +326,15 @@ class GroupTrainer:
         self.ckpt_path = out / "_checkpoints" / f"{self.id}.pt"
         self._last_ckpt = time.monotonic()
         resumed = self._resume()
+        if not resumed:  # never overwrite results a differently grouped execution wrote
+            for name in self.names:
+                done = out / name / "metrics.jsonl"
+                if done.exists() and done.stat().st_size > 0:
+                    raise ValueError(
+                        f"{done}: this run already has results but no checkpoint of this group "
+                        f"({self.ckpt_path.name}): it was trained in another grouping (changed "
+                        "--max-replicas, grid or torchrun world size?); use another --out or "
+                        "delete it")
         info = {"machine": machine_info(device), "data_source": data.source, **(extra or {})}
         for r, (run, name) in enumerate(zip(runs, self.names)):
             group = {"id": self.id, "replica": r, "replicas": self.R, "runs": self.names}

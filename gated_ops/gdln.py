@@ -6,8 +6,10 @@ A :class:`GDLN` is declared as nodes (name -> width) and edges (src, dst, option
 edges naming the same weight share it, as the k-path hidden layer does). At construction the
 graph is compiled once: nodes are put in topological depth order and the edges into a node of
 depth d with the same (D_in, D_out) form ONE pathway-op call, with a plan whose weight indices
-point into a per-shape weight bank. A forward pass is one fused call per layer; gathering a
-layer's sources and gates uses index tensors built at compile time (no per-edge Python loop).
+point into a per-shape weight bank. A forward pass is one fused call per layer; a layer's gates
+are gathered with index tensors built at compile time, its sources are stacked and its
+destinations split with Python loops over nodes (for graphs with one node per edge, as the
+k-path decoders' outputs, that is a loop per edge: use KPathNet for speed there).
 
 Gates are tensors: ``node_gates`` (num_nodes, B) and ``edge_gates`` (num_edges, B) in the order
 of :attr:`GDLN.nodes` / :attr:`GDLN.edges` (None = all ones); :meth:`GDLN.gates` builds them

@@ -45,9 +45,11 @@ class GatedPathwayLinear(nn.Module):
     :meth:`shared` (one weight for all sources), :meth:`fanout` (every source through every
     weight), :meth:`mixture_of_experts`; all take ``replicas=R`` for R independent copies.
 
-    ``fuse_sgd(SGDConfig(...))`` switches on the fused optimizer: the backward pass computes the
-    weight gradient tile by tile and applies SGD (with momentum) in place, so ``weight.grad`` is
-    never materialised (``weight.grad`` stays None: exclude the weight from other optimizers).
+    ``fuse_sgd(SGDConfig(...))`` switches on the fused optimizer: the backward pass applies SGD
+    (with momentum) to the weight in place and ``weight.grad`` stays None (exclude the weight from
+    other optimizers; a weight with requires_grad False is left alone). For skinny blocks (at
+    most 64 rows of dZ per weight, e.g. the k-path encoders) the gradient is formed in registers
+    and never stored; wider blocks form one block's gradient at a time.
     The bias is updated in the same backward. Eager mode and CUDA graphs only (not under
     torch.compile, which cannot trace a parameter update inside backward).
     """
@@ -160,7 +162,13 @@ class _FusedSGDPathway(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, gate, module):
+        if gate is not None and gate.requires_grad:  # refuse before any layer has stepped
+            raise RuntimeError("fused SGD: gradients for the gate are not supported; use the "
+                               "unfused layer (fuse_sgd(None)) or pass gate.detach()")
         ctx.module = module
+        # Only parameters that train are stepped (a frozen weight or bias stays as it is).
+        ctx.step_weight = weight.requires_grad
+        ctx.step_bias = bias is not None and bias.requires_grad
         ctx.save_for_backward(x, weight, gate)
         plan = module.plan
         return _ops.pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout))
@@ -171,18 +179,16 @@ class _FusedSGDPathway(torch.autograd.Function):
         m: GatedPathwayLinear = ctx.module
         cfg, plan, layout = m.sgd, m.plan, list(m.layout)
         S, M = plan.num_sources, plan.num_weights
-        if ctx.needs_input_grad[3]:
-            raise RuntimeError("fused SGD: gradients for the gate are not supported; "
-                                      "use the unfused layer (fuse_sgd(None))")
         dz = _ops.pathway_grad_z(grad_y, gate, plan.paths, plan.csr, layout, S, M)
         grad_x = None
         if ctx.needs_input_grad[0]:  # before the update: it reads the current weight
             grad_x = _ops.pathway_grad_x(dz, weight, plan.paths, plan.csr, layout, S, x.shape[1])
         with torch.no_grad():
-            _ops.pathway_sgd_(dz, x, weight, getattr(m, "weight_momentum", None), plan.paths,
-                              plan.csr, layout, cfg.lr, cfg.momentum, cfg.weight_decay,
-                              cfg.nesterov)
-            if m.bias is not None:
+            if ctx.step_weight:
+                _ops.pathway_sgd_(dz, x, weight, getattr(m, "weight_momentum", None),
+                                  plan.paths, plan.csr, layout, cfg.lr, cfg.momentum,
+                                  cfg.weight_decay, cfg.nesterov)
+            if ctx.step_bias:
                 gb = _ops.pathway_grad_bias(dz, plan.paths, plan.csr, layout, S, M,
                                             m.out_features)
                 sgd_momentum_ref(m.bias, gb, getattr(m, "bias_momentum", None), cfg.lr,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .plan import PathwayPlan
+from .plan import PathwayPlan, z_shape
 from .reference import gated_cross_entropy_ref, pathway_matmul_ref
 
 __all__ = ["pathway_matmul", "gated_cross_entropy", "pathway_sgd_", "BACKENDS"]
@@ -108,7 +108,7 @@ def pathway_sgd_(
     weight_decay: float = 0.0,
     nesterov: bool = False,
 ) -> None:
-    """Fused weight gradient + SGD step, in place: grad_W is never written to memory.
+    """Fused weight gradient + SGD step, in place (grad_W never stored for skinny blocks).
 
     ``grad_z`` is the gradient of the pathways' pre-gate outputs (``pathway_grad_z``). Equal to
     computing grad_W with ``pathway_grad_weight`` and stepping torch.optim.SGD (dampening 0)
@@ -120,11 +120,6 @@ def pathway_sgd_(
 
 # ------------------------------------------------------------------------------------------------
 # Fake (meta) kernels: output shapes only.
-def _z_shape(layout: list[int], num_paths: int, batch, d_out):
-    _, n, _, ns, _, nm = layout
-    return (n * ns * batch, nm * d_out) if n > 0 else (num_paths * batch, d_out)
-
-
 @torch.library.register_fake("gated_ops::pathway_matmul")
 def _(x, weight, bias, gate, paths, csr, layout):
     return x.new_empty(layout[0], x.shape[1], weight.shape[1])
@@ -132,7 +127,7 @@ def _(x, weight, bias, gate, paths, csr, layout):
 
 @torch.library.register_fake("gated_ops::pathway_grad_z")
 def _(grad_y, gate, paths, csr, layout, num_sources, num_weights):
-    return grad_y.new_empty(_z_shape(layout, paths.shape[1], grad_y.shape[1], grad_y.shape[2]))
+    return grad_y.new_empty(z_shape(layout, paths.shape[1], grad_y.shape[1], grad_y.shape[2]))
 
 
 @torch.library.register_fake("gated_ops::pathway_grad_x")

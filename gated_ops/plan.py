@@ -1,4 +1,7 @@
-"""Pathway table -> plan. All index work (validation, sorting, grouping) happens here, once.
+"""Pathway table -> plan. Validation, sorting and grouping happen here, once.
+
+(The CPU kernels still re-check index ranges, O(P) per call, because the registered ops can be
+called without a plan; their forward fast path also builds an O(P) owner table per call.)
 
 A plan turns the user's pathway table (src, wgt, dst) into the tensors the kernels read every step
 without any host synchronisation:
@@ -31,7 +34,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PathwayPlan", "make_plan"]
+__all__ = ["PathwayPlan", "make_plan", "z_shape"]
+
+
+def z_shape(layout, num_paths: int, batch, d_out) -> tuple:
+    """Shape of the intermediate Z (and of its gradient) for a plan layout, a batch of ``batch``
+    rows and ``d_out`` outputs (ints or SymInts, for fake kernels)."""
+    _, n, _, ns, _, nm = layout
+    return (n * ns * batch, nm * d_out) if n > 0 else (num_paths * batch, d_out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,10 +87,7 @@ class PathwayPlan:
 
     def z_shape(self, batch: int, d_out: int) -> tuple[int, int]:
         """Shape of the intermediate Z (and of its gradient) for a batch of ``batch`` rows."""
-        _, n, _, ns, _, nm = self.layout
-        if n > 0:
-            return (n * ns * batch, nm * d_out)
-        return (self.num_paths * batch, d_out)
+        return z_shape(self.layout, self.num_paths, batch, d_out)
 
     def __repr__(self) -> str:
         _, n, s0, ns, m0, nm = self.layout

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import ops
 from .ops import ce_backward, ce_setup_context, pathway_backward, pathway_setup_context
-from .plan import PathwayPlan
+from .plan import PathwayPlan, z_shape
 
 __all__ = ["pathway_matmul", "gated_cross_entropy", "TRITON_DTYPES"]
 
@@ -694,11 +694,6 @@ def _ce_backward_op(grad_loss: Tensor, grad_path_loss: Tensor, logits: Tensor, t
     return _ce_backward_impl(grad_loss, grad_path_loss, logits, target, gate, lse)
 
 
-def _z_shape(layout, num_paths, batch, d_out):
-    _, n, _, ns, _, nm = layout
-    return (n * ns * batch, nm * d_out) if n > 0 else (num_paths * batch, d_out)
-
-
 @_pathway_matmul_op.register_fake
 def _(x, weight, bias, gate, paths, csr, layout):
     return x.new_empty(layout[0], x.shape[1], weight.shape[1])
@@ -706,7 +701,7 @@ def _(x, weight, bias, gate, paths, csr, layout):
 
 @_grad_z_op.register_fake
 def _(grad_y, gate, paths, csr, layout, num_sources, num_weights):
-    return grad_y.new_empty(_z_shape(layout, paths.shape[1], grad_y.shape[1], grad_y.shape[2]))
+    return grad_y.new_empty(z_shape(layout, paths.shape[1], grad_y.shape[1], grad_y.shape[2]))
 
 
 @_grad_x_op.register_fake

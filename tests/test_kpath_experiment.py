@@ -252,3 +252,20 @@ def test_help_lists_every_option(capsys):
     assert cfg.dataset == "fashion_mnist" and cfg.Ns == [2, 7] and not cfg.fused_sgd
     assert len(E.expand_grid(parse_args(["--preset", "paper_mnist"]))) == 216
     assert len(E.expand_grid(parse_args(["--preset", "paper_cifar10"]))) == 168
+
+
+def test_explicit_scalar_overrides_the_presets_grid_axis():
+    from experiments.configs import parse_args
+    cfg = parse_args(["--preset", "quick", "--N", "3", "--seed", "7"])
+    assert cfg.N == 3 and cfg.Ns == [] and cfg.seed == 7 and cfg.seeds == []
+    assert cfg.gains == [0.03, 1.0]  # untouched axes keep the preset's grid
+    cfg = parse_args(["--preset", "quick", "--N", "3", "--Ns", "2", "4"])
+    assert cfg.Ns == [2, 4]
+
+
+def test_regrouped_rerun_refuses_to_overwrite_results(data_root, tmp_path):
+    """Runs trained in one grouping are not silently restarted (and their metrics emptied) by a
+    rerun that groups them differently."""
+    E.main(smoke_argv(data_root, tmp_path))
+    with pytest.raises(ValueError, match="already has results"):
+        E.main(smoke_argv(data_root, tmp_path, "--max-replicas", "1"))

@@ -106,3 +106,13 @@ def test_sgd_config_validates():
         SGDConfig(lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="expected lr, momentum, weight_decay >= 0"):
         SGDConfig(lr=-1.0)
+
+
+def test_fused_sgd_leaves_frozen_parameters_and_refuses_gate_grads():
+    m = GatedPathwayLinear.batched(2, 4, 3).fuse_sgd(SGDConfig(lr=0.1))
+    m.weight.requires_grad_(False)
+    w0, b0 = m.weight.detach().clone(), m.bias.detach().clone()
+    m(torch.randn(2, 5, 4)).sum().backward()
+    assert torch.equal(m.weight, w0) and not torch.equal(m.bias, b0)
+    with pytest.raises(RuntimeError, match="gradients for the gate are not supported"):
+        m(torch.randn(2, 5, 4), gate=torch.ones(2, requires_grad=True))
