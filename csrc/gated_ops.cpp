@@ -43,6 +43,8 @@ Plan cpu_plan(const Tensor& paths, const Tensor& csr, at::IntArrayRef layout, in
                 i, " out of range [0, ", M, ") (M = weight.size(0))");
     TORCH_CHECK(p.dst[i] >= 0 && p.dst[i] < p.T, "paths: destination index ", p.dst[i],
                 " of pathway ", i, " out of range [0, ", p.T, ")");
+    TORCH_CHECK(p.owner[i] >= 0 && p.owner[i] < p.P, "csr: corrupt plan (owner table); rebuild "
+                "it with make_plan");
   }
   TORCH_CHECK(p.dst_ptr[p.T] == p.P && p.src_ptr[S] == p.P && p.wgt_ptr[M] == p.P,
               "csr: corrupt plan (CSR totals differ from P); rebuild it with make_plan");
@@ -89,23 +91,6 @@ Tensor compute_z(const Plan& p, const Tensor& x, const Tensor& w) {
   return z;
 }
 
-// owner[rb * ncb + cb] = the pathway whose Z block is row block rb, column block cb (ncb = nm for
-// blocked plans, 1 for grouped): lets the forward epilogue walk Z in memory order when every
-// destination has one pathway (the k-path layers). Built per call, O(P): see benchmarks/NOTES.md
-// (moving it into the plan is open work).
-std::vector<int64_t> z_owner(const Plan& p) {
-  const int64_t ncb = p.blocked() ? p.nm : 1;
-  std::vector<int64_t> owner(p.blocked() ? p.n * p.ns * p.nm : p.P);
-  for (int64_t q = 0; q < p.P; ++q) owner[p.zrow[q] * ncb + p.zcol[q]] = q;
-  return owner;
-}
-
-bool one_pathway_per_dst(const Plan& p) {
-  for (int64_t t = 0; t < p.T; ++t)
-    if (p.dst_ptr[t + 1] - p.dst_ptr[t] != 1) return false;
-  return true;
-}
-
 // ---------------------------------------------------------------------------------------------
 // pathway_matmul: y[t] = sum_{p: t_p = t} gate[p] * (Z_p + bias[m_p])
 Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optional<Tensor>& bias_,
@@ -129,8 +114,8 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
     const scalar_t* bi = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
     scalar_t* Y = y.data_ptr<scalar_t>();
-    if (one_pathway_per_dst(p)) {  // every k-path layer: y is a gated, biased copy of Z
-      const std::vector<int64_t> owner = z_owner(p);
+    if (*p.one_per_dst) {  // every k-path layer: y is a gated, biased copy of Z, in Z order
+      const int64_t* owner = p.owner;
       const int64_t ncb = p.blocked() ? p.nm : 1;
       at::parallel_for(0, p.z_rows(1), 1, [&](int64_t r0, int64_t r1) {
         for (int64_t rb = r0; rb < r1; ++rb) {

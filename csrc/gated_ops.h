@@ -15,6 +15,9 @@ struct Plan {
   const int64_t *src = nullptr, *wgt = nullptr, *dst = nullptr, *zrow = nullptr, *zcol = nullptr;
   const int64_t *dst_ptr = nullptr, *dst_perm = nullptr, *src_ptr = nullptr,
                 *src_perm = nullptr, *wgt_ptr = nullptr, *wgt_perm = nullptr;
+  // owner[rb * (blocked ? nm : 1) + cb]: the pathway of Z's row block rb, column block cb;
+  // one_per_dst[0] == 1 when every destination has exactly one pathway (host-readable on CPU).
+  const int64_t *owner = nullptr, *one_per_dst = nullptr;
   C10_HOST_DEVICE bool blocked() const { return n > 0; }
   // Row/column counts of the intermediate Z for a batch of B rows and D_out outputs.
   C10_HOST_DEVICE int64_t z_rows(int64_t B) const { return blocked() ? n * ns * B : P * B; }
@@ -52,7 +55,7 @@ inline Plan make_plan_view(const at::Tensor& paths, const at::Tensor& csr, at::I
   p.P = paths.size(1);
   check_same_device(paths, "paths (plan)", ref);
   check_same_device(csr, "csr (plan)", ref);
-  const int64_t csr_len = (p.T + 1) + (S + 1) + (M + 1) + 3 * p.P;
+  const int64_t csr_len = (p.T + 1) + (S + 1) + (M + 1) + 4 * p.P + 1;
   TORCH_CHECK(csr.dim() == 1 && csr.numel() == csr_len && csr.is_contiguous(),
               "csr: expected ", csr_len, " entries for T=", p.T, ", S=", S, ", M=", M, ", P=", p.P,
               " (a plan built for other sizes?), got shape ", csr.sizes());
@@ -69,7 +72,8 @@ inline Plan make_plan_view(const at::Tensor& paths, const at::Tensor& csr, at::I
   const int64_t* c = csr.data_ptr<int64_t>();
   p.dst_ptr = c; c += p.T + 1; p.dst_perm = c; c += p.P;
   p.src_ptr = c; c += S + 1;   p.src_perm = c; c += p.P;
-  p.wgt_ptr = c; c += M + 1;   p.wgt_perm = c;
+  p.wgt_ptr = c; c += M + 1;   p.wgt_perm = c; c += p.P;
+  p.owner = c; c += p.P;       p.one_per_dst = c;
   return p;
 }
 

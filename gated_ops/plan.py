@@ -1,16 +1,17 @@
 """Pathway table -> plan. Validation, sorting and grouping happen here, once.
 
 (The CPU kernels still re-check index ranges, O(P) per call, because the registered ops can be
-called without a plan; their forward fast path also builds an O(P) owner table per call.)
+called without a plan.)
 
 A plan turns the user's pathway table (src, wgt, dst) into the tensors the kernels read every step
 without any host synchronisation:
 
 * ``paths`` (5, P) int64: rows src, wgt, dst, zrow, zcol. ``zrow``/``zcol`` place pathway p's
   pre-gate output Z_p (B, D_out) inside the intermediate matrix Z (see below).
-* ``csr`` (T+1 + P + S+1 + P + M+1 + P,) int64: three CSR indexes of the pathways, by destination
-  (deterministic forward sum), by source (grad_x sum) and by weight (grad_W sum); each is
-  ``ptr`` then ``perm``, perm stable so that ties keep the table order.
+* ``csr`` (T+1 + P + S+1 + P + M+1 + P + P + 1,) int64: three CSR indexes of the pathways, by
+  destination (deterministic forward sum), by source (grad_x sum) and by weight (grad_W sum),
+  each ``ptr`` then ``perm`` (stable, so ties keep the table order); then ``owner`` (the pathway
+  of each Z block in memory order) and a flag, 1 when every destination has one pathway.
 * ``layout`` [T, n, s0, ns, m0, nm]: the GEMM structure.
 
 Two layouts cover every table:
@@ -187,7 +188,13 @@ def make_plan(
         zrow[wgt_perm] = torch.arange(P)
         zcol = torch.zeros(P, dtype=torch.int64)
     paths = torch.stack([src, wgt, dst, zrow, zcol]) if P else torch.zeros(5, 0, dtype=torch.int64)
-    csr = torch.cat([dst_ptr, dst_perm, src_ptr, src_perm, wgt_ptr, wgt_perm])
+    # owner: the pathway of each Z block in memory order (row block, column block), and whether
+    # every destination has exactly one pathway: the forward epilogue then walks Z in order.
+    owner = torch.empty(P, dtype=torch.int64)
+    owner[zrow * (nm if block is not None else 1) + zcol] = torch.arange(P)
+    one_per_dst = bool(P == num_dst and torch.equal(dst_ptr, torch.arange(num_dst + 1)))
+    csr = torch.cat([dst_ptr, dst_perm, src_ptr, src_perm, wgt_ptr, wgt_perm, owner,
+                     torch.tensor([int(one_per_dst)])])
     plan = PathwayPlan(num_sources, num_weights, num_dst, paths, csr,
                        (num_dst, n, s0, ns, m0, nm))
     return plan.to(device) if device is not None else plan
