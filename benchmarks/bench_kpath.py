@@ -11,24 +11,15 @@ from __future__ import annotations
 import pytest
 
 import flops
-from providers import KPATH_CASES, PROVIDERS, KPathCase, Unavailable, in_smoke_set, make_kpath
+from providers import KPATH_CASES, KPathCase, Unavailable, bench_params, make_kpath
 
 
-def _params():
-    for case in KPATH_CASES:
-        marks = [getattr(pytest.mark, case.size), getattr(pytest.mark, case.group)]
-        if case.group != "tiny":
-            marks.append(getattr(pytest.mark, case.dataset))
-        for mode in case.modes:
-            for provider in PROVIDERS:
-                extra = [getattr(pytest.mark, provider)]
-                if in_smoke_set(case, mode, provider):
-                    extra.append(pytest.mark.smoke)
-                yield pytest.param(case, mode, provider, id=f"{case.name}-{mode}-{provider}",
-                                   marks=marks + extra)
+def _marks(case: KPathCase) -> list:
+    marks = [getattr(pytest.mark, case.size), getattr(pytest.mark, case.group)]
+    return marks + ([getattr(pytest.mark, case.dataset)] if case.group != "tiny" else [])
 
 
-@pytest.mark.parametrize("case,mode,provider", list(_params()))
+@pytest.mark.parametrize("case,mode,provider", list(bench_params(KPATH_CASES, _marks)))
 def test_kpath(measure, bench_env, case: KPathCase, mode: str, provider: str):
     device = bench_env.device(provider)
     try:

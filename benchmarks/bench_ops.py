@@ -11,23 +11,14 @@ from __future__ import annotations
 import pytest
 
 import flops
-from providers import MOE_CASES, PROVIDERS, MoECase, Unavailable, in_smoke_set, make_moe
+from providers import MOE_CASES, MoECase, Unavailable, bench_params, make_moe
 
 
-def _params():
-    for case in MOE_CASES:
-        marks = [getattr(pytest.mark, case.size), getattr(pytest.mark, case.group),
-                 pytest.mark.moe]
-        for mode in case.modes:
-            for provider in PROVIDERS:
-                extra = [getattr(pytest.mark, provider)]
-                if in_smoke_set(case, mode, provider):
-                    extra.append(pytest.mark.smoke)
-                yield pytest.param(case, mode, provider, id=f"{case.name}-{mode}-{provider}",
-                                   marks=marks + extra)
+def _marks(case: MoECase) -> list:
+    return [getattr(pytest.mark, case.size), getattr(pytest.mark, case.group), pytest.mark.moe]
 
 
-@pytest.mark.parametrize("case,mode,provider", list(_params()))
+@pytest.mark.parametrize("case,mode,provider", list(bench_params(MOE_CASES, _marks)))
 def test_moe(measure, bench_env, case: MoECase, mode: str, provider: str):
     device = bench_env.device(provider)
     try:

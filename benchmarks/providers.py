@@ -728,3 +728,19 @@ def make_moe(provider: str, case: MoECase, mode: str, device: torch.device,
     if provider == "triton":
         return TritonMoE(data, layer)
     raise ValueError(f"provider: unknown {provider!r}")
+
+
+def bench_params(cases, marks_of):
+    """pytest params ``(case, mode, provider)`` for every mode and provider of ``cases``, with
+    the case's marks (``marks_of(case)``), the provider's mark and ``smoke`` where it applies."""
+    import pytest
+
+    for case in cases:
+        marks = marks_of(case)
+        for mode in case.modes:
+            for provider in PROVIDERS:
+                extra = [getattr(pytest.mark, provider)]
+                if in_smoke_set(case, mode, provider):
+                    extra.append(pytest.mark.smoke)
+                yield pytest.param(case, mode, provider, id=f"{case.name}-{mode}-{provider}",
+                                   marks=marks + extra)

@@ -103,7 +103,7 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
   check_gate(gate_, x, p.P, x.size(1));
   const int64_t B = x.size(1), Do = w.size(1);
   if (p.P == 0 || B == 0 || Do == 0) return at::zeros({p.T, B, Do}, x.options());
-  Tensor y = at::empty({p.T, B, Do}, x.options());  // every row written below: no fill pass
+  Tensor y = at::empty({p.T, B, Do}, x.options());  // every row is written below (no zero fill)
   const Tensor z = compute_z(p, x, w);
   const Tensor bias = bias_ ? bias_->contiguous() : Tensor();
   const Tensor gate = gate_ ? gate_->contiguous() : Tensor();

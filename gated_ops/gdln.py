@@ -370,7 +370,7 @@ class GDLN(nn.Module):
     def theory_graph(self) -> "_theory_t.GDLNGraph":
         """This network as a :class:`gated_ops.theory.GDLNGraph`: edge ``e`` of the theory graph
         is ``self.edges[e]`` (as the pair of node names), pathway ``q`` is
-        ``self.pathways()[q]``. The theory graph has one weight per edge: for tied weights pass
+        ``self.pathways()[q]``. The theory graph has one weight per edge: for tied weights give
         :meth:`edge_weights` (the shared matrix repeated on each of its edges), and the gradient
         of a shared weight is the sum of its edges' gradients (:meth:`path_form_gradient`)."""
         return _theory().GDLNGraph(tuple((e.src, e.dst) for e in self.edges),

@@ -13,7 +13,7 @@ from .plan import PathwayPlan, make_plan
 
 __all__ = [
     "Table", "Case", "SHAPES", "kpath_tables", "replicate", "make_inputs", "assert_close",
-    "tolerance",
+    "tolerance", "gradcheck_pathway",
 ]
 
 
@@ -137,6 +137,21 @@ def make_inputs(case: Case, dtype: torch.dtype = torch.float64, device: str = "c
         if v is not None:
             v.requires_grad_(requires_grad)
     return out
+
+
+def gradcheck_pathway(case: Case, device: str = "cpu", backend: str = "auto") -> bool:
+    """float64 gradcheck of pathway_matmul w.r.t. every input the case has."""
+    from .ops import pathway_matmul
+
+    inp = make_inputs(case, dtype=torch.float64, device=device)
+    plan = case.table.plan(device)
+    names = [n for n in ("x", "weight", "bias", "gate") if inp[n] is not None]
+
+    def f(*args: Tensor) -> Tensor:
+        kw = dict(zip(names, args))
+        return pathway_matmul(kw["x"], kw["weight"], plan, kw.get("bias"), kw.get("gate"),
+                              backend=backend)
+    return torch.autograd.gradcheck(f, tuple(inp[n] for n in names))
 
 
 def tolerance(ref64: Tensor, plain: Tensor) -> float:

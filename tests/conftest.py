@@ -27,6 +27,16 @@ if HAS_CUDA:  # Triton on the CPU interpreter is too slow for the whole table: t
     BACKENDS["triton"] = "cuda"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops on a shared 2-core machine: with 2 threads, OpenMP spin-waiting made one 500-step
+    routing run take 20 s instead of 0.4 s with 1 (measured). Use with usefixtures."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=list(BACKENDS))
 def backend(request):
     return request.param

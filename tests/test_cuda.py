@@ -18,8 +18,8 @@ import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
 from gated_ops.kpath import KPathNet, kpath_gate
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref, sgd_momentum_ref
-from gated_ops.testing import (SHAPES, Case, Table, assert_close, kpath_tables, make_inputs,
-                               replicate)
+from gated_ops.testing import (SHAPES, Case, Table, assert_close, gradcheck_pathway,
+                               kpath_tables, make_inputs, replicate)
 
 pytestmark = pytest.mark.gpu
 
@@ -137,7 +137,7 @@ OPCHECK_CASES = [c for c in SMALL if c.batch > 0 and c.table.num_paths > 0]
 def _op_args(case: Case):
     inp = make_inputs(case, dtype=torch.float32, device=DEVICE, requires_grad=False)
     plan = case.table.plan(DEVICE)
-    x, w, b, g = inp["x"], inp["weight"], inp["bias"], inp["gate"]
+    x, w, g = inp["x"], inp["weight"], inp["gate"]
     lay = list(plan.layout)
     S, M, B, Do = x.shape[0], w.shape[0], x.shape[1], w.shape[1]
     gy = torch.randn(plan.num_dst, B, Do, device=DEVICE)
@@ -176,16 +176,7 @@ def test_opcheck_cross_entropy():
 
 @pytest.mark.parametrize("name", ["odd_decoder", "moe", "tiny_grouped"])
 def test_gradcheck_float64(name):
-    case = next(c for c in SHAPES if c.name == name)
-    inp = make_inputs(case, dtype=torch.float64, device=DEVICE)
-    plan = case.table.plan(DEVICE)
-    names = [n for n in NAMES if inp[n] is not None]
-
-    def f(*args):
-        kw = dict(zip(names, args))
-        return gated_ops.pathway_matmul(kw["x"], kw["weight"], plan, kw.get("bias"),
-                                        kw.get("gate"))
-    assert torch.autograd.gradcheck(f, tuple(inp[n] for n in names))
+    assert gradcheck_pathway(next(c for c in SHAPES if c.name == name), DEVICE)
 
 
 @pytest.mark.parametrize("name", ["paper_encoder", "paper_decoder", "wide_batch_decoder",

@@ -17,13 +17,7 @@ from gated_ops import GDLN, gdln, theory
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny ops on a shared 2-core machine: 1 thread avoids OpenMP spin-waiting (see test_theory)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gated_ops
-from gated_ops.testing import SHAPES, Case, assert_close, make_inputs
+from gated_ops.testing import SHAPES, Case, assert_close, gradcheck_pathway, make_inputs
 
 from conftest import BACKENDS, run_pathway
 
@@ -91,15 +91,7 @@ def test_opcheck(case):
 @pytest.mark.parametrize("case", [c for c in OPCHECK_CASES if c.table.num_paths <= 40],
                          ids=lambda c: c.name)
 def test_gradcheck(case):
-    inp = make_inputs(case, dtype=torch.float64)
-    plan = case.table.plan()
-    names = [n for n in NAMES if inp[n] is not None]
-
-    def f(*args):
-        kw = dict(zip(names, args))
-        return gated_ops.pathway_matmul(kw["x"], kw["weight"], plan, kw.get("bias"),
-                                        kw.get("gate"))
-    assert torch.autograd.gradcheck(f, tuple(inp[n] for n in names))
+    assert gradcheck_pathway(case)
 
 
 def test_torch_compile_fullgraph_parity():

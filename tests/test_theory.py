@@ -39,14 +39,7 @@ def _load_theory():
 theory = _load_theory()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The ops here are tiny; with other processes on the 2 cores, OpenMP spin-waiting made one
-    # 500-step routing run take 20 s with 2 threads instead of 0.4 s with 1 (measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
