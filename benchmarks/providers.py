@@ -3,7 +3,7 @@
 k-path providers (GDLN.md section 2; all start from the weights of one KPathNet and see the
 same batch, so they compute the same function):
 
-    naive          LoopKPath, the paper-style loop over pathways of nn.Linear, one model per
+    naive          LoopKPath, the paper-style Python loop over nn.Linear modules, one model per
                    replica, + torch.optim.SGD (defaults)
     torch          BatchedKPath (baddbmm), the best plain PyTorch, + torch.optim.SGD(foreach=True)
     torch_compile  the torch provider's step under torch.compile (Inductor); compile time is

@@ -1,7 +1,8 @@
 """Plain-PyTorch k-path models that gated_ops is measured and tested against.
 
 * :class:`LoopKPath` - the paper-style model: K nn.Linear encoders, one hidden nn.Linear, K
-  nn.Linear decoders, and a Python loop over the K*K pathways (the "naive" provider).
+  nn.Linear decoders, called module by module in Python loops as the authors' code does (each
+  encoder's hidden output through every decoder; the "naive" provider).
 * :class:`BatchedKPath` - the best plain-PyTorch formulation we know: baddbmm over encoders and
   replicas, one wide GEMM for all decoders, F.cross_entropy (the "torch" provider).
 
@@ -32,8 +33,10 @@ def path_metrics(logits: Tensor, target: Tensor, gate: Tensor) -> tuple[Tensor, 
 
 class LoopKPath(nn.Module):
     """The paper-style k-path network: per run K nn.Linear encoders, one hidden nn.Linear and K
-    nn.Linear decoders, applied in a Python loop over the K*K pathways; R runs one after the
-    other. ``from_kpath`` copies a KPathNet's weights; ``kpath_state`` returns them in its layout.
+    nn.Linear decoders. Like the authors' code it loops over modules, not pathways: encoder i
+    then the hidden layer for each i (2K calls), then each decoder on all K hidden outputs at
+    once (K calls), giving the logits of all K*K paths; R runs one after the other.
+    ``from_kpath`` copies a KPathNet's weights; ``kpath_state`` returns them in its layout.
     """
 
     def __init__(self, K: int, d_in: int, hidden: int, classes: int = 10, replicas: int = 1):
@@ -79,10 +82,9 @@ class LoopKPath(nn.Module):
         K = self.K
         out = []
         for r, run in enumerate(self.runs):
-            for i in range(K):
-                h = run.hidden(run.encoders[i](xk[r * K + i]))
-                for j in range(K):
-                    out.append(run.decoders[j](h))
+            h = torch.stack([run.hidden(run.encoders[i](xk[r * K + i])) for i in range(K)])
+            # decoder j on every encoder's hidden output: (K_i, B, C) each -> (K_i, K_j, B, C)
+            out.append(torch.stack([run.decoders[j](h) for j in range(K)], 1))
         return torch.stack(out).view(self.R, K * K, xk.shape[1], self.C)
 
     def loss(self, xk: Tensor, target: Tensor, gate: Tensor):
