@@ -5,6 +5,7 @@ No GPU is queried at build time; the extension is built against the torch alread
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -27,6 +28,14 @@ extra_compile_args = {
     "nvcc": ["-O0", "-g", "-lineinfo"] if debug else ["-O3", "--use_fast_math", "-lineinfo",
                                                        "--expt-relaxed-constexpr"],
 }
+# The CPU kernels split work with at::parallel_for, which with PyTorch's OpenMP builds is an
+# inline `#pragma omp parallel`: without -fopenmp it silently runs on one thread. Linking
+# -fopenmp adds a DT_NEEDED on libgomp.so.1, which resolves to the copy torch has already loaded
+# (same soname), so torch.set_num_threads governs our loops too.
+extra_link_args = []
+if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+    extra_compile_args["cxx"].append("-fopenmp")
+    extra_link_args.append("-fopenmp")
 Extension = CUDAExtension if use_cuda else CppExtension
 if use_cuda:
     sources += cuda_sources
@@ -45,6 +54,7 @@ setup(
             sources,
             include_dirs=[os.path.join(here, "csrc")],
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
             py_limited_api=False,
         )
     ],

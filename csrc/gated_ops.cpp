@@ -8,6 +8,7 @@
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -15,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "gated_ops.h"
 
 extern "C" {
@@ -63,10 +65,22 @@ Tensor gather_sources(const Plan& p, const Tensor& x) {
   return x.index_select(0, src.index_select(0, order)).view({p.P * x.size(1), x.size(2)});
 }
 
+// at::parallel_for for bodies that call ATen ops: the worker threads get this thread's
+// thread-local state (above all the dispatch keys that keep a kernel's own ATen calls below
+// autograd; without it an at::mm_out on a weight that requires grad fails in a worker).
+template <typename F>
+void parallel_for_aten(int64_t begin, int64_t end, int64_t grain, const F& fn) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard guard(state);
+    fn(b, e);
+  });
+}
+
 // Runs fn(m, row0, rows) for every weight m of a grouped plan that has pathways, in parallel.
 template <typename F>
 void for_each_weight_group(const Plan& p, int64_t B, const F& fn) {
-  at::parallel_for(0, p.M, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_aten(0, p.M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t cnt = p.wgt_ptr[m + 1] - p.wgt_ptr[m];
       if (cnt > 0) fn(m, p.wgt_ptr[m] * B, cnt * B);
@@ -74,9 +88,36 @@ void for_each_weight_group(const Plan& p, int64_t B, const F& fn) {
   });
 }
 
+// At most this many activation rows per block (ns * B) take the skinny float32 forward
+// (simd::skinny_xwt, the k-path encoders: 8); wider blocks go to BLAS.
+constexpr int64_t kSkinnyForwardRows = 16;
+
 // Z (z_rows, z_cols): every pathway's pre-gate output x[s_p] @ W[m_p]^T, without bias.
+// x and w contiguous.
 Tensor compute_z(const Plan& p, const Tensor& x, const Tensor& w) {
   const int64_t B = x.size(1);
+#if GATED_HAVE_VECTOR_EXT
+  if (p.blocked() && x.scalar_type() == at::kFloat && p.ns * B <= kSkinnyForwardRows) {
+    // One task per (block, 32 weight rows): each weight row is streamed once, x stays in L1.
+    const int64_t nx = p.ns * B, rows = p.nm * w.size(1), D = x.size(2);
+    Tensor z = at::empty({p.z_rows(B), p.z_cols(w.size(1))}, x.options());
+    if (z.numel() == 0) return z;
+    if (D == 0) return z.zero_();
+    const float* X = x.data_ptr<float>() + p.s0 * B * D;
+    const float* W = w.data_ptr<float>() + p.m0 * w.size(1) * D;
+    float* Z = z.data_ptr<float>();
+    constexpr int64_t kRowsPerTask = 32;
+    const int64_t chunks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+    at::parallel_for(0, p.n * chunks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t k = t / chunks, r0 = (t % chunks) * kRowsPerTask;
+        simd::skinny_xwt(X + k * nx * D, nx, W + (k * rows + r0) * D,
+                         std::min(kRowsPerTask, rows - r0), D, Z + k * nx * rows + r0, rows);
+      }
+    });
+    return z;
+  }
+#endif
   if (p.blocked()) {
     return at::bmm(x_blocks(p, x), w_blocks(p, w).transpose(1, 2))
         .view({p.z_rows(B), p.z_cols(w.size(1))});
@@ -348,13 +389,7 @@ Tensor pathway_grad_gate_cpu(const Tensor& grad_y_, const Tensor& x_, const Tens
 // 7 x 40 MB of autograd's grad tensor followed by torch.optim.SGD.
 //
 // The hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time
-// (GCC/Clang function multi-versioning), since the rest of the build targets baseline x86-64.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define GATED_TARGET_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GATED_TARGET_CLONES
-#endif
+// (GATED_TARGET_CLONES, cpu_simd.h), since the rest of the build targets baseline x86-64.
 
 template <typename scalar_t>
 GATED_TARGET_CLONES void sgd_rows(scalar_t* w, scalar_t* buf, const scalar_t* g, int64_t count,
@@ -464,7 +499,7 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
     scalar_t* BUF = buf ? buf->data_ptr<scalar_t>() : nullptr;
     const scalar_t* DZ = dz.data_ptr<scalar_t>();
     const scalar_t lr_ = lr, mom_ = momentum, wd_ = weight_decay;
-    at::parallel_for(0, p.M, 1, [&](int64_t m0, int64_t m1) {
+    parallel_for_aten(0, p.M, 1, [&](int64_t m0, int64_t m1) {
       Tensor gm;  // scratch (Do, Di) for the GEMM path
       for (int64_t m = m0; m < m1; ++m) {
         // The rows of dZ (nr of them, starting at dz_m, columns from col0) and of x that feed
@@ -488,6 +523,9 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
         if (nr == 0) {
           sgd_rows<scalar_t>(wm, bm, nullptr, Do * Di, lr_, mom_, wd_, nesterov);
         } else if (nr <= kSkinnyRows) {
+          if (simd::try_skinny_grad_sgd(wm, bm, dzm, ldz, xm, nr, Do, Di, lr_, mom_, wd_,
+                                        nesterov))
+            continue;
           for (int64_t o = 0; o < Do; ++o) {
             grad_sgd_row<scalar_t>(wm + o * Di, bm ? bm + o * Di : nullptr, dzm + o, ldz, xm, nr,
                                    Di, lr_, mom_, wd_, nesterov);

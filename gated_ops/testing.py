@@ -90,6 +90,8 @@ _K4 = kpath_tables(4)
 SHAPES: list[Case] = [
     Case("tiny_grouped", _random_table(7, 3, 2, 4, seed=0), 2, 3, 5),
     Case("odd_encoder", kpath_tables(3)["encoder"], 5, 13, 7),
+    # ns*B = 11 rows (two row groups of the skinny float32 forward), D_in = 37 (vector + tail)
+    Case("skinny_encoder", kpath_tables(3)["encoder"], 11, 37, 5),
     Case("odd_decoder", kpath_tables(3)["decoder"], 3, 7, 11, gate="path"),
     Case("one_pathway", Table((0,), (0,), (0,), 1, 1, 1), 4, 6, 3),
     Case("gated_off", _random_table(6, 3, 3, 3, seed=1), 4, 5, 6, gate_off=(2,)),
