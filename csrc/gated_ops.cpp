@@ -613,21 +613,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
       for (int64_t q = q0; q < q1; ++q) {
         const scalar_t* lq = L + q * B * C;
         int64_t hits = 0;
+        bool bad_target = false;
         for (int64_t b = 0; b < B; ++b) {
           const scalar_t* l = lq + b * C;
           const int64_t y = Y[q * B + b];
-          TORCH_CHECK(y >= 0 && y < C, "target: class index ", y, " out of range [0, ", C, ")");
-          // argmax as torch.argmax: the first maximum, or the first NaN (NaN is the maximum).
+          bad_target |= y < 0 || y >= C;
+          // argmax as torch.argmax: the first maximum, or the first NaN (NaN counts as the
+          // maximum, and the max is then NaN). Without data-dependent branches (a branch on
+          // where the maximum lies mispredicted on most rows): a max pass, then bit masks.
           scalar_t m = l[0];
-          bool nan = false;
-          for (int64_t c = 0; c < C; ++c) {
-            m = l[c] > m ? l[c] : m;
-            nan |= l[c] != l[c];
+          for (int64_t c = 1; c < C; ++c) m = l[c] > m ? l[c] : m;
+          int64_t arg;
+          if (C <= 64) {
+            uint64_t at_max = 0, at_nan = 0;
+            for (int64_t c = 0; c < C; ++c) {
+              at_max |= uint64_t(l[c] == m) << c;
+              at_nan |= uint64_t(l[c] != l[c]) << c;
+            }
+            arg = __builtin_ctzll((at_nan ? at_nan : at_max) | (uint64_t(1) << (C - 1)));
+            if (at_nan) m = std::numeric_limits<scalar_t>::quiet_NaN();
+          } else {
+            bool nan = false;
+            for (int64_t c = 0; c < C; ++c) nan |= l[c] != l[c];
+            arg = 0;
+            while (arg < C && !(nan ? l[arg] != l[arg] : l[arg] == m)) ++arg;
+            if (nan) m = std::numeric_limits<scalar_t>::quiet_NaN();
           }
-          int64_t arg = 0;
-          while (arg < C && !(nan ? l[arg] != l[arg] : l[arg] == m)) ++arg;
-          mx[b] = nan ? std::numeric_limits<scalar_t>::quiet_NaN() : m;
+          mx[b] = m;
           hits += (arg == y);
+        }
+        if (bad_target) {
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t y = Y[q * B + b];
+            TORCH_CHECK(y >= 0 && y < C, "target: class index ", y, " out of range [0, ", C,
+                        ")");
+          }
         }
         // Shifted by the max as log_softmax is; an infinite max gives NaN, as it does there.
         exp_shifted(lq, mx.data(), B, C, e.data());
