@@ -77,6 +77,14 @@ void parallel_for_aten(int64_t begin, int64_t end, int64_t grain, const F& fn) {
   });
 }
 
+// A parallel_for grain (in items) that gives each task at least ~kGrainFloats floats of work,
+// so that small ops stay on one thread and few large items (T = 1 destination of an MoE layer,
+// P = 8 experts) still split: loops below run over (item, batch row) pairs for that reason.
+constexpr int64_t kGrainFloats = 16384;
+inline int64_t grain_for(int64_t floats_per_item) {
+  return std::max<int64_t>(1, kGrainFloats / std::max<int64_t>(1, floats_per_item));
+}
+
 // Runs fn(m, row0, rows) for every weight m of a grouped plan that has pathways, in parallel.
 template <typename F>
 void for_each_weight_group(const Plan& p, int64_t B, const F& fn) {
@@ -174,24 +182,23 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
       });
       return;
     }
-    at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        scalar_t* yt = Y + t * B * Do;
-        if (p.dst_ptr[t] == p.dst_ptr[t + 1]) std::fill(yt, yt + B * Do, scalar_t(0));
+    // over (destination, batch row) pairs: an MoE layer has T = 1 destination
+    const int64_t per_row = Do * std::max<int64_t>(1, p.P / std::max<int64_t>(1, p.T));
+    at::parallel_for(0, p.T * B, grain_for(per_row), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = i / B, b = i % B;
+        scalar_t* yr = Y + i * Do;
+        if (p.dst_ptr[t] == p.dst_ptr[t + 1]) std::fill(yr, yr + Do, scalar_t(0));
         // The first pathway into t assigns, the others add: a fixed order (the table's).
         for (int64_t k = p.dst_ptr[t]; k < p.dst_ptr[t + 1]; ++k) {
           const int64_t q = p.dst_perm[k];
           const bool first = k == p.dst_ptr[t];
-          const scalar_t* zq = Z + p.zrow[q] * B * ldz + p.zcol[q] * Do;
+          const scalar_t* zr = Z + (p.zrow[q] * B + b) * ldz + p.zcol[q] * Do;
           const scalar_t* bq = bi ? bi + p.wgt[q] * Do : nullptr;
-          for (int64_t b = 0; b < B; ++b) {
-            const scalar_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
-            scalar_t* yr = yt + b * Do;
-            const scalar_t* zr = zq + b * ldz;
-            for (int64_t o = 0; o < Do; ++o) {
-              const scalar_t v = gv * (zr[o] + (bq ? bq[o] : scalar_t(0)));
-              yr[o] = first ? v : yr[o] + v;
-            }
+          const scalar_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
+          for (int64_t o = 0; o < Do; ++o) {
+            const scalar_t v = gv * (zr[o] + (bq ? bq[o] : scalar_t(0)));
+            yr[o] = first ? v : yr[o] + v;
           }
         }
       }
@@ -221,15 +228,13 @@ Tensor pathway_grad_z_cpu(const Tensor& grad_y_, const c10::optional<Tensor>& ga
     const scalar_t* GY = gy.data_ptr<scalar_t>();
     const scalar_t* g = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
     scalar_t* DZ = dz.data_ptr<scalar_t>();
-    at::parallel_for(0, p.P, 16, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        scalar_t* dq = DZ + p.zrow[q] * B * ldz + p.zcol[q] * Do;
-        for (int64_t b = 0; b < B; ++b) {
-          const scalar_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
-          const scalar_t* gr = GY + (p.dst[q] * B + b) * Do;
-          scalar_t* dr = dq + b * ldz;
-          for (int64_t o = 0; o < Do; ++o) dr[o] = gv * gr[o];
-        }
+    at::parallel_for(0, p.P * B, grain_for(Do), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {  // (pathway, batch row) pairs
+        const int64_t q = i / B, b = i % B;
+        const scalar_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
+        const scalar_t* gr = GY + (p.dst[q] * B + b) * Do;
+        scalar_t* dr = DZ + (p.zrow[q] * B + b) * ldz + p.zcol[q] * Do;
+        for (int64_t o = 0; o < Do; ++o) dr[o] = gv * gr[o];
       }
     });
   });
@@ -364,17 +369,16 @@ Tensor pathway_grad_gate_cpu(const Tensor& grad_y_, const Tensor& x_, const Tens
       const scalar_t* GY = gy.data_ptr<scalar_t>();
       const scalar_t* bi = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
       scalar_t* GG = gg.data_ptr<scalar_t>();
-      at::parallel_for(0, p.P, 16, [&](int64_t q0, int64_t q1) {
-        for (int64_t q = q0; q < q1; ++q) {
-          const scalar_t* zq = Z + p.zrow[q] * B * ldz + p.zcol[q] * Do;
+      at::parallel_for(0, p.P * B, grain_for(Do), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {  // (pathway, batch row) pairs
+          const int64_t q = i / B, b = i % B;
+          const scalar_t* zr = Z + (p.zrow[q] * B + b) * ldz + p.zcol[q] * Do;
           const scalar_t* bq = bi ? bi + p.wgt[q] * Do : nullptr;
-          for (int64_t b = 0; b < B; ++b) {
-            const scalar_t* gr = GY + (p.dst[q] * B + b) * Do;
-            acc_t acc = 0;
-            for (int64_t o = 0; o < Do; ++o)
-              acc += acc_t(gr[o]) * acc_t(zq[b * ldz + o] + (bq ? bq[o] : scalar_t(0)));
-            GG[q * B + b] = scalar_t(acc);
-          }
+          const scalar_t* gr = GY + (p.dst[q] * B + b) * Do;
+          acc_t acc = 0;
+          for (int64_t o = 0; o < Do; ++o)
+            acc += acc_t(gr[o]) * acc_t(zr[o] + (bq ? bq[o] : scalar_t(0)));
+          GG[i] = scalar_t(acc);
         }
       });
     });
