@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_simd.h"
@@ -164,22 +165,52 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
     const scalar_t* g = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
     scalar_t* Y = y.data_ptr<scalar_t>();
     if (*p.one_per_dst) {  // every k-path layer: y is a gated, biased copy of Z, in Z order
-      const int64_t* owner = p.owner;
+      // One task item per pathway (Z's row block rb, column block cb): its B rows of D_out
+      // floats, with the bias / gate cases compiled separately (the decoder's 10-float rows
+      // made the per-row branches and lookups cost several times the copy itself).
       const int64_t ncb = p.blocked() ? p.nm : 1;
-      at::parallel_for(0, p.z_rows(1), 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t rb = r0; rb < r1; ++rb) {
-          for (int64_t b = 0; b < B; ++b) {
-            for (int64_t cb = 0; cb < ncb; ++cb) {
-              const int64_t q = owner[rb * ncb + cb];
-              const scalar_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
-              const scalar_t* zr = Z + (rb * B + b) * ldz + cb * Do;
-              const scalar_t* bq = bi ? bi + p.wgt[q] * Do : nullptr;
-              scalar_t* yr = Y + (p.dst[q] * B + b) * Do;
-              for (int64_t o = 0; o < Do; ++o) yr[o] = gv * (zr[o] + (bq ? bq[o] : scalar_t(0)));
+      auto copy_blocks = [&](auto has_bias, auto gate_kind) {
+        at::parallel_for(0, p.z_rows(1) * ncb, grain_for(B * Do), [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t q = p.owner[i];
+            const scalar_t* zq = Z + (i / ncb) * B * ldz + (i % ncb) * Do;
+            const scalar_t* bq = has_bias ? bi + p.wgt[q] * Do : nullptr;
+            scalar_t* yq = Y + p.dst[q] * B * Do;
+            for (int64_t b = 0; b < B; ++b) {
+              const scalar_t* zr = zq + b * ldz;
+              scalar_t* yr = yq + b * Do;
+              if constexpr (decltype(gate_kind)::value == 0 && !decltype(has_bias)::value) {
+                std::memcpy(yr, zr, Do * sizeof(scalar_t));
+              } else {
+                scalar_t gv = 1;
+                if constexpr (decltype(gate_kind)::value == 1) gv = g[q];
+                if constexpr (decltype(gate_kind)::value == 2) gv = g[q * B + b];
+                for (int64_t o = 0; o < Do; ++o) {
+                  if constexpr (decltype(has_bias)::value) {
+                    yr[o] = gv * (zr[o] + bq[o]);
+                  } else {
+                    yr[o] = gv * zr[o];
+                  }
+                }
+              }
             }
           }
-        }
-      });
+        });
+      };
+      using T0 = std::integral_constant<int, 0>;
+      using T1 = std::integral_constant<int, 1>;
+      using T2 = std::integral_constant<int, 2>;
+      const bool hb = bi != nullptr;
+      const int gk = g ? (per_sample ? 2 : 1) : 0;
+      if (hb) {
+        if (gk == 0) copy_blocks(std::true_type{}, T0{});
+        else if (gk == 1) copy_blocks(std::true_type{}, T1{});
+        else copy_blocks(std::true_type{}, T2{});
+      } else {
+        if (gk == 0) copy_blocks(std::false_type{}, T0{});
+        else if (gk == 1) copy_blocks(std::false_type{}, T1{});
+        else copy_blocks(std::false_type{}, T2{});
+      }
       return;
     }
     // over (destination, batch row) pairs: an MoE layer has T = 1 destination
@@ -228,13 +259,21 @@ Tensor pathway_grad_z_cpu(const Tensor& grad_y_, const c10::optional<Tensor>& ga
     const scalar_t* GY = gy.data_ptr<scalar_t>();
     const scalar_t* g = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
     scalar_t* DZ = dz.data_ptr<scalar_t>();
-    at::parallel_for(0, p.P * B, grain_for(Do), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {  // (pathway, batch row) pairs
-        const int64_t q = i / B, b = i % B;
-        const scalar_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
-        const scalar_t* gr = GY + (p.dst[q] * B + b) * Do;
-        scalar_t* dr = DZ + (p.zrow[q] * B + b) * ldz + p.zcol[q] * Do;
-        for (int64_t o = 0; o < Do; ++o) dr[o] = gv * gr[o];
+    at::parallel_for(0, p.P, grain_for(B * Do), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        scalar_t* dq = DZ + p.zrow[q] * B * ldz + p.zcol[q] * Do;
+        const scalar_t* gq = GY + p.dst[q] * B * Do;
+        if (!g) {  // no gate: plain row copies (the k-path layers)
+          for (int64_t b = 0; b < B; ++b)
+            std::memcpy(dq + b * ldz, gq + b * Do, Do * sizeof(scalar_t));
+          continue;
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t gv = per_sample ? g[q * B + b] : g[q];
+          const scalar_t* gr = gq + b * Do;
+          scalar_t* dr = dq + b * ldz;
+          for (int64_t o = 0; o < Do; ++o) dr[o] = gv * gr[o];
+        }
       }
     });
   });
