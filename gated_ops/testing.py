@@ -93,6 +93,10 @@ SHAPES: list[Case] = [
     # ns*B = 11 rows (two row groups of the skinny float32 forward), D_in = 37 (vector + tail)
     Case("skinny_encoder", kpath_tables(3)["encoder"], 11, 37, 5),
     Case("odd_decoder", kpath_tables(3)["decoder"], 3, 7, 11, gate="path"),
+    # the one-pathway-per-destination epilogue's other compiled cases: no bias, with and
+    # without a gate
+    Case("decoder_no_bias", kpath_tables(3)["decoder"], 3, 7, 11, gate="none", bias=False),
+    Case("encoder_no_bias", kpath_tables(3)["encoder"], 4, 9, 6, gate="path", bias=False),
     Case("one_pathway", Table((0,), (0,), (0,), 1, 1, 1), 4, 6, 3),
     Case("gated_off", _random_table(6, 3, 3, 3, seed=1), 4, 5, 6, gate_off=(2,)),
     Case("empty_batch", kpath_tables(3)["hidden"], 0, 4, 5),
