@@ -425,6 +425,80 @@ Tensor pathway_grad_gate_cpu(const Tensor& grad_y_, const Tensor& x_, const Tens
   return gate.dim() == 2 ? gg : gg.sum(1);
 }
 
+// grad_x and grad_gate together, with one GEMM instead of two. Both need, per pathway and
+// sample, U_p[b] = grad_y[t_p, b] @ W[m_p] (the ungated input gradient):
+//   grad_x[s, b]    = sum_{p: s_p = s} gate[p, b] * U_p[b]
+//   grad_gate[p, b] = <grad_y[t_p, b], Z_p[b] + bias[m_p]> = <U_p[b], x[s_p, b]> + <grad_y, bias>
+// (pathway_grad_x + pathway_grad_gate compute Z and dZ @ W: two GEMMs of this size.) Used by the
+// autograd backward when both gradients are needed, as in a mixture-of-experts layer whose router
+// is trained; other devices run a composite of the two ops (gated_ops/ops.py).
+std::tuple<Tensor, Tensor> pathway_grad_x_gate_cpu(const Tensor& grad_y_, const Tensor& x_,
+                                                   const Tensor& w_,
+                                                   const c10::optional<Tensor>& bias_,
+                                                   const Tensor& gate_, const Tensor& paths,
+                                                   const Tensor& csr, at::IntArrayRef layout) {
+  check_data(x_, w_, bias_);
+  check_cpu_dtype(x_, "x");
+  const Tensor x = x_.contiguous(), w = w_.contiguous(), gy = grad_y_.contiguous();
+  const Plan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
+  check_gate(gate_, x, p.P, x.size(1));
+  const int64_t S = x.size(0), B = x.size(1), Di = x.size(2), Do = w.size(1);
+  GATED_CHECK_SHAPE("grad_y", gy, p.T, B, Do);
+  Tensor gx = at::zeros({S, B, Di}, x.options());
+  Tensor gg = at::zeros({p.P, B}, x.options());
+  if (p.P == 0 || B == 0) return {gx, gate_.dim() == 2 ? gg : gg.sum(1)};
+  const Tensor gate = gate_.contiguous();
+  const bool per_sample = gate.dim() == 2;
+  const Tensor bias = bias_ ? bias_->contiguous() : Tensor();
+  // U in by-weight pathway order (P*B, Di): one GEMM per weight over its pathways' rows.
+  auto order = at::from_blob(const_cast<int64_t*>(p.wgt_perm), {p.P}, at::kLong);
+  auto dst = at::from_blob(const_cast<int64_t*>(p.dst), {p.P}, at::kLong);
+  const Tensor gyw = gy.index_select(0, dst.index_select(0, order)).view({p.P * B, Do});
+  Tensor u = at::empty({p.P * B, Di}, x.options());
+  for_each_weight_group(p, B, [&](int64_t m, int64_t r0, int64_t rows) {
+    Tensor out = u.narrow(0, r0, rows);
+    at::mm_out(out, gyw.narrow(0, r0, rows), w[m]);
+  });
+  std::vector<int64_t> pos(p.P);  // pathway -> its block of rows in U
+  for (int64_t k = 0; k < p.P; ++k) pos[p.wgt_perm[k]] = k;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pathway_grad_x_gate_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, false>;
+    const scalar_t *U = u.data_ptr<scalar_t>(), *X = x.data_ptr<scalar_t>(),
+                   *GY = gy.data_ptr<scalar_t>(), *G = gate.data_ptr<scalar_t>();
+    const scalar_t* bi = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    scalar_t *GX = gx.data_ptr<scalar_t>(), *GG = gg.data_ptr<scalar_t>();
+    const int64_t fan = std::max<int64_t>(1, p.P / std::max<int64_t>(1, S));
+    at::parallel_for(0, S * B, grain_for(Di * fan), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {  // (source, batch row): pathways in the table's order
+        const int64_t s = i / B, b = i % B;
+        scalar_t* out = GX + i * Di;
+        for (int64_t k = p.src_ptr[s]; k < p.src_ptr[s + 1]; ++k) {
+          const int64_t q = p.src_perm[k];
+          const scalar_t gv = per_sample ? G[q * B + b] : G[q];
+          const scalar_t* uq = U + (pos[q] * B + b) * Di;
+          for (int64_t d = 0; d < Di; ++d) out[d] += gv * uq[d];
+        }
+      }
+    });
+    at::parallel_for(0, p.P * B, grain_for(Di + Do), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {  // (pathway, batch row)
+        const int64_t q = i / B, b = i % B;
+        const scalar_t* uq = U + (pos[q] * B + b) * Di;
+        const scalar_t* xr = X + (p.src[q] * B + b) * Di;
+        acc_t acc = 0;
+        for (int64_t d = 0; d < Di; ++d) acc += acc_t(uq[d]) * acc_t(xr[d]);
+        if (bi) {
+          const scalar_t* gr = GY + (p.dst[q] * B + b) * Do;
+          const scalar_t* bq = bi + p.wgt[q] * Do;
+          for (int64_t o = 0; o < Do; ++o) acc += acc_t(gr[o]) * acc_t(bq[o]);
+        }
+        GG[i] = scalar_t(acc);
+      }
+    });
+  });
+  return {gx, per_sample ? gg : gg.sum(1)};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fused SGD: W <- W - lr * d, buf <- momentum * buf + (g + wd * W), d = buf (or g + momentum * buf
 // with nesterov), g = grad_W computed a few rows at a time and never written to memory. Per step
@@ -791,6 +865,8 @@ TORCH_LIBRARY(gated_ops, m) {
         "int num_sources, int num_weights, int d_out) -> Tensor");
   m.def("pathway_grad_gate(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor gate, "
         "Tensor paths, Tensor csr, int[] layout) -> Tensor");
+  m.def("pathway_grad_x_gate(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor gate, "
+        "Tensor paths, Tensor csr, int[] layout) -> (Tensor grad_x, Tensor grad_gate)");
   m.def("pathway_sgd_(Tensor grad_z, Tensor x, Tensor(a!) weight, Tensor(b!)? momentum_buffer, "
         "Tensor paths, Tensor csr, int[] layout, float lr, float momentum, float weight_decay, "
         "bool nesterov) -> ()");
@@ -807,6 +883,7 @@ TORCH_LIBRARY_IMPL(gated_ops, CPU, m) {
   m.impl("pathway_grad_weight", &pathway_grad_weight_cpu);
   m.impl("pathway_grad_bias", &pathway_grad_bias_cpu);
   m.impl("pathway_grad_gate", &pathway_grad_gate_cpu);
+  m.impl("pathway_grad_x_gate", &pathway_grad_x_gate_cpu);
   m.impl("pathway_sgd_", &pathway_sgd_cpu);
   m.impl("gated_cross_entropy", &gated_cross_entropy_cpu);
   m.impl("gated_cross_entropy_backward", &gated_cross_entropy_backward_cpu);

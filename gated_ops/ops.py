@@ -150,6 +150,20 @@ def _(grad_y, x, weight, bias, gate, paths, csr, layout):
     return torch.empty_like(gate)
 
 
+@torch.library.register_fake("gated_ops::pathway_grad_x_gate")
+def _(grad_y, x, weight, bias, gate, paths, csr, layout):
+    return torch.empty_like(x), torch.empty_like(gate)
+
+
+@torch.library.impl("gated_ops::pathway_grad_x_gate", "CompositeExplicitAutograd")
+def _(grad_y, x, weight, bias, gate, paths, csr, layout):
+    """Devices without a fused kernel (CUDA): the two ops it replaces."""
+    S, B = x.shape[0], x.shape[1]
+    dz = _ops.pathway_grad_z(grad_y, gate, paths, csr, layout, S, weight.shape[0])
+    return (_ops.pathway_grad_x(dz, weight, paths, csr, layout, S, B),
+            _ops.pathway_grad_gate(grad_y, x, weight, bias, gate, paths, csr, layout))
+
+
 @torch.library.register_fake("gated_ops::pathway_sgd_")
 def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
       nesterov):
@@ -193,6 +207,11 @@ def pathway_backward(ns):
         S, B, M, d_out = ctx.shapes
         need_x, need_w, need_b, need_g = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_g = None
+        if need_x and need_g and hasattr(ns, "pathway_grad_x_gate"):
+            # one GEMM shared by both gradients (a trained MoE router: x and gate need grads)
+            grad_x, grad_g = ns.pathway_grad_x_gate(grad_y, x, weight, bias, gate, paths, csr,
+                                                    ctx.layout)
+            need_x = need_g = False
         if need_x or need_w or need_b:
             dz = ns.pathway_grad_z(grad_y, gate, paths, csr, ctx.layout, S, M)
             if need_x:

@@ -159,6 +159,8 @@ def test_opcheck_every_op(case):
     torch.library.opcheck(ops.pathway_grad_bias, (dz, *pc, S, M, Do))
     if g is not None:
         torch.library.opcheck(ops.pathway_grad_gate, (gy, x, w, b, g, *pc))
+        # CUDA runs the composite of grad_z + grad_x and grad_gate (gated_ops/ops.py)
+        torch.library.opcheck(ops.pathway_grad_x_gate, (gy, x, w, b, g, *pc))
     buf = torch.randn_like(w)
     torch.library.opcheck(ops.pathway_sgd_, (dz, x, w.clone(), buf, *pc, 0.1, 0.9, 0.01, False))
 

@@ -122,3 +122,43 @@ def test_deterministic_bitwise():
         outs.append([y.detach(), *g])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case_name", ["tiny_grouped", "moe", "odd_encoder", "odd_decoder",
+                                       "duplicate_pairs", "encoder_no_bias", "gated_off"])
+def test_grad_x_gate_op_equals_the_two_ops_it_replaces(case_name):
+    """pathway_grad_x_gate (one GEMM for both gradients) against pathway_grad_z + grad_x and
+    pathway_grad_gate, float64, and opcheck."""
+    case = next(c for c in SHAPES if c.name == case_name)
+    inp = make_inputs(case, dtype=torch.float64, requires_grad=False)
+    if inp["gate"] is None:
+        pytest.skip("no gate in this case")
+    plan = case.table.plan()
+    ops, lay = torch.ops.gated_ops, list(plan.layout)
+    x, w, b, g = inp["x"], inp["weight"], inp["bias"], inp["gate"]
+    gy = torch.randn(plan.num_dst, case.batch, case.d_out, dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(2))
+    gx, gg = ops.pathway_grad_x_gate(gy, x, w, b, g, plan.paths, plan.csr, lay)
+    dz = ops.pathway_grad_z(gy, g, plan.paths, plan.csr, lay, x.shape[0], w.shape[0])
+    torch.testing.assert_close(
+        gx, ops.pathway_grad_x(dz, w, plan.paths, plan.csr, lay, x.shape[0], x.shape[1]),
+        rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        gg, ops.pathway_grad_gate(gy, x, w, b, g, plan.paths, plan.csr, lay),
+        rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(ops.pathway_grad_x_gate, (gy, x, w, b, g, plan.paths, plan.csr, lay))
+
+
+def test_grad_x_gate_op_names_bad_arguments():
+    case = next(c for c in SHAPES if c.name == "moe")
+    inp = make_inputs(case, dtype=torch.float32, requires_grad=False)
+    plan = case.table.plan()
+    ops, lay = torch.ops.gated_ops, list(plan.layout)
+    x, w, b, g = inp["x"], inp["weight"], inp["bias"], inp["gate"]
+    gy = torch.zeros(plan.num_dst, case.batch, case.d_out)
+    with pytest.raises(RuntimeError, match="grad_y: expected shape"):
+        ops.pathway_grad_x_gate(gy[:, :1], x, w, b, g, plan.paths, plan.csr, lay)
+    with pytest.raises(RuntimeError, match="gate: expected"):
+        ops.pathway_grad_x_gate(gy, x, w, b, g[:, :1], plan.paths, plan.csr, lay)
+    with pytest.raises(RuntimeError, match="weight: expected dtype"):
+        ops.pathway_grad_x_gate(gy, x, w.double(), b, g, plan.paths, plan.csr, lay)
