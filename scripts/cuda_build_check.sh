@@ -73,6 +73,13 @@ missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"gated_ops::{op}", "CUDA")]
 for op in ops:
     print(f"  gated_ops::{op:30s} CUDA kernel: {'MISSING' if op in missing else 'ok'}")
+# ops that run on CUDA as a composite of the ones above (registered in gated_ops/ops.py)
+composite = ["pathway_grad_x_gate"]
+for op in composite:
+    ok = torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"gated_ops::{op}", "CUDA")
+    print(f"  gated_ops::{op:30s} CUDA composite: {'ok' if ok else 'MISSING'}")
+    if not ok:
+        missing.append(op)
 if missing:
     sys.exit(f"FAIL: no CUDA kernel for {missing}")
 EOF
