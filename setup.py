@@ -29,13 +29,13 @@ extra_compile_args = {
                                                        "--expt-relaxed-constexpr"],
 }
 # The CPU kernels split work with at::parallel_for, which with PyTorch's OpenMP builds is an
-# inline `#pragma omp parallel`: without -fopenmp it silently runs on one thread. Linking
-# -fopenmp adds a DT_NEEDED on libgomp.so.1, which resolves to the copy torch has already loaded
-# (same soname), so torch.set_num_threads governs our loops too.
+# inline `#pragma omp parallel`: without -fopenmp it silently runs on one thread. Compiled with
+# -fopenmp but not linked with it, the GOMP_* / omp_* references resolve at load time to the
+# OpenMP runtime that libtorch_cpu (our dependency) already loaded, so there is one runtime and
+# torch.set_num_threads governs our loops too.
 extra_link_args = []
 if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
     extra_compile_args["cxx"].append("-fopenmp")
-    extra_link_args.append("-fopenmp")
 Extension = CUDAExtension if use_cuda else CppExtension
 if use_cuda:
     sources += cuda_sources
