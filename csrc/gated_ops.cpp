@@ -838,8 +838,19 @@ Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& 
     at::parallel_for(0, R * P, 64, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         scalar_t* d = D + q * B * C;
-        exp_shifted(L + q * B * C, LSE + q * B, B, C, d);
         const scalar_t wq = W[q];
+        if (wq == scalar_t(0)) {
+          // An ungated path whose path loss is not differentiated (the k-path training loss:
+          // half the paths at N = K/2): its gradient is 0 * (softmax - onehot), exactly zero
+          // when every row's lse is finite (no NaN or +inf logit); else keep NaN propagating.
+          bool finite = true;
+          for (int64_t b = 0; b < B; ++b) finite &= std::isfinite(LSE[q * B + b]);
+          if (finite) {
+            std::fill(d, d + B * C, scalar_t(0));
+            continue;
+          }
+        }
+        exp_shifted(L + q * B * C, LSE + q * B, B, C, d);
         for (int64_t i = 0; i < B * C; ++i) d[i] *= wq;
         for (int64_t b = 0; b < B; ++b) d[b * C + Y[q * B + b]] -= wq;
       }

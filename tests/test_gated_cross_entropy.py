@@ -98,3 +98,24 @@ def test_bad_input(bad, match):
     l, t, g = _inputs(2, 3, 4, 5)
     with pytest.raises(RuntimeError, match=match):
         gated_ops.gated_cross_entropy(*bad(l.detach(), t, g.detach()))
+
+
+def test_backward_of_ungated_paths_is_zero_and_still_propagates_nan():
+    """Paths with gate 0 and no path-loss gradient get an exactly zero gradient (the kernel skips
+    their softmax), unless a logit of the path is NaN or +inf, where 0 * NaN stays NaN as in
+    the reference."""
+    logits, target, gate = _inputs(2, 6, 3, 5, dtype=torch.float32)
+    gate = torch.tensor([[1.0, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 1]])
+    logits = logits.detach().clone()
+    logits[0, 3, 1, 2] = float("nan")  # an ungated path
+    logits[1, 2, 0, 0] = float("inf")  # another ungated path
+    lg = logits.clone().requires_grad_()
+    gated_ops.gated_cross_entropy(lg, target, gate)[0].sum().backward()
+    lr = logits.clone().requires_grad_()
+    gated_cross_entropy_ref(lr, target, gate)[0].sum().backward()
+    assert torch.equal(lg.grad.isnan(), lr.grad.isnan())
+    finite = ~lr.grad.isnan()
+    torch.testing.assert_close(lg.grad[finite], lr.grad[finite])
+    ungated_clean = (gate == 0).clone()
+    ungated_clean[0, 3] = ungated_clean[1, 2] = False
+    assert (lg.grad[ungated_clean] == 0).all()
