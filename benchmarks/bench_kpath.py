@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 import flops
-from providers import KPATH_CASES, KPathCase, Unavailable, bench_params, make_kpath
+from providers import KPATH_CASES, KPathCase, bench_case, bench_params, make_kpath
 
 
 def _marks(case: KPathCase) -> list:
@@ -21,15 +21,6 @@ def _marks(case: KPathCase) -> list:
 
 @pytest.mark.parametrize("case,mode,provider", list(bench_params(KPATH_CASES, _marks)))
 def test_kpath(measure, bench_env, case: KPathCase, mode: str, provider: str):
-    device = bench_env.device(provider)
-    try:
-        prov = make_kpath(provider, case, mode, device, bench_env.compile_backend)
-        fn, setup = prov.fns(mode)
-    except Unavailable as e:
-        pytest.skip(str(e))
     counts = flops.kpath(mode, case.R, case.K, case.B, case.D, case.H, case.C)
-    info = {"provider": provider, "mode": mode, "case": case.name, "shape": case.shape,
-            "dataset": case.dataset, "size": case.size, "group": case.group}
-    if provider == "torch_compile":
-        info["compile_backend"] = prov.backend
-    measure(fn, setup, device, counts, info, per=case.R)
+    bench_case(measure, bench_env, make_kpath, case, mode, provider, counts,
+               {"dataset": case.dataset}, per=case.R)

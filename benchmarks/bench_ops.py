@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 import flops
-from providers import MOE_CASES, MoECase, Unavailable, bench_params, make_moe
+from providers import MOE_CASES, MoECase, bench_case, bench_params, make_moe
 
 
 def _marks(case: MoECase) -> list:
@@ -20,15 +20,5 @@ def _marks(case: MoECase) -> list:
 
 @pytest.mark.parametrize("case,mode,provider", list(bench_params(MOE_CASES, _marks)))
 def test_moe(measure, bench_env, case: MoECase, mode: str, provider: str):
-    device = bench_env.device(provider)
-    try:
-        prov = make_moe(provider, case, mode, device, bench_env.compile_backend)
-        fn, setup = prov.fns(mode)
-    except Unavailable as e:
-        pytest.skip(str(e))
     counts = flops.moe(mode, case.E, case.B, case.Di, case.Do)
-    info = {"provider": provider, "mode": mode, "case": case.name, "shape": case.shape,
-            "size": case.size, "group": case.group}
-    if provider == "torch_compile":
-        info["compile_backend"] = prov.backend
-    measure(fn, setup, device, counts, info)
+    bench_case(measure, bench_env, make_moe, case, mode, provider, counts)

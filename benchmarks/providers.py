@@ -744,3 +744,23 @@ def bench_params(cases, marks_of):
                     extra.append(pytest.mark.smoke)
                 yield pytest.param(case, mode, provider, id=f"{case.name}-{mode}-{provider}",
                                    marks=marks + extra)
+
+
+def bench_case(measure, bench_env, make: Callable, case, mode: str, provider: str,
+               counts, extra_info: dict | None = None, per: int = 1) -> None:
+    """The body of every benchmark: build ``make(provider, case, mode, device, backend)`` (skip
+    with its reason if it cannot run here) and time its ``mode`` with the ``measure`` fixture,
+    recording the case and provider in extra_info."""
+    import pytest
+
+    device = bench_env.device(provider)
+    try:
+        prov = make(provider, case, mode, device, bench_env.compile_backend)
+        fn, setup = prov.fns(mode)
+    except Unavailable as e:
+        pytest.skip(str(e))
+    info = {"provider": provider, "mode": mode, "case": case.name, "shape": case.shape,
+            "size": case.size, "group": case.group, **(extra_info or {})}
+    if provider == "torch_compile":
+        info["compile_backend"] = prov.backend
+    measure(fn, setup, device, counts, info, per=per)

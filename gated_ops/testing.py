@@ -13,7 +13,7 @@ from .plan import PathwayPlan, make_plan
 
 __all__ = [
     "Table", "Case", "SHAPES", "kpath_tables", "replicate", "make_inputs", "assert_close",
-    "tolerance", "gradcheck_pathway",
+    "tolerance", "gradcheck_pathway", "check_ce_special_values",
 ]
 
 
@@ -182,3 +182,25 @@ def assert_close(name: str, out: Tensor, ref64: Tensor, plain: Tensor) -> None:
     err = (out.double() - ref64).abs().max().item()
     tol = tolerance(ref64, plain.to(out.device))
     assert err <= tol, f"{name}: max error {err:.3e} > tolerance {tol:.3e}"
+
+
+def check_ce_special_values(gated_cross_entropy, device: str) -> None:
+    """A device backend's gated cross-entropy on NaN, +inf and tied logits against the
+    reference, and its loss for a gate row summing to zero: NaN (the CPU kernel raises there
+    instead; a device kernel cannot without a host synchronisation)."""
+    import math
+
+    from .reference import gated_cross_entropy_ref
+
+    logits = torch.zeros(1, 3, 3, 4, device=device)
+    logits[0, 1, 0, 2] = float("nan")
+    logits[0, 2, 1, 0] = float("inf")
+    target = torch.tensor([[[0, 1, 3], [2, 0, 0], [1, 0, 0]]], device=device)
+    gate = torch.ones(1, 3, device=device)
+    loss, path_loss, correct = gated_cross_entropy(logits, target, gate)
+    ref = gated_cross_entropy_ref(logits, target, gate)
+    assert math.isnan(loss.item()) and math.isnan(ref[0].item())
+    assert torch.equal(path_loss.isnan(), ref[1].isnan())
+    assert torch.equal(correct, ref[2])  # ties: the first maximum; a NaN counts as the maximum
+    loss, _, _ = gated_cross_entropy(logits[:, :1], target[:, :1], gate[:, :1] * 0)
+    assert math.isnan(loss.item())

@@ -8,7 +8,6 @@ Shapes are the small rows of the shared table (the interpreter is slow: ~30 s fo
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -27,7 +26,8 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import gated_ops  # noqa: E402
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref  # noqa: E402
-from gated_ops.testing import SHAPES, Case, assert_close, make_inputs  # noqa: E402
+from gated_ops.testing import (SHAPES, Case, assert_close, check_ce_special_values,  # noqa: E402
+                               make_inputs)
 
 if not ON_GPU and not isinstance(triton_ops._ztile_kernel, InterpretedFunction):
     pytest.skip("gated_ops.triton_ops was imported before TRITON_INTERPRET=1 was set and there is "
@@ -152,18 +152,7 @@ def test_gated_cross_entropy_matches_reference(shape, dtype):
 
 
 def test_gated_cross_entropy_nan_inf_ties_and_zero_gate():
-    logits = torch.zeros(1, 3, 3, 4, device=DEVICE)
-    logits[0, 1, 0, 2] = float("nan")
-    logits[0, 2, 1, 0] = float("inf")
-    target = torch.tensor([[[0, 1, 3], [2, 0, 0], [1, 0, 0]]], device=DEVICE)
-    gate = torch.ones(1, 3, device=DEVICE)
-    loss, path_loss, correct = triton_ops.gated_cross_entropy(logits, target, gate)
-    ref = gated_cross_entropy_ref(logits, target, gate)
-    assert math.isnan(loss.item()) and math.isnan(ref[0].item())
-    assert torch.equal(path_loss.isnan(), ref[1].isnan())
-    assert torch.equal(correct, ref[2])  # ties: the first maximum; a NaN counts as the maximum
-    loss, _, _ = triton_ops.gated_cross_entropy(logits[:, :1], target[:, :1], gate[:, :1] * 0)
-    assert math.isnan(loss.item())  # a gate row summing to zero: NaN, no host synchronisation
+    check_ce_special_values(triton_ops.gated_cross_entropy, DEVICE)
 
 
 def test_opcheck_gated_cross_entropy():
