@@ -175,59 +175,34 @@ def _grad_z_kernel(gy_ptr, gate_ptr, dz_ptr, paths_ptr, P, B, Do, ldz,
 
 
 @triton.jit
-def _grad_x_kernel(dz_ptr, w_ptr, gx_ptr, B, Di, Do, ns, nm, s0, m0, tiles_n, tiles,
-                   DOT_PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """grad X_i (ns*B, Di) = dZ_i (ns*B, nm*Do) @ W_i (nm*Do, Di), one tile."""
+def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
+                       a_off, a_bs, a_sm, a_sk, b_off, b_bs, b_sk, b_sn, c_off, c_bs, c_sm,
+                       tiles_n, tiles, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C_i (M, N) = A_i (M, K) @ B_i (K, N) for block i of a blocked plan, one tile. Operand X's
+    element (r, c) of block i is at x_off + i * x_bs + r * x_s<row> + c * x_s<col> (C's columns
+    contiguous): the backward GEMMs dZ_i @ W_i and dZ_i^T @ X_i are this with other strides."""
     pid = tl.program_id(0)  # (block i, tile): a 1-D grid, since n may exceed 65535
     i = (pid // tiles).to(tl.int64)
     pid_m = (pid % tiles) // tiles_n
     pid_n = (pid % tiles) % tiles_n
-    R = ns * B
-    K = nm * Do
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < R
-    cmask = cols < Di
+    rmask = rows < M
+    cmask = cols < N
+    a_base = a_ptr + a_off + i * a_bs
+    b_base = b_ptr + b_off + i * b_bs
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
-        a = tl.load(dz_ptr + (i * R + rows)[:, None] * K + ks[None, :],
+        a = tl.load(a_base + rows[:, None] * a_sm + ks[None, :] * a_sk,
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptr + ((m0 + i * nm) * Do + ks)[:, None] * Di + cols[None, :],
+        b = tl.load(b_base + ks[:, None] * b_sk + cols[None, :] * b_sn,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    out = gx_ptr + ((s0 + i * ns) * B + rows)[:, None] * Di + cols[None, :]
-    tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _grad_w_kernel(dz_ptr, x_ptr, gw_ptr, B, Di, Do, ns, nm, s0, m0, tiles_n, tiles,
-                   DOT_PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """grad W_i (nm*Do, Di) = dZ_i^T (nm*Do, ns*B) @ X_i (ns*B, Di), one tile."""
-    pid = tl.program_id(0)  # (block i, tile): a 1-D grid, since n may exceed 65535
-    i = (pid // tiles).to(tl.int64)
-    pid_m = (pid % tiles) // tiles_n
-    pid_n = (pid % tiles) % tiles_n
-    R = ns * B
-    N = nm * Do
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    cmask = cols < Di
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, R, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < R
-        a = tl.load(dz_ptr + (i * R + ks)[None, :] * N + rows[:, None],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(x_ptr + ((s0 + i * ns) * B + ks)[:, None] * Di + cols[None, :],
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    out = gw_ptr + ((m0 + i * nm) * Do + rows)[:, None] * Di + cols[None, :]
-    tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    out = c_ptr + c_off + i * c_bs + rows[:, None] * c_sm + cols[None, :]
+    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -444,6 +419,18 @@ def _gemm_blocks(rows: int, cols: int, red: int) -> tuple[int, int, int]:
     return _pow2(rows, 16, 64), _pow2(cols, 16, 64), _pow2(red, 16, 64)
 
 
+def _launch_block_gemm(A: Tensor, Bm: Tensor, C: Tensor, n: int, M: int, N: int, K: int,
+                       a: tuple, b: tuple, c: tuple) -> None:
+    """_block_gemm_kernel over the n blocks; a, b = (offset, block stride, row stride, column
+    stride), c = (offset, block stride, row stride), in elements."""
+    BM, BN, BK = _gemm_blocks(M, N, K)
+    tiles_n = triton.cdiv(N, BN)
+    tiles = triton.cdiv(M, BM) * tiles_n
+    _block_gemm_kernel[(tiles * n,)](
+        A, Bm, C, M, N, K, *a, *b, *c, tiles_n, tiles,
+        DOT_PRECISION=_dot_precision(C.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+
+
 def _launch_ztile(x, weight, bias, gate, paths, csr, layout, y, z, fused) -> None:
     T, n, s0, ns, m0, nm = layout
     P = paths.shape[1]
@@ -515,12 +502,10 @@ def _grad_x_impl(grad_z, weight, paths, csr, layout, num_sources, batch):
     gx = (weight.new_empty if covers else weight.new_zeros)(num_sources, B, Di)
     if gx.numel() == 0:
         return gx
-    BM, BN, BK = _gemm_blocks(ns * B, Di, nm * Do)
-    tiles_n = triton.cdiv(Di, BN)
-    tiles = triton.cdiv(ns * B, BM) * tiles_n
-    _grad_x_kernel[(tiles * n,)](
-        grad_z, weight, gx, B, Di, Do, ns, nm, s0, m0, tiles_n, tiles,
-        DOT_PRECISION=_dot_precision(weight.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    R, Kz = ns * B, nm * Do
+    # grad X_i (ns*B, Di) = dZ_i (ns*B, nm*Do) @ W_i (nm*Do, Di)
+    _launch_block_gemm(grad_z, weight, gx, n, R, Di, Kz, a=(0, R * Kz, Kz, 1),
+                       b=(m0 * Do * Di, Kz * Di, Di, 1), c=(s0 * B * Di, R * Di, Di))
     return gx
 
 
@@ -537,12 +522,10 @@ def _grad_weight_impl(grad_z, x, paths, csr, layout, num_weights, d_out):
     gw = (x.new_empty if covers else x.new_zeros)(num_weights, Do, Di)
     if gw.numel() == 0:
         return gw
-    BM, BN, BK = _gemm_blocks(nm * Do, Di, ns * B)
-    tiles_n = triton.cdiv(Di, BN)
-    tiles = triton.cdiv(nm * Do, BM) * tiles_n
-    _grad_w_kernel[(tiles * n,)](
-        grad_z, x, gw, B, Di, Do, ns, nm, s0, m0, tiles_n, tiles,
-        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    R, Kz = ns * B, nm * Do
+    # grad W_i (nm*Do, Di) = dZ_i^T (nm*Do, ns*B) @ X_i (ns*B, Di)
+    _launch_block_gemm(grad_z, x, gw, n, Kz, Di, R, a=(0, R * Kz, 1, Kz),
+                       b=(s0 * B * Di, R * Di, Di, 1), c=(m0 * Do * Di, Kz * Di, Di))
     return gw
 
 
