@@ -44,6 +44,30 @@
 namespace gated_ops {
 namespace simd {
 
+// Stochastic rounding of float to bfloat16 (the fused update's option for 16-bit weights):
+// add 16 random bits below the kept mantissa and truncate, so a value rounds up with
+// probability equal to its distance from the lower neighbour: unbiased, and an update far
+// smaller than the spacing of bfloat16 still moves the weight on average. The random bits are
+// a hash of (seed, element index): deterministic, independent of the thread count, and
+// reproduced by gated_ops.reference.round_stochastic_bf16.
+inline uint32_t hash32(uint32_t x) {  // "lowbias32" (C. Wellons' integer hash prospector)
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+inline uint32_t seed_mix(int64_t seed) { return hash32(uint32_t(seed) ^ 0x5bd1e995u); }
+inline uint16_t bf16_stochastic(float v, uint32_t bits16) {
+  uint32_t u;
+  __builtin_memcpy(&u, &v, sizeof(u));
+  return v != v ? uint16_t(0x7fc0) : uint16_t((u + bits16) >> 16);
+}
+inline uint16_t bf16_stochastic(float v, int64_t index, uint32_t mix) {
+  return bf16_stochastic(v, hash32(uint32_t(index) + mix) & 0xffffu);
+}
+
 #if GATED_HAVE_VECTOR_EXT
 constexpr int kLanes = 16;
 constexpr int64_t kPrefetch = GATED_PREFETCH;  // floats ahead of the weight stream
@@ -52,6 +76,50 @@ typedef float vf __attribute__((vector_size(kLanes * sizeof(float)), aligned(4))
 
 GATED_INLINE vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 GATED_INLINE void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+
+// bfloat16 storage (the bits of c10::BFloat16): 16 values widened to float exactly, and
+// rounded back to nearest-even with NaN kept quiet, bit for bit as c10::BFloat16(float) does.
+typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t)), aligned(4)));
+typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(2)));
+
+GATED_INLINE vf load(const uint16_t* p) {
+  const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
+  return (vf)u;  // (a cast between vector types of one size reinterprets the bits)
+}
+GATED_INLINE void store(uint16_t* p, vf v) {
+  const vu u = (vu)v;
+  const vu nan = (vu)(v != v);
+  const vu r = ((u + (((u >> 16) & 1u) + 0x7fffu)) >> 16 & ~nan) | (0x7fc0u & nan);
+  *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
+}
+// Stochastic rounding of 16 lanes whose element indices are idx (see bf16_stochastic).
+GATED_INLINE vu hash32(vu x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+GATED_INLINE void store_stochastic(uint16_t* p, vf v, vu idx, uint32_t mix) {
+  const vu u = (vu)v;
+  const vu nan = (vu)(v != v);
+  const vu r = ((u + (hash32(idx + mix) & 0xffffu)) >> 16 & ~nan) | (0x7fc0u & nan);
+  *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
+}
+GATED_INLINE float load1(const float* p) { return *p; }
+GATED_INLINE void store1(float* p, float v) { *p = v; }
+GATED_INLINE float load1(const uint16_t* p) {
+  const uint32_t u = uint32_t(*p) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+GATED_INLINE void store1(uint16_t* p, float v) {
+  uint32_t u;
+  __builtin_memcpy(&u, &v, sizeof(u));
+  *p = v != v ? uint16_t(0x7fc0) : uint16_t((u + (((u >> 16) & 1u) + 0x7fffu)) >> 16);
+}
 
 // The total of v's lanes by a fixed tree (16 -> 8 -> 4 -> 2 -> 1). (A shuffle tree over 8
 // vectors at once, GCC 12+ only, measured no faster in the skinny forward.)
@@ -64,9 +132,10 @@ GATED_INLINE float hsum(vf v) {
   return s[0];
 }
 
-// z[i * ldz + r] = <x[i, :], w[r, :]> for i < NX activation rows and r < RW weight rows.
-template <int NX, int RW>
-GATED_INLINE void dot_tile(const float* x, const float* w, int64_t D, float* z, int64_t ldz) {
+// z[i * ldz + r] = <x[i, :], w[r, :]> for i < NX activation rows and r < RW weight rows
+// (W_t: float, or uint16_t for bfloat16 weights).
+template <int NX, int RW, typename W_t>
+GATED_INLINE void dot_tile(const float* x, const W_t* w, int64_t D, float* z, int64_t ldz) {
   vf acc[RW][NX];
 #pragma GCC unroll 8
   for (int r = 0; r < RW; ++r)
@@ -78,7 +147,7 @@ GATED_INLINE void dot_tile(const float* x, const float* w, int64_t D, float* z, 
     for (int r = 0; r < RW; ++r) {
       // Without it one thread streamed ~5 GB/s; a software prefetch kPrefetch floats (2 KB)
       // ahead keeps more lines in flight.
-      __builtin_prefetch(w + r * D + d + kPrefetch);
+      __builtin_prefetch(w + r * D + d + kPrefetch * sizeof(float) / sizeof(W_t));
       const vf wv = load(w + r * D + d);
 #pragma GCC unroll 8
       for (int i = 0; i < NX; ++i) acc[r][i] += wv * load(x + i * D + d);
@@ -89,13 +158,13 @@ GATED_INLINE void dot_tile(const float* x, const float* w, int64_t D, float* z, 
 #pragma GCC unroll 8
     for (int i = 0; i < NX; ++i) {
       float s = hsum(acc[r][i]);
-      for (int64_t t = d; t < D; ++t) s += x[i * D + t] * w[r * D + t];
+      for (int64_t t = d; t < D; ++t) s += x[i * D + t] * load1(w + r * D + t);
       z[i * ldz + r] = s;
     }
 }
 
-template <int RW>
-GATED_INLINE void dot_rows(const float* x, int nx, const float* w, int64_t D, float* z,
+template <int RW, typename W_t>
+GATED_INLINE void dot_rows(const float* x, int nx, const W_t* w, int64_t D, float* z,
                            int64_t ldz) {
   switch (nx) {
     case 1: return dot_tile<1, RW>(x, w, D, z, ldz);
@@ -112,24 +181,38 @@ GATED_INLINE void dot_rows(const float* x, int nx, const float* w, int64_t D, fl
 // z (nx, ldz)[:, :rows] = x (nx, D) @ w (rows, D)^T, both row-major and contiguous. Each weight
 // row is read from memory once, one row after the other: a single sequential stream measured
 // faster than two or three rows at a time (2 threads, K=100: 1.7 vs 2.1-2.3 ms at H=128, 21 vs
-// 25-28 ms at H=1024). x (nx * D floats) should fit in L1/L2.
-GATED_TARGET_CLONES inline void skinny_xwt(const float* x, int64_t nx, const float* w,
-                                           int64_t rows, int64_t D, float* z, int64_t ldz) {
-  int64_t r = 0;
-  for (; r < rows; ++r)
+// 25-28 ms at H=1024). x (nx * D floats) should fit in L1/L2. W_t: float or bfloat16 bits.
+template <typename W_t>
+GATED_INLINE void skinny_xwt_impl(const float* x, int64_t nx, const W_t* w, int64_t rows,
+                                  int64_t D, float* z, int64_t ldz) {
+  for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < nx; i += 8)
       dot_rows<1>(x + i * D, int(std::min<int64_t>(8, nx - i)), w + r * D, D,
                   z + i * ldz + r, ldz);
+}
+GATED_TARGET_CLONES inline void skinny_xwt(const float* x, int64_t nx, const float* w,
+                                           int64_t rows, int64_t D, float* z, int64_t ldz) {
+  skinny_xwt_impl(x, nx, w, rows, D, z, ldz);
+}
+GATED_TARGET_CLONES inline void skinny_xwt(const float* x, int64_t nx, const uint16_t* w,
+                                           int64_t rows, int64_t D, float* z, int64_t ldz) {
+  skinny_xwt_impl(x, nx, w, rows, D, z, ldz);
 }
 
 struct SgdArgs {
   float lr, momentum, weight_decay;
   bool nesterov;
+  bool stochastic = false;  // bfloat16 weights: stochastic rounding of W (buf: nearest)
+  uint32_t mix = 0;         // seed_mix(seed) of this step
 };
 
 // One SGD step on a vector of RW weight rows' elements: d = g + wd * w; buf = mom * buf + d;
 // d = nesterov ? d + mom * buf : buf; w -= lr * d. (buf == nullptr: no momentum.)
-GATED_INLINE void sgd_apply(vf g, float* w, float* buf, const SgdArgs& a) {
+// In float; a bfloat16 weight and buffer (W_t = uint16_t) are widened, updated in float and
+// rounded once when stored.
+// (idx: the element index of w[0] within the whole weight tensor, for stochastic rounding.)
+template <typename W_t>
+GATED_INLINE void sgd_apply(vf g, W_t* w, W_t* buf, int64_t idx, const SgdArgs& a) {
   vf wv = load(w);
   vf d = a.weight_decay != 0 ? g + a.weight_decay * wv : g;
   if (buf) {
@@ -137,24 +220,39 @@ GATED_INLINE void sgd_apply(vf g, float* w, float* buf, const SgdArgs& a) {
     store(buf, b);
     d = a.nesterov ? d + a.momentum * b : b;
   }
+  if constexpr (sizeof(W_t) == 2) {
+    if (a.stochastic) {
+      const vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+      return store_stochastic(w, wv - a.lr * d, uint32_t(idx) + lane, a.mix);
+    }
+  }
   store(w, wv - a.lr * d);
 }
-GATED_INLINE void sgd_apply1(float g, float* w, float* buf, const SgdArgs& a) {
-  float d = a.weight_decay != 0 ? g + a.weight_decay * *w : g;
+template <typename W_t>
+GATED_INLINE void sgd_apply1(float g, W_t* w, W_t* buf, int64_t idx, const SgdArgs& a) {
+  const float wv = load1(w);
+  float d = a.weight_decay != 0 ? g + a.weight_decay * wv : g;
   if (buf) {
-    const float b = a.momentum * *buf + d;
-    *buf = b;
+    const float b = a.momentum * load1(buf) + d;
+    store1(buf, b);
     d = a.nesterov ? d + a.momentum * b : b;
   }
-  *w -= a.lr * d;
+  if constexpr (sizeof(W_t) == 2) {
+    if (a.stochastic) {
+      *w = bf16_stochastic(wv - a.lr * d, idx, a.mix);
+      return;
+    }
+  }
+  store1(w, wv - a.lr * d);
 }
 
 // RW rows of W (row stride D) and buf updated with gradient row r = sum_k a[k * lda + r] *
 // x[k, :] over nr activation rows, formed 16 columns at a time in registers: W and buf are read
 // and written once, x comes from L1, and the gradient never goes to memory.
-template <int RW>
-GATED_INLINE void grad_sgd_tile(float* w, float* buf, const float* a, int64_t lda,
+template <int RW, typename W_t>
+GATED_INLINE void grad_sgd_tile(W_t* w, W_t* buf, int64_t idx, const float* a, int64_t lda,
                                 const float* x, int64_t nr, int64_t D, const SgdArgs& s) {
+  constexpr int64_t kAhead = kPrefetch * sizeof(float) / sizeof(W_t);
   int64_t d = 0;
   for (; d + kLanes <= D; d += kLanes) {
     vf g[RW];
@@ -167,49 +265,44 @@ GATED_INLINE void grad_sgd_tile(float* w, float* buf, const float* a, int64_t ld
     }
 #pragma GCC unroll 4
     for (int r = 0; r < RW; ++r) {
-      __builtin_prefetch(w + r * D + d + kPrefetch, 1);
-      if (buf) __builtin_prefetch(buf + r * D + d + kPrefetch, 1);
-      sgd_apply(g[r], w + r * D + d, buf ? buf + r * D + d : nullptr, s);
+      __builtin_prefetch(w + r * D + d + kAhead, 1);
+      if (buf) __builtin_prefetch(buf + r * D + d + kAhead, 1);
+      sgd_apply(g[r], w + r * D + d, buf ? buf + r * D + d : nullptr, idx + r * D + d, s);
     }
   }
   for (; d < D; ++d)
     for (int r = 0; r < RW; ++r) {
       float g = 0;
       for (int64_t k = 0; k < nr; ++k) g += a[k * lda + r] * x[k * D + d];
-      sgd_apply1(g, w + r * D + d, buf ? buf + r * D + d : nullptr, s);
+      sgd_apply1(g, w + r * D + d, buf ? buf + r * D + d : nullptr, idx + r * D + d, s);
     }
 }
 
 // All `rows` rows of one weight (rows x D): W[o] -= lr * step(sum_k a[k * lda + o] * x[k, :]).
-GATED_TARGET_CLONES inline void skinny_grad_sgd(float* w, float* buf, const float* a,
-                                                int64_t lda, const float* x, int64_t nr,
-                                                int64_t rows, int64_t D, SgdArgs s) {
+// idx: the element index of w[0] in the whole weight tensor (stochastic rounding's counter).
+template <typename W_t>
+GATED_INLINE void skinny_grad_sgd_impl(W_t* w, W_t* buf, int64_t idx, const float* a,
+                                       int64_t lda, const float* x, int64_t nr, int64_t rows,
+                                       int64_t D, SgdArgs s) {
   int64_t o = 0;
   for (; o + 4 <= rows; o += 4)
-    grad_sgd_tile<4>(w + o * D, buf ? buf + o * D : nullptr, a + o, lda, x, nr, D, s);
+    grad_sgd_tile<4>(w + o * D, buf ? buf + o * D : nullptr, idx + o * D, a + o, lda, x, nr, D,
+                     s);
   for (; o < rows; ++o)
-    grad_sgd_tile<1>(w + o * D, buf ? buf + o * D : nullptr, a + o, lda, x, nr, D, s);
+    grad_sgd_tile<1>(w + o * D, buf ? buf + o * D : nullptr, idx + o * D, a + o, lda, x, nr, D,
+                     s);
 }
-
-// Overloads for the dtype-generic callers: float takes the vector path (returns true),
-// double returns false and the caller runs its scalar loop.
-inline bool try_skinny_grad_sgd(float* w, float* buf, const float* a, int64_t lda,
-                                const float* x, int64_t nr, int64_t rows, int64_t D, float lr,
-                                float momentum, float weight_decay, bool nesterov) {
-  skinny_grad_sgd(w, buf, a, lda, x, nr, rows, D, {lr, momentum, weight_decay, nesterov});
-  return true;
+GATED_TARGET_CLONES inline void skinny_grad_sgd(float* w, float* buf, int64_t idx,
+                                                const float* a, int64_t lda, const float* x,
+                                                int64_t nr, int64_t rows, int64_t D, SgdArgs s) {
+  skinny_grad_sgd_impl(w, buf, idx, a, lda, x, nr, rows, D, s);
+}
+GATED_TARGET_CLONES inline void skinny_grad_sgd(uint16_t* w, uint16_t* buf, int64_t idx,
+                                                const float* a, int64_t lda, const float* x,
+                                                int64_t nr, int64_t rows, int64_t D, SgdArgs s) {
+  skinny_grad_sgd_impl(w, buf, idx, a, lda, x, nr, rows, D, s);
 }
 #endif  // GATED_HAVE_VECTOR_EXT
-inline bool try_skinny_grad_sgd(double*, double*, const double*, int64_t, const double*,
-                                int64_t, int64_t, int64_t, double, double, double, bool) {
-  return false;
-}
-#if !GATED_HAVE_VECTOR_EXT
-inline bool try_skinny_grad_sgd(float*, float*, const float*, int64_t, const float*, int64_t,
-                                int64_t, int64_t, float, float, float, bool) {
-  return false;
-}
-#endif
 
 }  // namespace simd
 }  // namespace gated_ops

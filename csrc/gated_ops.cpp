@@ -4,9 +4,15 @@
 // CPU strategy: the GEMMs go to ATen (MKL/oneDNN BLAS), batched over the plan's blocks; the
 // gather/scatter epilogues and the reductions are at::parallel_for loops in a fixed order, so
 // every result is deterministic (no atomics, no order that depends on the thread count).
+// float32 and float64, and bfloat16 / float16 storage with float arithmetic: every epilogue,
+// reduction and update computes in float (at::opmath_type) and rounds once when it stores;
+// ATen's 16-bit GEMMs accumulate in float and round their output (oneDNN uses AMX / AVX-512
+// BF16 where the CPU has them). The hand-vectorised kernels of cpu_simd.h take float32 and
+// bfloat16 weights; float16 runs the scalar loops.
 #include <Python.h>
 
 #include <ATen/AccumulateType.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
@@ -55,8 +61,17 @@ Plan cpu_plan(const Tensor& paths, const Tensor& csr, at::IntArrayRef layout, in
 }
 
 void check_cpu_dtype(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              ": the CPU kernels support float32 and float64, got ", t.scalar_type());
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf, name,
+              ": the CPU kernels support float32, float64, bfloat16 and float16, got ", d);
+}
+
+#define GATED_CPU_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// The bits of a bfloat16 tensor, for cpu_simd.h's bfloat16 overloads.
+inline const uint16_t* bf16_bits(const Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
 }
 
 // Grouped layout: the sources of every pathway in by-weight order, (P*B, D_in).
@@ -101,30 +116,39 @@ void for_each_weight_group(const Plan& p, int64_t B, const F& fn) {
 // (simd::skinny_xwt, the k-path encoders: 8); wider blocks go to BLAS.
 constexpr int64_t kSkinnyForwardRows = 16;
 
-// Z (z_rows, z_cols): every pathway's pre-gate output x[s_p] @ W[m_p]^T, without bias.
-// x and w contiguous.
+// Z (z_rows, z_cols): every pathway's pre-gate output x[s_p] @ W[m_p]^T, without bias, in x's
+// dtype. x and w contiguous.
 Tensor compute_z(const Plan& p, const Tensor& x, const Tensor& w) {
   const int64_t B = x.size(1);
 #if GATED_HAVE_VECTOR_EXT
-  if (p.blocked() && x.scalar_type() == at::kFloat && p.ns * B <= kSkinnyForwardRows) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (p.blocked() && (x.scalar_type() == at::kFloat || bf16) && p.ns * B <= kSkinnyForwardRows) {
     // One task per (block, 32 weight rows): each weight row is streamed once, x stays in L1.
+    // bfloat16: the weights are read as stored (half the bytes) and widened in registers; the
+    // few activation rows are widened once up front and Z is rounded once at the end.
     const int64_t nx = p.ns * B, rows = p.nm * w.size(1), D = x.size(2);
-    Tensor z = at::empty({p.z_rows(B), p.z_cols(w.size(1))}, x.options());
-    if (z.numel() == 0) return z;
-    if (D == 0) return z.zero_();
-    const float* X = x.data_ptr<float>() + p.s0 * B * D;
-    const float* W = w.data_ptr<float>() + p.m0 * w.size(1) * D;
+    Tensor z = at::empty({p.z_rows(B), p.z_cols(w.size(1))}, x.options().dtype(at::kFloat));
+    if (z.numel() == 0) return z.to(x.scalar_type());
+    if (D == 0) return z.zero_().to(x.scalar_type());
+    const Tensor xf = x.narrow(0, p.s0, p.n * p.ns).to(at::kFloat).contiguous();
+    const float* X = xf.const_data_ptr<float>();
+    const int64_t w0 = p.m0 * w.size(1) * D;
     float* Z = z.data_ptr<float>();
     constexpr int64_t kRowsPerTask = 32;
     const int64_t chunks = (rows + kRowsPerTask - 1) / kRowsPerTask;
     at::parallel_for(0, p.n * chunks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t k = t / chunks, r0 = (t % chunks) * kRowsPerTask;
-        simd::skinny_xwt(X + k * nx * D, nx, W + (k * rows + r0) * D,
-                         std::min(kRowsPerTask, rows - r0), D, Z + k * nx * rows + r0, rows);
+        const int64_t nw = std::min(kRowsPerTask, rows - r0), wo = w0 + (k * rows + r0) * D;
+        float* zk = Z + k * nx * rows + r0;
+        if (bf16) {
+          simd::skinny_xwt(X + k * nx * D, nx, bf16_bits(w) + wo, nw, D, zk, rows);
+        } else {
+          simd::skinny_xwt(X + k * nx * D, nx, w.const_data_ptr<float>() + wo, nw, D, zk, rows);
+        }
       }
     });
-    return z;
+    return bf16 ? z.to(at::kBFloat16) : z;
   }
 #endif
   if (p.blocked()) {
@@ -159,7 +183,8 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
   const Tensor gate = gate_ ? gate_->contiguous() : Tensor();
   const bool per_sample = gate.defined() && gate.dim() == 2;
   const int64_t ldz = z.size(1);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pathway_matmul_cpu", [&] {
+  GATED_CPU_DISPATCH(x.scalar_type(), "pathway_matmul_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* Z = z.data_ptr<scalar_t>();
     const scalar_t* bi = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
@@ -182,14 +207,14 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
               if constexpr (decltype(gate_kind)::value == 0 && !decltype(has_bias)::value) {
                 std::memcpy(yr, zr, Do * sizeof(scalar_t));
               } else {
-                scalar_t gv = 1;
+                opmath_t gv = 1;
                 if constexpr (decltype(gate_kind)::value == 1) gv = g[q];
                 if constexpr (decltype(gate_kind)::value == 2) gv = g[q * B + b];
                 for (int64_t o = 0; o < Do; ++o) {
                   if constexpr (decltype(has_bias)::value) {
-                    yr[o] = gv * (zr[o] + bq[o]);
+                    yr[o] = gv * (opmath_t(zr[o]) + opmath_t(bq[o]));
                   } else {
-                    yr[o] = gv * zr[o];
+                    yr[o] = gv * opmath_t(zr[o]);
                   }
                 }
               }
@@ -226,10 +251,10 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
           const bool first = k == p.dst_ptr[t];
           const scalar_t* zr = Z + (p.zrow[q] * B + b) * ldz + p.zcol[q] * Do;
           const scalar_t* bq = bi ? bi + p.wgt[q] * Do : nullptr;
-          const scalar_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
+          const opmath_t gv = g ? (per_sample ? g[q * B + b] : g[q]) : scalar_t(1);
           for (int64_t o = 0; o < Do; ++o) {
-            const scalar_t v = gv * (zr[o] + (bq ? bq[o] : scalar_t(0)));
-            yr[o] = first ? v : yr[o] + v;
+            const opmath_t v = gv * (opmath_t(zr[o]) + (bq ? opmath_t(bq[o]) : opmath_t(0)));
+            yr[o] = first ? v : opmath_t(yr[o]) + v;
           }
         }
       }
@@ -255,7 +280,7 @@ Tensor pathway_grad_z_cpu(const Tensor& grad_y_, const c10::optional<Tensor>& ga
   const Tensor gate = gate_ ? gate_->contiguous() : Tensor();
   const bool per_sample = gate.defined() && gate.dim() == 2;
   const int64_t ldz = dz.size(1);
-  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "pathway_grad_z_cpu", [&] {
+  GATED_CPU_DISPATCH(gy.scalar_type(), "pathway_grad_z_cpu", [&] {
     const scalar_t* GY = gy.data_ptr<scalar_t>();
     const scalar_t* g = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
     scalar_t* DZ = dz.data_ptr<scalar_t>();
@@ -269,7 +294,7 @@ Tensor pathway_grad_z_cpu(const Tensor& grad_y_, const c10::optional<Tensor>& ga
           continue;
         }
         for (int64_t b = 0; b < B; ++b) {
-          const scalar_t gv = per_sample ? g[q * B + b] : g[q];
+          const at::opmath_type<scalar_t> gv = per_sample ? g[q * B + b] : g[q];
           const scalar_t* gr = gq + b * Do;
           scalar_t* dr = dq + b * ldz;
           for (int64_t o = 0; o < Do; ++o) dr[o] = gv * gr[o];
@@ -304,7 +329,7 @@ Tensor pathway_grad_x_cpu(const Tensor& dz_, const Tensor& w_, const Tensor& pat
     Tensor out = dxg.narrow(0, r0, rows);
     at::mm_out(out, dz.narrow(0, r0, rows), w[m]);
   });
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pathway_grad_x_cpu", [&] {
+  GATED_CPU_DISPATCH(w.scalar_type(), "pathway_grad_x_cpu", [&] {
     const scalar_t* D = dxg.data_ptr<scalar_t>();
     scalar_t* GX = gx.data_ptr<scalar_t>();
     const int64_t row = B * Di;
@@ -313,7 +338,7 @@ Tensor pathway_grad_x_cpu(const Tensor& dz_, const Tensor& w_, const Tensor& pat
         scalar_t* out = GX + s * row;
         for (int64_t k = p.src_ptr[s]; k < p.src_ptr[s + 1]; ++k) {
           const scalar_t* in = D + p.zrow[p.src_perm[k]] * row;
-          for (int64_t i = 0; i < row; ++i) out[i] += in[i];
+          for (int64_t i = 0; i < row; ++i) out[i] = at::opmath_type<scalar_t>(out[i]) + in[i];
         }
       }
     });
@@ -368,18 +393,20 @@ Tensor pathway_grad_bias_cpu(const Tensor& dz_, const Tensor& paths, const Tenso
     return gb;
   }
   const int64_t ldz = dz.size(1);
-  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "pathway_grad_bias_cpu", [&] {
+  GATED_CPU_DISPATCH(dz.scalar_type(), "pathway_grad_bias_cpu", [&] {
     const scalar_t* DZ = dz.data_ptr<scalar_t>();
     scalar_t* GB = gb.data_ptr<scalar_t>();
     at::parallel_for(0, p.M, 1, [&](int64_t m0, int64_t m1) {
+      std::vector<at::opmath_type<scalar_t>> acc(Do);
       for (int64_t m = m0; m < m1; ++m) {
-        scalar_t* out = GB + m * Do;
+        std::fill(acc.begin(), acc.end(), 0);
         for (int64_t k = p.wgt_ptr[m]; k < p.wgt_ptr[m + 1]; ++k) {
           const int64_t q = p.wgt_perm[k];
           const scalar_t* dq = DZ + p.zrow[q] * B * ldz + p.zcol[q] * Do;
           for (int64_t b = 0; b < B; ++b)
-            for (int64_t o = 0; o < Do; ++o) out[o] += dq[b * ldz + o];
+            for (int64_t o = 0; o < Do; ++o) acc[o] += dq[b * ldz + o];
         }
+        std::copy(acc.begin(), acc.end(), GB + m * Do);
       }
     });
   });
@@ -402,7 +429,7 @@ Tensor pathway_grad_gate_cpu(const Tensor& grad_y_, const Tensor& x_, const Tens
     const Tensor z = compute_z(p, x, w);
     const Tensor bias = bias_ ? bias_->contiguous() : Tensor();
     const int64_t ldz = z.size(1);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pathway_grad_gate_cpu", [&] {
+    GATED_CPU_DISPATCH(x.scalar_type(), "pathway_grad_gate_cpu", [&] {
       using acc_t = at::acc_type<scalar_t, false>;
       const scalar_t* Z = z.data_ptr<scalar_t>();
       const scalar_t* GY = gy.data_ptr<scalar_t>();
@@ -416,7 +443,7 @@ Tensor pathway_grad_gate_cpu(const Tensor& grad_y_, const Tensor& x_, const Tens
           const scalar_t* gr = GY + (p.dst[q] * B + b) * Do;
           acc_t acc = 0;
           for (int64_t o = 0; o < Do; ++o)
-            acc += acc_t(gr[o]) * acc_t(zr[o] + (bq ? bq[o] : scalar_t(0)));
+            acc += acc_t(gr[o]) * (acc_t(zr[o]) + (bq ? acc_t(bq[o]) : acc_t(0)));
           GG[i] = scalar_t(acc);
         }
       });
@@ -461,7 +488,7 @@ std::tuple<Tensor, Tensor> pathway_grad_x_gate_cpu(const Tensor& grad_y_, const 
   });
   std::vector<int64_t> pos(p.P);  // pathway -> its block of rows in U
   for (int64_t k = 0; k < p.P; ++k) pos[p.wgt_perm[k]] = k;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pathway_grad_x_gate_cpu", [&] {
+  GATED_CPU_DISPATCH(x.scalar_type(), "pathway_grad_x_gate_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
     const scalar_t *U = u.data_ptr<scalar_t>(), *X = x.data_ptr<scalar_t>(),
                    *GY = gy.data_ptr<scalar_t>(), *G = gate.data_ptr<scalar_t>();
@@ -474,9 +501,9 @@ std::tuple<Tensor, Tensor> pathway_grad_x_gate_cpu(const Tensor& grad_y_, const 
         scalar_t* out = GX + i * Di;
         for (int64_t k = p.src_ptr[s]; k < p.src_ptr[s + 1]; ++k) {
           const int64_t q = p.src_perm[k];
-          const scalar_t gv = per_sample ? G[q * B + b] : G[q];
+          const acc_t gv = per_sample ? G[q * B + b] : G[q];
           const scalar_t* uq = U + (pos[q] * B + b) * Di;
-          for (int64_t d = 0; d < Di; ++d) out[d] += gv * uq[d];
+          for (int64_t d = 0; d < Di; ++d) out[d] = acc_t(out[d]) + gv * acc_t(uq[d]);
         }
       }
     });
@@ -508,18 +535,41 @@ std::tuple<Tensor, Tensor> pathway_grad_x_gate_cpu(const Tensor& grad_y_, const 
 // The hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time
 // (GATED_TARGET_CLONES, cpu_simd.h), since the rest of the build targets baseline x86-64.
 
-template <typename scalar_t>
-GATED_TARGET_CLONES void sgd_rows(scalar_t* w, scalar_t* buf, const scalar_t* g, int64_t count,
-                                  scalar_t lr, scalar_t mom, scalar_t wd, bool nesterov) {
+// How an updated weight is stored: rounded to nearest, or (bfloat16 weights, rounding_seed >= 0)
+// stochastically with the random bits of (seed, element index); see simd::bf16_stochastic.
+struct Rounding {
+  bool stochastic = false;
+  uint32_t mix = 0;
+};
+template <typename scalar_t, typename opmath_t>
+inline void store_weight(scalar_t* w, opmath_t v, int64_t index, const Rounding& rd) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (rd.stochastic) {
+      w->x = simd::bf16_stochastic(float(v), index, rd.mix);
+      return;
+    }
+  }
+  *w = v;
+}
+
+// (scalar_t: the weight's storage type; grad_t: the gradient's (scalar_t or opmath_t). The
+// update is computed in opmath_t, float for 16-bit weights, and rounded once when W and buf are
+// stored. index0: the element index of w[0] in the whole weight tensor.)
+template <typename scalar_t, typename grad_t = scalar_t,
+          typename opmath_t = at::opmath_type<scalar_t>>
+GATED_TARGET_CLONES void sgd_rows(scalar_t* w, scalar_t* buf, const grad_t* g, int64_t count,
+                                  opmath_t lr, opmath_t mom, opmath_t wd, bool nesterov,
+                                  int64_t index0, Rounding rd) {
   for (int64_t i = 0; i < count; ++i) {
-    scalar_t d = g ? g[i] : scalar_t(0);
-    if (wd != 0) d += wd * w[i];
+    const opmath_t wi = w[i];
+    opmath_t d = g ? opmath_t(g[i]) : opmath_t(0);
+    if (wd != 0) d += wd * wi;
     if (buf) {
-      const scalar_t b = mom * buf[i] + d;
+      const opmath_t b = mom * opmath_t(buf[i]) + d;
       buf[i] = b;
       d = nesterov ? d + mom * b : b;
     }
-    w[i] -= lr * d;
+    store_weight(w + i, wi - lr * d, index0 + i, rd);
   }
 }
 
@@ -529,31 +579,56 @@ GATED_TARGET_CLONES void sgd_rows(scalar_t* w, scalar_t* buf, const scalar_t* g,
 // gradient row never touches memory. (The two-pass version, the whole gradient row into an L1
 // array and then sgd_rows, profiled at ~2x the encoder's memory floor at K=40, D=3072; this one
 // measured no different within this 2-core VM's +-30% run-to-run noise: benchmarks/NOTES.md.)
-template <typename scalar_t>
-GATED_TARGET_CLONES void grad_sgd_row(scalar_t* w, scalar_t* buf, const scalar_t* a, int64_t lda,
-                                      const scalar_t* x, int64_t nr, int64_t Di, scalar_t lr,
-                                      scalar_t mom, scalar_t wd, bool nesterov) {
+// (scalar_t: the weight's storage type; a and x are in opmath_t, float for 16-bit weights.)
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+GATED_TARGET_CLONES void grad_sgd_row(scalar_t* w, scalar_t* buf, const opmath_t* a, int64_t lda,
+                                      const opmath_t* x, int64_t nr, int64_t Di, opmath_t lr,
+                                      opmath_t mom, opmath_t wd, bool nesterov, int64_t index0,
+                                      Rounding rd) {
   constexpr int64_t kChunk = 64;
   for (int64_t i0 = 0; i0 < Di; i0 += kChunk) {
     const int64_t n = std::min(kChunk, Di - i0);
-    scalar_t g[kChunk] = {};
+    opmath_t g[kChunk] = {};
     for (int64_t r = 0; r < nr; ++r) {
-      const scalar_t ar = a[r * lda];
-      const scalar_t* xr = x + r * Di + i0;
+      const opmath_t ar = a[r * lda];
+      const opmath_t* xr = x + r * Di + i0;
       for (int64_t i = 0; i < n; ++i) g[i] += ar * xr[i];
     }
     scalar_t* wi = w + i0;
     scalar_t* bi = buf ? buf + i0 : nullptr;
     for (int64_t i = 0; i < n; ++i) {
-      scalar_t d = wd != 0 ? g[i] + wd * wi[i] : g[i];
+      const opmath_t wv = wi[i];
+      opmath_t d = wd != 0 ? g[i] + wd * wv : g[i];
       if (bi) {
-        const scalar_t b = mom * bi[i] + d;
+        const opmath_t b = mom * opmath_t(bi[i]) + d;
         bi[i] = b;
         d = nesterov ? d + mom * b : b;
       }
-      wi[i] -= lr * d;
+      store_weight(wi + i, wv - lr * d, index0 + i0 + i, rd);
     }
   }
+}
+
+// The vectorised skinny update (cpu_simd.h) where there is one: float32 and bfloat16 weights
+// (a and x in float). Returns false for the other types; the caller runs grad_sgd_row.
+template <typename scalar_t, typename opmath_t>
+bool try_skinny_grad_sgd(scalar_t* w, scalar_t* buf, int64_t index0, const opmath_t* a,
+                         int64_t lda, const opmath_t* x, int64_t nr, int64_t rows, int64_t D,
+                         double lr, double momentum, double weight_decay, bool nesterov,
+                         Rounding rd) {
+#if GATED_HAVE_VECTOR_EXT
+  const simd::SgdArgs args{float(lr), float(momentum), float(weight_decay), nesterov,
+                           rd.stochastic, rd.mix};
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    simd::skinny_grad_sgd(w, buf, index0, a, lda, x, nr, rows, D, args);
+    return true;
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    simd::skinny_grad_sgd(reinterpret_cast<uint16_t*>(w), reinterpret_cast<uint16_t*>(buf),
+                          index0, a, lda, x, nr, rows, D, args);
+    return true;
+  }
+#endif
+  return false;
 }
 
 // Up to this many rows of dZ per weight (ns * B), gradient rows are rank-nr updates formed in
@@ -564,9 +639,13 @@ constexpr int64_t kSkinnyRows = 64;
 void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
                      const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
                      at::IntArrayRef layout, double lr, double momentum, double weight_decay,
-                     bool nesterov) {
+                     bool nesterov, int64_t rounding_seed) {
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
   check_float(w, "weight", x_.scalar_type());
+  TORCH_CHECK(rounding_seed < 0 || w.scalar_type() == at::kBFloat16,
+              "rounding_seed: stochastic rounding (rounding_seed >= 0) is for bfloat16 weights, "
+              "got ", w.scalar_type(), " (pass -1: round to nearest)");
+  const Rounding rd{rounding_seed >= 0, simd::seed_mix(rounding_seed)};
   check_float(dz_, "grad_z", x_.scalar_type());
   TORCH_CHECK(w.is_contiguous(), "weight: the fused SGD update needs a contiguous weight");
   TORCH_CHECK((momentum != 0) == buf.has_value(),
@@ -584,12 +663,15 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
   const int64_t ldz = dz.size(1);
   const Tensor xg = (!p.blocked() && p.P > 0 && B > 0) ? gather_sources(p, x) : Tensor();
   if (p.blocked() && p.ns * B > kSkinnyRows) {
-    // Wide blocks (the k-path hidden layer and decoders: 800 rows): one multi-threaded GEMM per
-    // block for all its nm weights, G = dZ_i^T X_i (nm*D_out, D_in), then the update row by row.
-    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pathway_sgd_cpu", [&] {
+    // Wide blocks (the k-path hidden layer: 800 rows): one multi-threaded GEMM per block for
+    // all its nm weights, G = dZ_i^T X_i (nm*D_out, D_in), then the update row by row. (16-bit
+    // weights: G is the GEMM's fp32 accumulation rounded to the weight's dtype.)
+    GATED_CPU_DISPATCH(w.scalar_type(), "pathway_sgd_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
       scalar_t* W = w.data_ptr<scalar_t>();
       scalar_t* BUF = buf ? buf->data_ptr<scalar_t>() : nullptr;
-      const scalar_t lr_ = lr, mom_ = momentum, wd_ = weight_decay;
+      const opmath_t lr_ = lr, mom_ = momentum, wd_ = weight_decay;
+      const scalar_t* no_grad = nullptr;
       const int64_t rows = p.nm * Do;
       for (int64_t i = 0; i < p.n; ++i) {
         const Tensor G = at::mm(dz.narrow(0, i * p.ns * B, p.ns * B).t(),
@@ -598,61 +680,68 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
         const int64_t off = (p.m0 + i * p.nm) * Do * Di;
         at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
           sgd_rows<scalar_t>(W + off + r0 * Di, BUF ? BUF + off + r0 * Di : nullptr,
-                             g + r0 * Di, (r1 - r0) * Di, lr_, mom_, wd_, nesterov);
+                             g + r0 * Di, (r1 - r0) * Di, lr_, mom_, wd_, nesterov,
+                             off + r0 * Di, rd);
         });
       }
       // weights outside the blocks: zero gradient (decay and momentum still apply)
       for (const auto& [m0, m1] : {std::pair<int64_t, int64_t>{0, p.m0},
                                    std::pair<int64_t, int64_t>{p.m0 + p.n * p.nm, p.M}}) {
         if (m1 > m0)
-          sgd_rows<scalar_t>(W + m0 * Do * Di, BUF ? BUF + m0 * Do * Di : nullptr, nullptr,
-                             (m1 - m0) * Do * Di, lr_, mom_, wd_, nesterov);
+          sgd_rows<scalar_t>(W + m0 * Do * Di, BUF ? BUF + m0 * Do * Di : nullptr, no_grad,
+                             (m1 - m0) * Do * Di, lr_, mom_, wd_, nesterov, m0 * Do * Di, rd);
       }
     });
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pathway_sgd_cpu", [&] {
+  GATED_CPU_DISPATCH(w.scalar_type(), "pathway_sgd_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     scalar_t* W = w.data_ptr<scalar_t>();
     scalar_t* BUF = buf ? buf->data_ptr<scalar_t>() : nullptr;
-    const scalar_t* DZ = dz.data_ptr<scalar_t>();
-    const scalar_t lr_ = lr, mom_ = momentum, wd_ = weight_decay;
+    // The skinny gradient rows are formed from dZ and x in opmath_t (16-bit ones widened once
+    // here: a few rows per weight, small next to the weight they update).
+    const auto op_type = c10::CppTypeToScalarType<opmath_t>::value;
+    const Tensor dzo = dz.to(op_type), xo = (xg.defined() ? xg : x).to(op_type);
+    const opmath_t* DZ = dzo.const_data_ptr<opmath_t>();
+    const opmath_t lr_ = lr, mom_ = momentum, wd_ = weight_decay;
+    const scalar_t* no_grad = nullptr;
     parallel_for_aten(0, p.M, 1, [&](int64_t m0, int64_t m1) {
       Tensor gm;  // scratch (Do, Di) for the GEMM path
       for (int64_t m = m0; m < m1; ++m) {
         // The rows of dZ (nr of them, starting at dz_m, columns from col0) and of x that feed
         // W[m]; nr = 0 when no pathway uses it (zero gradient: decay and momentum still apply).
-        int64_t nr = 0, row0 = 0, col0 = 0;
-        const scalar_t* xm = nullptr;
+        int64_t nr = 0, row0 = 0, col0 = 0, xrow0 = 0;  // xrow0: first row of xo
         if (p.blocked()) {
           const int64_t j = m - p.m0;
           if (j >= 0 && j < p.n * p.nm) {
             const int64_t i = j / p.nm;
             nr = p.ns * B; row0 = i * p.ns * B; col0 = (j % p.nm) * Do;
-            xm = x.data_ptr<scalar_t>() + (p.s0 + i * p.ns) * B * Di;
+            xrow0 = (p.s0 + i * p.ns) * B;
           }
         } else if (B > 0) {
-          nr = (p.wgt_ptr[m + 1] - p.wgt_ptr[m]) * B; row0 = p.wgt_ptr[m] * B;
-          if (nr) xm = xg.data_ptr<scalar_t>() + row0 * Di;
+          nr = (p.wgt_ptr[m + 1] - p.wgt_ptr[m]) * B; row0 = xrow0 = p.wgt_ptr[m] * B;
         }
         scalar_t* wm = W + m * Do * Di;
         scalar_t* bm = BUF ? BUF + m * Do * Di : nullptr;
-        const scalar_t* dzm = DZ + row0 * ldz + col0;
+        const opmath_t* dzm = DZ + row0 * ldz + col0;
+        const opmath_t* xm = xo.const_data_ptr<opmath_t>() + xrow0 * Di;
         if (nr == 0) {
-          sgd_rows<scalar_t>(wm, bm, nullptr, Do * Di, lr_, mom_, wd_, nesterov);
+          sgd_rows<scalar_t>(wm, bm, no_grad, Do * Di, lr_, mom_, wd_, nesterov, m * Do * Di, rd);
         } else if (nr <= kSkinnyRows) {
-          if (simd::try_skinny_grad_sgd(wm, bm, dzm, ldz, xm, nr, Do, Di, lr_, mom_, wd_,
-                                        nesterov))
+          if (try_skinny_grad_sgd(wm, bm, m * Do * Di, dzm, ldz, xm, nr, Do, Di, lr, momentum,
+                                  weight_decay, nesterov, rd))
             continue;
           for (int64_t o = 0; o < Do; ++o) {
             grad_sgd_row<scalar_t>(wm + o * Di, bm ? bm + o * Di : nullptr, dzm + o, ldz, xm, nr,
-                                   Di, lr_, mom_, wd_, nesterov);
+                                   Di, lr_, mom_, wd_, nesterov, (m * Do + o) * Di, rd);
           }
         } else {
-          if (!gm.defined()) gm = at::empty({Do, Di}, x.options());
-          const Tensor dzt = dz.narrow(0, row0, nr).narrow(1, col0, Do).t();
-          const Tensor xt = at::from_blob(const_cast<scalar_t*>(xm), {nr, Di}, x.options());
-          at::mm_out(gm, dzt, xt);
-          sgd_rows<scalar_t>(wm, bm, gm.data_ptr<scalar_t>(), Do * Di, lr_, mom_, wd_, nesterov);
+          // G in opmath_t from the widened operands (a 16-bit GEMM would round G)
+          if (!gm.defined()) gm = at::empty({Do, Di}, xo.options());
+          const Tensor dzt = dzo.narrow(0, row0, nr).narrow(1, col0, Do).t();
+          at::mm_out(gm, dzt, xo.narrow(0, xrow0, nr));
+          sgd_rows<scalar_t, opmath_t>(wm, bm, gm.const_data_ptr<opmath_t>(), Do * Di, lr_, mom_,
+                                       wd_, nesterov, m * Do * Di, rd);
         }
       }
     });
@@ -695,6 +784,41 @@ void exp_shifted(const double* l, const double* mx, int64_t rows, int64_t C, dou
     for (int64_t c = 0; c < C; ++c) out[r * C + c] = std::exp(l[r * C + c] - mx[r]);
 }
 
+// n values as opmath: float and double in place; 16-bit ones widened into buf.
+inline const float* as_opmath(const float* p, int64_t, std::vector<float>&) { return p; }
+inline const double* as_opmath(const double* p, int64_t, std::vector<double>&) { return p; }
+template <typename T>
+const float* as_opmath(const T* p, int64_t n, std::vector<float>& buf) {
+  std::copy(p, p + n, buf.begin());
+  return buf.data();
+}
+
+// d = w * (softmax(l) - onehot(y)) for one path's B x C block, from the forward's row lse.
+// 16-bit logits: the block is widened, its row lse recomputed in float (a bf16 lse near 8 is
+// off by up to 0.03, a 3% error on every softmax value) and d formed in float, rounded once.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void ce_grad_block(const scalar_t* l, const scalar_t* lse, const int64_t* y, opmath_t w,
+                   int64_t B, int64_t C, scalar_t* d, std::vector<opmath_t>& scratch) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    exp_shifted(l, lse, B, C, d);
+    for (int64_t i = 0; i < B * C; ++i) d[i] *= w;
+    for (int64_t b = 0; b < B; ++b) d[b * C + y[b]] -= w;
+  } else {
+    scratch.resize(2 * B * C + B);
+    opmath_t *lw = scratch.data(), *dw = lw + B * C, *lsew = dw + B * C;
+    std::copy(l, l + B * C, lw);
+    for (int64_t b = 0; b < B; ++b) {
+      opmath_t m = lw[b * C];
+      for (int64_t c = 1; c < C; ++c) m = std::max(m, lw[b * C + c]);
+      opmath_t sum = 0;
+      for (int64_t c = 0; c < C; ++c) sum += std::exp(lw[b * C + c] - m);
+      lsew[b] = std::log(sum) + m;
+    }
+    ce_grad_block<opmath_t>(lw, lsew, y, w, B, C, dw, scratch);
+    std::copy(dw, dw + B * C, d);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Gated cross-entropy over (R, P, B, C) logits: per-path mean loss, correct counts, gated mean.
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor& logits_,
@@ -718,27 +842,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
   Tensor path_loss = at::empty({R, P}, logits.options());
   Tensor correct = at::empty({R, P}, target.options());
   Tensor lse = at::empty({R, P, B}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "gated_cross_entropy_cpu", [&] {
+  GATED_CPU_DISPATCH(logits.scalar_type(), "gated_cross_entropy_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
+    using opmath_t = at::opmath_type<scalar_t>;  // 16-bit logits: widened per path, then float
     const scalar_t* L = logits.data_ptr<scalar_t>();
     const int64_t* Y = target.data_ptr<int64_t>();
     const scalar_t* G = gate.data_ptr<scalar_t>();
     scalar_t *PL = path_loss.data_ptr<scalar_t>(), *LSE = lse.data_ptr<scalar_t>();
     int64_t* CO = correct.data_ptr<int64_t>();
     at::parallel_for(0, R * P, 64, [&](int64_t q0, int64_t q1) {
-      std::vector<scalar_t> mx(B), e(B * C);
+      constexpr bool is_wide = !std::is_same_v<scalar_t, opmath_t>;
+      std::vector<opmath_t> mx(B), e(B * C), wide(is_wide ? B * C : 0);
       for (int64_t q = q0; q < q1; ++q) {
-        const scalar_t* lq = L + q * B * C;
+        const opmath_t* lq = as_opmath(L + q * B * C, B * C, wide);
         int64_t hits = 0;
         bool bad_target = false;
         for (int64_t b = 0; b < B; ++b) {
-          const scalar_t* l = lq + b * C;
+          const opmath_t* l = lq + b * C;
           const int64_t y = Y[q * B + b];
           bad_target |= y < 0 || y >= C;
           // argmax as torch.argmax: the first maximum, or the first NaN (NaN counts as the
           // maximum, and the max is then NaN). Without data-dependent branches (a branch on
           // where the maximum lies mispredicted on most rows): a max pass, then bit masks.
-          scalar_t m = l[0];
+          opmath_t m = l[0];
           for (int64_t c = 1; c < C; ++c) m = l[c] > m ? l[c] : m;
           int64_t arg;
           if (C <= 64) {
@@ -748,13 +874,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
               at_nan |= uint64_t(l[c] != l[c]) << c;
             }
             arg = __builtin_ctzll((at_nan ? at_nan : at_max) | (uint64_t(1) << (C - 1)));
-            if (at_nan) m = std::numeric_limits<scalar_t>::quiet_NaN();
+            if (at_nan) m = std::numeric_limits<opmath_t>::quiet_NaN();
           } else {
             bool nan = false;
             for (int64_t c = 0; c < C; ++c) nan |= l[c] != l[c];
             arg = 0;
             while (arg < C && !(nan ? l[arg] != l[arg] : l[arg] == m)) ++arg;
-            if (nan) m = std::numeric_limits<scalar_t>::quiet_NaN();
+            if (nan) m = std::numeric_limits<opmath_t>::quiet_NaN();
           }
           mx[b] = m;
           hits += (arg == y);
@@ -826,33 +952,34 @@ Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& 
     TORCH_CHECK(lo >= 0 && hi < C, "target: class indices must lie in [0, ", C, "), got [", lo,
                 ", ", hi, "]");
   }
-  // w (R, P): a few small ATen ops on (R, P) tensors.
-  const Tensor w = ((grad_loss_.unsqueeze(1) * gate_ / gate_.sum(1, true) + grad_pl_) / B)
-                       .to(logits.scalar_type()).contiguous();
+  // w (R, P): a few small ATen ops on (R, P) tensors, in opmath (float for 16-bit logits).
+  const auto op_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor w = ((grad_loss_.to(op_type).unsqueeze(1) * gate_.to(op_type) /
+                     gate_.to(op_type).sum(1, true) + grad_pl_.to(op_type)) / B).contiguous();
   Tensor grad = at::empty_like(logits);
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "gated_cross_entropy_backward_cpu", [&] {
-    const scalar_t *L = logits.data_ptr<scalar_t>(), *LSE = lse.data_ptr<scalar_t>(),
-                   *W = w.data_ptr<scalar_t>();
+  GATED_CPU_DISPATCH(logits.scalar_type(), "gated_cross_entropy_backward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t *L = logits.data_ptr<scalar_t>(), *LSE = lse.data_ptr<scalar_t>();
+    const opmath_t* W = w.data_ptr<opmath_t>();
     const int64_t* Y = target.data_ptr<int64_t>();
     scalar_t* D = grad.data_ptr<scalar_t>();
     at::parallel_for(0, R * P, 64, [&](int64_t q0, int64_t q1) {
+      std::vector<opmath_t> scratch;
       for (int64_t q = q0; q < q1; ++q) {
-        scalar_t* d = D + q * B * C;
-        const scalar_t wq = W[q];
-        if (wq == scalar_t(0)) {
+        scalar_t* dq = D + q * B * C;
+        const opmath_t wq = W[q];
+        if (wq == opmath_t(0)) {
           // An ungated path whose path loss is not differentiated (the k-path training loss:
           // half the paths at N = K/2): its gradient is 0 * (softmax - onehot), exactly zero
           // when every row's lse is finite (no NaN or +inf logit); else keep NaN propagating.
           bool finite = true;
-          for (int64_t b = 0; b < B; ++b) finite &= std::isfinite(LSE[q * B + b]);
+          for (int64_t b = 0; b < B; ++b) finite &= std::isfinite(float(LSE[q * B + b]));
           if (finite) {
-            std::fill(d, d + B * C, scalar_t(0));
+            std::fill(dq, dq + B * C, scalar_t(0));
             continue;
           }
         }
-        exp_shifted(L + q * B * C, LSE + q * B, B, C, d);
-        for (int64_t i = 0; i < B * C; ++i) d[i] *= wq;
-        for (int64_t b = 0; b < B; ++b) d[b * C + Y[q * B + b]] -= wq;
+        ce_grad_block(L + q * B * C, LSE + q * B, Y + q * B, wq, B, C, dq, scratch);
       }
     });
   });
@@ -880,7 +1007,7 @@ TORCH_LIBRARY(gated_ops, m) {
         "Tensor paths, Tensor csr, int[] layout) -> (Tensor grad_x, Tensor grad_gate)");
   m.def("pathway_sgd_(Tensor grad_z, Tensor x, Tensor(a!) weight, Tensor(b!)? momentum_buffer, "
         "Tensor paths, Tensor csr, int[] layout, float lr, float momentum, float weight_decay, "
-        "bool nesterov) -> ()");
+        "bool nesterov, int rounding_seed=-1) -> ()");
   m.def("gated_cross_entropy(Tensor logits, Tensor target, Tensor gate) "
         "-> (Tensor loss, Tensor path_loss, Tensor correct, Tensor lse)");
   m.def("gated_cross_entropy_backward(Tensor grad_loss, Tensor grad_path_loss, Tensor logits, "

@@ -1064,8 +1064,10 @@ Tensor pathway_grad_gate_cuda(const Tensor& grad_y_, const Tensor& x_, const Ten
 void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
                       const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
                       at::IntArrayRef layout, double lr, double momentum, double weight_decay,
-                      bool nesterov) {
+                      bool nesterov, int64_t rounding_seed) {
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
+  TORCH_CHECK(rounding_seed < 0, "rounding_seed: stochastic rounding of bfloat16 weights is "
+              "implemented in the CPU kernels only; on CUDA pass -1 (round to nearest)");
   check_float(w, "weight", x_.scalar_type());
   check_float(dz_, "grad_z", x_.scalar_type());
   check_same_device(w, "weight", x_);

@@ -10,19 +10,29 @@ from torch import Tensor, nn
 
 from .ops import _ops, pathway_matmul
 from .plan import PathwayPlan, make_plan
-from .reference import sgd_momentum_ref
+from .reference import round_stochastic_bf16, sgd_momentum_ref
 
 __all__ = ["GatedPathwayLinear", "SGDConfig"]
 
 
 @dataclass(frozen=True)
 class SGDConfig:
-    """torch.optim.SGD's hyper-parameters (dampening 0) for the fused update."""
+    """torch.optim.SGD's hyper-parameters (dampening 0) for the fused update.
+
+    ``stochastic_rounding``: bfloat16 parameters are stored by stochastic rounding of the float32
+    step (unbiased; the momentum buffers round to nearest), so updates far below bfloat16's
+    spacing (2^-8 relative) still move a weight on average. With round-to-nearest they are lost:
+    the quick k-path preset with gain 0.03 never left its plateau in bfloat16 (experiments/
+    README.md). The random bits hash (a per-layer seed, the step count, the element index):
+    deterministic and resumable (the count is the buffer ``sgd_step``), but replicas are then
+    not bitwise equal to separate runs. CPU kernels only; no effect on float32 / float64.
+    """
 
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
     nesterov: bool = False
+    stochastic_rounding: bool = False
 
     def __post_init__(self) -> None:
         if self.lr < 0 or self.momentum < 0 or self.weight_decay < 0:
@@ -130,14 +140,33 @@ class GatedPathwayLinear(nn.Module):
     def fuse_sgd(self, config: SGDConfig | None) -> "GatedPathwayLinear":
         """Apply SGD inside backward (None switches it off). Momentum buffers start at zero."""
         self.sgd = config
-        for name in ("weight_momentum", "bias_momentum"):
+        for name in ("weight_momentum", "bias_momentum", "sgd_step"):
             if hasattr(self, name):
                 delattr(self, name)
         if config is not None and config.momentum:
             self.register_buffer("weight_momentum", torch.zeros_like(self.weight.detach()))
             if self.bias is not None:
                 self.register_buffer("bias_momentum", torch.zeros_like(self.bias.detach()))
+        if config is not None and config.stochastic_rounding:
+            # steps taken (the stochastic rounding's counter; saved with the state dict)
+            self.register_buffer("sgd_step", torch.zeros((), dtype=torch.int64))
         return self
+
+    def _rounding_seed(self) -> int:
+        """The seed of this step's stochastic rounding (-1: round to nearest), and count it."""
+        if self.sgd is None or not self.sgd.stochastic_rounding:
+            return -1
+        if self.weight.dtype == torch.float16:
+            raise ValueError("SGDConfig.stochastic_rounding: implemented for bfloat16 weights; "
+                             "this layer's are float16")
+        if self.weight.dtype != torch.bfloat16:
+            return -1
+        step = int(self.sgd_step)
+        self.sgd_step += 1
+        # a seed per (layer shape, step): layers of other shapes draw other bits
+        M, Do, Di = self.weight.shape
+        salt = (M * 1_000_003 + Do * 1_009 + Di) & 0x7FFFFFFF
+        return (step * 0x9E3779B1 + salt) & 0x7FFFFFFF
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
         if self.sgd is not None and torch.is_grad_enabled():
@@ -184,13 +213,32 @@ class _FusedSGDPathway(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # before the update: it reads the current weight
             grad_x = _ops.pathway_grad_x(dz, weight, plan.paths, plan.csr, layout, S, x.shape[1])
         with torch.no_grad():
+            seed = m._rounding_seed() if ctx.step_weight or ctx.step_bias else -1
             if ctx.step_weight:
                 _ops.pathway_sgd_(dz, x, weight, getattr(m, "weight_momentum", None),
                                   plan.paths, plan.csr, layout, cfg.lr, cfg.momentum,
-                                  cfg.weight_decay, cfg.nesterov)
+                                  cfg.weight_decay, cfg.nesterov, seed)
             if ctx.step_bias:
-                gb = _ops.pathway_grad_bias(dz, plan.paths, plan.csr, layout, S, M,
+                # (in float32 for 16-bit storage: the gradient is not rounded before the step)
+                dzb = dz.float() if dz.dtype in (torch.float16, torch.bfloat16) else dz
+                gb = _ops.pathway_grad_bias(dzb, plan.paths, plan.csr, layout, S, M,
                                             m.out_features)
-                sgd_momentum_ref(m.bias, gb, getattr(m, "bias_momentum", None), cfg.lr,
-                                 cfg.momentum, cfg.weight_decay, cfg.nesterov)
+                _sgd_step_(m.bias, gb, getattr(m, "bias_momentum", None), cfg,
+                           seed if seed < 0 else (seed + 1) & 0x7FFFFFFF)
         return grad_x, None, None, None, None
+
+
+def _sgd_step_(param: Tensor, grad: Tensor, buf: Tensor | None, cfg: SGDConfig,
+               rounding_seed: int = -1) -> None:
+    """torch.optim.SGD's step in place; 16-bit parameters as the fused weight update does it:
+    computed in float32 and rounded once when stored (param and momentum buffer; the param
+    stochastically when rounding_seed >= 0)."""
+    if param.dtype not in (torch.float16, torch.bfloat16):
+        sgd_momentum_ref(param, grad, buf, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+        return
+    p32, b32 = param.float(), (buf.float() if buf is not None else None)
+    sgd_momentum_ref(p32, grad.float(), b32, cfg.lr, cfg.momentum, cfg.weight_decay,
+                     cfg.nesterov)
+    param.copy_(round_stochastic_bf16(p32, rounding_seed) if rounding_seed >= 0 else p32)
+    if buf is not None:
+        buf.copy_(b32)

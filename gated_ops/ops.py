@@ -107,15 +107,20 @@ def pathway_sgd_(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
+    rounding_seed: int = -1,
 ) -> None:
     """Fused weight gradient + SGD step, in place (grad_W never stored for skinny blocks).
 
     ``grad_z`` is the gradient of the pathways' pre-gate outputs (``pathway_grad_z``). Equal to
     computing grad_W with ``pathway_grad_weight`` and stepping torch.optim.SGD (dampening 0)
-    whose momentum buffer starts at zero (``reference.sgd_momentum_ref``).
+    whose momentum buffer starts at zero (``reference.sgd_momentum_ref``). 16-bit weights and
+    buffers: the step is computed in float32 and rounded once when stored; with
+    ``rounding_seed >= 0`` (bfloat16 weights, CPU) the weight is rounded stochastically
+    (``reference.round_stochastic_bf16``: the seed should change every step), the buffer to
+    nearest.
     """
     _ops.pathway_sgd_(grad_z, x, weight, momentum_buffer, plan.paths, plan.csr,
-                      list(plan.layout), lr, momentum, weight_decay, nesterov)
+                      list(plan.layout), lr, momentum, weight_decay, nesterov, rounding_seed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +171,7 @@ def _(grad_y, x, weight, bias, gate, paths, csr, layout):
 
 @torch.library.register_fake("gated_ops::pathway_sgd_")
 def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-      nesterov):
+      nesterov, rounding_seed=-1):
     return None
 
 

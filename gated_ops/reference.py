@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pathway_matmul_ref", "gated_cross_entropy_ref", "sgd_momentum_ref"]
+__all__ = ["pathway_matmul_ref", "gated_cross_entropy_ref", "sgd_momentum_ref",
+           "round_stochastic_bf16"]
 
 
 def pathway_matmul_ref(
@@ -93,3 +94,34 @@ def sgd_momentum_ref(
         buf.mul_(momentum).add_(d)
         d = d + momentum * buf if nesterov else buf
     param.add_(d, alpha=-lr)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(v: Tensor) -> Tensor:
+    """The "lowbias32" integer hash on uint32 values held in int64 (csrc/cpu_simd.h hash32)."""
+    v = v ^ (v >> 16)
+    v = (v * 0x7FEB352D) & _M32
+    v = v ^ (v >> 15)
+    v = (v * 0x846CA68B) & _M32
+    return v ^ (v >> 16)
+
+
+def round_stochastic_bf16(x: Tensor, seed: int, index0: int = 0) -> Tensor:
+    """float32 -> bfloat16 by stochastic rounding, bit for bit as the fused update stores a
+    bfloat16 weight with ``rounding_seed=seed`` (csrc/cpu_simd.h, ``bf16_stochastic``).
+
+    Element i (flat index index0 + i) gets 16 random bits r = hash32(uint32(index0 + i) + mix)
+    mod 2^16, mix = hash32(uint32(seed) ^ 0x5bd1e995); its float32 bits u become the bfloat16
+    (u + r) >> 16. So x rounds up with probability (x - lower) / (upper - lower): E[result] = x.
+    NaN stays a quiet NaN.
+    """
+    mix = _hash32(torch.tensor((seed & _M32) ^ 0x5BD1E995, dtype=torch.int64))
+    idx = (torch.arange(x.numel(), dtype=torch.int64, device=x.device) + index0) & _M32
+    r = _hash32((idx + mix) & _M32) & 0xFFFF
+    u = x.detach().float().contiguous().view(-1).view(torch.int32).to(torch.int64) & _M32
+    bits = ((u + r) & _M32) >> 16
+    bits = torch.where(x.detach().float().view(-1).isnan(), 0x7FC0, bits)
+    bits = torch.where(bits >= 0x8000, bits - 0x10000, bits)  # as int16
+    return bits.to(torch.int16).view(torch.bfloat16).view(x.shape)

@@ -8,7 +8,7 @@ import torch
 
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
-from gated_ops.reference import sgd_momentum_ref
+from gated_ops.reference import round_stochastic_bf16, sgd_momentum_ref
 
 
 def test_repr_names_the_structure():
@@ -30,33 +30,43 @@ def test_state_dict_round_trip_and_plan_buffers_are_not_saved():
     torch.testing.assert_close(m(x), m2(x))
 
 
+KINDS = ["batched", "fanout", "grouped", "wide", "wide_offset"]
+
+
+def _sgd_module(kind: str, D: int, dtype=None) -> tuple[GatedPathwayLinear, int]:
+    """A layer of each structure the fused update handles, and its batch size."""
+    if kind == "batched":
+        m = GatedPathwayLinear.batched(4, D, 6, dtype=dtype)
+    elif kind == "fanout":
+        m = GatedPathwayLinear.fanout(3, 2, D, 6, replicas=2, dtype=dtype)
+    elif kind == "grouped":  # a GDLN-like table with a weight that no pathway uses
+        m = GatedPathwayLinear([0, 1, 1, 2], [0, 0, 2, 3], [0, 0, 1, 2], num_sources=3,
+                               num_weights=5, num_dst=3, in_features=D, out_features=6,
+                               dtype=dtype)
+        assert m.plan.kind == "grouped"
+    elif kind == "wide":  # blocks of ns*B = 80 rows: the one-GEMM-per-block path
+        m = GatedPathwayLinear.shared(8, D, 6, replicas=2, dtype=dtype)
+    else:  # a wide block over weight 1 only: weights 0 and 2 get zero-gradient updates
+        m = GatedPathwayLinear(list(range(8)), [1] * 8, list(range(8)), num_sources=8,
+                               num_weights=3, num_dst=8, in_features=D, out_features=6,
+                               dtype=dtype)
+        assert m.plan.layout[1:] == (1, 0, 8, 1, 1)
+    return m, 10 if kind.startswith("wide") else 5
+
+
 @pytest.mark.parametrize("cfg", [
     SGDConfig(lr=0.1),
     SGDConfig(lr=0.05, momentum=0.9),
     SGDConfig(lr=0.05, momentum=0.9, weight_decay=1e-2),
     SGDConfig(lr=0.05, momentum=0.9, nesterov=True),
 ], ids=["plain", "momentum", "weight_decay", "nesterov"])
-@pytest.mark.parametrize("kind", ["batched", "fanout", "grouped", "wide", "wide_offset"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_fused_sgd_equals_torch_optim_sgd(cfg, kind):
     """Three steps of the fused update equal autograd + torch.optim.SGD to float32 tolerance.
     D_in = 37: the float32 kernels' 16-wide vector loop and its scalar tail both run."""
     torch.manual_seed(0)
     D = 37
-    if kind == "batched":
-        m = GatedPathwayLinear.batched(4, D, 6)
-    elif kind == "fanout":
-        m = GatedPathwayLinear.fanout(3, 2, D, 6, replicas=2)
-    elif kind == "grouped":  # a GDLN-like table with a weight that no pathway uses
-        m = GatedPathwayLinear([0, 1, 1, 2], [0, 0, 2, 3], [0, 0, 1, 2], num_sources=3,
-                               num_weights=5, num_dst=3, in_features=D, out_features=6)
-        assert m.plan.kind == "grouped"
-    elif kind == "wide":  # blocks of ns*B = 80 rows: the one-GEMM-per-block path
-        m = GatedPathwayLinear.shared(8, D, 6, replicas=2)
-    else:  # a wide block over weight 1 only: weights 0 and 2 get zero-gradient updates
-        m = GatedPathwayLinear(list(range(8)), [1] * 8, list(range(8)), num_sources=8,
-                               num_weights=3, num_dst=8, in_features=D, out_features=6)
-        assert m.plan.layout[1:] == (1, 0, 8, 1, 1)
-    B = 10 if kind.startswith("wide") else 5
+    m, B = _sgd_module(kind, D)
     ref = copy.deepcopy(m)
     opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
@@ -74,6 +84,127 @@ def test_fused_sgd_equals_torch_optim_sgd(cfg, kind):
         torch.testing.assert_close(x.grad, x_ref.grad)  # computed before the update
         torch.testing.assert_close(m.weight, ref.weight, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(m.bias, ref.bias, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_sgd_16bit_storage_rounds_a_float_update_once(kind, dtype):
+    """16-bit weight storage: each step equals the float32 update (gradient from the same 16-bit
+    inputs, torch.optim.SGD's formula with momentum, weight decay and nesterov) rounded once
+    to the weight's dtype, for the weight, its momentum buffer and the bias, up to one unit in
+    the last place (summation order). The wide GEMM path (ns*B > 64 rows per block) takes the
+    16-bit GEMM's gradient, accumulated in float32 and rounded to the weight's dtype as ATen and
+    cuBLAS return it; the expected step rounds the gradient there too. D_in = 37: the bfloat16
+    vector loop and its scalar tail both run."""
+    torch.manual_seed(0)
+    cfg = SGDConfig(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    m, B = _sgd_module(kind, 37, dtype)
+    m.fuse_sgd(cfg)
+    ulp = torch.finfo(dtype).eps  # relative spacing of the storage dtype (one ulp at 1)
+    for step in range(3):
+        x = torch.randn(m.num_sources, B, 37).to(dtype)
+        gy = torch.randn(m.num_dst, B, 6).to(dtype)
+        # the expected step, in float32 from the current 16-bit state
+        ref = copy.deepcopy(m).fuse_sgd(None).float()
+        (ref(x.float()) * gy.float()).sum().backward()
+        expect = {}
+        for name in ("weight", "bias"):
+            p32 = getattr(m, name).detach().float()
+            buf32 = getattr(m, f"{name}_momentum").float()
+            g = getattr(ref, name).grad
+            if name == "weight" and kind.startswith("wide"):
+                g = g.to(dtype).float()
+            sgd_momentum_ref(p32, g, buf32, cfg.lr, cfg.momentum, cfg.weight_decay,
+                             cfg.nesterov)
+            expect[name], expect[f"{name}_momentum"] = p32.to(dtype), buf32.to(dtype)
+        before = m.weight.detach().clone()
+        (m(x) * gy).sum().backward()
+        assert m.weight.dtype == dtype and m.weight.grad is None
+        for name, e in expect.items():
+            got = getattr(m, name).detach().float()
+            torch.testing.assert_close(got, e.float(), rtol=ulp, atol=1e-5,
+                                       msg=lambda s, name=name: f"{name}: {s}")
+        # the update is far larger than the tolerance: a skipped step cannot pass
+        assert (m.weight.float() - before.float()).abs().max() > 20 * ulp * before.abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stochastic_rounding_is_bitwise_the_reference(kind):
+    """bfloat16 weights with rounding_seed >= 0: every weight is the exact float32 step rounded
+    by round_stochastic_bf16 (same random bits per element index), the momentum buffer rounded
+    to nearest. Integer dZ and x make the float32 gradient and step exact in any summation
+    order, so the comparison is bitwise, across the vector loop, its tail, the grouped and the
+    wide paths."""
+    m, B = _sgd_module(kind, 37, torch.bfloat16)
+    plan, g = m.plan, torch.Generator().manual_seed(3)
+    x = torch.randint(-1, 2, (m.num_sources, B, 37), generator=g).to(torch.bfloat16)
+    dz = torch.randint(-1, 2, plan.z_shape(B, 6), generator=g).to(torch.bfloat16)
+    w = m.weight.detach().clone()
+    buf = torch.zeros_like(w)
+    gw = torch.ops.gated_ops.pathway_grad_weight(dz.float(), x.float(), plan.paths, plan.csr,
+                                                 list(plan.layout), m.num_weights, 6)
+    lr, seed = 2.0 ** -10, 1234
+    expect = round_stochastic_bf16(w.float() - lr * gw, seed)
+    gated_ops.pathway_sgd_(dz, x, w, buf, plan, lr=lr, momentum=0.5, rounding_seed=seed)
+    assert torch.equal(buf, gw.to(torch.bfloat16))
+    assert torch.equal(w.view(torch.int16), expect.view(torch.int16))
+    # round to nearest (no seed) gives other bits
+    nearest = m.weight.detach().clone()
+    gated_ops.pathway_sgd_(dz, x, nearest, torch.zeros_like(w), plan, lr=lr, momentum=0.5)
+    assert torch.equal(nearest, (m.weight.detach().float() - lr * gw).to(torch.bfloat16))
+    assert not torch.equal(nearest, w)
+
+
+def test_stochastic_rounding_keeps_updates_below_the_bfloat16_spacing():
+    """A step of 2^-10 on weights equal to 1 (bfloat16 spacing below 1: 2^-8). Round to nearest
+    loses it every time; stochastic rounding moves the mean weight by 2^-10 per step (8192
+    weights: the sample mean's standard deviation is ~2.6e-5 of the 9.8e-4 step)."""
+    D, O = 128, 64
+    x, gy = torch.ones(1, 1, D, dtype=torch.bfloat16), torch.ones(1, 1, O, dtype=torch.bfloat16)
+    means = {}
+    for sr in (False, True):
+        m = GatedPathwayLinear.batched(1, D, O, dtype=torch.bfloat16)
+        with torch.no_grad():
+            m.weight.fill_(1.0)
+            m.bias.fill_(1.0)
+        m.fuse_sgd(SGDConfig(lr=2.0 ** -10, stochastic_rounding=sr))
+        for _ in range(4):
+            (m(x) * gy).sum().backward()  # grad_W = grad_b = 1
+        means[sr] = (m.weight.double().mean().item(), m.bias.double().mean().item())
+        if sr:
+            assert int(m.sgd_step) == 4 and "sgd_step" in m.state_dict()
+    assert means[False] == (1.0, 1.0)
+    expected, std = 1 - 4 * 2.0 ** -10, 2.0 ** -8 * 0.5 * 4 ** 0.5 / (D * O) ** 0.5
+    assert abs(means[True][0] - expected) < 6 * std, means[True]
+    assert abs(means[True][1] - expected) < 2.0 ** -9, means[True]  # 64 biases: coarser
+
+
+def test_stochastic_rounding_resumes_bitwise_from_a_state_dict():
+    cfg = SGDConfig(lr=0.05, momentum=0.9, stochastic_rounding=True)
+    torch.manual_seed(0)
+    a = GatedPathwayLinear.batched(3, 20, 5, dtype=torch.bfloat16).fuse_sgd(cfg)
+    b = copy.deepcopy(a)
+    xs = [torch.randn(3, 4, 20).to(torch.bfloat16) for _ in range(2)]
+    for x in xs:
+        a(x).square().sum().backward()
+    b(xs[0]).square().sum().backward()
+    c = GatedPathwayLinear.batched(3, 20, 5, dtype=torch.bfloat16).fuse_sgd(cfg)
+    c.load_state_dict(b.state_dict())
+    c(xs[1]).square().sum().backward()
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, c.state_dict()[name]), name
+
+
+def test_stochastic_rounding_rejects_other_dtypes():
+    m = GatedPathwayLinear.batched(2, 4, 3)
+    plan = m.plan
+    with pytest.raises(RuntimeError, match="stochastic rounding .* is for bfloat16 weights"):
+        gated_ops.pathway_sgd_(torch.zeros(plan.z_shape(1, 3)), torch.zeros(2, 1, 4),
+                               m.weight.detach(), None, plan, lr=0.1, rounding_seed=0)
+    h = GatedPathwayLinear.batched(2, 4, 3, dtype=torch.float16)
+    h.fuse_sgd(SGDConfig(lr=0.1, stochastic_rounding=True))
+    with pytest.raises(ValueError, match="implemented for bfloat16 weights"):
+        h(torch.randn(2, 1, 4, dtype=torch.float16)).sum().backward()
 
 
 def test_fused_sgd_op_equals_reference_update_float64():

@@ -44,9 +44,15 @@ def _check(case: Case, backend: str, dtype: torch.dtype, noncontiguous: bool = F
         assert_close(f"{case.name}: grad {name}", g.detach().cpu(), r, p)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16,
+          "f16": torch.float16}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
 def test_pathway_matmul_matches_reference(case, backend, dtype):
+    """16-bit dtypes: the CPU kernels compute in float and round once (csrc/gated_ops.cpp);
+    "plain" (the tolerance's yardstick) is the reference run in that dtype by PyTorch."""
     _check(case, backend, dtype)
 
 
@@ -62,9 +68,11 @@ def test_grouped_layout_matches_blocked(case):
     _check(case, "cpu", torch.float64, layout="grouped")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", [c for c in SHAPES if c.large], ids=lambda c: c.name)
-def test_pathway_matmul_paper_shapes(case):
-    _check(case, "cpu", torch.float32)
+def test_pathway_matmul_paper_shapes(case, dtype):
+    """The paper's sizes, where the skinny kernels (float32 and bfloat16 weights) run."""
+    _check(case, "cpu", dtype)
 
 
 def test_plan_kinds():
