@@ -177,8 +177,14 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
   check_gate(gate_, x, p.P, x.size(1));
   const int64_t B = x.size(1), Do = w.size(1);
   if (p.P == 0 || B == 0 || Do == 0) return at::zeros({p.T, B, Do}, x.options());
-  Tensor y = at::empty({p.T, B, Do}, x.options());  // every row is written below (no zero fill)
+  // Z is y itself when each destination is exactly one pathway's Z block, in Z's order
+  // (blocked, nm = 1: the k-path encoders, the hidden layer, the wide decoder): the epilogue
+  // then works in place, and an ungated layer without bias does no pass at all.
+  bool in_place = *p.one_per_dst && p.blocked() && p.nm == 1 && p.T == p.P;
+  for (int64_t q = 0; in_place && q < p.P; ++q) in_place = p.dst[q] == p.zrow[q];
   const Tensor z = compute_z(p, x, w);
+  // (otherwise every row of y is written below: no zero fill)
+  Tensor y = in_place ? z.view({p.T, B, Do}) : at::empty({p.T, B, Do}, x.options());
   const Tensor bias = bias_ ? bias_->contiguous() : Tensor();
   const Tensor gate = gate_ ? gate_->contiguous() : Tensor();
   const bool per_sample = gate.defined() && gate.dim() == 2;
@@ -203,9 +209,9 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
             scalar_t* yq = Y + p.dst[q] * B * Do;
             for (int64_t b = 0; b < B; ++b) {
               const scalar_t* zr = zq + b * ldz;
-              scalar_t* yr = yq + b * Do;
+              scalar_t* yr = yq + b * Do;  // == zr when in place (elementwise: safe)
               if constexpr (decltype(gate_kind)::value == 0 && !decltype(has_bias)::value) {
-                std::memcpy(yr, zr, Do * sizeof(scalar_t));
+                if (!in_place) std::memcpy(yr, zr, Do * sizeof(scalar_t));
               } else {
                 opmath_t gv = 1;
                 if constexpr (decltype(gate_kind)::value == 1) gv = g[q];
@@ -227,6 +233,7 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
       using T2 = std::integral_constant<int, 2>;
       const bool hb = bi != nullptr;
       const int gk = g ? (per_sample ? 2 : 1) : 0;
+      if (in_place && !hb && gk == 0) return;  // y is Z
       if (hb) {
         if (gk == 0) copy_blocks(std::true_type{}, T0{});
         else if (gk == 1) copy_blocks(std::true_type{}, T1{});
@@ -784,12 +791,38 @@ void exp_shifted(const double* l, const double* mx, int64_t rows, int64_t C, dou
     for (int64_t c = 0; c < C; ++c) out[r * C + c] = std::exp(l[r * C + c] - mx[r]);
 }
 
-// n values as opmath: float and double in place; 16-bit ones widened into buf.
-inline const float* as_opmath(const float* p, int64_t, std::vector<float>&) { return p; }
-inline const double* as_opmath(const double* p, int64_t, std::vector<double>&) { return p; }
-template <typename T>
-const float* as_opmath(const T* p, int64_t n, std::vector<float>& buf) {
-  std::copy(p, p + n, buf.begin());
+// The logits of the gated cross-entropy as R*P blocks of B rows of C classes, in place: either
+// (R, P, B, C) or (R, I, J, B, C) with path p = i * J + j (the k-path decoder's output viewed
+// without a copy: there the blocks and the rows are strided). Any strides; classes contiguous.
+struct LogitBlocks {
+  int64_t R, P, B, C, J, sr, si, sj, sb;
+  explicit LogitBlocks(const Tensor& l)
+      : R(l.size(0)), P(l.dim() == 5 ? l.size(1) * l.size(2) : l.size(1)), B(l.size(-2)),
+        C(l.size(-1)), J(l.dim() == 5 ? l.size(2) : 1), sr(l.stride(0)), si(l.stride(1)),
+        sj(l.dim() == 5 ? l.stride(2) : 0), sb(l.stride(-2)) {}
+  int64_t offset(int64_t q) const {
+    const int64_t r = q / P, p = q % P;
+    return r * sr + (p / J) * si + (p % J) * sj;
+  }
+};
+
+// Logits (R, P, B, C) or (R, I, J, B, C) with contiguous classes (a copy otherwise).
+Tensor logits_view(const Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 4 || logits.dim() == 5, "logits: expected (R, P, B, C) or (R, I, "
+              "J, B, C) with P = I * J, got shape ", logits.sizes());
+  return logits.size(-1) > 1 && logits.stride(-1) != 1 ? logits.contiguous() : logits;
+}
+
+// One block's B x C values (rows sb apart) as contiguous opmath values: in place when they are
+// already (float / double, contiguous rows), else gathered (and widened) into buf.
+template <typename scalar_t, typename opmath_t>
+const opmath_t* block_rows(const scalar_t* src, int64_t B, int64_t C, int64_t sb,
+                           std::vector<opmath_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    if (sb == C) return src;
+  }
+  buf.resize(B * C);
+  for (int64_t b = 0; b < B; ++b) std::copy(src + b * sb, src + b * sb + C, buf.data() + b * C);
   return buf.data();
 }
 
@@ -830,9 +863,10 @@ void ce_grad_block(const scalar_t* l, const scalar_t* lse, const int64_t* y, opm
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor& logits_,
                                                                    const Tensor& target_,
                                                                    const Tensor& gate_) {
-  TORCH_CHECK(logits_.dim() == 4, "logits: expected (R, P, B, C), got shape ", logits_.sizes());
   check_cpu_dtype(logits_, "logits");
-  const int64_t R = logits_.size(0), P = logits_.size(1), B = logits_.size(2), C = logits_.size(3);
+  const Tensor logits = logits_view(logits_);
+  const LogitBlocks lb(logits);
+  const int64_t R = lb.R, P = lb.P, B = lb.B, C = lb.C;
   TORCH_CHECK(target_.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
               target_.scalar_type());
   GATED_CHECK_SHAPE("target", target_, R, P, B);
@@ -842,8 +876,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
   check_same_device(gate_, "gate", logits_);
   TORCH_CHECK(B > 0, "logits: expected a batch of B > 0 samples (the loss is a mean over B)");
   TORCH_CHECK(C > 0, "logits: expected C > 0 classes");
-  const Tensor logits = logits_.contiguous(), target = target_.contiguous(),
-               gate = gate_.contiguous();
+  const Tensor target = target_.contiguous(), gate = gate_.contiguous();
   Tensor loss = at::empty({R}, logits.options());
   Tensor path_loss = at::empty({R, P}, logits.options());
   Tensor correct = at::empty({R, P}, target.options());
@@ -857,10 +890,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
     scalar_t *PL = path_loss.data_ptr<scalar_t>(), *LSE = lse.data_ptr<scalar_t>();
     int64_t* CO = correct.data_ptr<int64_t>();
     at::parallel_for(0, R * P, 64, [&](int64_t q0, int64_t q1) {
-      constexpr bool is_wide = !std::is_same_v<scalar_t, opmath_t>;
-      std::vector<opmath_t> mx(B), e(B * C), wide(is_wide ? B * C : 0);
+      std::vector<opmath_t> mx(B), e(B * C), rows;
       for (int64_t q = q0; q < q1; ++q) {
-        const opmath_t* lq = as_opmath(L + q * B * C, B * C, wide);
+        const opmath_t* lq = block_rows(L + lb.offset(q), B, C, lb.sb, rows);
         int64_t hits = 0;
         bool bad_target = false;
         for (int64_t b = 0; b < B; ++b) {
@@ -934,9 +966,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
 Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& grad_pl_,
                                         const Tensor& logits_, const Tensor& target_,
                                         const Tensor& gate_, const Tensor& lse_) {
-  TORCH_CHECK(logits_.dim() == 4, "logits: expected (R, P, B, C), got shape ", logits_.sizes());
-  const int64_t R = logits_.size(0), P = logits_.size(1), B = logits_.size(2),
-                C = logits_.size(3);
+  const Tensor logits = logits_view(logits_);
+  const LogitBlocks lb(logits);
+  const int64_t R = lb.R, P = lb.P, B = lb.B, C = lb.C;
   GATED_CHECK_SHAPE("grad_loss", grad_loss_, R);
   GATED_CHECK_SHAPE("grad_path_loss", grad_pl_, R, P);
   GATED_CHECK_SHAPE("target", target_, R, P, B);
@@ -951,8 +983,7 @@ Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& 
   TORCH_CHECK(target_.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
               target_.scalar_type());
   check_same_device(target_, "target", logits_);
-  const Tensor logits = logits_.contiguous(), target = target_.contiguous(),
-               lse = lse_.contiguous();
+  const Tensor target = target_.contiguous(), lse = lse_.contiguous();
   if (target.numel()) {  // a direct call with a bad target would write out of bounds below
     const int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < C, "target: class indices must lie in [0, ", C, "), got [", lo,
@@ -962,17 +993,20 @@ Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& 
   const auto op_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor w = ((grad_loss_.to(op_type).unsqueeze(1) * gate_.to(op_type) /
                      gate_.to(op_type).sum(1, true) + grad_pl_.to(op_type)) / B).contiguous();
-  Tensor grad = at::empty_like(logits);
+  Tensor grad = at::empty_like(logits);  // the logits' strides (a strided view stays one)
+  const LogitBlocks gb(grad);
   GATED_CPU_DISPATCH(logits.scalar_type(), "gated_cross_entropy_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t *L = logits.data_ptr<scalar_t>(), *LSE = lse.data_ptr<scalar_t>();
     const opmath_t* W = w.data_ptr<opmath_t>();
     const int64_t* Y = target.data_ptr<int64_t>();
     scalar_t* D = grad.data_ptr<scalar_t>();
+    const bool dense = lb.sb == C && gb.sb == C;  // rows contiguous: work in place
     at::parallel_for(0, R * P, 64, [&](int64_t q0, int64_t q1) {
       std::vector<opmath_t> scratch;
+      std::vector<scalar_t> lc(dense ? 0 : B * C), dc(dense ? 0 : B * C);
       for (int64_t q = q0; q < q1; ++q) {
-        scalar_t* dq = D + q * B * C;
+        scalar_t* dq = dense ? D + gb.offset(q) : dc.data();
         const opmath_t wq = W[q];
         if (wq == opmath_t(0)) {
           // An ungated path whose path loss is not differentiated (the k-path training loss:
@@ -981,11 +1015,23 @@ Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& 
           bool finite = true;
           for (int64_t b = 0; b < B; ++b) finite &= std::isfinite(float(LSE[q * B + b]));
           if (finite) {
-            std::fill(dq, dq + B * C, scalar_t(0));
+            for (int64_t b = 0; b < B; ++b)
+              std::fill(D + gb.offset(q) + b * gb.sb, D + gb.offset(q) + b * gb.sb + C,
+                        scalar_t(0));
             continue;
           }
         }
-        ce_grad_block(L + q * B * C, LSE + q * B, Y + q * B, wq, B, C, dq, scratch);
+        const scalar_t* lq = L + lb.offset(q);
+        if (!dense) {  // gather the block's rows, scatter its gradient rows below
+          for (int64_t b = 0; b < B; ++b)
+            std::copy(lq + b * lb.sb, lq + b * lb.sb + C, lc.data() + b * C);
+          lq = lc.data();
+        }
+        ce_grad_block(lq, LSE + q * B, Y + q * B, wq, B, C, dq, scratch);
+        if (!dense) {
+          for (int64_t b = 0; b < B; ++b)
+            std::copy(dc.data() + b * C, dc.data() + (b + 1) * C, D + gb.offset(q) + b * gb.sb);
+        }
       }
     });
   });

@@ -169,9 +169,17 @@ class GatedPathwayLinear(nn.Module):
         return (step * 0x9E3779B1 + salt) & 0x7FFFFFFF
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        return self.forward_as(x, self.plan, self.weight, self.bias, gate)
+
+    def forward_as(self, x: Tensor, plan: PathwayPlan, weight: Tensor, bias: Tensor | None,
+                   gate: Tensor | None = None) -> Tensor:
+        """The layer run through another plan on views of its own parameters (contiguous views,
+        e.g. K weights (K, C, H) as one (K*C, H)), with the fused SGD if it is on: the update
+        lands in the parameters and momentum buffers through the views. KPathNet runs its
+        decoders this way."""
         if self.sgd is not None and torch.is_grad_enabled():
-            return _FusedSGDPathway.apply(x, self.weight, self.bias, gate, self)
-        return pathway_matmul(x, self.weight, self.plan, self.bias, gate)
+            return _FusedSGDPathway.apply(x, weight, bias, gate, self, plan)
+        return pathway_matmul(x, weight, plan, bias, gate)
 
     def extra_repr(self) -> str:
         _, n, s0, ns, m0, nm = self.layout
@@ -190,24 +198,28 @@ class _FusedSGDPathway(torch.autograd.Function):
     returning their gradients."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gate, module):
+    def forward(ctx, x, weight, bias, gate, module, plan):
         if gate is not None and gate.requires_grad:  # refuse before any layer has stepped
             raise RuntimeError("fused SGD: gradients for the gate are not supported; use the "
                                "unfused layer (fuse_sgd(None)) or pass gate.detach()")
-        ctx.module = module
+        ctx.module, ctx.plan = module, plan
         # Only parameters that train are stepped (a frozen weight or bias stays as it is).
         ctx.step_weight = weight.requires_grad
         ctx.step_bias = bias is not None and bias.requires_grad
-        ctx.save_for_backward(x, weight, gate)
-        plan = module.plan
+        ctx.save_for_backward(x, weight, bias, gate)
         return _ops.pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout))
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, gate = ctx.saved_tensors
+        x, weight, bias, gate = ctx.saved_tensors  # weight, bias: the parameters or views
         m: GatedPathwayLinear = ctx.module
-        cfg, plan, layout = m.sgd, m.plan, list(m.layout)
+        cfg, plan = m.sgd, ctx.plan
+        layout = list(plan.layout)
         S, M = plan.num_sources, plan.num_weights
+
+        def buffer(name: str, like: Tensor) -> Tensor | None:  # momentum, viewed like the param
+            b = getattr(m, name, None)
+            return None if b is None else b.view(like.shape)
         dz = _ops.pathway_grad_z(grad_y, gate, plan.paths, plan.csr, layout, S, M)
         grad_x = None
         if ctx.needs_input_grad[0]:  # before the update: it reads the current weight
@@ -215,17 +227,17 @@ class _FusedSGDPathway(torch.autograd.Function):
         with torch.no_grad():
             seed = m._rounding_seed() if ctx.step_weight or ctx.step_bias else -1
             if ctx.step_weight:
-                _ops.pathway_sgd_(dz, x, weight, getattr(m, "weight_momentum", None),
+                _ops.pathway_sgd_(dz, x, weight, buffer("weight_momentum", weight),
                                   plan.paths, plan.csr, layout, cfg.lr, cfg.momentum,
                                   cfg.weight_decay, cfg.nesterov, seed)
             if ctx.step_bias:
                 # (in float32 for 16-bit storage: the gradient is not rounded before the step)
                 dzb = dz.float() if dz.dtype in (torch.float16, torch.bfloat16) else dz
                 gb = _ops.pathway_grad_bias(dzb, plan.paths, plan.csr, layout, S, M,
-                                            m.out_features)
-                _sgd_step_(m.bias, gb, getattr(m, "bias_momentum", None), cfg,
+                                            weight.shape[1])
+                _sgd_step_(bias, gb, buffer("bias_momentum", bias), cfg,
                            seed if seed < 0 else (seed + 1) & 0x7FFFFFFF)
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 def _sgd_step_(param: Tensor, grad: Tensor, buf: Tensor | None, cfg: SGDConfig,

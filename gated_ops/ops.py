@@ -81,7 +81,9 @@ def gated_cross_entropy(
     """Fused per-path cross-entropy (reference: ``gated_cross_entropy_ref``).
 
     Args:
-        logits: (R, P, B, C); target: (R, P, B) int64; gate: (R, P), each row summing to > 0.
+        logits: (R, P, B, C); or (R, I, J, B, C) with path p = i * J + j, any strides (the
+            k-path decoder's output viewed in place: KPathNet.loss); target: (R, P, B) int64;
+            gate: (R, P), each row summing to > 0.
         backend: as for :func:`pathway_matmul`.
     Returns:
         loss (R,) gated mean loss per replica, path_loss (R, P), correct (R, P) int64.
@@ -91,6 +93,10 @@ def gated_cross_entropy(
     a host synchronisation, it gives a NaN loss. A target outside [0, C) raises on the CPU, is a
     device-side assert on CUDA (as in torch's nll_loss) and gives NaN in Triton.
     """
+    if logits.dim() == 5 and (backend != "auto" or logits.device.type != "cpu"):
+        # only the CPU kernel reads the 5-D strided form; the others take (R, P, B, C)
+        R, I, J, B, C = logits.shape
+        logits = logits.reshape(R, I * J, B, C)
     if backend == "reference":
         return gated_cross_entropy_ref(logits, target, gate)
     loss, path_loss, correct, _ = _op_namespace(backend).gated_cross_entropy(logits, target, gate)
@@ -177,7 +183,7 @@ def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weig
 
 @torch.library.register_fake("gated_ops::gated_cross_entropy")
 def _(logits, target, gate):
-    R, P, B, _ = logits.shape
+    R, P, B = target.shape  # logits: (R, P, B, C) or (R, I, J, B, C)
     return (logits.new_empty(R), logits.new_empty(R, P), target.new_empty(R, P),
             logits.new_empty(R, P, B))
 

@@ -97,6 +97,8 @@ SHAPES: list[Case] = [
     # without a gate
     Case("decoder_no_bias", kpath_tables(3)["decoder"], 3, 7, 11, gate="none", bias=False),
     Case("encoder_no_bias", kpath_tables(3)["encoder"], 4, 9, 6, gate="path", bias=False),
+    # Z is y (blocked, one pathway per destination in Z's order), ungated, no bias: no epilogue
+    Case("hidden_plain", kpath_tables(3)["hidden"], 4, 6, 5, gate="none", bias=False),
     Case("one_pathway", Table((0,), (0,), (0,), 1, 1, 1), 4, 6, 3),
     Case("gated_off", _random_table(6, 3, 3, 3, seed=1), 4, 5, 6, gate_off=(2,)),
     Case("empty_batch", kpath_tables(3)["hidden"], 0, 4, 5),
