@@ -66,7 +66,13 @@ class KPathConfig:
     fused_sgd: bool = _f(True, "fused model: SGD inside backward (false: torch.optim.SGD)")
     cuda_graph: bool = _f(False, "CUDA only: capture the training step in a CUDA graph")
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
-    dtype: str = _f("float32", "parameter and data dtype", choices=("float32", "float64"))
+    dtype: str = _f("float32", "parameter and data dtype; bfloat16 / float16: 16-bit storage of "
+                    "weights, momenta and activations, arithmetic in float32 (the fused model's "
+                    "update is computed in float32 and rounded once)",
+                    choices=("float32", "float64", "bfloat16", "float16"))
+    rounding: str = _f("stochastic", "bfloat16 with the fused SGD: how updated weights are "
+                       "stored; stochastic (unbiased, see gated_ops.SGDConfig) or nearest (small "
+                       "updates are lost)", choices=("stochastic", "nearest"))
     threads: int = _f(0, "CPU threads of torch (0: torch's default); on a busy machine 1 can be "
                          "several times faster than oversubscribed cores")
     # -- data ---------------------------------------------------------------------------------

@@ -149,7 +149,8 @@ def build_model(cfg: KPathConfig, net: KPathNet) -> tuple[nn.Module, torch.optim
         model = LoopKPath.from_kpath(net)
         return model, torch.optim.SGD(model.parameters(), **sgd)
     if cfg.fused_sgd:
-        return net.fuse_sgd(SGDConfig(**sgd)), None
+        sr = cfg.dtype == "bfloat16" and cfg.rounding == "stochastic"
+        return net.fuse_sgd(SGDConfig(**sgd, stochastic_rounding=sr)), None
     return net, torch.optim.SGD(net.parameters(), **sgd)
 
 
