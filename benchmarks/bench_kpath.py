@@ -21,6 +21,7 @@ def _marks(case: KPathCase) -> list:
 
 @pytest.mark.parametrize("case,mode,provider", list(bench_params(KPATH_CASES, _marks)))
 def test_kpath(measure, bench_env, case: KPathCase, mode: str, provider: str):
-    counts = flops.kpath(mode, case.R, case.K, case.B, case.D, case.H, case.C)
+    elem = case.torch_dtype.itemsize
+    counts = flops.kpath(mode, case.R, case.K, case.B, case.D, case.H, case.C, elem)
     bench_case(measure, bench_env, make_kpath, case, mode, provider, counts,
-               {"dataset": case.dataset}, per=case.R)
+               {"dataset": case.dataset, "dtype": case.dtype}, per=case.R)

@@ -32,6 +32,7 @@ MARKERS = {
     "large_batch": "K=100, B=512, H=128",
     "replicas": "R configurations of the K=100 H=128 model in one call",
     "moe": "mixture-of-experts layer with per-sample router gates",
+    "bf16": "bfloat16 storage of the K=100 step (reported apart from float32)",
     **{p: f"provider {p}" for p in PROVIDERS},
 }
 ROOT = Path(__file__).resolve().parent.parent

@@ -62,7 +62,7 @@ def kpath_logits(R: int, K: int, B: int, C: int) -> int:
     return R * K * K * B * C
 
 
-def kpath_forward(R: int, K: int, B: int, D: int, H: int, C: int) -> Counts:
+def kpath_forward(R: int, K: int, B: int, D: int, H: int, C: int, elem: int = F32) -> Counts:
     """Forward + gated loss, no grad, from the transformed inputs xk (R*K, B, D)."""
     logits = kpath_logits(R, K, B, C)
     elems = (
@@ -72,14 +72,14 @@ def kpath_forward(R: int, K: int, B: int, D: int, H: int, C: int) -> Counts:
         + 2 * logits  # logits written by the decoders, read by the loss
         + R * K * K  # gate
     )
-    loss_out = R * K * K * (F32 + I64)  # path_loss, correct
-    nbytes = F32 * elems + I64 * R * K * K * B + loss_out  # + int64 targets
+    loss_out = R * K * K * (elem + I64)  # path_loss, correct
+    nbytes = elem * elems + I64 * R * K * K * B + loss_out  # + int64 targets
     # log-sum-exp per logit row: max, subtract, exp, sum (~4 FLOPs per logit) + argmax
     flops = kpath_gemm_flops(R, K, B, D, H, C) + 5 * logits
     return Counts(nbytes, flops)
 
 
-def kpath_backward(R: int, K: int, B: int, D: int, H: int, C: int) -> Counts:
+def kpath_backward(R: int, K: int, B: int, D: int, H: int, C: int, elem: int = F32) -> Counts:
     """Autograd backward of a prepared forward, gradients written (not applied).
 
     Loss backward reads the logits and writes dlogits; each layer reads its grad_z and its saved
@@ -98,40 +98,41 @@ def kpath_backward(R: int, K: int, B: int, D: int, H: int, C: int) -> Counts:
         + 2 * R * K * B * H  # h1, h2 read for the weight gradients
         + 2 * 2 * R * K * B * H  # dh2, dh1 written and read
     )
-    nbytes = F32 * elems + I64 * R * K * K * B
+    nbytes = elem * elems + I64 * R * K * K * B
     gemm = kpath_gemm_flops(R, K, B, D, H, C)  # weight gradients: the same GEMMs transposed
     grad_inputs = 2 * R * K * B * (H * H + H * K * C)  # dh2, dh1 (no dx for the encoders)
     flops = gemm + grad_inputs + 4 * logits  # softmax - onehot, scaled
     return Counts(nbytes, flops)
 
 
-def kpath_transform(R: int, K: int, B: int, D: int) -> Counts:
+def kpath_transform(R: int, K: int, B: int, D: int, elem: int = F32) -> Counts:
     """Input transformation on device: read the batch (R, B, D), write xk (R*K, B, D)."""
-    return Counts(F32 * (R * B * D + R * K * B * D), 0)
+    return Counts(elem * (R * B * D + R * K * B * D), 0)
 
 
-def kpath_step(R: int, K: int, B: int, D: int, H: int, C: int) -> Counts:
+def kpath_step(R: int, K: int, B: int, D: int, H: int, C: int, elem: int = F32) -> Counts:
     """Full SGD step (momentum): transform, forward, fused loss, backward, update.
 
     The backward's gradient write (one pass over the parameters) is replaced by the fused update:
     read W and buf, write W and buf (4 passes); with the forward's read that is 5 passes.
     """
     params = kpath_params(R, K, D, H, C)
-    bwd = kpath_backward(R, K, B, D, H, C)
-    bwd_no_grad_write = Counts(bwd.bytes - F32 * params, bwd.flops)
-    update = Counts(F32 * 4 * params, 4 * params)  # buf = m*buf + g; w -= lr*buf: 4 FLOPs
-    return (kpath_transform(R, K, B, D) + kpath_forward(R, K, B, D, H, C) + bwd_no_grad_write
-            + update)
+    bwd = kpath_backward(R, K, B, D, H, C, elem)
+    bwd_no_grad_write = Counts(bwd.bytes - elem * params, bwd.flops)
+    update = Counts(elem * 4 * params, 4 * params)  # buf = m*buf + g; w -= lr*buf: 4 FLOPs
+    return (kpath_transform(R, K, B, D, elem) + kpath_forward(R, K, B, D, H, C, elem)
+            + bwd_no_grad_write + update)
 
 
-def kpath(mode: str, R: int, K: int, B: int, D: int, H: int, C: int) -> Counts:
-    """Counts of one timed call of ``mode`` (forward | backward | step)."""
+def kpath(mode: str, R: int, K: int, B: int, D: int, H: int, C: int, elem: int = F32) -> Counts:
+    """Counts of one timed call of ``mode`` (forward | backward | step); ``elem``: bytes per
+    weight, activation and logit (4: float32; 2: bfloat16 storage, the floors halve)."""
     if mode == "forward":
-        return kpath_forward(R, K, B, D, H, C)
+        return kpath_forward(R, K, B, D, H, C, elem)
     if mode == "backward":
-        return kpath_backward(R, K, B, D, H, C)
+        return kpath_backward(R, K, B, D, H, C, elem)
     if mode == "step":
-        return kpath_step(R, K, B, D, H, C)
+        return kpath_step(R, K, B, D, H, C, elem)
     raise ValueError(f"mode: expected forward, backward or step, got {mode!r}")
 
 

@@ -66,12 +66,17 @@ class KPathCase:
     C: int = 10
     R: int = 1
     size: str = "small"
-    group: str = "paper"  # paper | large_batch | replicas | tiny
+    group: str = "paper"  # paper | large_batch | replicas | tiny | bf16
     modes: tuple[str, ...] = ("forward", "backward", "step")
+    dtype: str = "float32"  # bfloat16: weights, momenta, activations stored in 16 bits
 
     @property
     def shape(self) -> dict[str, int]:
         return {"R": self.R, "K": self.K, "B": self.B, "D": self.D, "H": self.H, "C": self.C}
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,14 @@ KPATH_CASES = [
               group="replicas", modes=("step",)),
     KPathCase("mnist-K100-B8-H128-R54", "mnist", 100, 8, 784, 128, R=54, size="large",
               group="replicas", modes=("step",)),
+    # bfloat16 storage (fp32 arithmetic; ours: stochastic rounding of the update on the CPU),
+    # reported apart from float32, never in its place
+    KPathCase("tiny-K4-B2-D16-H8-bf16", "mnist", 4, 2, 16, 8, size="tiny", group="tiny",
+              modes=("step",), dtype="bfloat16"),
+    KPathCase("mnist-K100-B8-H128-bf16", "mnist", 100, 8, 784, 128, size="small", group="bf16",
+              modes=("step",), dtype="bfloat16"),
+    KPathCase("mnist-K100-B8-H1024-bf16", "mnist", 100, 8, 784, 1024, size="medium",
+              group="bf16", modes=("step",), dtype="bfloat16"),
 ]
 
 MOE_CASES = [
@@ -198,23 +211,24 @@ class KPathData:
         R, K, B, D, C = case.R, case.K, case.B, case.D, case.C
         g = torch.Generator().manual_seed(seed)
         self.case, self.device = case, device
+        dt = case.torch_dtype
         self.y = torch.randint(0, C, (R, B), generator=g).to(device)
         self.maps = torch.stack([torch.randperm(C, generator=g) for _ in range(K)]).to(device)
         self.perms = self.grid = None
         if case.dataset == "mnist":
-            self.x = torch.rand(R, B, D, generator=g).to(device)  # pixels / 255
+            self.x = torch.rand(R, B, D, generator=g).to(device, dt)  # pixels / 255
             self.perms = torch.stack([torch.randperm(D, generator=g) for _ in range(K)]).to(device)
         elif case.dataset == "cifar":
             side = math.isqrt(D // 3)
             if 3 * side * side != D:
                 raise ValueError(f"cifar case: D = {D} is not 3 * side^2")
-            self.x = torch.rand(R, B, 3, side, side, generator=g).to(device)
-            self.grid = rotation_grid(K, R * B, side, device).view(K, R * B, side, side, 2)
+            self.x = torch.rand(R, B, 3, side, side, generator=g).to(device, dt)
+            self.grid = rotation_grid(K, R * B, side, device).view(K, R * B, side, side, 2).to(dt)
         else:
             raise ValueError(f"dataset: expected 'mnist' or 'cifar', got {case.dataset!r}")
         self.gate = torch.stack([
             kpath_gate(K, max(1, K // 2), "N_plus_mod_permute", seed=r).flatten() for r in range(R)
-        ]).to(device)  # (R, K*K): the authors' gate, N = K/2 trained paths per encoder
+        ]).to(device, dt)  # (R, K*K): the authors' gate, N = K/2 trained paths per encoder
         self.xk, self.target = self.transform(self.x, self.y)
 
     def transform(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -448,8 +462,9 @@ class FusedKPath(KPathProvider):
     def __init__(self, data: KPathData, net: KPathNet, name: str, mode: str):
         super().__init__(data, net)
         self.name = name
-        if mode == "step":
-            net.fuse_sgd(SGDConfig(lr=LR, momentum=MOMENTUM))
+        if mode == "step":  # bfloat16 on the CPU: stochastic rounding (CPU kernels only)
+            sr = net.encoder.weight.dtype == torch.bfloat16 and data.device.type == "cpu"
+            net.fuse_sgd(SGDConfig(lr=LR, momentum=MOMENTUM, stochastic_rounding=sr))
 
     def step(self) -> None:
         d = self.data
@@ -561,7 +576,8 @@ def make_kpath(provider: str, case: KPathCase, mode: str, device: torch.device,
     """Build ``provider`` for ``case`` on ``device``: one KPathNet (seeded) whose weights every
     provider copies, and the batch."""
     torch.manual_seed(0)
-    net = KPathNet(case.K, case.D, case.H, case.C, replicas=case.R, device=device)
+    net = KPathNet(case.K, case.D, case.H, case.C, replicas=case.R, device=device,
+                   dtype=case.torch_dtype)
     data = KPathData(case, device)
     if provider == "naive":
         return NaiveKPath(data, net)
