@@ -124,7 +124,9 @@ def measure_peaks(device: torch.device) -> dict:
     (sum: 1 pass), an in-place update (add_: read + write, the fused SGD's pattern) and a copy
     (read + write counted, STREAM's convention, though write-allocate makes a CPU copy move 3
     passes). The best is the floor's bandwidth, so that no kernel can beat its floor by using a
-    pattern the measurement did not. FLOP rate: an fp32 matmul.
+    pattern the measurement did not. FLOP rate: an fp32 matmul, and a bf16 one (fp32
+    accumulation: AMX / AVX-512 BF16 on CPUs that have them, tensor cores on GPUs) for the
+    floors of the bfloat16 cases.
     """
     if device.type == "cuda":
         n, n_mm, reps = 1 << 28, 8192, 10  # 1 GiB streams; 8192^3 matmul (1.1 TFLOP)
@@ -161,12 +163,15 @@ def measure_peaks(device: torch.device) -> dict:
         "copy_gbs": 2 * nbytes / best(lambda: dst.copy_(src)) / 1e9,
     }
     t_mm = best(lambda: torch.mm(a, b))
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    t_mm16 = best(lambda: torch.mm(a16, b16))
     return {
         "peak_gbs": max(streams.values()),
         **streams,
         "peak_tflops": 2 * n_mm ** 3 / t_mm / 1e12,
+        "peak_tflops_bf16": 2 * n_mm ** 3 / t_mm16 / 1e12,
         "peak_method": f"max of read / in-place update / copy of {nbytes >> 20} MiB fp32; "
-                       f"fp32 mm {n_mm}^3; best of {reps}",
+                       f"fp32 and bf16 mm {n_mm}^3; best of {reps}",
         "load_avg_at_peak": os.getloadavg()[0],
     }
 
@@ -263,13 +268,15 @@ def measure(benchmark, bench_env):
         peaks = env.peak(device)
         st = benchmark.stats.stats
         t = st.median
-        floor = flops_mod.floor_seconds(counts, peaks["peak_gbs"] * 1e9,
-                                        peaks["peak_tflops"] * 1e12)
+        # (bfloat16 cases: the bf16 matmul peak; bytes are already counted at 2 per element)
+        tflops = peaks["peak_tflops_bf16" if info.get("dtype") == "bfloat16" else "peak_tflops"]
+        floor = flops_mod.floor_seconds(counts, peaks["peak_gbs"] * 1e9, tflops * 1e12)
         benchmark.extra_info.update({
             "time_s": t, "time_min_s": st.min, "rounds": rounds,
             "time_per_unit_s": t / per, "per": per,
             "gbs": counts.bytes / t / 1e9, "tflops": counts.flops / t / 1e12,
             "peak_gbs": peaks["peak_gbs"], "peak_tflops": peaks["peak_tflops"],
+            "peak_tflops_bf16": peaks["peak_tflops_bf16"],
             "floor_s": floor, "ratio_to_floor": t / floor,
             "load_avg": [load0, os.getloadavg()[0]],  # 1-min load before / after: noise witness
         })

@@ -56,6 +56,8 @@ def header(data: dict) -> str:
     peaks = "; ".join(
         f"{dev} {p['peak_gbs']:.1f} GB/s (best of read/update/copy), "
         f"{p['peak_tflops'] * 1e3:.0f} GFLOP/s fp32 mm"
+        + (f", {p['peak_tflops_bf16'] * 1e3:.0f} GFLOP/s bf16 mm (floors of the bf16 cases)"
+           if "peak_tflops_bf16" in p else "")
         for dev, p in sorted(facts.get("peaks", {}).items()))
     return (f"Device: {', '.join(names)}. Date: {data.get('datetime', '?')[:16]}. "
             f"Commit: {sha[:10]}{' (dirty tree)' if dirty else ''}. "

@@ -858,6 +858,57 @@ void ce_grad_block(const scalar_t* l, const scalar_t* lse, const int64_t* y, opm
   }
 }
 
+// One path's cross-entropy forward over B rows of C logits (contiguous, targets in range):
+// lse per row into lse, correct rows into hits; returns sum_b (lse[b] - l[b, y[b]]). float takes
+// simd::ce_rows (rows in vector lanes); this scalar version serves double.
+template <typename T>
+double ce_path(const T* lq, const int64_t* Y, int64_t B, int64_t C, T* lse, int64_t& hits,
+               std::vector<T>& mx, std::vector<T>& e) {
+  hits = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* l = lq + b * C;
+    // argmax as torch.argmax: the first maximum, or the first NaN (NaN counts as the maximum,
+    // and the max is then NaN): a max pass, then bit masks (no data-dependent branches).
+    T m = l[0];
+    for (int64_t c = 1; c < C; ++c) m = l[c] > m ? l[c] : m;
+    int64_t arg;
+    if (C <= 64) {
+      uint64_t at_max = 0, at_nan = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        at_max |= uint64_t(l[c] == m) << c;
+        at_nan |= uint64_t(l[c] != l[c]) << c;
+      }
+      arg = __builtin_ctzll((at_nan ? at_nan : at_max) | (uint64_t(1) << (C - 1)));
+      if (at_nan) m = std::numeric_limits<T>::quiet_NaN();
+    } else {
+      bool nan = false;
+      for (int64_t c = 0; c < C; ++c) nan |= l[c] != l[c];
+      arg = 0;
+      while (arg < C && !(nan ? l[arg] != l[arg] : l[arg] == m)) ++arg;
+      if (nan) m = std::numeric_limits<T>::quiet_NaN();
+    }
+    mx[b] = m;
+    hits += (arg == Y[b]);
+  }
+  // Shifted by the max as log_softmax is; an infinite max gives NaN, as it does there.
+  exp_shifted(lq, mx.data(), B, C, e.data());
+  double nll_sum = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    double sum = 0;
+    for (int64_t c = 0; c < C; ++c) sum += e[b * C + c];
+    const double lse_b = std::log(sum) + double(mx[b]);
+    lse[b] = T(lse_b);
+    nll_sum += lse_b - double(lq[b * C + Y[b]]);
+  }
+  return nll_sum;
+}
+#if GATED_HAVE_VECTOR_EXT
+inline double ce_path(const float* lq, const int64_t* Y, int64_t B, int64_t C, float* lse,
+                      int64_t& hits, std::vector<float>&, std::vector<float>&) {
+  return simd::ce_rows(lq, Y, B, C, lse, hits);
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Gated cross-entropy over (R, P, B, C) logits: per-path mean loss, correct counts, gated mean.
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor& logits_,
@@ -890,57 +941,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
     scalar_t *PL = path_loss.data_ptr<scalar_t>(), *LSE = lse.data_ptr<scalar_t>();
     int64_t* CO = correct.data_ptr<int64_t>();
     at::parallel_for(0, R * P, 64, [&](int64_t q0, int64_t q1) {
-      std::vector<opmath_t> mx(B), e(B * C), rows;
+      std::vector<opmath_t> mx(B), e(B * C), rows, lse_q(B);
       for (int64_t q = q0; q < q1; ++q) {
         const opmath_t* lq = block_rows(L + lb.offset(q), B, C, lb.sb, rows);
-        int64_t hits = 0;
-        bool bad_target = false;
-        for (int64_t b = 0; b < B; ++b) {
-          const opmath_t* l = lq + b * C;
+        for (int64_t b = 0; b < B; ++b) {  // (before any read at l[b, y[b]])
           const int64_t y = Y[q * B + b];
-          bad_target |= y < 0 || y >= C;
-          // argmax as torch.argmax: the first maximum, or the first NaN (NaN counts as the
-          // maximum, and the max is then NaN). Without data-dependent branches (a branch on
-          // where the maximum lies mispredicted on most rows): a max pass, then bit masks.
-          opmath_t m = l[0];
-          for (int64_t c = 1; c < C; ++c) m = l[c] > m ? l[c] : m;
-          int64_t arg;
-          if (C <= 64) {
-            uint64_t at_max = 0, at_nan = 0;
-            for (int64_t c = 0; c < C; ++c) {
-              at_max |= uint64_t(l[c] == m) << c;
-              at_nan |= uint64_t(l[c] != l[c]) << c;
-            }
-            arg = __builtin_ctzll((at_nan ? at_nan : at_max) | (uint64_t(1) << (C - 1)));
-            if (at_nan) m = std::numeric_limits<opmath_t>::quiet_NaN();
-          } else {
-            bool nan = false;
-            for (int64_t c = 0; c < C; ++c) nan |= l[c] != l[c];
-            arg = 0;
-            while (arg < C && !(nan ? l[arg] != l[arg] : l[arg] == m)) ++arg;
-            if (nan) m = std::numeric_limits<opmath_t>::quiet_NaN();
-          }
-          mx[b] = m;
-          hits += (arg == y);
+          TORCH_CHECK(y >= 0 && y < C, "target: class index ", y, " out of range [0, ", C, ")");
         }
-        if (bad_target) {
-          for (int64_t b = 0; b < B; ++b) {
-            const int64_t y = Y[q * B + b];
-            TORCH_CHECK(y >= 0 && y < C, "target: class index ", y, " out of range [0, ", C,
-                        ")");
-          }
-        }
-        // Shifted by the max as log_softmax is; an infinite max gives NaN, as it does there.
-        exp_shifted(lq, mx.data(), B, C, e.data());
-        acc_t nll_sum = 0;
-        for (int64_t b = 0; b < B; ++b) {
-          acc_t sum = 0;
-          for (int64_t c = 0; c < C; ++c) sum += e[b * C + c];
-          const acc_t lse_b = std::log(sum) + acc_t(mx[b]);
-          LSE[q * B + b] = scalar_t(lse_b);
-          nll_sum += lse_b - acc_t(lq[b * C + Y[q * B + b]]);
-        }
-        PL[q] = scalar_t(nll_sum / acc_t(B));
+        int64_t hits = 0;
+        const double nll_sum = ce_path(lq, Y + q * B, B, C, lse_q.data(), hits, mx, e);
+        for (int64_t b = 0; b < B; ++b) LSE[q * B + b] = scalar_t(lse_q[b]);
+        PL[q] = scalar_t(nll_sum / double(B));
         CO[q] = hits;
       }
     });

@@ -10,7 +10,9 @@ import gated_ops
 from gated_ops.reference import gated_cross_entropy_ref
 from gated_ops.testing import assert_close
 
-SHAPES = [(1, 1, 1, 2), (1, 9, 8, 10), (3, 16, 5, 7), (2, 100, 8, 10)]
+# (R, P, B, C): float32 takes rows 8 at a time in vector lanes (B = 5, 9: partial groups) and
+# C > 64 classes in chunks
+SHAPES = [(1, 1, 1, 2), (1, 9, 8, 10), (3, 16, 5, 7), (2, 100, 8, 10), (1, 3, 9, 70)]
 
 
 def _inputs(R, P, B, C, dtype=torch.float64, seed=0):
@@ -69,8 +71,9 @@ def test_gate_summing_to_zero_is_an_error():
         gated_ops.gated_cross_entropy(logits, target, gate)
 
 
-def test_nan_and_inf_propagate():
-    logits, target, gate = _inputs(1, 3, 2, 4)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_nan_and_inf_propagate(dtype):
+    logits, target, gate = _inputs(1, 3, 2, 4, dtype=dtype)
     logits = logits.detach().clone()
     logits[0, 1, 0, 2] = float("nan")
     logits[0, 2, 1, 0] = float("inf")
@@ -81,12 +84,13 @@ def test_nan_and_inf_propagate():
     assert torch.equal(correct, ref[2])  # argmax picks the NaN, as torch.argmax does
 
 
-def test_argmax_ties_take_the_first_maximum():
-    logits = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
-    target = torch.tensor([[[0, 1, 3]]])
-    _, _, correct = gated_ops.gated_cross_entropy(logits, target, torch.ones(1, 1,
-                                                                             dtype=torch.float64))
-    assert correct.item() == 1
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_argmax_ties_take_the_first_maximum(dtype):
+    logits = torch.zeros(1, 1, 3, 4, dtype=dtype)
+    logits[0, 0, 2, 1:] = 1.0  # row 2: a tie between classes 1, 2, 3
+    target = torch.tensor([[[0, 1, 1]]])
+    _, _, correct = gated_ops.gated_cross_entropy(logits, target, torch.ones(1, 1, dtype=dtype))
+    assert correct.item() == 2  # rows 0 and 2: the first of the tied maxima
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -123,3 +127,30 @@ def test_backward_of_ungated_paths_is_zero_and_still_propagates_nan():
     ungated_clean = (gate == 0).clone()
     ungated_clean[0, 3] = ungated_clean[1, 2] = False
     assert (lg.grad[ungated_clean] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["f32", "f64", "bf16"])
+def test_strided_five_dim_logits_equal_the_copied_four_dim_ones(dtype):
+    """(R, I, J, B, C) logits read in place (the k-path decoder's output (R*I, B, J*C) viewed
+    without a copy): the same loss, path losses, counts and gradients, bit for bit, as the
+    same values copied to (R, I*J, B, C); the gradient keeps the logits' strides."""
+    R, I, J, B, C = 2, 3, 4, 5, 6
+    g = torch.Generator().manual_seed(4)
+    out = (3 * torch.randn(R * I, B, J * C, generator=g)).to(dtype).requires_grad_()
+    l5 = out.view(R, I, B, J, C).permute(0, 1, 3, 2, 4)
+    l4 = l5.detach().reshape(R, I * J, B, C).requires_grad_()
+    target = torch.randint(0, C, (R, I * J, B), generator=g)
+    gate = (torch.rand(R, I * J, generator=g) < 0.5).to(dtype)
+    gate[:, 0] = 1
+    w = torch.randn(R, I * J, generator=g).to(dtype)
+    a = gated_ops.gated_cross_entropy(l5, target, gate)
+    b = gated_ops.gated_cross_entropy(l4, target, gate)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    (ga,) = torch.autograd.grad(a[0].sum() + (a[1] * w).sum(), out)
+    (gb,) = torch.autograd.grad(b[0].sum() + (b[1] * w).sum(), l4)
+    assert ga.is_contiguous()  # the permuted gradient is the decoder output's layout
+    assert torch.equal(ga.view(R, I, B, J, C).permute(0, 1, 3, 2, 4).reshape(R, I * J, B, C), gb)
+    torch.library.opcheck(torch.ops.gated_ops.gated_cross_entropy,
+                          (l5.detach().requires_grad_(), target, gate))
