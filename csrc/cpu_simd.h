@@ -50,7 +50,9 @@ namespace simd {
 // smaller than the spacing of bfloat16 still moves the weight on average. The random bits are
 // a hash of (seed, element index): deterministic, independent of the thread count, and
 // reproduced by gated_ops.reference.round_stochastic_bf16.
-inline uint32_t hash32(uint32_t x) {  // "lowbias32" (C. Wellons' integer hash prospector)
+// (U: uint32_t, or a vector of them.) "lowbias32", from C. Wellons' integer hash prospector.
+template <typename U>
+GATED_INLINE U hash32(U x) {
   x ^= x >> 16;
   x *= 0x7feb352du;
   x ^= x >> 15;
@@ -58,14 +60,29 @@ inline uint32_t hash32(uint32_t x) {  // "lowbias32" (C. Wellons' integer hash p
   x ^= x >> 16;
   return x;
 }
-inline uint32_t seed_mix(int64_t seed) { return hash32(uint32_t(seed) ^ 0x5bd1e995u); }
+inline uint32_t seed_mix(int64_t seed) { return hash32<uint32_t>(uint32_t(seed) ^ 0x5bd1e995u); }
+// The body of the float exp of the cross-entropy (gated_ops.cpp expf_poly, and exp8 below):
+// with n = floor(x / ln 2 + 1/2) for the clamped x, exp(x) = 2^n * exp_core(x, n), from Cephes'
+// range reduction by ln 2 in two parts and its degree-6 polynomial (T: float or a vector).
+template <typename T>
+GATED_INLINE T exp_core(T xc, T n) {
+  const T r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  T p = r * 0.0f + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
 inline uint16_t bf16_stochastic(float v, uint32_t bits16) {
   uint32_t u;
   __builtin_memcpy(&u, &v, sizeof(u));
   return v != v ? uint16_t(0x7fc0) : uint16_t((u + bits16) >> 16);
 }
 inline uint16_t bf16_stochastic(float v, int64_t index, uint32_t mix) {
-  return bf16_stochastic(v, hash32(uint32_t(index) + mix) & 0xffffu);
+  return bf16_stochastic(v, hash32<uint32_t>(uint32_t(index) + mix) & 0xffffu);
 }
 
 #if GATED_HAVE_VECTOR_EXT
@@ -93,18 +110,10 @@ GATED_INLINE void store(uint16_t* p, vf v) {
   *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
 }
 // Stochastic rounding of 16 lanes whose element indices are idx (see bf16_stochastic).
-GATED_INLINE vu hash32(vu x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
 GATED_INLINE void store_stochastic(uint16_t* p, vf v, vu idx, uint32_t mix) {
   const vu u = (vu)v;
   const vu nan = (vu)(v != v);
-  const vu r = ((u + (hash32(idx + mix) & 0xffffu)) >> 16 & ~nan) | (0x7fc0u & nan);
+  const vu r = ((u + (hash32<vu>(idx + mix) & 0xffffu)) >> 16 & ~nan) | (0x7fc0u & nan);
   *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
 }
 GATED_INLINE float load1(const float* p) { return *p; }
@@ -318,17 +327,8 @@ GATED_INLINE v8f exp8(v8f x) {
   const v8f t = xc * 1.44269504088896341f + 0.5f;
   v8i ni = __builtin_convertvector(t, v8i);               // truncates toward zero
   ni -= (__builtin_convertvector(ni, v8f) > t) ? 1 : 0;  // ... so floor for t < 0
-  const v8f n = __builtin_convertvector(ni, v8f);
-  const v8f r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  v8f p = v8f{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
   const v8f scale = (v8f)((ni + 127) << 23);
-  const v8f out = p * scale;
+  const v8f out = exp_core(xc, __builtin_convertvector(ni, v8f)) * scale;
   return x != x ? x : (x < -87.33f ? v8f{} : out);
 }
 
