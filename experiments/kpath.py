@@ -525,6 +525,16 @@ def _distributed() -> tuple[int, int, int]:
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
 
 
+def check_device_support(cfg: KPathConfig, device: torch.device) -> None:
+    """Refuse, before any data is loaded, a setting the device's kernels do not have."""
+    if (device.type != "cpu" and cfg.dtype == "bfloat16" and cfg.model == "fused"
+            and cfg.fused_sgd and cfg.rounding == "stochastic"):
+        raise ValueError("--rounding stochastic: stochastic rounding of bfloat16 weights is "
+                         "implemented in the CPU kernels only; on CUDA pass --rounding nearest "
+                         "(and mind experiments/README.md: small-init runs then stall) or use "
+                         "--dtype float32")
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -544,6 +554,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         torch.set_num_threads(cfg.threads)
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device, local_rank)
+    check_device_support(cfg, device)
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -161,6 +161,9 @@ class GatedPathwayLinear(nn.Module):
                              "this layer's are float16")
         if self.weight.dtype != torch.bfloat16:
             return -1
+        if self.weight.device.type != "cpu":  # before any layer has stepped
+            raise ValueError("SGDConfig.stochastic_rounding: implemented in the CPU kernels "
+                             f"only; this layer is on {self.weight.device}")
         step = int(self.sgd_step)
         self.sgd_step += 1
         # a seed per (layer shape, step): layers of other shapes draw other bits

@@ -381,3 +381,22 @@ def test_triton_cross_entropy_matches_reference(dtype):
         outs.append([t.detach() for t in (loss, path_loss, gl)])
     for i, name in enumerate(("loss", "path_loss", "grad logits")):
         assert_close(name, outs[2][i], outs[0][i], outs[1][i])
+
+
+def test_cuda_refuses_stochastic_rounding_before_any_layer_steps():
+    """Stochastic rounding of bfloat16 weights exists in the CPU kernels only: on CUDA the
+    module raises in the first backward, before it or any other layer has stepped, and the
+    raw op refuses rounding_seed >= 0."""
+    m = GatedPathwayLinear.batched(2, 8, 4, device=DEVICE, dtype=torch.bfloat16)
+    m.fuse_sgd(SGDConfig(lr=0.1, momentum=0.9, stochastic_rounding=True))
+    w0 = m.weight.detach().clone()
+    with pytest.raises(ValueError, match="CPU kernels only"):
+        m(torch.randn(2, 3, 8, device=DEVICE, dtype=torch.bfloat16)).sum().backward()
+    assert torch.equal(m.weight, w0)
+    plan = m.plan
+    with pytest.raises(RuntimeError, match="rounding_seed: stochastic rounding"):
+        gated_ops.pathway_sgd_(torch.zeros(plan.z_shape(3, 4), device=DEVICE,
+                                           dtype=torch.bfloat16),
+                               torch.zeros(2, 3, 8, device=DEVICE, dtype=torch.bfloat16),
+                               m.weight.detach(), m.weight_momentum, plan, lr=0.1, momentum=0.9,
+                               rounding_seed=0)

@@ -137,28 +137,40 @@ def test_replicas_equal_separate_runs(data_root, tmp_path):
         k: v for r in range(3) for k, v in read_metrics(tmp_path / f"alone{r}").items()}
 
 
-def test_resume_after_kills_is_bit_identical(data_root, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_after_kills_is_bit_identical(data_root, tmp_path, dtype):
     """Killed twice (mid-epoch and at an epoch's end, with a stale line appended to a metrics
     file as if written after the last checkpoint) and resumed: the same weights, momentum and
-    metrics lines as an uninterrupted run, no line lost or duplicated."""
-    E.main(smoke_argv(data_root, tmp_path / "whole"))
+    metrics lines as an uninterrupted run, no line lost or duplicated. bfloat16: with stochastic
+    rounding, whose step counter is saved with the weights."""
+    extra = ("--dtype", dtype)
+    E.main(smoke_argv(data_root, tmp_path / "whole", *extra))
     broken = tmp_path / "broken"
-    with pytest.raises(E.SimulatedKill):
-        E.main(smoke_argv(data_root, broken, "--stop-after-steps", "7"))  # checkpoint at step 4
+    with pytest.raises(E.SimulatedKill):  # checkpoint at step 4
+        E.main(smoke_argv(data_root, broken, *extra, "--stop-after-steps", "7"))
     with open(next(broken.glob("*/metrics.jsonl")), "a") as f:
         f.write('{"epoch": 99, "stale": true}\n{"epoch": 1')  # and a torn last line
-    with pytest.raises(E.SimulatedKill):
-        E.main(smoke_argv(data_root, broken, "--stop-after-steps", "2"))  # steps 5..6: epoch end
-    E.main(smoke_argv(data_root, broken))
+    with pytest.raises(E.SimulatedKill):  # steps 5..6: epoch end
+        E.main(smoke_argv(data_root, broken, *extra, "--stop-after-steps", "2"))
+    E.main(smoke_argv(data_root, broken, *extra))
     whole = read_metrics(tmp_path / "whole")
     assert read_metrics(broken) == whole
     assert all([m["epoch"] for m in lines] == [1, 2] for lines in whole.values())
     (a,), (b,) = (list((d / "_checkpoints").glob("*.pt")) for d in (tmp_path / "whole", broken))
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert sa["model"].keys() == sb["model"].keys() and "encoder.weight_momentum" in sa["model"]
+    assert ("encoder.sgd_step" in sa["model"]) == (dtype == "bfloat16")
     for name in sa["model"]:
         assert torch.equal(sa["model"][name], sb["model"][name]), name
     assert sa["global_step"] == sb["global_step"] == 12 and sb["finished"]
+
+
+def test_stochastic_rounding_is_refused_where_the_kernels_lack_it():
+    cfg = dataclasses.replace(smoke(), dtype="bfloat16")
+    E.check_device_support(cfg, torch.device("cpu"))
+    E.check_device_support(dataclasses.replace(cfg, rounding="nearest"), torch.device("cuda"))
+    with pytest.raises(ValueError, match="--rounding stochastic: .* CPU kernels only"):
+        E.check_device_support(cfg, torch.device("cuda"))
 
 
 def test_tiny_run_learns(data_root, tmp_path):
