@@ -22,10 +22,11 @@ class SGDConfig:
     ``stochastic_rounding``: bfloat16 parameters are stored by stochastic rounding of the float32
     step (unbiased; the momentum buffers round to nearest), so updates far below bfloat16's
     spacing (2^-8 relative) still move a weight on average. With round-to-nearest they are lost:
-    the quick k-path preset with gain 0.03 never left its plateau in bfloat16 (experiments/
-    README.md). The random bits hash (a per-layer seed, the step count, the element index):
-    deterministic and resumable (the count is the buffer ``sgd_step``), but replicas are then
-    not bitwise equal to separate runs. CPU kernels only; no effect on float32 / float64.
+    in bfloat16, 3 of the 4 gain-0.03 runs of the quick k-path preset never left chance
+    (experiments/README.md). The random bits hash (a per-layer seed, the step count, the element
+    index): deterministic and resumable (the count is the buffer ``sgd_step``), but replicas are
+    then not bitwise equal to separate runs. CPU kernels only (a CUDA layer raises in its first
+    backward, before any update); no effect on float32 / float64 weights.
     """
 
     lr: float
