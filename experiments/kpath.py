@@ -366,8 +366,11 @@ class GroupTrainer:
         if not self.ckpt_path.exists():
             return False
         ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        defaults = {f.name: f.default for f in dataclasses.fields(KPathConfig)}
         for old, new in zip(ck["configs"], self.runs):
-            diff = {k for k, v in dataclasses.asdict(new).items() if old.get(k) != v}
+            # a field the checkpoint predates counts as its default (what that run used)
+            diff = {k for k, v in dataclasses.asdict(new).items()
+                    if old.get(k, defaults[k]) != v}
             if diff - RESUME_FREE or ck["runs"] != self.names:
                 raise ValueError(f"{self.ckpt_path}: written by a different configuration "
                                  f"({sorted(diff - RESUME_FREE)}); use another --out or delete it")

@@ -275,6 +275,20 @@ def test_explicit_scalar_overrides_the_presets_grid_axis():
     assert cfg.Ns == [2, 4]
 
 
+def test_checkpoint_older_than_a_config_field_resumes_with_its_default(data_root, tmp_path):
+    """A checkpoint written before a config field existed (here `rounding`) resumes when the run
+    uses the field's default, and is refused when it does not."""
+    E.main(smoke_argv(data_root, tmp_path))
+    (ckpt,) = (tmp_path / "_checkpoints").glob("*.pt")
+    state = torch.load(ckpt, weights_only=True)
+    for c in state["configs"]:
+        del c["rounding"]
+    torch.save(state, ckpt)
+    assert E.main(smoke_argv(data_root, tmp_path))["runs"]  # finished: nothing to redo
+    with pytest.raises(ValueError, match=r"different configuration \(\['rounding'\]\)"):
+        E.main(smoke_argv(data_root, tmp_path, "--rounding", "nearest"))
+
+
 def test_regrouped_rerun_refuses_to_overwrite_results(data_root, tmp_path):
     """Runs trained in one grouping are not silently restarted (and their metrics emptied) by a
     rerun that groups them differently."""
