@@ -255,6 +255,28 @@ GATED_INLINE void sgd_apply1(float g, W_t* w, W_t* buf, int64_t idx, const SgdAr
   store1(w, wv - a.lr * d);
 }
 
+// The SGD step on n consecutive bfloat16 weights from a stored gradient g (bfloat16 bits or
+// float; null: zero gradient, decay and momentum still apply), 16 at a time. idx: the element
+// index of w[0] (stochastic rounding). (The scalar loop it replaces hashed one element at a time
+// and did not vectorise: the wide blocks' update, 2M weights at H=1024.)
+template <typename G_t>
+GATED_INLINE void sgd_stream_impl(uint16_t* w, uint16_t* buf, const G_t* g, int64_t n,
+                                  int64_t idx, const SgdArgs& a) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    sgd_apply(g ? load(g + i) : vf{}, w + i, buf ? buf + i : nullptr, idx + i, a);
+  for (; i < n; ++i)
+    sgd_apply1(g ? load1(g + i) : 0.0f, w + i, buf ? buf + i : nullptr, idx + i, a);
+}
+GATED_TARGET_CLONES inline void sgd_stream(uint16_t* w, uint16_t* buf, const uint16_t* g,
+                                           int64_t n, int64_t idx, SgdArgs a) {
+  sgd_stream_impl(w, buf, g, n, idx, a);
+}
+GATED_TARGET_CLONES inline void sgd_stream(uint16_t* w, uint16_t* buf, const float* g,
+                                           int64_t n, int64_t idx, SgdArgs a) {
+  sgd_stream_impl(w, buf, g, n, idx, a);
+}
+
 // RW rows of W (row stride D) and buf updated with gradient row r = sum_k a[k * lda + r] *
 // x[k, :] over nr activation rows, formed 16 columns at a time in registers: W and buf are read
 // and written once, x comes from L1, and the gradient never goes to memory.

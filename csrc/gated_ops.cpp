@@ -567,6 +567,16 @@ template <typename scalar_t, typename grad_t = scalar_t,
 GATED_TARGET_CLONES void sgd_rows(scalar_t* w, scalar_t* buf, const grad_t* g, int64_t count,
                                   opmath_t lr, opmath_t mom, opmath_t wd, bool nesterov,
                                   int64_t index0, Rounding rd) {
+#if GATED_HAVE_VECTOR_EXT
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16> &&
+                (std::is_same_v<grad_t, at::BFloat16> || std::is_same_v<grad_t, float>)) {
+    using bits_t = std::conditional_t<std::is_same_v<grad_t, float>, float, uint16_t>;
+    simd::sgd_stream(reinterpret_cast<uint16_t*>(w), reinterpret_cast<uint16_t*>(buf),
+                     reinterpret_cast<const bits_t*>(g), count, index0,
+                     {float(lr), float(mom), float(wd), nesterov, rd.stochastic, rd.mix});
+    return;
+  }
+#endif
   for (int64_t i = 0; i < count; ++i) {
     const opmath_t wi = w[i];
     opmath_t d = g ? opmath_t(g[i]) : opmath_t(0);
