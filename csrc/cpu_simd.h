@@ -215,44 +215,38 @@ struct SgdArgs {
   uint32_t mix = 0;         // seed_mix(seed) of this step
 };
 
-// One SGD step on a vector of RW weight rows' elements: d = g + wd * w; buf = mom * buf + d;
-// d = nesterov ? d + mom * buf : buf; w -= lr * d. (buf == nullptr: no momentum.)
-// In float; a bfloat16 weight and buffer (W_t = uint16_t) are widened, updated in float and
-// rounded once when stored.
-// (idx: the element index of w[0] within the whole weight tensor, for stochastic rounding.)
-template <typename W_t>
-GATED_INLINE void sgd_apply(vf g, W_t* w, W_t* buf, int64_t idx, const SgdArgs& a) {
-  vf wv = load(w);
-  vf d = a.weight_decay != 0 ? g + a.weight_decay * wv : g;
-  if (buf) {
-    const vf b = a.momentum * load(buf) + d;
-    store(buf, b);
-    d = a.nesterov ? d + a.momentum * b : b;
-  }
-  if constexpr (sizeof(W_t) == 2) {
-    if (a.stochastic) {
-      const vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-      return store_stochastic(w, wv - a.lr * d, uint32_t(idx) + lane, a.mix);
-    }
-  }
-  store(w, wv - a.lr * d);
+// Loads and stores of the SGD step by value type: vf (16 lanes) or float (one element), from a
+// float or bfloat16 (uint16_t) weight; the stochastic store of a bfloat16 weight.
+template <typename W_t> GATED_INLINE vf load_as(vf, const W_t* p) { return load(p); }
+template <typename W_t> GATED_INLINE float load_as(float, const W_t* p) { return load1(p); }
+template <typename W_t> GATED_INLINE void store_as(W_t* p, vf v) { store(p, v); }
+template <typename W_t> GATED_INLINE void store_as(W_t* p, float v) { store1(p, v); }
+GATED_INLINE void store_stochastic_as(uint16_t* p, vf v, int64_t idx, uint32_t mix) {
+  const vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  store_stochastic(p, v, uint32_t(idx) + lane, mix);
 }
-template <typename W_t>
-GATED_INLINE void sgd_apply1(float g, W_t* w, W_t* buf, int64_t idx, const SgdArgs& a) {
-  const float wv = load1(w);
-  float d = a.weight_decay != 0 ? g + a.weight_decay * wv : g;
+GATED_INLINE void store_stochastic_as(uint16_t* p, float v, int64_t idx, uint32_t mix) {
+  *p = bf16_stochastic(v, idx, mix);
+}
+
+// One SGD step on 16 elements (V = vf) or one (V = float) of a weight row: d = g + wd * w;
+// buf = mom * buf + d; d = nesterov ? d + mom * buf : buf; w -= lr * d. (buf == nullptr: no
+// momentum.) In float; a bfloat16 weight and buffer (W_t = uint16_t) are widened, updated in
+// float and rounded once when stored. idx: the element index of w[0] within the whole weight
+// tensor, for stochastic rounding.
+template <typename V, typename W_t>
+GATED_INLINE void sgd_apply(V g, W_t* w, W_t* buf, int64_t idx, const SgdArgs& a) {
+  const V wv = load_as(V{}, w);
+  V d = a.weight_decay != 0 ? g + a.weight_decay * wv : g;
   if (buf) {
-    const float b = a.momentum * load1(buf) + d;
-    store1(buf, b);
+    const V b = a.momentum * load_as(V{}, buf) + d;
+    store_as(buf, b);
     d = a.nesterov ? d + a.momentum * b : b;
   }
   if constexpr (sizeof(W_t) == 2) {
-    if (a.stochastic) {
-      *w = bf16_stochastic(wv - a.lr * d, idx, a.mix);
-      return;
-    }
+    if (a.stochastic) return store_stochastic_as(w, wv - a.lr * d, idx, a.mix);
   }
-  store1(w, wv - a.lr * d);
+  store_as(w, wv - a.lr * d);
 }
 
 // The SGD step on n consecutive bfloat16 weights from a stored gradient g (bfloat16 bits or
@@ -266,7 +260,7 @@ GATED_INLINE void sgd_stream_impl(uint16_t* w, uint16_t* buf, const G_t* g, int6
   for (; i + kLanes <= n; i += kLanes)
     sgd_apply(g ? load(g + i) : vf{}, w + i, buf ? buf + i : nullptr, idx + i, a);
   for (; i < n; ++i)
-    sgd_apply1(g ? load1(g + i) : 0.0f, w + i, buf ? buf + i : nullptr, idx + i, a);
+    sgd_apply(g ? load1(g + i) : 0.0f, w + i, buf ? buf + i : nullptr, idx + i, a);
 }
 GATED_TARGET_CLONES inline void sgd_stream(uint16_t* w, uint16_t* buf, const uint16_t* g,
                                            int64_t n, int64_t idx, SgdArgs a) {
@@ -305,7 +299,7 @@ GATED_INLINE void grad_sgd_tile(W_t* w, W_t* buf, int64_t idx, const float* a, i
     for (int r = 0; r < RW; ++r) {
       float g = 0;
       for (int64_t k = 0; k < nr; ++k) g += a[k * lda + r] * x[k * D + d];
-      sgd_apply1(g, w + r * D + d, buf ? buf + r * D + d : nullptr, idx + r * D + d, s);
+      sgd_apply(g, w + r * D + d, buf ? buf + r * D + d : nullptr, idx + r * D + d, s);
     }
 }
 
