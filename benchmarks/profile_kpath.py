@@ -68,6 +68,17 @@ def profile(H: int, steps: int, provider: str, device: torch.device, peaks: dict
           f"{c.flops / 1e9:.2f} G -> {c.flops / fl * 1e3:.1f} ms); x floor {wall / floor:.1f}; "
           f"load avg {os.getloadavg()[0]:.2f}")
     floors = op_floors(case)
+    if device.type == "cuda":  # GPU time per kernel (what bounds the step there)
+        krows = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                       key=lambda e: e.self_device_time_total, reverse=True)
+        ktotal = sum(e.self_device_time_total for e in krows)
+        print(f"GPU busy {ktotal / 1e3 / steps:.3f} ms/step of wall {wall * 1e3:.3f} ms/step")
+        print("| GPU kernel / op | calls/step | GPU ms/step | share |")
+        print("|---|--:|--:|--:|")
+        for e in krows[:20]:
+            print(f"| {e.key[:100]} | {e.count / steps:.0f} | "
+                  f"{e.self_device_time_total / 1e3 / steps:.4f} "
+                  f"| {e.self_device_time_total / ktotal:.0%} |")
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in rows)
     print("| op | calls/step | self ms/step | share | total ms/step | op floor ms |")
@@ -99,11 +110,13 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "torch", "naive"))
+    ap.add_argument("--device", default=None, help="device of torch / naive (default: cuda for "
+                    "the cuda provider, else cpu)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.provider == "cuda" else "cpu")
+    device = torch.device(args.device or ("cuda" if args.provider == "cuda" else "cpu"))
     peaks = measure_peaks(device)
     print(f"peaks on {device}: {peaks['peak_gbs']:.1f} GB/s (read {peaks['read_gbs']:.1f}, "
           f"update {peaks['update_gbs']:.1f}, copy {peaks['copy_gbs']:.1f}), "

@@ -13,6 +13,8 @@ same batch, so they compute the same function):
                    testing.kpath_tables/replicate, gated_cross_entropy_ref, torch.optim.SGD
     cpu            KPathNet on the CPU kernels; step = SGD fused into backward (fuse_sgd)
     cuda           KPathNet on the CUDA kernels, the same code
+    cuda_graph     the cuda provider's work replayed from CUDA graphs (step: the whole fused step,
+                   input transformation to SGD update, in one graph)
     triton         KPathNet's layers through gated_ops.triton_ops (needs it and CUDA); no Triton
                    fused SGD yet, so its step uses torch.optim.SGD(foreach=True)
 
@@ -44,7 +46,7 @@ from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref
 from gated_ops.testing import kpath_tables, replicate
 
 PROVIDERS = ("naive", "torch", "torch_compile", "torch_graph", "reference", "cpu", "cuda",
-             "triton")
+             "cuda_graph", "triton")
 LR, MOMENTUM = 1e-4, 0.9  # the authors' optimizer (GDLN.md section 2)
 
 
@@ -111,6 +113,8 @@ KPATH_CASES = [
               group="replicas", modes=("step",)),
     KPathCase("mnist-K100-B8-H128-R54", "mnist", 100, 8, 784, 128, R=54, size="large",
               group="replicas", modes=("step",)),
+    KPathCase("mnist-K100-B8-H1024-R6", "mnist", 100, 8, 784, 1024, R=6, size="large",
+              group="replicas", modes=("step",)),
     # bfloat16 storage (fp32 arithmetic; ours: stochastic rounding of the update on the CPU),
     # reported apart from float32, never in its place
     KPathCase("tiny-K4-B2-D16-H8-bf16", "mnist", 4, 2, 16, 8, size="tiny", group="tiny",
@@ -167,13 +171,13 @@ def provider_device(provider: str, device_choice: str = "auto") -> torch.device:
     """The device ``provider`` runs on here, or :class:`Unavailable`."""
     if provider == "cpu":
         return torch.device("cpu")
-    if provider in ("cuda", "triton", "torch_graph"):
+    if provider in ("cuda", "cuda_graph", "triton", "torch_graph"):
         if provider == "triton":
             triton_ops()  # says what is missing: the module, CUDA or its entry points
         if not torch.cuda.is_available():
             raise Unavailable(f"{provider}: needs a CUDA device, none present")
-        if provider == "cuda" and not _has_cuda_kernels():
-            raise Unavailable("cuda: gated_ops was built without CUDA kernels "
+        if provider in ("cuda", "cuda_graph") and not _has_cuda_kernels():
+            raise Unavailable(f"{provider}: gated_ops was built without CUDA kernels "
                               "(no CUDA dispatch key for gated_ops::pathway_matmul)")
         return torch.device("cuda")
     if provider in ("naive", "torch", "torch_compile", "reference"):
@@ -571,6 +575,11 @@ class TorchGraphKPath(GraphMixin, TorchKPath):
     name = "torch_graph"
 
 
+class FusedGraphKPath(GraphMixin, FusedKPath):
+    """The cuda provider (KPathNet on the CUDA kernels, SGD fused into backward) replayed from
+    CUDA graphs: what a training loop with ``--cuda-graph true`` runs."""
+
+
 def make_kpath(provider: str, case: KPathCase, mode: str, device: torch.device,
                compile_backend: str = "inductor") -> KPathProvider:
     """Build ``provider`` for ``case`` on ``device``: one KPathNet (seeded) whose weights every
@@ -591,6 +600,8 @@ def make_kpath(provider: str, case: KPathCase, mode: str, device: torch.device,
         return ReferenceKPath(data, net)
     if provider in ("cpu", "cuda"):
         return FusedKPath(data, net, provider, mode)
+    if provider == "cuda_graph":
+        return FusedGraphKPath(data, net, provider, mode)
     if provider == "triton":
         return TritonKPath(data, net)
     raise ValueError(f"provider: unknown {provider!r}")
@@ -714,6 +725,12 @@ class FusedMoE(MoEProvider):
         return self.module(x.unsqueeze(0), gate)[0]
 
 
+class FusedGraphMoE(GraphMixin, FusedMoE):
+    """The cuda provider's MoE layer replayed from CUDA graphs."""
+
+    name = "cuda_graph"
+
+
 class TritonMoE(FusedMoE):
     def __init__(self, data: MoEData, layer: GatedPathwayLinear):
         super().__init__(data, layer, "triton")
@@ -741,6 +758,8 @@ def make_moe(provider: str, case: MoECase, mode: str, device: torch.device,
         return ReferenceMoE(data, layer)
     if provider in ("cpu", "cuda"):
         return FusedMoE(data, layer, provider)
+    if provider == "cuda_graph":
+        return FusedGraphMoE(data, layer, "cuda_graph")
     if provider == "triton":
         return TritonMoE(data, layer)
     raise ValueError(f"provider: unknown {provider!r}")

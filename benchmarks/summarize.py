@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 PROVIDER_ORDER = ("naive", "torch", "torch_compile", "torch_graph", "reference", "cpu", "cuda",
-                  "triton")
+                  "cuda_graph", "triton")
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 
 

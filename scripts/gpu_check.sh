@@ -1,29 +1,46 @@
 #!/usr/bin/env bash
 # The GPU checks, for a machine with a CUDA device (written for one H100: Python 3.12, a CUDA
-# torch preinstalled, triton, nvcc, no internet, 16 cores). Run from anywhere:
+# torch preinstalled, triton, nvcc, pytest, pytest-benchmark, pytest-xdist, no internet,
+# 16 cores). Run from anywhere:
 #
-#   bash scripts/gpu_check.sh OUTDIR
+#   bash scripts/gpu_check.sh OUTDIR [STAGE ...]
 #
-# Stages, each under `timeout` and all within a global deadline (GATED_OPS_GPU_DEADLINE seconds,
-# default 470, so the whole run stays under 8 minutes): record the machine; build the extension
-# against the installed torch (TORCH_CUDA_ARCH_LIST=9.0); check a CUDA kernel is registered for
-# every op; pytest -m gpu (the CUDA kernels); the repository's op tests on the "cuda" backend; a
-# micro-benchmark of the k-path layers (JSON); the Triton tests on the GPU; benchmarks/ if present.
-# Everything lands in OUTDIR: summary.txt (one line per stage), *.log, junit_*.xml,
-# microbench.json, benchmark.json, nvidia-smi.txt, env.txt. Exit status: 0 when every stage
-# passed.
+# Stages (default: all, in this order), each under `timeout` and all within a global deadline
+# (GATED_OPS_GPU_DEADLINE seconds, default 470, so the whole run stays under 8 minutes):
+#   build       build the extension in place against the installed torch (TORCH_CUDA_ARCH_LIST
+#               9.0); skipped when GATED_OPS_PREBUILT=1 and gated_ops/_C*.so for this Python
+#               already imports with CUDA kernels (built elsewhere against the same torch)
+#   register    a CUDA kernel is registered for every op
+#   tests       pytest -m gpu: the CUDA and Triton backends against the float64 reference,
+#               opcheck, graph capture, determinism (pytest-xdist workers share the GPU)
+#   profile     benchmarks/profile_kpath.py: GPU time per kernel of the fused step and of the
+#               plain PyTorch step, H = 128 and 1024
+#   bench       the benchmark suite at the paper's MNIST shapes (forward, backward, step), the
+#               replica steps, bf16 and the MoE layer: naive, torch, torch_graph, cuda,
+#               cuda_graph, triton -> bench.json, bench_extra.json (bf16, MoE)
+#   experiment  k-path runs at K = 100 on Fashion-MNIST (GATED_OPS_DATA_DIR, the IDX files): one
+#               run and R runs at once (fused, CUDA graph), and the paper-style loop model
+#   compile     torch_compile steps at the paper's shapes -> bench_compile.json (last: slow)
+# OUTDIR gets summary.txt (one line per stage), env.txt, bench*.json and logs.tgz (every log,
+# junit XML and run directory; packed at the end). Exit status: 0 when every stage passed.
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu_check.sh OUTDIR}
-mkdir -p "$out"
+out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [STAGE ...]}
+shift
+stages=${*:-build register tests profile bench experiment compile}
+mkdir -p "$out/logs"
 out=$(cd "$out" && pwd)
+logs=$out/logs
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}  # on the lent GPU machines the python3 that holds PyTorch
 t0=$(date +%s)
 deadline=${GATED_OPS_GPU_DEADLINE:-470}  # seconds
 failed=0
 : >"$out/summary.txt"
+export PYTHONUNBUFFERED=1
 
-# stage NAME LIMIT_S CMD...: runs CMD into OUTDIR/NAME.log under min(LIMIT_S, time left).
+want() { [[ " $stages " == *" $1 "* ]]; }
+
+# stage NAME LIMIT_S CMD...: runs CMD into logs/NAME.log under min(LIMIT_S, time left).
 stage() {
   local name=$1 limit=$2
   shift 2
@@ -35,28 +52,34 @@ stage() {
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   local s=$(date +%s)
-  timeout --kill-after=5 "$limit" "$@" >"$out/$name.log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" >"$logs/$name.log" 2>&1
   local rc=$?
   local verdict=ok
   [ "$rc" -ne 0 ] && verdict="FAILED rc=$rc" && failed=1
   [ "$rc" -eq 124 ] && verdict="TIMEOUT after ${limit}s"
   local last
-  last=$(tail -n 1 "$out/$name.log" | cut -c1-150)
+  last=$(grep -v '^\s*$' "$logs/$name.log" | tail -n 1 | cut -c1-200)
   echo "$name: $verdict ($(($(date +%s) - s)) s; last line: $last)" | tee -a "$out/summary.txt"
   return "$rc"
 }
 
+pack() {
+  tar -czf "$out/logs.tgz" -C "$out" logs && rm -rf "$logs"
+}
+trap pack EXIT
+
 # --- the machine ----------------------------------------------------------------------------
-nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
   git rev-parse HEAD 2>/dev/null || echo "no commit"
   git status --short 2>/dev/null | head -50
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+    --format=csv 2>&1
   nvcc --version 2>&1 | tail -2
   "$py" -c "import sys, torch; print('python', sys.version.split()[0])
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   "$py" -c "import triton; print('triton', triton.__version__)" 2>&1
-  "$py" -m pip list 2>/dev/null | grep -iE "^(pytest|pytest-benchmark|pytest-timeout|numpy) "
+  "$py" -m pip list 2>/dev/null | grep -iE "^(pytest|pytest-benchmark|pytest-timeout|pytest-xdist|numpy) "
   nproc
 } >"$out/env.txt" 2>&1
 
@@ -71,18 +94,23 @@ if [ ! -f "$CUDA_HOME/include/cusparse.h" ]; then  # library headers from the pi
     [ -d "$inc" ] && export CPATH="$inc${CPATH:+:$CPATH}"
   done
 fi
-# Built in place (gated_ops/_C*.so; pytest and benchmarks import the package from the repository
-# root): on a rerun in the same machine ninja reuses build/ and only recompiles what changed, and
-# an externally managed Python cannot refuse it. GATED_OPS_PIP_INSTALL=1 runs
-# `pip install --no-build-isolation --no-deps -e .` instead. nvcc compiles gated_ops_cuda.cu as
-# one job: about 3.5 minutes on a 2-core machine, so this stage has the longest limit.
-if [ "${GATED_OPS_PIP_INSTALL:-0}" = 1 ]; then
-  stage build 330 "$py" -m pip install --no-build-isolation --no-deps -e .
-else
-  stage build 330 "$py" setup.py build_ext --inplace
+has_cuda_kernels() {
+  "$py" -c "import torch, gated_ops, sys
+sys.exit(0 if torch._C._dispatch_has_kernel_for_dispatch_key('gated_ops::pathway_matmul', 'CUDA') else 1)" 2>/dev/null
+}
+if want build; then
+  if [ "${GATED_OPS_PREBUILT:-0}" = 1 ] && has_cuda_kernels; then
+    echo "build: SKIPPED (GATED_OPS_PREBUILT=1: $(ls gated_ops/_C*.so | tr '\n' ' ')imports with CUDA kernels)" |
+      tee -a "$out/summary.txt"
+  else
+    # Built in place (gated_ops/_C*.so; pytest and the benchmarks import the package from the
+    # repository root). nvcc compiles gated_ops_cuda.cu as one job: the longest stage.
+    stage build 330 "$py" setup.py build_ext --inplace
+  fi
 fi
 
-stage registration 30 "$py" - <<'EOF'
+if want register; then
+  stage register 30 "$py" - <<'EOF'
 import sys
 import torch
 import gated_ops  # noqa: F401
@@ -98,174 +126,73 @@ missing += [o for o in ["pathway_grad_x_gate"]  # a composite on CUDA (gated_ops
 print("gated_ops from", gated_ops.__file__, "- CUDA kernels missing:", missing or "none")
 sys.exit(1 if missing else 0)
 EOF
+fi
 
 # --- tests ----------------------------------------------------------------------------------
-# Other test modules may need packages this machine lacks: they must not stop the GPU tests.
 pytest_args=(-q -rfE -p no:cacheprovider --continue-on-collection-errors)
-if "$py" -c "import pytest_timeout" 2>/dev/null; then
-  pytest_args+=(--timeout=90)  # a hung kernel fails its test, not the whole stage
+"$py" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=120)
+"$py" -c "import xdist" 2>/dev/null && pytest_args+=(-n "${GATED_OPS_GPU_WORKERS:-8}")
+if want tests; then
+  stage tests 200 env -u TRITON_INTERPRET "$py" -m pytest tests -m gpu "${pytest_args[@]}" \
+    --junitxml="$logs/junit_gpu.xml"
+  grep -E "^(FAILED|ERROR)" "$logs/tests.log" | cut -c1-220 | head -40
 fi
-stage tests_gpu 160 "$py" -m pytest tests -m gpu -k "not triton" "${pytest_args[@]}" \
-  --junitxml="$out/junit_gpu.xml"
-stage tests_cuda_backend 60 "$py" -m pytest tests/test_pathway_matmul.py -k cuda \
-  "${pytest_args[@]}" --junitxml="$out/junit_cuda_backend.xml"
 
-# --- micro-benchmark of the k-path layers -----------------------------------------------------
-stage microbench 60 "$py" - "$out/microbench.json" <<'EOF'
-"""k-path layers at the paper's sizes (K=100, D=784, H=128, C=10, B=8): time per call and the
-bandwidth it implies, against plain PyTorch doing the same. Results -> argv[1] (JSON)."""
-import json
-import sys
+# --- where the step's GPU time goes ----------------------------------------------------------
+if want profile; then
+  stage profile 60 bash -c "'$py' benchmarks/profile_kpath.py --provider cuda --hidden 128 1024 \
+    --steps 10 && '$py' benchmarks/profile_kpath.py --provider torch --device cuda \
+    --hidden 128 1024 --steps 10"
+fi
 
-import torch
+# --- the benchmark suite (float32 without TF32, as the targets are stated) --------------------
+bench_args=(-q -rs -p no:cacheprovider --bench-seconds "${GATED_OPS_BENCH_SECONDS:-0.4}"
+            --bench-warmup 3)
+if want bench; then
+  # two runs, so that a timeout of the second keeps the first's JSON
+  stage bench 150 "$py" -m pytest benchmarks "${bench_args[@]}" \
+    -m "(paper and mnist and (small or medium)) or replicas" \
+    -k "not torch_compile and not reference and not cpu and not (R54 and naive) and not (R6 and naive)" \
+    --benchmark-json="$out/bench.json"
+  "$py" benchmarks/summarize.py "$out/bench.json" >"$out/bench.md" 2>&1 && cat "$out/bench.md"
+  stage bench_extra 90 "$py" -m pytest benchmarks "${bench_args[@]}" \
+    -m "(bf16 and not tiny) or (moe and small)" \
+    -k "not torch_compile and not reference and not cpu" \
+    --benchmark-json="$out/bench_extra.json"
+  "$py" benchmarks/summarize.py "$out/bench_extra.json" >"$logs/bench_extra.md" 2>&1 &&
+    cat "$logs/bench_extra.md"
+fi
 
-import gated_ops
-from gated_ops import SGDConfig
-from gated_ops.kpath import KPathNet, kpath_gate
-from gated_ops.testing import kpath_tables, replicate
-
-dev = "cuda"
-K, D, H, C, B = 100, 784, 128, 10, 8
-res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-       "cuda": torch.version.cuda, "results": {}}
-
-
-def timeit(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1e3  # microseconds
-
-
-def record(name, us, nbytes=None, flops=None):
-    r = {"us": round(us, 2)}
-    if nbytes:
-        r["GB/s"] = round(nbytes / us / 1e3, 1)
-    if flops:
-        r["TFLOP/s"] = round(flops / us / 1e6, 2)
-    res["results"][name] = r
-    print(f"{name:45s} {r}", flush=True)
-    json.dump(res, open(sys.argv[1], "w"), indent=1)  # after each: a timeout keeps the rest
-
-
-def section(fn):
-    """Run one group of measurements; an error is recorded and the next group still runs."""
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        res.setdefault("errors", {})[fn.__name__] = repr(e)[:500]
-        print(fn.__name__, "FAILED:", repr(e)[:500], flush=True)
-
-
-try:
-    from gated_ops import triton_ops
-except Exception as e:  # noqa: BLE001
-    triton_ops = None
-    res["triton_error"] = repr(e)
-
-
-def encoder():
-    for R in (1, 8):
-        t = replicate(kpath_tables(K)["encoder"], R)
-        plan = t.plan(dev)
-        lay = list(plan.layout)
-        x = torch.randn(R * K, B, D, device=dev)
-        w = torch.randn(R * K, H, D, device=dev) * D ** -0.5
-        b = torch.zeros(R * K, H, device=dev)
-        wbytes = w.numel() * 4
-        record(f"encoder_fwd_R{R}", timeit(lambda: gated_ops.pathway_matmul(x, w, plan, b)),
-               wbytes)
-        record(f"encoder_fwd_R{R}_torch_baddbmm",
-               timeit(lambda: torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))), wbytes)
-        if triton_ops is not None:
-            record(f"encoder_fwd_R{R}_triton",
-                   timeit(lambda: triton_ops.pathway_matmul(x, w, plan, b)), wbytes)
-        gy = torch.randn(R * K, B, H, device=dev)
-        dz = torch.ops.gated_ops.pathway_grad_z(gy, None, plan.paths, plan.csr, lay, R * K, R * K)
-        record(f"encoder_grad_weight_R{R}", timeit(lambda: torch.ops.gated_ops.pathway_grad_weight(
-            dz, x, plan.paths, plan.csr, lay, R * K, H)), wbytes)
-        buf = torch.zeros_like(w)
-        record(f"encoder_fused_sgd_R{R}", timeit(lambda: torch.ops.gated_ops.pathway_sgd_(
-            dz, x, w, buf, plan.paths, plan.csr, lay, 1e-9, 0.9, 0.0, False)), 4 * wbytes)
-        p = torch.nn.Parameter(w.clone())
-        p.grad = torch.randn_like(p)
-        opt = torch.optim.SGD([p], lr=1e-9, momentum=0.9)
-        record(f"encoder_torch_optim_sgd_step_R{R}", timeit(opt.step), 5 * wbytes)
-
-
-def hidden_and_decoder():
-    for name, Din, Dout in (("hidden", H, H), ("decoder", H, C)):
-        t = kpath_tables(K)[name]
-        plan = t.plan(dev)
-        x = torch.randn(K, B, Din, device=dev)
-        w = torch.randn(t.num_weights, Dout, Din, device=dev)
-        b = torch.zeros(t.num_weights, Dout, device=dev)
-        flops = 2 * t.num_paths * B * Din * Dout
-        record(f"{name}_fwd", timeit(lambda: gated_ops.pathway_matmul(x, w, plan, b)), flops=flops)
-        if triton_ops is not None:
-            record(f"{name}_fwd_triton", timeit(lambda: triton_ops.pathway_matmul(x, w, plan, b)),
-                   flops=flops)
-
-
-def cross_entropy():
-    logits = torch.randn(1, K * K, B, C, device=dev, requires_grad=True)
-    target = torch.randint(0, C, (1, K * K, B), device=dev)
-    gate = kpath_gate(K, 10).reshape(1, -1).to(dev)
-    record("gated_ce_fwd_bwd", timeit(lambda: torch.autograd.grad(
-        gated_ops.gated_cross_entropy(logits, target, gate)[0].sum(), logits)))
-
-
-def training_step():
-    for R in (1, 8):
-        net = KPathNet(K, D, H, C, replicas=R, device=dev)
-        net.fuse_sgd(SGDConfig(lr=1e-9, momentum=0.9))
-        xk = torch.randn(R * K, B, D, device=dev)
-        tk = torch.randint(0, C, (R, K * K, B), device=dev)
-        gk = kpath_gate(K, 10).reshape(1, -1).expand(R, -1).contiguous().to(dev)
-
-        def step():
-            net.loss(xk, tk, gk)[0].sum().backward()
-
-        record(f"kpath_fused_step_eager_R{R}", timeit(step, iters=10))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        record(f"kpath_fused_step_graph_R{R}", timeit(graph.replay, iters=20))
-
-
-for fn in (encoder, hidden_and_decoder, cross_entropy, training_step):
-    section(fn)
-json.dump(res, open(sys.argv[1], "w"), indent=1)
-sys.exit(1 if "errors" in res else 0)
-EOF
-
-# --- the Triton backend on the GPU (last: its compilations are the slowest part) -----------
-stage tests_triton 150 env -u TRITON_INTERPRET "$py" -m pytest tests/test_triton.py \
-  tests/test_cuda.py -k triton "${pytest_args[@]}" --junitxml="$out/junit_triton.xml"
-
-# --- benchmarks/ (another engineer's; run only when present and runnable here) ---------------
-if [ -d benchmarks ] && ls benchmarks/*.py >/dev/null 2>&1; then
-  if "$py" -c "import pytest_benchmark" 2>/dev/null; then
-    stage benchmarks 60 "$py" -m pytest benchmarks -q -m "not slow" -k cuda -p no:cacheprovider \
-      --benchmark-json="$out/benchmark.json"
+# --- the experiment at the paper's size -----------------------------------------------------
+data=${GATED_OPS_DATA_DIR:-/usr/share/datasets/fashion-mnist}
+if want experiment; then
+  if [ -f "$data/train-images-idx3-ubyte.gz" ] || [ -f "$data/train-images-idx3-ubyte" ]; then
+    exp=("$py" -m experiments.kpath --preset paper_mnist --dataset fashion_mnist
+         --data-dir "$data" --device cuda --progress false --eval-samples 2000 --hiddens 128)
+    stage experiment 150 bash -c "$(printf '%q ' "${exp[@]}") --Ns 10 --gains 1 --seeds 1 \
+        --epochs 2 --cuda-graph true --out '$logs/runs/fused_R1' &&
+      $(printf '%q ' "${exp[@]}") --Ns 10 30 50 70 90 --gains 1 0.001 --seeds 1 2 --epochs 1 \
+        --cuda-graph true --out '$logs/runs/fused_R20' &&
+      $(printf '%q ' "${exp[@]}") --Ns 10 --gains 1 --seeds 1 --epochs 1 \
+        --max-steps-per-epoch 1500 --cuda-graph false --out '$logs/runs/fused_R1_eager' &&
+      $(printf '%q ' "${exp[@]}") --Ns 10 --gains 1 --seeds 1 --epochs 1 \
+        --max-steps-per-epoch 300 --model loop --out '$logs/runs/loop_R1' &&
+      '$py' -c \"import json, glob
+for f in sorted(glob.glob('$logs/runs/*/*/metrics.jsonl')):
+    for line in open(f):
+        m = json.loads(line)
+        print(f.split('/runs/')[1][:60], {k: v for k, v in m.items() if k.startswith('time') or k in ('epoch', 'step', 'test_trained_acc', 'test_untrained_acc')})
+\""
   else
-    echo "benchmarks: SKIPPED (pytest-benchmark is not installed on this machine)" |
+    echo "experiment: SKIPPED (no Fashion-MNIST IDX files in $data; set GATED_OPS_DATA_DIR)" |
       tee -a "$out/summary.txt"
   fi
-else
-  echo "benchmarks: SKIPPED (no benchmarks/*.py)" | tee -a "$out/summary.txt"
+fi
+
+if want compile; then
+  stage compile 150 "$py" -m pytest benchmarks "${bench_args[@]}" \
+    -m "paper and mnist and (small or medium)" -k "torch_compile and step" \
+    --benchmark-json="$out/bench_compile.json"
 fi
 
 verdict=$([ $failed -eq 0 ] && echo "all stages passed" || echo "some stages FAILED")
