@@ -61,7 +61,6 @@ constexpr int kWarp = 32;
 constexpr int kBT = 8;          // batch rows per tile in the skinny kernels
 constexpr int kRowsPerWarp = 4;  // W rows per warp: kRowsPerWarp * kBT = 32 = one value per lane
 constexpr int kMaxWarps = 8;
-constexpr int kChunkBytes = 32 * 1024;  // shared-memory x staging per block (skinny forward)
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -183,11 +182,17 @@ __device__ __forceinline__ acc_t gate_of(const scalar_t* gate, bool per_sample, 
 // Z (z_rows, z_cols) has one row block of B rows per "row block" k (blocked: source s0 + k;
 // grouped: the pathway of by-weight rank k) and its columns are the rows of a contiguous range of
 // W (blocked: the nm weights of block i = k / ns, nm * D_out rows; grouped: one weight's D_out
-// rows). A block owns (k, a tile of 32 columns, a tile of 8 batch rows): it stages the 8 rows of
-// x[s] in shared memory (fp32, in 32 KB chunks of D_in) and each of its 8 warps streams 4 rows of
-// W with 16-byte loads, every lane accumulating 4 x 8 partial dot products that one
-// reduce-scatter turns into one Z value per lane. At the k-path encoder (D_in 784, D_out 128) a
-// block reads 32 x 784 x 4 B = 100 KB of W against 25 KB of x from L2: the W stream dominates.
+// rows). A block owns (k, a tile of 32 columns, a tile of 8 batch rows); each of its 8 warps
+// streams 4 rows of W with 16-byte loads, reading the 8 rows of x[s] at the same columns straight
+// from global memory (L1 / L2 hits after the first warp), every lane accumulating 4 x 8 partial
+// dot products that one reduce-scatter turns into one Z value per lane. At the k-path encoder
+// (D_in 784, D_out 128) a block reads 32 x 784 x 4 B = 100 KB of W against 25 KB of x from cache.
+// (A first version staged x in shared memory behind a barrier: on the H100 the staging loop's
+// latency, not the W stream, set the time: the H=1024 encoder ran at a third of DRAM bandwidth.)
+//
+// Shared weights (blocked plans whose ns * B rows exceed kSkinnyRows: the k-path hidden layer and
+// the decoders) do not come here: one cuBLAS GEMM per block reads each weight once, where these
+// tiles would re-read it from L2 for every source.
 //
 // Epilogue kFused (forward): the lane's pathway p owns its Z value; when p is the only pathway
 // of its destination t (the decoders, the encoders: every k-path layer) the lane writes
@@ -204,7 +209,7 @@ struct ZTileArgs {
   scalar_t* z;           // (z_rows, z_cols)
   const int64_t* zinv;   // blocked: pathway of (row block k, weight column block c)
   Plan p;
-  int64_t B, Di, Do, zcols, chunk;
+  int64_t B, Di, Do, zcols;
   bool per_sample;
   int nbt, nct;
 };
@@ -213,8 +218,6 @@ template <typename scalar_t, int VEC, bool kFused>
 __global__ void __launch_bounds__(kMaxWarps * kWarp)
 ztile_kernel(const ZTileArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* xs = reinterpret_cast<acc_t*>(smem_raw);  // (kBT, chunk)
   const Plan& p = a.p;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t bt = blockIdx.x % a.nbt;
@@ -235,41 +238,39 @@ ztile_kernel(const ZTileArgs<scalar_t> a) {
     wbase = a.w + checked(p.wgt[pg], p.M) * a.Do * a.Di;
   }
   const scalar_t* xrow = a.x + (s * a.B + b0) * a.Di;
-  const int64_t nb = min(int64_t(kBT), a.B - b0);
+  const int nb = (int)min(int64_t(kBT), a.B - b0);
 
   acc_t acc[kRowsPerWarp * kBT];
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp * kBT; ++i) acc[i] = acc_t(0);
 
-  for (int64_t d0 = 0; d0 < a.Di; d0 += a.chunk) {
-    const int dc = (int)min(a.chunk, a.Di - d0);
-    __syncthreads();  // the previous chunk is consumed
-    for (int i = threadIdx.x; i < kBT * dc; i += blockDim.x) {
-      const int b = i / dc, d = i - b * dc;
-      xs[i] = b < nb ? static_cast<acc_t>(xrow[b * a.Di + d0 + d]) : acc_t(0);
+  // x is read straight from global memory (L1 / L2: every warp of the block reads the same 8 x
+  // rows, at most 8 * Di values): no shared-memory staging, no barrier, and the 4 W loads and
+  // the 8 x loads of an iteration are all in flight together.
+  for (int64_t d = lane * VEC; d < a.Di; d += kWarp * VEC) {
+    acc_t wv[kRowsPerWarp][VEC];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      if (zc0 + r < a.zcols) {
+        load_vec<VEC>(wbase + (zc0 + r) * a.Di + d, wv[r]);
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) wv[r][v] = acc_t(0);
+      }
     }
-    __syncthreads();
-    for (int d = lane * VEC; d < dc; d += kWarp * VEC) {
-      acc_t wv[kRowsPerWarp][VEC];
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        if (zc0 + r < a.zcols) {
-          load_vec<VEC>(wbase + (zc0 + r) * a.Di + d0 + d, wv[r]);
-        } else {
+    for (int b = 0; b < kBT; ++b) {
+      acc_t xv[VEC];
+      if (b < nb) {
+        load_vec<VEC>(xrow + b * a.Di + d, xv);
+      } else {
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) wv[r][v] = acc_t(0);
-        }
+        for (int v = 0; v < VEC; ++v) xv[v] = acc_t(0);
       }
 #pragma unroll
-      for (int b = 0; b < kBT; ++b) {
-        acc_t xv[VEC];
+      for (int r = 0; r < kRowsPerWarp; ++r) {
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) xv[v] = xs[b * dc + d + v];
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) acc[r * kBT + b] += wv[r][v] * xv[v];
-        }
+        for (int v = 0; v < VEC; ++v) acc[r * kBT + b] += wv[r][v] * xv[v];
       }
     }
   }
@@ -522,6 +523,20 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp) wgrad_kernel(const WGradArg
 #pragma unroll
     for (int v = 0; v < VEC; ++v) acc[r][v] = acc_t(0);
 
+  // SGD: the weight and momentum rows are loaded first, so that their latency overlaps the
+  // gradient's accumulation instead of following it.
+  acc_t w[kRowsPerWarp][VEC], mb[kRowsPerWarp][VEC];
+  if (kSGD) {
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      if (i < nr) {
+        const int64_t off = (m * a.Do + o0 + i) * a.Di + d;
+        load_vec<VEC>(a.out + off, w[i]);
+        if (a.buf) load_vec<VEC>(a.buf + off, mb[i]);
+      }
+    }
+  }
+
   int64_t nseg = 0;
   if (p.blocked()) {
     nseg = (m >= p.m0 && m < p.m0 + p.n * p.nm) ? 1 : 0;
@@ -541,16 +556,31 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp) wgrad_kernel(const WGradArg
     }
     const scalar_t* dzp = a.dz + dzrow0 * a.ldz + col0 + o0;
     const scalar_t* xp = a.x + xrow0 * a.Di + d;
+    // Two-level sum: rows in chunks of kBT (one pathway's batch when grouped), each chunk summed
+    // apart and then added, so a weight fed by many pathways (a k-path decoder: 100 x 8 rows)
+    // accumulates a chain of len / 8 + 8 additions, not len: about cuBLAS's accuracy.
+    for (int64_t r0 = 0; r0 < len; r0 += kBT) {
+      const int rn = (int)min(int64_t(kBT), len - r0);
+      acc_t part[kRowsPerWarp][VEC];
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) part[i][v] = acc_t(0);
 #pragma unroll 4
-    for (int64_t r = 0; r < len; ++r) {
-      acc_t xv[VEC];
-      load_vec<VEC>(xp + r * a.Di, xv);
+      for (int r = 0; r < rn; ++r) {
+        acc_t xv[VEC];
+        load_vec<VEC>(xp + (r0 + r) * a.Di, xv);
 #pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i) {
-        const acc_t g = i < nr ? static_cast<acc_t>(dzp[r * a.ldz + i]) : acc_t(0);
+        for (int i = 0; i < kRowsPerWarp; ++i) {
+          const acc_t g = i < nr ? static_cast<acc_t>(dzp[(r0 + r) * a.ldz + i]) : acc_t(0);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[i][v] += g * xv[v];
+          for (int v = 0; v < VEC; ++v) part[i][v] += g * xv[v];
+        }
       }
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[i][v] += part[i][v];
     }
   }
 #pragma unroll
@@ -563,21 +593,18 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp) wgrad_kernel(const WGradArg
     }
     // torch.optim.SGD (dampening 0), in the accumulation type; see sgd_rows in gated_ops.cpp.
     const acc_t lr = a.lr, mom = a.momentum, wd = a.weight_decay;
-    acc_t w[VEC], b[VEC];
-    load_vec<VEC>(a.out + off, w);
-    if (a.buf) load_vec<VEC>(a.buf + off, b);
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
       acc_t dd = acc[i][v];
-      if (wd != acc_t(0)) dd += wd * w[v];
+      if (wd != acc_t(0)) dd += wd * w[i][v];
       if (a.buf) {
-        b[v] = mom * b[v] + dd;
-        dd = a.nesterov ? dd + mom * b[v] : b[v];
+        mb[i][v] = mom * mb[i][v] + dd;
+        dd = a.nesterov ? dd + mom * mb[i][v] : mb[i][v];
       }
-      w[v] -= lr * dd;
+      w[i][v] -= lr * dd;
     }
-    store_vec<VEC>(a.out + off, w);
-    if (a.buf) store_vec<VEC>(a.buf + off, b);
+    store_vec<VEC>(a.out + off, w[i]);
+    if (a.buf) store_vec<VEC>(a.buf + off, mb[i]);
   }
 }
 
@@ -603,29 +630,47 @@ __global__ void sgd_kernel(scalar_t* __restrict__ w, scalar_t* __restrict__ buf,
 }
 
 // =============================================================================================
-// Kernel 5: grad_bias. One thread per (m, o), summing the rows of m's pathways in fixed order.
+// Kernel 5: grad_bias. A block owns 32 consecutive (m, o) columns and 8 row lanes: lane row j
+// sums rows j, j + 8, ... of the column's rows (blocked: the ns * B rows of m's block; grouped:
+// the B rows of each of m's pathways, wgt CSR order), then row lane 0 adds the 8 partial sums in
+// order: deterministic, coalesced (32 columns of a dZ row per load), and 8 times the parallelism
+// of a thread per column on the k-path's long shared-weight columns (800 rows).
+constexpr int kBiasRows = 8;
+
 template <typename scalar_t>
-__global__ void grad_bias_kernel(const Plan p, const scalar_t* __restrict__ dz,
-                                 scalar_t* __restrict__ gb, int64_t B, int64_t Do, int64_t ldz) {
+__global__ void __launch_bounds__(kWarp * kBiasRows)
+grad_bias_kernel(const Plan p, const scalar_t* __restrict__ dz, scalar_t* __restrict__ gb,
+                 int64_t B, int64_t Do, int64_t ldz) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.M * Do;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  __shared__ acc_t red[kBiasRows][kWarp];
+  const int tx = threadIdx.x % kWarp, ty = threadIdx.x / kWarp;
+  const int64_t i = blockIdx.x * int64_t(kWarp) + tx;
+  acc_t acc = 0;
+  if (i < p.M * Do) {
     const int64_t m = i / Do, o = i - m * Do;
-    acc_t acc = 0;
     if (p.blocked()) {
       if (m >= p.m0 && m < p.m0 + p.n * p.nm) {
         const int64_t j = m - p.m0, ii = j / p.nm;
         const scalar_t* col = dz + ii * p.ns * B * ldz + (j - ii * p.nm) * Do + o;
-        for (int64_t r = 0; r < p.ns * B; ++r) acc += static_cast<acc_t>(col[r * ldz]);
+        const int64_t n = p.ns * B;
+#pragma unroll 4
+        for (int64_t r = ty; r < n; r += kBiasRows) acc += static_cast<acc_t>(col[r * ldz]);
       }
     } else {
       for (int64_t e = p.wgt_ptr[m]; e < p.wgt_ptr[m + 1]; ++e) {
         const int64_t q = checked(p.wgt_perm[e], p.P);
         const scalar_t* col = dz + p.zrow[q] * B * ldz + p.zcol[q] * Do + o;
-        for (int64_t b = 0; b < B; ++b) acc += static_cast<acc_t>(col[b * ldz]);
+        for (int64_t b = ty; b < B; b += kBiasRows) acc += static_cast<acc_t>(col[b * ldz]);
       }
     }
-    gb[i] = static_cast<scalar_t>(acc);
+  }
+  red[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && i < p.M * Do) {
+    acc_t sum = red[0][tx];
+#pragma unroll
+    for (int j = 1; j < kBiasRows; ++j) sum += red[j][tx];
+    gb[i] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -705,6 +750,46 @@ ce_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict
   }
 }
 
+// The same for few classes (C <= kCeThreadClasses, the k-path's C = 10): one thread per path,
+// each row's statistics computed serially by that thread (no idle lanes, no shuffles), the path's
+// B rows summed in order. Same results as ce_forward_kernel up to the summation order of a row's
+// exponentials (here sequential, there strided over lanes).
+constexpr int64_t kCeThreadClasses = 32;
+
+template <typename scalar_t>
+__global__ void ce_forward_thread_kernel(const scalar_t* __restrict__ logits,
+                                         const int64_t* __restrict__ target,
+                                         scalar_t* __restrict__ path_loss,
+                                         int64_t* __restrict__ correct, scalar_t* __restrict__ lse,
+                                         int64_t paths, int64_t B, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < paths;
+       q += int64_t(gridDim.x) * blockDim.x) {
+    acc_t nll_sum = 0;
+    int64_t hits = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = q * B + b;
+      const scalar_t* l = logits + row * C;
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      int64_t arg = std::numeric_limits<int64_t>::max();
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(l[c]);
+        if (arg_better(v, c, mx, arg)) { mx = v; arg = c; }
+      }
+      acc_t sum = 0;
+      for (int64_t c = 0; c < C; ++c) sum += ::exp(static_cast<acc_t>(l[c]) - mx);
+      const acc_t lse_b = ::log(sum) + mx;
+      const int64_t y = target[row];
+      CUDA_KERNEL_ASSERT(y >= 0 && y < C && "target: class index out of range [0, C)");
+      lse[row] = static_cast<scalar_t>(lse_b);
+      nll_sum += lse_b - static_cast<acc_t>(l[y]);
+      hits += (arg == y);
+    }
+    path_loss[q] = static_cast<scalar_t>(nll_sum / static_cast<acc_t>(B));
+    correct[q] = hits;
+  }
+}
+
 // loss[r] = sum_p gate * path_loss / sum_p gate. A gate row summing to zero gives NaN: the CPU
 // kernel raises instead, which here would need a host synchronisation (documented in ops.py).
 template <typename scalar_t>
@@ -712,7 +797,7 @@ __global__ void ce_loss_kernel(const scalar_t* __restrict__ gate,
                                const scalar_t* __restrict__ path_loss, scalar_t* __restrict__ loss,
                                int64_t P) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t red[kMaxWarps];
+  __shared__ acc_t red[kWarp];
   const int64_t r = blockIdx.x;
   acc_t num = 0, den = 0;
   for (int64_t j = threadIdx.x; j < P; j += blockDim.x) {
@@ -736,7 +821,7 @@ __global__ void ce_weights_kernel(const scalar_t* __restrict__ grad_loss,
                                   at::opmath_type<scalar_t>* __restrict__ wout, int64_t P,
                                   int64_t B) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t red[kMaxWarps];
+  __shared__ acc_t red[kWarp];
   __shared__ acc_t den_s;
   const int64_t r = blockIdx.x;
   acc_t den = 0;
@@ -785,6 +870,41 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ logits,
   }
 }
 
+// The same with one thread per row, for few classes (C <= kCeThreadClasses).
+template <typename scalar_t, bool kRecompute>
+__global__ void ce_backward_thread_kernel(const scalar_t* __restrict__ logits,
+                                          const int64_t* __restrict__ target,
+                                          const scalar_t* __restrict__ lse,
+                                          const at::opmath_type<scalar_t>* __restrict__ wts,
+                                          scalar_t* __restrict__ grad, int64_t rows, int64_t B,
+                                          int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; row < rows;
+       row += int64_t(gridDim.x) * blockDim.x) {
+    const scalar_t* l = logits + row * C;
+    acc_t lse_r;
+    if (kRecompute) {
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      int64_t arg = std::numeric_limits<int64_t>::max();
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(l[c]);
+        if (arg_better(v, c, mx, arg)) { mx = v; arg = c; }
+      }
+      acc_t sum = 0;
+      for (int64_t c = 0; c < C; ++c) sum += ::exp(static_cast<acc_t>(l[c]) - mx);
+      lse_r = ::log(sum) + mx;
+    } else {
+      lse_r = static_cast<acc_t>(lse[row]);
+    }
+    const acc_t w = wts[row / B];
+    const int64_t y = target[row];
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t sm = ::exp(static_cast<acc_t>(l[c]) - lse_r);
+      grad[row * C + c] = static_cast<scalar_t>(w * (sm - (y == c ? acc_t(1) : acc_t(0))));
+    }
+  }
+}
+
 // =============================================================================================
 // Host launchers.
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
@@ -818,17 +938,15 @@ void launch_ztile(const Plan& p, const Tensor& x, const Tensor& w, const Tensor&
   a.zinv = zinv.defined() ? zinv.data_ptr<int64_t>() : nullptr;
   a.p = p; a.B = B; a.Di = Di; a.Do = Do; a.zcols = zc;
   constexpr int V = vec_of<scalar_t>();
-  const bool vec = Di % V == 0 && aligned16(a.w);
-  a.chunk = kChunkBytes / (kBT * (int64_t)sizeof(acc_t));  // a multiple of V
+  const bool vec = Di % V == 0 && aligned16(a.w) && aligned16(a.x);
   const int warps = warps_for(zc);
   a.nbt = (int)((B + kBT - 1) / kBT);
   a.nct = (int)((zc + warps * kRowsPerWarp - 1) / (warps * kRowsPerWarp));
   const int64_t grid = krows * a.nbt * a.nct;
-  const size_t smem = kBT * std::min(Di, a.chunk) * sizeof(acc_t);
   if (grid == 0) return;
   TORCH_CHECK(grid < std::numeric_limits<int>::max(), "pathway_matmul: problem too large");
   auto go = [&](auto kernel) {
-    kernel<<<(unsigned)grid, warps * kWarp, smem, stream()>>>(a);
+    kernel<<<(unsigned)grid, warps * kWarp, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (fused) {
@@ -860,7 +978,7 @@ Tensor pathway_matmul_cuda(const Tensor& x_, const Tensor& w_, const c10::option
   const Tensor bias = bias_ ? bias_->contiguous() : Tensor();
   const Tensor gate = gate_ ? gate_->contiguous() : Tensor();
   Tensor y = at::empty({p.T, B, Do}, x.options());
-  const bool skinny = B <= kSkinnyBatch || !p.blocked();
+  const bool skinny = !p.blocked() || (B <= kSkinnyBatch && p.ns * B <= kSkinnyRows);
   GATED_DISPATCH(x.scalar_type(), "pathway_matmul_cuda", [&] {
     Tensor z;
     if (skinny) {
@@ -1016,7 +1134,8 @@ Tensor pathway_grad_bias_cuda(const Tensor& dz_, const Tensor& paths, const Tens
   Tensor gb = at::empty({p.M, Do}, dz.options());
   if (gb.numel() == 0) return gb;
   GATED_DISPATCH(dz.scalar_type(), "pathway_grad_bias_cuda", [&] {
-    grad_bias_kernel<scalar_t><<<flat_blocks(p.M * Do, 128), 128, 0, stream()>>>(
+    grad_bias_kernel<scalar_t><<<(unsigned)((p.M * Do + kWarp - 1) / kWarp), kWarp * kBiasRows,
+                                 0, stream()>>>(
         p, dz.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), B, Do, dz.size(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -1132,14 +1251,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cuda(const Tensor
   Tensor lse = at::empty({R, P, B}, logits.options());
   if (R == 0) return {loss, path_loss, correct, lse};
   GATED_DISPATCH(logits.scalar_type(), "gated_cross_entropy_cuda", [&] {
-    if (P > 0) {
+    if (P > 0 && C <= kCeThreadClasses) {
+      ce_forward_thread_kernel<scalar_t><<<flat_blocks(R * P, 128), 128, 0, stream()>>>(
+          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(),
+          path_loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
+          R * P, B, C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (P > 0) {
       ce_forward_kernel<scalar_t><<<(unsigned)(R * P), kCeWarps * kWarp, 0, stream()>>>(
           logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(),
           path_loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
           B, C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    ce_loss_kernel<scalar_t><<<(unsigned)R, 256, 0, stream()>>>(
+    ce_loss_kernel<scalar_t><<<(unsigned)R, 1024, 0, stream()>>>(
         gate.data_ptr<scalar_t>(), path_loss.data_ptr<scalar_t>(), loss.data_ptr<scalar_t>(), P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -1174,16 +1299,23 @@ Tensor gated_cross_entropy_backward_cuda(const Tensor& grad_loss_, const Tensor&
   Tensor wts = at::empty({R, P}, logits.options().dtype(acc_dtype));
   GATED_DISPATCH(logits.scalar_type(), "gated_cross_entropy_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    ce_weights_kernel<scalar_t><<<(unsigned)R, 256, 0, stream()>>>(
+    ce_weights_kernel<scalar_t><<<(unsigned)R, 1024, 0, stream()>>>(
         grad_loss.data_ptr<scalar_t>(), grad_pl.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(),
         wts.data_ptr<acc_t>(), P, B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     constexpr bool kRecompute = sizeof(scalar_t) == 2;
     const int64_t rows = R * P * B;
-    ce_backward_kernel<scalar_t, kRecompute><<<flat_blocks(rows * kWarp, 256), 256, 0,
-                                               stream()>>>(
-        logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
-        wts.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), rows, B, C);
+    if (C <= kCeThreadClasses) {
+      ce_backward_thread_kernel<scalar_t, kRecompute><<<flat_blocks(rows, 256), 256, 0,
+                                                        stream()>>>(
+          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
+          wts.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), rows, B, C);
+    } else {
+      ce_backward_kernel<scalar_t, kRecompute><<<flat_blocks(rows * kWarp, 256), 256, 0,
+                                                 stream()>>>(
+          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
+          wts.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), rows, B, C);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;

@@ -64,7 +64,8 @@ stage() {
 }
 
 pack() {
-  tar -czf "$out/logs.tgz" -C "$out" logs && rm -rf "$logs"
+  # run checkpoints stay behind (large); metrics, figures and tables travel
+  tar -czf "$out/logs.tgz" --exclude=_checkpoints -C "$out" logs && rm -rf "$logs"
 }
 trap pack EXIT
 
@@ -133,16 +134,18 @@ pytest_args=(-q -rfE -p no:cacheprovider --continue-on-collection-errors)
 "$py" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=120)
 "$py" -c "import xdist" 2>/dev/null && pytest_args+=(-n "${GATED_OPS_GPU_WORKERS:-8}")
 if want tests; then
+  # GATED_OPS_GPU_TESTS_K: a pytest -k expression to run a subset (default: every GPU test)
   stage tests 200 env -u TRITON_INTERPRET "$py" -m pytest tests -m gpu "${pytest_args[@]}" \
-    --junitxml="$logs/junit_gpu.xml"
-  grep -E "^(FAILED|ERROR)" "$logs/tests.log" | cut -c1-220 | head -40
+    -k "${GATED_OPS_GPU_TESTS_K:-}" --junitxml="$logs/junit_gpu.xml"
+  grep -E "^(FAILED|ERROR)|^E  " "$logs/tests.log" | cut -c1-300 | head -60
 fi
 
 # --- where the step's GPU time goes ----------------------------------------------------------
 if want profile; then
-  stage profile 60 bash -c "'$py' benchmarks/profile_kpath.py --provider cuda --hidden 128 1024 \
+  stage profile 60 env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" bash -c "'$py' benchmarks/profile_kpath.py --provider cuda --hidden 128 1024 \
     --steps 10 && '$py' benchmarks/profile_kpath.py --provider torch --device cuda \
     --hidden 128 1024 --steps 10"
+  awk '/^## /{print} /^GPU busy/{f=1} /^$/{f=0} f{print}' "$logs/profile.log" | cut -c1-160
 fi
 
 # --- the benchmark suite (float32 without TF32, as the targets are stated) --------------------
