@@ -15,8 +15,8 @@ same batch, so they compute the same function):
     cuda           KPathNet on the CUDA kernels, the same code
     cuda_graph     the cuda provider's work replayed from CUDA graphs (step: the whole fused step,
                    input transformation to SGD update, in one graph)
-    triton         KPathNet's layers through gated_ops.triton_ops (needs it and CUDA); no Triton
-                   fused SGD yet, so its step uses torch.optim.SGD(foreach=True)
+    triton         KPathNet(backend="triton"): the same model on gated_ops.triton_ops (needs it
+                   and CUDA); step = SGD fused into backward, as cpu / cuda
 
 Modes: ``forward`` (forward + gated loss, no grad, from transformed inputs), ``backward``
 (autograd backward of a prepared forward, gradients written, not applied), ``step`` (input
@@ -476,37 +476,6 @@ class FusedKPath(KPathProvider):
         self.loss(xk, target, d.gate)[0].sum().backward()  # updates weights and biases
 
 
-class TritonKPathNet(nn.Module):
-    """KPathNet's layers (same weights, same plans) through gated_ops.triton_ops' public
-    pathway_matmul and gated_cross_entropy, which are differentiable (Triton backward)."""
-
-    def __init__(self, net: KPathNet):
-        super().__init__()
-        self.net, self.t = net, triton_ops()
-
-    def forward(self, xk: Tensor) -> Tensor:
-        h = xk
-        for layer in self.net.layers:
-            h = self.t.pathway_matmul(h, layer.weight, layer.plan, layer.bias)
-        n = self.net
-        return h.view(n.R, n.K * n.K, xk.shape[1], n.C)
-
-    def loss(self, xk: Tensor, target: Tensor, gate: Tensor):
-        return self.t.gated_cross_entropy(self(xk), target, gate)
-
-
-class TritonKPath(KPathProvider):
-    """The Triton kernels. They have no fused SGD (no Triton pathway_sgd_), so the step applies
-    torch.optim.SGD(foreach=True) to the gradients, as the torch provider does."""
-
-    name = "triton"
-
-    def __init__(self, data: KPathData, net: KPathNet):
-        super().__init__(data, TritonKPathNet(net))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM,
-                                   foreach=True)
-
-
 # ------------------------------------------------------------------------------------------------
 # CUDA graphs (torch_graph): capture on a side stream after warm-up, then replay.
 def _warmup_on_side_stream(fn: Callable, n: int = 3) -> None:
@@ -586,7 +555,7 @@ def make_kpath(provider: str, case: KPathCase, mode: str, device: torch.device,
     provider copies, and the batch."""
     torch.manual_seed(0)
     net = KPathNet(case.K, case.D, case.H, case.C, replicas=case.R, device=device,
-                   dtype=case.torch_dtype)
+                   dtype=case.torch_dtype, backend="triton" if provider == "triton" else "auto")
     data = KPathData(case, device)
     if provider == "naive":
         return NaiveKPath(data, net)
@@ -602,8 +571,8 @@ def make_kpath(provider: str, case: KPathCase, mode: str, device: torch.device,
         return FusedKPath(data, net, provider, mode)
     if provider == "cuda_graph":
         return FusedGraphKPath(data, net, provider, mode)
-    if provider == "triton":
-        return TritonKPath(data, net)
+    if provider == "triton":  # the same KPathNet code on gated_ops.triton_ops (fused SGD too)
+        return FusedKPath(data, net, provider, mode)
     raise ValueError(f"provider: unknown {provider!r}")
 
 

@@ -89,10 +89,11 @@ class KPathNet(nn.Module):
 
     def __init__(self, K: int, d_in: int, hidden: int, classes: int = 10, replicas: int = 1,
                  bias: bool = True, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, backend: str = "auto"):
         super().__init__()
         self.K, self.R, self.C = K, replicas, classes
-        kw = dict(replicas=replicas, bias=bias, device=device, dtype=dtype)
+        self.backend = backend  # "auto" (compiled kernels) | "triton" (layers and loss)
+        kw = dict(replicas=replicas, bias=bias, device=device, dtype=dtype, backend=backend)
         self.encoder = GatedPathwayLinear.batched(K, d_in, hidden, **kw)
         self.hidden = GatedPathwayLinear.shared(K, hidden, hidden, **kw)
         self.decoder = GatedPathwayLinear.fanout(K, K, hidden, classes, **kw)
@@ -151,4 +152,4 @@ class KPathNet(nn.Module):
     def loss(self, xk: Tensor, target: Tensor, gate: Tensor
              ) -> tuple[Tensor, Tensor, Tensor]:
         """loss (R,), path_loss (R, K*K), correct (R, K*K) for one batch; gate (R, K*K)."""
-        return gated_cross_entropy(self.path_logits(xk), target, gate)
+        return gated_cross_entropy(self.path_logits(xk), target, gate, backend=self.backend)

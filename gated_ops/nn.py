@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .ops import _ops, pathway_matmul
+from .ops import _op_namespace, pathway_matmul
 from .plan import PathwayPlan, make_plan
 from .reference import round_stochastic_bf16, sgd_momentum_ref
 
@@ -50,6 +50,8 @@ class GatedPathwayLinear(nn.Module):
         num_sources, num_weights, num_dst: S, M, T.
         in_features, out_features: D_in, D_out of every weight.
         bias: learn a bias per weight.
+        backend: "auto" (the compiled CPU / CUDA kernels) or "triton" (gated_ops.triton_ops,
+            forward, backward and fused SGD; CUDA, or CPU under TRITON_INTERPRET=1).
     Shapes: forward(x (S, B, D_in), gate None | (P,) | (P, B)) -> (T, B, D_out).
 
     Constructors for the common patterns: :meth:`batched` (one weight per source),
@@ -68,8 +70,12 @@ class GatedPathwayLinear(nn.Module):
     def __init__(self, src: Sequence[int] | Tensor, wgt: Sequence[int] | Tensor,
                  dst: Sequence[int] | Tensor, *, num_sources: int, num_weights: int,
                  num_dst: int, in_features: int, out_features: int, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 backend: str = "auto"):
         super().__init__()
+        if backend not in ("auto", "triton"):
+            raise ValueError(f"backend: expected 'auto' or 'triton', got {backend!r}")
+        self.backend = backend
         plan = make_plan(src, wgt, dst, num_sources=num_sources, num_weights=num_weights,
                          num_dst=num_dst)
         self.in_features, self.out_features = in_features, out_features
@@ -183,7 +189,7 @@ class GatedPathwayLinear(nn.Module):
         decoders this way."""
         if self.sgd is not None and torch.is_grad_enabled():
             return _FusedSGDPathway.apply(x, weight, bias, gate, self, plan)
-        return pathway_matmul(x, weight, plan, bias, gate)
+        return pathway_matmul(x, weight, plan, bias, gate, backend=self.backend)
 
     def extra_repr(self) -> str:
         _, n, s0, ns, m0, nm = self.layout
@@ -194,6 +200,8 @@ class GatedPathwayLinear(nn.Module):
              f"bias={self.bias is not None}")
         if self.sgd is not None:
             s += f", fused_sgd={self.sgd}"
+        if self.backend != "auto":
+            s += f", backend={self.backend}"
         return s
 
 
@@ -211,13 +219,15 @@ class _FusedSGDPathway(torch.autograd.Function):
         ctx.step_weight = weight.requires_grad
         ctx.step_bias = bias is not None and bias.requires_grad
         ctx.save_for_backward(x, weight, bias, gate)
-        return _ops.pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout))
+        ops = _op_namespace(module.backend)
+        return ops.pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout))
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias, gate = ctx.saved_tensors  # weight, bias: the parameters or views
         m: GatedPathwayLinear = ctx.module
         cfg, plan = m.sgd, ctx.plan
+        _ops = _op_namespace(m.backend)
         layout = list(plan.layout)
         S, M = plan.num_sources, plan.num_weights
 

@@ -11,16 +11,20 @@ Entry points:
   :func:`gated_ops.pathway_matmul` / :func:`gated_ops.gated_cross_entropy`, differentiable.
 * the registered ops ``torch.ops.gated_ops_triton.<name>`` for ``pathway_matmul``,
   ``pathway_grad_z``, ``pathway_grad_x``, ``pathway_grad_weight``, ``pathway_grad_bias``,
-  ``pathway_grad_gate``, ``gated_cross_entropy``, ``gated_cross_entropy_backward``: the schemas of
-  ``gated_ops::<name>`` (``torch.library.custom_op``, with fake kernels and autograd whose
-  backward calls the ``gated_ops_triton`` ops).
+  ``pathway_grad_gate``, ``pathway_sgd_``, ``gated_cross_entropy``,
+  ``gated_cross_entropy_backward``: the schemas of ``gated_ops::<name>``
+  (``torch.library.custom_op``, with fake kernels and autograd whose backward calls the
+  ``gated_ops_triton`` ops). ``GatedPathwayLinear(..., backend="triton")`` and
+  ``KPathNet(..., backend="triton")`` run a whole model on them, the fused SGD included.
 
 What runs in Triton: the blocked plan layout (every k-path layer; ``plan.kind == "blocked"``) in
 float32 / float16 / bfloat16, as batched tile GEMMs (``tl.dot``, fp32 accumulation, IEEE fp32 for
 float32 inputs) over the plan's block views, with the gate, bias and pathway-sum epilogue fused
-into the forward GEMM; and the gated cross-entropy. Explicit fallbacks, each a documented call of
+into the forward GEMM, and the SGD step fused into the weight-gradient GEMM (``pathway_sgd_``:
+the gradient tile stays in registers); and the gated cross-entropy. Explicit fallbacks, each a documented call of
 the compiled op (``torch.ops.gated_ops.<name>``), logged at DEBUG level: grouped plans (arbitrary
-GDLN graphs) and float64 data.
+GDLN graphs) and float64 data; for ``pathway_sgd_`` also stochastic rounding, weights the plan
+does not cover, an empty batch and non-contiguous parameters.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slow; float32 / float16 only): set
 it before this module is imported. Determinism: no atomics; every output tile is written by one
@@ -179,14 +183,19 @@ def _grad_z_kernel(gy_ptr, gate_ptr, dz_ptr, paths_ptr, P, B, Do, ldz,
 
 
 @triton.jit
-def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
+def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
                        a_off, a_bs, a_sm, a_sk, b_off, b_bs, b_sk, b_sn, c_off, c_bs, c_sm,
-                       tiles_n, tiles, DOT_PRECISION: tl.constexpr,
+                       tiles_n, tiles, lr, momentum, weight_decay, DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       CHUNK_TILES: tl.constexpr):
+                       CHUNK_TILES: tl.constexpr, SGD: tl.constexpr, HAS_BUF: tl.constexpr,
+                       HAS_WD: tl.constexpr, NESTEROV: tl.constexpr):
     """C_i (M, N) = A_i (M, K) @ B_i (K, N) for block i of a blocked plan, one tile. Operand X's
     element (r, c) of block i is at x_off + i * x_bs + r * x_s<row> + c * x_s<col> (C's columns
-    contiguous): the backward GEMMs dZ_i @ W_i and dZ_i^T @ X_i are this with other strides."""
+    contiguous): the backward GEMMs dZ_i @ W_i and dZ_i^T @ X_i are this with other strides.
+
+    SGD: C is a weight and the product its gradient, which never leaves registers: the tile of
+    the weight (and of its momentum buffer, laid out like it) is read, stepped as
+    torch.optim.SGD does (dampening 0) in float32, and written back, rounded once."""
     pid = tl.program_id(0)  # (block i, tile): a 1-D grid, since n may exceed 65535
     i = (pid // tiles).to(tl.int64)
     pid_m = (pid % tiles) // tiles_n
@@ -209,8 +218,23 @@ def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
                         mask=kmask[:, None] & cmask[None, :], other=0.0)
             part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
         acc += part
-    out = c_ptr + c_off + i * c_bs + rows[:, None] * c_sm + cols[None, :]
-    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    off = c_off + i * c_bs + rows[:, None] * c_sm + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    if SGD:
+        w = tl.load(c_ptr + off, mask=omask, other=0.0).to(tl.float32)
+        d = acc
+        if HAS_WD:
+            d = d + weight_decay * w
+        if HAS_BUF:
+            buf = momentum * tl.load(buf_ptr + off, mask=omask, other=0.0).to(tl.float32) + d
+            tl.store(buf_ptr + off, buf.to(buf_ptr.dtype.element_ty), mask=omask)
+            if NESTEROV:
+                d = d + momentum * buf
+            else:
+                d = buf
+        tl.store(c_ptr + off, (w - lr * d).to(c_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -437,16 +461,21 @@ def _gemm_blocks(rows: int, cols: int, red: int) -> tuple[int, int, int]:
 
 
 def _launch_block_gemm(A: Tensor, Bm: Tensor, C: Tensor, n: int, M: int, N: int, K: int,
-                       a: tuple, b: tuple, c: tuple) -> None:
+                       a: tuple, b: tuple, c: tuple, sgd: tuple | None = None) -> None:
     """_block_gemm_kernel over the n blocks; a, b = (offset, block stride, row stride, column
-    stride), c = (offset, block stride, row stride), in elements."""
+    stride), c = (offset, block stride, row stride), in elements. ``sgd`` = (momentum buffer or
+    None, lr, momentum, weight_decay, nesterov): step C (a weight) by the product instead of
+    storing it."""
     BM, BN, BK = _gemm_blocks(M, N, K)
     tiles_n = triton.cdiv(N, BN)
     tiles = triton.cdiv(M, BM) * tiles_n
+    buf, lr, momentum, weight_decay, nesterov = sgd if sgd is not None else (None, 0., 0., 0., 0)
     _block_gemm_kernel[(tiles * n,)](
-        A, Bm, C, M, N, K, *a, *b, *c, tiles_n, tiles,
+        A, Bm, C, buf if buf is not None else C, M, N, K, *a, *b, *c, tiles_n, tiles,
+        float(lr), float(momentum), float(weight_decay),
         DOT_PRECISION=_dot_precision(C.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        CHUNK_TILES=_chunk_tiles(K, BK))
+        CHUNK_TILES=_chunk_tiles(K, BK), SGD=sgd is not None, HAS_BUF=buf is not None,
+        HAS_WD=weight_decay != 0, NESTEROV=bool(nesterov))
 
 
 def _launch_ztile(x, weight, bias, gate, paths, csr, layout, y, z, fused) -> None:
@@ -546,6 +575,31 @@ def _grad_weight_impl(grad_z, x, paths, csr, layout, num_weights, d_out):
     _launch_block_gemm(grad_z, x, gw, n, Kz, Di, R, a=(0, R * Kz, 1, Kz),
                        b=(s0 * B * Di, R * Di, Di, 1), c=(m0 * Do * Di, Kz * Di, Di))
     return gw
+
+
+def _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
+              nesterov, rounding_seed) -> None:
+    T, n, s0, ns, m0, nm = layout
+    B, Di = x.shape[1], x.shape[2]
+    Do = weight.shape[1]
+    buf = momentum_buffer
+    # The compiled op takes what this kernel does not: grouped plans and float64; stochastic
+    # rounding (CPU kernels); weights the plan does not cover (they still decay); an empty batch;
+    # non-contiguous parameters (updated in place through their own strides there).
+    if (not _uses_triton(layout, x.dtype) or rounding_seed >= 0 or n * nm != weight.shape[0]
+            or B == 0 or not weight.is_contiguous()
+            or (buf is not None and not buf.is_contiguous())):
+        torch.ops.gated_ops.pathway_sgd_(grad_z, x, weight, buf, paths, csr, layout, lr,
+                                         momentum, weight_decay, nesterov, rounding_seed)
+        return
+    if weight.numel() == 0:
+        return
+    grad_z, x = grad_z.contiguous(), x.contiguous()
+    R, Kz = ns * B, nm * Do
+    # W_i (nm*Do, Di) -= lr * step(dZ_i^T (nm*Do, ns*B) @ X_i (ns*B, Di))
+    _launch_block_gemm(grad_z, x, weight, n, Kz, Di, R, a=(0, R * Kz, 1, Kz),
+                       b=(s0 * B * Di, R * Di, Di, 1), c=(m0 * Do * Di, Kz * Di, Di),
+                       sgd=(buf, lr, momentum, weight_decay, nesterov))
 
 
 def _grad_bias_impl(grad_z, paths, csr, layout, num_sources, num_weights, d_out):
@@ -683,6 +737,14 @@ def _grad_bias_op(grad_z: Tensor, paths: Tensor, csr: Tensor, layout: list[int],
 def _grad_gate_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,
                   paths: Tensor, csr: Tensor, layout: list[int]) -> Tensor:
     return _grad_gate_impl(grad_y, x, weight, bias, gate, paths, csr, layout)
+
+
+@torch.library.custom_op(f"{_LIB}::pathway_sgd_", mutates_args=("weight", "momentum_buffer"))
+def _sgd_op(grad_z: Tensor, x: Tensor, weight: Tensor, momentum_buffer: Optional[Tensor],
+            paths: Tensor, csr: Tensor, layout: list[int], lr: float, momentum: float,
+            weight_decay: float, nesterov: bool, rounding_seed: int = -1) -> None:
+    _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
+              weight_decay, nesterov, rounding_seed)
 
 
 @torch.library.custom_op(f"{_LIB}::gated_cross_entropy", mutates_args=())

@@ -96,3 +96,16 @@ def test_backend_option():
     torch.testing.assert_close(gated_ops.pathway_matmul(x, w, plan), ref)
     with pytest.raises(ValueError, match="backend: expected one of"):
         gated_ops.pathway_matmul(x, w, plan, backend="cuda")
+
+
+def test_module_backend_option():
+    """Modules run on the compiled kernels ("auto") or on Triton; anything else is refused when
+    the module is built, naming the option."""
+    from gated_ops import GatedPathwayLinear
+    from gated_ops.kpath import KPathNet
+
+    with pytest.raises(ValueError, match="backend: expected 'auto' or 'triton', got 'cuda'"):
+        GatedPathwayLinear.batched(2, 3, 4, backend="cuda")
+    with pytest.raises(ValueError, match="backend: expected 'auto' or 'triton', got 'reference'"):
+        KPathNet(2, 3, 4, 5, backend="reference")
+    assert "backend=triton" in repr(GatedPathwayLinear.batched(2, 3, 4, backend="triton"))
