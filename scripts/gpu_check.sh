@@ -11,8 +11,9 @@
 #               9.0); skipped when GATED_OPS_PREBUILT=1 and gated_ops/_C*.so for this Python
 #               already imports with CUDA kernels (built elsewhere against the same torch)
 #   register    a CUDA kernel is registered for every op
-#   tests       pytest -m gpu: the CUDA and Triton backends against the float64 reference,
-#               opcheck, graph capture, determinism (pytest-xdist workers share the GPU)
+#   tests       pytest -m "gpu or triton": the CUDA and Triton backends against the float64
+#               reference, opcheck, graph capture, determinism, the fused SGD (pytest-xdist
+#               workers share the GPU)
 #   profile     benchmarks/profile_kpath.py: GPU time per kernel of the fused step and of the
 #               plain PyTorch step, H = 128 and 1024
 #   bench       the benchmark suite at the paper's MNIST shapes (forward, backward, step), the
@@ -135,7 +136,8 @@ pytest_args=(-q -rfE -p no:cacheprovider --continue-on-collection-errors)
 "$py" -c "import xdist" 2>/dev/null && pytest_args+=(-n "${GATED_OPS_GPU_WORKERS:-8}")
 if want tests; then
   # GATED_OPS_GPU_TESTS_K: a pytest -k expression to run a subset (default: every GPU test)
-  stage tests 200 env -u TRITON_INTERPRET "$py" -m pytest tests -m gpu "${pytest_args[@]}" \
+  # (-m triton: tests/test_triton.py, which runs on the GPU when there is one)
+  stage tests 200 env -u TRITON_INTERPRET "$py" -m pytest tests -m "gpu or triton" "${pytest_args[@]}" \
     -k "${GATED_OPS_GPU_TESTS_K:-}" --junitxml="$logs/junit_gpu.xml"
   grep -E "^(FAILED|ERROR)|^E  " "$logs/tests.log" | cut -c1-300 | head -60
 fi

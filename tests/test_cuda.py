@@ -29,7 +29,7 @@ LOW = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # Rows that force the other code paths of the CUDA kernels (thresholds in gated_ops_cuda.cu):
 # B > 32 and ns*B > 64 (cuBLAS forward, grad_x, grad_W, SGD), nm*D_out > 512 (cuBLAS grad_x),
 # grouped plans with several batch tiles, D_out not a multiple of the 32-row tiles, D_in not a
-# multiple of 4 (scalar loads) and a D_in longer than one 32 KB staging chunk (1024 floats).
+# multiple of 4 (scalar loads) and a long D_in (1100: nine 128-column steps of the skinny tiles).
 EXTRA = [
     Case("wide_batch_decoder", replicate(kpath_tables(4)["decoder"], 2), 40, 24, 6),
     Case("wide_fanout", kpath_tables(8)["decoder"], 8, 16, 80, gate="path"),

@@ -34,7 +34,8 @@ if not ON_GPU and not isinstance(triton_ops._ztile_kernel, InterpretedFunction):
                 "no GPU: run this file alone or with TRITON_INTERPRET=1", allow_module_level=True)
 
 # The interpreter evaluates the masked-off padding of the cross-entropy tiles too (-inf - -inf).
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.triton]
 
 SMALL = [c for c in SHAPES if not c.large]
 BLOCKED = [c for c in SMALL if c.table.plan().kind == "blocked"]
