@@ -111,6 +111,30 @@ def test_cuda_grouped_layout_on_blocked_tables(case):
     _check(_compiled, case, torch.float32, layout="grouped")
 
 
+def test_torch_compile_inductor_parity():
+    """The CUDA ops under torch.compile (Inductor, fullgraph): the layer's forward and every
+    gradient, and the fused loss, equal eager mode."""
+    case = next(c for c in ALL if c.name == "odd_decoder")
+    inp = make_inputs(case, dtype=torch.float32, device=DEVICE)
+    plan = case.table.plan(DEVICE)
+    target = torch.randint(0, case.d_out, (1, plan.num_dst, case.batch), device=DEVICE)
+    gate = torch.rand(1, plan.num_dst, device=DEVICE) + 0.1
+
+    def f(x, w, b, g):
+        y = gated_ops.pathway_matmul(x, w, plan, b, g)
+        loss, path_loss, _ = gated_ops.gated_cross_entropy(y.unsqueeze(0), target, gate)
+        return loss.sum() + path_loss.square().sum()
+
+    args = tuple(inp[n] for n in NAMES)
+    eager = f(*args)
+    ge = torch.autograd.grad(eager, args)
+    compiled = torch.compile(f, fullgraph=True)(*args)
+    gc = torch.autograd.grad(compiled, args)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
 def test_cuda_empty_batch_and_no_pathways():
     plan = gated_ops.make_plan([0, 1, 1], [0, 0, 1], [0, 1, 1], num_sources=2, num_weights=2,
                                num_dst=2, device=DEVICE)
