@@ -16,19 +16,22 @@
 #               workers share the GPU)
 #   profile     benchmarks/profile_kpath.py: GPU time per kernel of the fused step and of the
 #               plain PyTorch step, H = 128 and 1024
-#   bench       the benchmark suite at the paper's MNIST shapes (forward, backward, step), the
-#               replica steps, bf16 and the MoE layer: naive, torch, torch_graph, cuda,
-#               cuda_graph, triton -> bench.json, bench_extra.json (bf16, MoE)
+#   ncu         Nsight Compute on the encoder's forward and fused-SGD kernels (H = 1024, 128):
+#               throughput, occupancy, registers
+#   bench       the benchmark suite at the paper's MNIST shapes (forward, backward, step) and
+#               the replica steps: naive, torch, torch_graph, cuda, cuda_graph, triton ->
+#               bench.json; then bf16, the MoE layers, CIFAR-10 (K=40, H=128 and 1024) and the
+#               B=512 case -> bench_extra.json
+#   compile     torch_compile at the paper's MNIST shapes, forward, backward and step ->
+#               bench_compile.json (compiling is slow)
 #   experiment  k-path runs at K = 100 on Fashion-MNIST (GATED_OPS_DATA_DIR, the IDX files): one
 #               run and R runs at once (fused, CUDA graph), and the paper-style loop model
-#   compile     torch_compile at the paper's MNIST shapes, forward, backward and step ->
-#               bench_compile.json (last: compiling is slow)
 # OUTDIR gets summary.txt (one line per stage), env.txt, bench*.json and logs.tgz (every log,
 # junit XML and run directory; packed at the end). Exit status: 0 when every stage passed.
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [STAGE ...]}
 shift
-stages=${*:-build register tests profile bench experiment compile}
+stages=${*:-build register tests profile ncu bench compile experiment}
 mkdir -p "$out/logs"
 out=$(cd "$out" && pwd)
 logs=$out/logs
@@ -151,6 +154,27 @@ if want profile; then
   awk '/^## /{print} /^GPU busy/{f=1} /^$/{f=0} f{print}' "$logs/profile.log" | cut -c1-160
 fi
 
+# --- Nsight Compute on the encoder kernels (what bounds them: occupancy, registers, DRAM) -------
+if want ncu; then
+  if command -v ncu >/dev/null 2>&1; then
+    stage ncu 90 env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" ncu --target-processes all \
+      -k "regex:ztile_kernel|wgrad_kernel" --launch-skip 4 --launch-count 4 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section MemoryWorkloadAnalysis "$py" -c "import sys, torch; sys.path.insert(0, 'benchmarks')
+from providers import KPathCase, make_kpath
+for H in (1024, 128):  # 2 filtered kernels a step: ncu takes H=1024's 3rd step, H=128's 1st
+    step, _ = make_kpath('cuda', KPathCase(f'H{H}', 'mnist', 100, 8, 784, H), 'step',
+                         torch.device('cuda')).fns('step')
+    for _ in range(3):
+        step()
+torch.cuda.synchronize()"
+    grep -E "ztile_kernel|wgrad_kernel|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Duration|Block Limit" \
+      "$logs/ncu.log" | cut -c1-150 | head -80
+  else
+    echo "ncu: SKIPPED (no ncu on the PATH)" | tee -a "$out/summary.txt"
+  fi
+fi
+
 # --- the benchmark suite (float32 without TF32, as the targets are stated) --------------------
 bench_args=(-q -rs -p no:cacheprovider --bench-seconds "${GATED_OPS_BENCH_SECONDS:-0.4}"
             --bench-warmup 3)
@@ -161,12 +185,20 @@ if want bench; then
     -k "not torch_compile and not reference and not cpu and not (R54 and naive) and not (R6 and naive)" \
     --benchmark-json="$out/bench.json"
   "$py" benchmarks/summarize.py "$out/bench.json" >"$out/bench.md" 2>&1 && cat "$out/bench.md"
-  stage bench_extra 90 "$py" -m pytest benchmarks "${bench_args[@]}" \
-    -m "(bf16 and not tiny) or (moe and small)" \
+  stage bench_extra 120 "$py" -m pytest benchmarks "${bench_args[@]}" \
+    -m "(bf16 and not tiny) or moe or (paper and cifar) or large_batch" \
     -k "not torch_compile and not reference and not cpu" \
     --benchmark-json="$out/bench_extra.json"
   "$py" benchmarks/summarize.py "$out/bench_extra.json" >"$logs/bench_extra.md" 2>&1 &&
     cat "$logs/bench_extra.md"
+fi
+
+if want compile; then
+  stage compile 150 "$py" -m pytest benchmarks "${bench_args[@]}" \
+    -m "paper and mnist and (small or medium)" -k "torch_compile" \
+    --benchmark-json="$out/bench_compile.json"
+  "$py" benchmarks/summarize.py "$out/bench_compile.json" >"$logs/bench_compile.md" 2>&1 &&
+    cat "$logs/bench_compile.md"
 fi
 
 # --- the experiment at the paper's size -----------------------------------------------------
@@ -193,12 +225,6 @@ for f in sorted(glob.glob('$logs/runs/*/*/metrics.jsonl')):
     echo "experiment: SKIPPED (no Fashion-MNIST IDX files in $data; set GATED_OPS_DATA_DIR)" |
       tee -a "$out/summary.txt"
   fi
-fi
-
-if want compile; then
-  stage compile 150 "$py" -m pytest benchmarks "${bench_args[@]}" \
-    -m "paper and mnist and (small or medium)" -k "torch_compile" \
-    --benchmark-json="$out/bench_compile.json"
 fi
 
 verdict=$([ $failed -eq 0 ] && echo "all stages passed" || echo "some stages FAILED")
