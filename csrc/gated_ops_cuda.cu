@@ -750,6 +750,21 @@ ce_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict
   }
 }
 
+// row_stats computed by one thread alone (the few-class kernels below).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void row_stats_serial(const scalar_t* __restrict__ l, int64_t C,
+                                                 acc_t& lse, int64_t& arg) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  arg = std::numeric_limits<int64_t>::max();
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t v = static_cast<acc_t>(l[c]);
+    if (arg_better(v, c, mx, arg)) { mx = v; arg = c; }
+  }
+  acc_t sum = 0;
+  for (int64_t c = 0; c < C; ++c) sum += ::exp(static_cast<acc_t>(l[c]) - mx);
+  lse = ::log(sum) + mx;
+}
+
 // The same for few classes (C <= kCeThreadClasses, the k-path's C = 10): one thread per path,
 // each row's statistics computed serially by that thread (no idle lanes, no shuffles), the path's
 // B rows summed in order. Same results as ce_forward_kernel up to the summation order of a row's
@@ -770,15 +785,9 @@ __global__ void ce_forward_thread_kernel(const scalar_t* __restrict__ logits,
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = q * B + b;
       const scalar_t* l = logits + row * C;
-      acc_t mx = -std::numeric_limits<acc_t>::infinity();
-      int64_t arg = std::numeric_limits<int64_t>::max();
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t v = static_cast<acc_t>(l[c]);
-        if (arg_better(v, c, mx, arg)) { mx = v; arg = c; }
-      }
-      acc_t sum = 0;
-      for (int64_t c = 0; c < C; ++c) sum += ::exp(static_cast<acc_t>(l[c]) - mx);
-      const acc_t lse_b = ::log(sum) + mx;
+      acc_t lse_b;
+      int64_t arg;
+      row_stats_serial(l, C, lse_b, arg);
       const int64_t y = target[row];
       CUDA_KERNEL_ASSERT(y >= 0 && y < C && "target: class index out of range [0, C)");
       lse[row] = static_cast<scalar_t>(lse_b);
@@ -884,15 +893,8 @@ __global__ void ce_backward_thread_kernel(const scalar_t* __restrict__ logits,
     const scalar_t* l = logits + row * C;
     acc_t lse_r;
     if (kRecompute) {
-      acc_t mx = -std::numeric_limits<acc_t>::infinity();
-      int64_t arg = std::numeric_limits<int64_t>::max();
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t v = static_cast<acc_t>(l[c]);
-        if (arg_better(v, c, mx, arg)) { mx = v; arg = c; }
-      }
-      acc_t sum = 0;
-      for (int64_t c = 0; c < C; ++c) sum += ::exp(static_cast<acc_t>(l[c]) - mx);
-      lse_r = ::log(sum) + mx;
+      int64_t arg;
+      row_stats_serial(l, C, lse_r, arg);
     } else {
       lse_r = static_cast<acc_t>(lse[row]);
     }
