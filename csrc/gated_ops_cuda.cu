@@ -846,11 +846,12 @@ __global__ void ce_weights_kernel(const scalar_t* __restrict__ grad_loss,
   }
 }
 
-// grad[r, p, b, c] = w[r, p] * (exp(logits - lse) - [c == target]), one warp per row. For 16-bit
-// logits the row's lse is recomputed in fp32 instead of read back rounded: at |lse| ~ 8 a bf16
-// lse is off by up to 0.03, a 3% error on every softmax value, far more than plain PyTorch makes
-// (its log_softmax output is rounded near 0 for the rows' dominant classes).
-template <typename scalar_t, bool kRecompute>
+// grad[r, p, b, c] = w[r, p] * (exp(logits - lse) - [c == target]), one warp per row, or one
+// thread per row (kThreadPerRow, for C <= kCeThreadClasses). For 16-bit logits the row's lse is
+// recomputed in fp32 instead of read back rounded: at |lse| ~ 8 a bf16 lse is off by up to 0.03,
+// a 3% error on every softmax value, far more than plain PyTorch makes (its log_softmax output
+// is rounded near 0 for the rows' dominant classes).
+template <typename scalar_t, bool kRecompute, bool kThreadPerRow>
 __global__ void ce_backward_kernel(const scalar_t* __restrict__ logits,
                                    const int64_t* __restrict__ target,
                                    const scalar_t* __restrict__ lse,
@@ -858,49 +859,26 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ logits,
                                    scalar_t* __restrict__ grad, int64_t rows, int64_t B,
                                    int64_t C) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarp);
-  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp; row < rows;
-       row += warps) {
+  constexpr int kLanes = kThreadPerRow ? 1 : kWarp;  // threads per row
+  const int lane = threadIdx.x % kLanes;
+  const int64_t stride = int64_t(gridDim.x) * (blockDim.x / kLanes);
+  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kLanes; row < rows;
+       row += stride) {
     const scalar_t* l = logits + row * C;
     acc_t lse_r;
-    if (kRecompute) {
+    if constexpr (kRecompute) {
       int64_t arg;
-      row_stats(l, C, lane, lse_r, arg);
+      if constexpr (kThreadPerRow) {
+        row_stats_serial(l, C, lse_r, arg);
+      } else {
+        row_stats(l, C, lane, lse_r, arg);
+      }
     } else {
       lse_r = static_cast<acc_t>(lse[row]);
     }
     const acc_t w = wts[row / B];
     const int64_t y = target[row];
-    for (int64_t c = lane; c < C; c += kWarp) {
-      const acc_t sm = ::exp(static_cast<acc_t>(l[c]) - lse_r);
-      grad[row * C + c] = static_cast<scalar_t>(w * (sm - (y == c ? acc_t(1) : acc_t(0))));
-    }
-  }
-}
-
-// The same with one thread per row, for few classes (C <= kCeThreadClasses).
-template <typename scalar_t, bool kRecompute>
-__global__ void ce_backward_thread_kernel(const scalar_t* __restrict__ logits,
-                                          const int64_t* __restrict__ target,
-                                          const scalar_t* __restrict__ lse,
-                                          const at::opmath_type<scalar_t>* __restrict__ wts,
-                                          scalar_t* __restrict__ grad, int64_t rows, int64_t B,
-                                          int64_t C) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; row < rows;
-       row += int64_t(gridDim.x) * blockDim.x) {
-    const scalar_t* l = logits + row * C;
-    acc_t lse_r;
-    if (kRecompute) {
-      int64_t arg;
-      row_stats_serial(l, C, lse_r, arg);
-    } else {
-      lse_r = static_cast<acc_t>(lse[row]);
-    }
-    const acc_t w = wts[row / B];
-    const int64_t y = target[row];
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = lane; c < C; c += kLanes) {
       const acc_t sm = ::exp(static_cast<acc_t>(l[c]) - lse_r);
       grad[row * C + c] = static_cast<scalar_t>(w * (sm - (y == c ? acc_t(1) : acc_t(0))));
     }
@@ -1307,16 +1285,15 @@ Tensor gated_cross_entropy_backward_cuda(const Tensor& grad_loss_, const Tensor&
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     constexpr bool kRecompute = sizeof(scalar_t) == 2;
     const int64_t rows = R * P * B;
+    auto go = [&](auto kernel, int64_t threads_per_row) {
+      kernel<<<flat_blocks(rows * threads_per_row, 256), 256, 0, stream()>>>(
+          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
+          wts.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), rows, B, C);
+    };
     if (C <= kCeThreadClasses) {
-      ce_backward_thread_kernel<scalar_t, kRecompute><<<flat_blocks(rows, 256), 256, 0,
-                                                        stream()>>>(
-          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
-          wts.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), rows, B, C);
+      go(ce_backward_kernel<scalar_t, kRecompute, true>, 1);
     } else {
-      ce_backward_kernel<scalar_t, kRecompute><<<flat_blocks(rows * kWarp, 256), 256, 0,
-                                                 stream()>>>(
-          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
-          wts.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), rows, B, C);
+      go(ce_backward_kernel<scalar_t, kRecompute, false>, kWarp);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
