@@ -80,7 +80,7 @@ class GatedPathwayLinear(nn.Module):
                          num_dst=num_dst)
         self.in_features, self.out_features = in_features, out_features
         self.num_sources, self.num_dst = num_sources, num_dst
-        self.layout = plan.layout
+        self.layout, self._z_is_y = plan.layout, plan.z_is_y
         self.register_buffer("paths", plan.paths.to(device), persistent=False)
         self.register_buffer("csr", plan.csr.to(device), persistent=False)
         kw = {"device": device, "dtype": dtype}
@@ -129,7 +129,7 @@ class GatedPathwayLinear(nn.Module):
     @property
     def plan(self) -> PathwayPlan:
         return PathwayPlan(self.num_sources, self.num_weights, self.num_dst, self.paths,
-                           self.csr, self.layout)
+                           self.csr, self.layout, self._z_is_y)
 
     @property
     def num_weights(self) -> int:
@@ -234,7 +234,10 @@ class _FusedSGDPathway(torch.autograd.Function):
         def buffer(name: str, like: Tensor) -> Tensor | None:  # momentum, viewed like the param
             b = getattr(m, name, None)
             return None if b is None else b.view(like.shape)
-        dz = _ops.pathway_grad_z(grad_y, gate, plan.paths, plan.csr, layout, S, M)
+        if gate is None and plan.z_is_y:  # dZ_p = grad_y[p], in Z's order: grad_y itself
+            dz = grad_y.reshape(plan.z_shape(grad_y.shape[1], grad_y.shape[2]))
+        else:
+            dz = _ops.pathway_grad_z(grad_y, gate, plan.paths, plan.csr, layout, S, M)
         grad_x = None
         if ctx.needs_input_grad[0]:  # before the update: it reads the current weight
             grad_x = _ops.pathway_grad_x(dz, weight, plan.paths, plan.csr, layout, S, x.shape[1])

@@ -55,6 +55,10 @@ class PathwayPlan:
     paths: Tensor  # (5, P) int64: src, wgt, dst, zrow, zcol
     csr: Tensor  # int64, see module docstring
     layout: tuple[int, ...]  # (T, n, s0, ns, m0, nm); n == 0 means grouped
+    # Z is y's layout: blocked, nm = 1, pathway p is destination p and Z's row block p (every
+    # k-path layer). Then an ungated layer's dZ is grad_y itself (read on the host, not from the
+    # device tensors: see GatedPathwayLinear's fused backward).
+    z_is_y: bool = False
 
     @property
     def num_paths(self) -> int:
@@ -83,7 +87,7 @@ class PathwayPlan:
     def to(self, device: torch.device | str) -> "PathwayPlan":
         return PathwayPlan(
             self.num_sources, self.num_weights, self.num_dst,
-            self.paths.to(device), self.csr.to(device), self.layout,
+            self.paths.to(device), self.csr.to(device), self.layout, self.z_is_y,
         )
 
     def z_shape(self, batch: int, d_out: int) -> tuple[int, int]:
@@ -195,6 +199,7 @@ def make_plan(
     one_per_dst = bool(P == num_dst and torch.equal(dst_ptr, torch.arange(num_dst + 1)))
     csr = torch.cat([dst_ptr, dst_perm, src_ptr, src_perm, wgt_ptr, wgt_perm, owner,
                      torch.tensor([int(one_per_dst)])])
+    z_is_y = bool(block is not None and nm == 1 and one_per_dst and torch.equal(dst, zrow))
     plan = PathwayPlan(num_sources, num_weights, num_dst, paths, csr,
-                       (num_dst, n, s0, ns, m0, nm))
+                       (num_dst, n, s0, ns, m0, nm), z_is_y)
     return plan.to(device) if device is not None else plan

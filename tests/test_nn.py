@@ -250,3 +250,41 @@ def test_fused_sgd_leaves_frozen_parameters_and_refuses_gate_grads():
     assert torch.equal(m.weight, w0) and not torch.equal(m.bias, b0)
     with pytest.raises(RuntimeError, match="gradients for the gate are not supported"):
         m(torch.randn(2, 5, 4), gate=torch.ones(2, requires_grad=True))
+
+
+def test_z_is_y_plans_and_the_fused_backward_shortcut():
+    """Plans whose Z is y's layout (blocked, one weight per block row, pathway p = destination p
+    = Z row block p) are flagged; for them the fused backward takes dZ = grad_y without the
+    grad_z op. An all-ones gate forces the op (dZ = 1 * grad_y): the updates are bitwise equal."""
+    mp = gated_ops.make_plan
+    assert mp([0, 1, 2], [0, 1, 2], [0, 1, 2], num_sources=3, num_weights=3, num_dst=3).z_is_y
+    assert mp([0, 1, 2], [0, 0, 0], [0, 1, 2], num_sources=3, num_weights=1, num_dst=3).z_is_y
+    assert mp([0, 1, 2], [0, 0, 0], [0, 1, 2], num_sources=3, num_weights=1, num_dst=3,
+              device="cpu").to("cpu").z_is_y
+    assert not mp([0, 1, 2], [0, 1, 2], [2, 0, 1], num_sources=3, num_weights=3,
+                  num_dst=3).z_is_y  # destinations permuted
+    assert not mp([0, 0], [0, 1], [0, 1], num_sources=1, num_weights=2, num_dst=2).z_is_y  # nm 2
+    assert not mp([0, 1, 2], [0, 1, 2], [0, 1, 2], num_sources=3, num_weights=3, num_dst=3,
+                  layout="grouped").z_is_y
+    assert not mp([0, 1], [0, 1], [0, 0], num_sources=2, num_weights=2, num_dst=1).z_is_y  # sum
+    for make in (lambda: GatedPathwayLinear.batched(3, 7, 5, replicas=2),
+                 lambda: GatedPathwayLinear.shared(3, 7, 5, replicas=2)):
+        torch.manual_seed(0)
+        a = make().fuse_sgd(SGDConfig(lr=0.1, momentum=0.9, weight_decay=0.01))
+        b = copy.deepcopy(a)
+        assert a.plan.z_is_y
+        ones = torch.ones(a.plan.num_paths)
+        for _ in range(3):
+            x = torch.randn(6, 4, 7)
+            gy = torch.randn(6, 4, 5)
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ops_called = {}
+            for name, layer, xi, gate in (("a", a, xa, None), ("b", b, xb, ones)):
+                with torch.profiler.profile() as prof:
+                    (layer(xi, gate) * gy).sum().backward()
+                ops_called[name] = {e.key for e in prof.key_averages()}
+            assert "gated_ops::pathway_grad_z" not in ops_called["a"]
+            assert "gated_ops::pathway_grad_z" in ops_called["b"]
+            assert torch.equal(xa.grad, xb.grad)
+        for name, t in a.state_dict().items():
+            assert torch.equal(t, b.state_dict()[name]), name
