@@ -466,8 +466,9 @@ class FusedKPath(KPathProvider):
     def __init__(self, data: KPathData, net: KPathNet, name: str, mode: str):
         super().__init__(data, net)
         self.name = name
-        if mode == "step":  # bfloat16 on the CPU: stochastic rounding (CPU kernels only)
-            sr = net.encoder.weight.dtype == torch.bfloat16 and data.device.type == "cpu"
+        if mode == "step":  # bfloat16: stochastic rounding where the kernels have it (CPU, Triton)
+            sr = net.encoder.weight.dtype == torch.bfloat16 and (
+                data.device.type == "cpu" or net.backend == "triton")
             net.fuse_sgd(SGDConfig(lr=LR, momentum=MOMENTUM, stochastic_rounding=sr))
 
     def step(self) -> None:

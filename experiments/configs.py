@@ -64,6 +64,9 @@ class KPathConfig:
                              "loop of nn.Linear (for timing comparisons)",
                     choices=("fused", "loop"))
     fused_sgd: bool = _f(True, "fused model: SGD inside backward (false: torch.optim.SGD)")
+    backend: str = _f("auto", "fused model: auto (the compiled CPU / CUDA kernels) or triton "
+                              "(gated_ops.triton_ops, fused SGD included; a GPU, or CPU tensors "
+                              "under TRITON_INTERPRET=1)", choices=("auto", "triton"))
     cuda_graph: bool = _f(False, "CUDA only: capture the training step in a CUDA graph")
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     dtype: str = _f("float32", "parameter and data dtype; bfloat16 / float16: 16-bit storage of "

@@ -305,7 +305,7 @@ class GroupTrainer:
         self.out, self.stop_after_steps, self.steps_run = out, stop_after_steps, 0
         dtype = getattr(torch, c.dtype)
         net = KPathNet(c.K, data.d_in, c.hidden, CLASSES, replicas=self.R, device=device,
-                       dtype=dtype)
+                       dtype=dtype, backend=c.backend)
         net.xavier_init_([r.gain for r in runs],
                          [torch.Generator().manual_seed(r.seed) for r in runs])
         self.model, self.opt = build_model(c, net)
@@ -531,10 +531,11 @@ def _distributed() -> tuple[int, int, int]:
 def check_device_support(cfg: KPathConfig, device: torch.device) -> None:
     """Refuse, before any data is loaded, a setting the device's kernels do not have."""
     if (device.type != "cpu" and cfg.dtype == "bfloat16" and cfg.model == "fused"
-            and cfg.fused_sgd and cfg.rounding == "stochastic"):
+            and cfg.fused_sgd and cfg.rounding == "stochastic" and cfg.backend != "triton"):
         raise ValueError("--rounding stochastic: stochastic rounding of bfloat16 weights is "
-                         "implemented in the CPU kernels only; on CUDA pass --rounding nearest "
-                         "(and mind experiments/README.md: small-init runs then stall) or use "
+                         "implemented in the CPU kernels and the Triton backend, not in the "
+                         "CUDA kernels; on CUDA pass --backend triton, or --rounding nearest "
+                         "(and mind experiments/README.md: small-init runs then stall), or "
                          "--dtype float32")
 
 

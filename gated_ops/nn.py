@@ -25,8 +25,9 @@ class SGDConfig:
     in bfloat16, 3 of the 4 gain-0.03 runs of the quick k-path preset never left chance
     (experiments/README.md). The random bits hash (a per-layer seed, the step count, the element
     index): deterministic and resumable (the count is the buffer ``sgd_step``), but replicas are
-    then not bitwise equal to separate runs. CPU kernels only (a CUDA layer raises in its first
-    backward, before any update); no effect on float32 / float64 weights.
+    then not bitwise equal to separate runs. In the CPU kernels and the Triton backend
+    (``backend="triton"``, bit for bit the same); a layer on the CUDA kernels raises in its first
+    backward, before any update. No effect on float32 / float64 weights.
     """
 
     lr: float
@@ -168,9 +169,10 @@ class GatedPathwayLinear(nn.Module):
                              "this layer's are float16")
         if self.weight.dtype != torch.bfloat16:
             return -1
-        if self.weight.device.type != "cpu":  # before any layer has stepped
+        if self.weight.device.type != "cpu" and self.backend != "triton":  # before any step
             raise ValueError("SGDConfig.stochastic_rounding: implemented in the CPU kernels "
-                             f"only; this layer is on {self.weight.device}")
+                             f"and the Triton backend (backend='triton'); this layer is on "
+                             f"{self.weight.device} with backend={self.backend!r}")
         step = int(self.sgd_step)
         self.sgd_step += 1
         # a seed per (layer shape, step): layers of other shapes draw other bits

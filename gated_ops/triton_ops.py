@@ -183,19 +183,34 @@ def _grad_z_kernel(gy_ptr, gate_ptr, dz_ptr, paths_ptr, P, B, Do, ldz,
 
 
 @triton.jit
+def _hash32(v):
+    """The "lowbias32" hash of uint32 values held in int64 (reference._hash32, cpu_simd.h)."""
+    v = v ^ (v >> 16)
+    v = (v * 0x7FEB352D) & 0xFFFFFFFF
+    v = v ^ (v >> 15)
+    v = (v * 0x846CA68B) & 0xFFFFFFFF
+    return v ^ (v >> 16)
+
+
+@triton.jit
 def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
                        a_off, a_bs, a_sm, a_sk, b_off, b_bs, b_sk, b_sn, c_off, c_bs, c_sm,
-                       tiles_n, tiles, lr, momentum, weight_decay, DOT_PRECISION: tl.constexpr,
+                       tiles_n, tiles, lr, momentum, weight_decay, mix,
+                       DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        CHUNK_TILES: tl.constexpr, SGD: tl.constexpr, HAS_BUF: tl.constexpr,
-                       HAS_WD: tl.constexpr, NESTEROV: tl.constexpr):
+                       HAS_WD: tl.constexpr, NESTEROV: tl.constexpr, STOCHASTIC: tl.constexpr):
     """C_i (M, N) = A_i (M, K) @ B_i (K, N) for block i of a blocked plan, one tile. Operand X's
     element (r, c) of block i is at x_off + i * x_bs + r * x_s<row> + c * x_s<col> (C's columns
     contiguous): the backward GEMMs dZ_i @ W_i and dZ_i^T @ X_i are this with other strides.
 
     SGD: C is a weight and the product its gradient, which never leaves registers: the tile of
     the weight (and of its momentum buffer, laid out like it) is read, stepped as
-    torch.optim.SGD does (dampening 0) in float32, and written back, rounded once."""
+    torch.optim.SGD does (dampening 0) in float32, and written back, rounded once.
+    STOCHASTIC (bfloat16 weights): the weight is rounded stochastically, bit for bit as
+    reference.round_stochastic_bf16 with the seed whose hash is ``mix``, the element index being
+    the flat offset into C; the operands are widened to float32 first (float32 products, as the
+    compiled kernels form them)."""
     pid = tl.program_id(0)  # (block i, tile): a 1-D grid, since n may exceed 65535
     i = (pid // tiles).to(tl.int64)
     pid_m = (pid % tiles) // tiles_n
@@ -216,6 +231,9 @@ def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(b_base + ks[:, None] * b_sk + cols[None, :] * b_sn,
                         mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if STOCHASTIC:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
             part = tl.dot(a, b, part, input_precision=DOT_PRECISION)
         acc += part
     off = c_off + i * c_bs + rows[:, None] * c_sm + cols[None, :]
@@ -232,7 +250,15 @@ def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
                 d = d + momentum * buf
             else:
                 d = buf
-        tl.store(c_ptr + off, (w - lr * d).to(c_ptr.dtype.element_ty), mask=omask)
+        w = w - lr * d
+        if STOCHASTIC:
+            r = _hash32(((off & 0xFFFFFFFF) + mix) & 0xFFFFFFFF) & 0xFFFF
+            u = w.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+            bits = (((u + r) & 0xFFFFFFFF) >> 16).to(tl.int32)
+            bits = tl.where(w != w, 0x7FC0, bits)
+            tl.store(c_ptr + off, bits.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=omask)
+        else:
+            tl.store(c_ptr + off, w.to(c_ptr.dtype.element_ty), mask=omask)
     else:
         tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=omask)
 
@@ -464,18 +490,32 @@ def _launch_block_gemm(A: Tensor, Bm: Tensor, C: Tensor, n: int, M: int, N: int,
                        a: tuple, b: tuple, c: tuple, sgd: tuple | None = None) -> None:
     """_block_gemm_kernel over the n blocks; a, b = (offset, block stride, row stride, column
     stride), c = (offset, block stride, row stride), in elements. ``sgd`` = (momentum buffer or
-    None, lr, momentum, weight_decay, nesterov): step C (a weight) by the product instead of
-    storing it."""
+    None, lr, momentum, weight_decay, nesterov, rounding_seed): step C (a weight) by the product
+    instead of storing it (rounding_seed >= 0: stochastic rounding of a bfloat16 C)."""
     BM, BN, BK = _gemm_blocks(M, N, K)
     tiles_n = triton.cdiv(N, BN)
     tiles = triton.cdiv(M, BM) * tiles_n
-    buf, lr, momentum, weight_decay, nesterov = sgd if sgd is not None else (None, 0., 0., 0., 0)
+    buf, lr, momentum, weight_decay, nesterov, seed = (
+        sgd if sgd is not None else (None, 0., 0., 0., 0, -1))
+    stochastic = seed >= 0
     _block_gemm_kernel[(tiles * n,)](
         A, Bm, C, buf if buf is not None else C, M, N, K, *a, *b, *c, tiles_n, tiles,
-        float(lr), float(momentum), float(weight_decay),
-        DOT_PRECISION=_dot_precision(C.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        CHUNK_TILES=_chunk_tiles(K, BK), SGD=sgd is not None, HAS_BUF=buf is not None,
-        HAS_WD=weight_decay != 0, NESTEROV=bool(nesterov))
+        float(lr), float(momentum), float(weight_decay), _seed_mix(seed) if stochastic else 0,
+        DOT_PRECISION="ieee" if stochastic else _dot_precision(C.dtype), BLOCK_M=BM, BLOCK_N=BN,
+        BLOCK_K=BK, CHUNK_TILES=_chunk_tiles(K, BK), SGD=sgd is not None,
+        HAS_BUF=buf is not None, HAS_WD=weight_decay != 0, NESTEROV=bool(nesterov),
+        STOCHASTIC=stochastic)
+
+
+def _seed_mix(seed: int) -> int:
+    """hash32(uint32(seed) ^ 0x5bd1e995), as reference.round_stochastic_bf16 and the CPU
+    kernels mix a rounding seed."""
+    v = (seed & 0xFFFFFFFF) ^ 0x5BD1E995
+    v ^= v >> 16
+    v = (v * 0x7FEB352D) & 0xFFFFFFFF
+    v ^= v >> 15
+    v = (v * 0x846CA68B) & 0xFFFFFFFF
+    return v ^ (v >> 16)
 
 
 def _launch_ztile(x, weight, bias, gate, paths, csr, layout, y, z, fused) -> None:
@@ -583,10 +623,13 @@ def _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, moment
     B, Di = x.shape[1], x.shape[2]
     Do = weight.shape[1]
     buf = momentum_buffer
-    # The compiled op takes what this kernel does not: grouped plans and float64; stochastic
-    # rounding (CPU kernels); weights the plan does not cover (they still decay); an empty batch;
-    # non-contiguous parameters (updated in place through their own strides there).
-    if (not _uses_triton(layout, x.dtype) or rounding_seed >= 0 or n * nm != weight.shape[0]
+    # The compiled op takes what this kernel does not: grouped plans and float64; weights the plan
+    # does not cover (they still decay); an empty batch; non-contiguous parameters (updated in
+    # place through their own strides there). Stochastic rounding: bfloat16 weights only.
+    if rounding_seed >= 0 and weight.dtype != torch.bfloat16:
+        raise RuntimeError(f"rounding_seed: stochastic rounding (rounding_seed >= 0) is for "
+                           f"bfloat16 weights, got {weight.dtype}")
+    if (not _uses_triton(layout, x.dtype) or n * nm != weight.shape[0]
             or B == 0 or not weight.is_contiguous()
             or (buf is not None and not buf.is_contiguous())):
         torch.ops.gated_ops.pathway_sgd_(grad_z, x, weight, buf, paths, csr, layout, lr,
@@ -599,7 +642,7 @@ def _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, moment
     # W_i (nm*Do, Di) -= lr * step(dZ_i^T (nm*Do, ns*B) @ X_i (ns*B, Di))
     _launch_block_gemm(grad_z, x, weight, n, Kz, Di, R, a=(0, R * Kz, 1, Kz),
                        b=(s0 * B * Di, R * Di, Di, 1), c=(m0 * Do * Di, Kz * Di, Di),
-                       sgd=(buf, lr, momentum, weight_decay, nesterov))
+                       sgd=(buf, lr, momentum, weight_decay, nesterov, rounding_seed))
 
 
 def _grad_bias_impl(grad_z, paths, csr, layout, num_sources, num_weights, d_out):

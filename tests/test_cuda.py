@@ -408,13 +408,13 @@ def test_triton_cross_entropy_matches_reference(dtype):
 
 
 def test_cuda_refuses_stochastic_rounding_before_any_layer_steps():
-    """Stochastic rounding of bfloat16 weights exists in the CPU kernels only: on CUDA the
-    module raises in the first backward, before it or any other layer has stepped, and the
-    raw op refuses rounding_seed >= 0."""
+    """Stochastic rounding of bfloat16 weights exists in the CPU kernels and the Triton backend,
+    not in the CUDA kernels: a module on them raises in the first backward, before it or any
+    other layer has stepped, and the raw op refuses rounding_seed >= 0."""
     m = GatedPathwayLinear.batched(2, 8, 4, device=DEVICE, dtype=torch.bfloat16)
     m.fuse_sgd(SGDConfig(lr=0.1, momentum=0.9, stochastic_rounding=True))
     w0 = m.weight.detach().clone()
-    with pytest.raises(ValueError, match="CPU kernels only"):
+    with pytest.raises(ValueError, match="implemented in the CPU kernels and the Triton backend"):
         m(torch.randn(2, 3, 8, device=DEVICE, dtype=torch.bfloat16)).sum().backward()
     assert torch.equal(m.weight, w0)
     plan = m.plan

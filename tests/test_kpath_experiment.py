@@ -169,8 +169,9 @@ def test_stochastic_rounding_is_refused_where_the_kernels_lack_it():
     cfg = dataclasses.replace(smoke(), dtype="bfloat16")
     E.check_device_support(cfg, torch.device("cpu"))
     E.check_device_support(dataclasses.replace(cfg, rounding="nearest"), torch.device("cuda"))
-    with pytest.raises(ValueError, match="--rounding stochastic: .* CPU kernels only"):
+    with pytest.raises(ValueError, match="--rounding stochastic: .* not in the CUDA kernels"):
         E.check_device_support(cfg, torch.device("cuda"))
+    E.check_device_support(dataclasses.replace(cfg, backend="triton"), torch.device("cuda"))
 
 
 def test_tiny_run_learns(data_root, tmp_path):

@@ -287,3 +287,49 @@ def test_kpath_fused_step_on_triton_equals_compiled_kernels():
     for name in state["auto"]:
         torch.testing.assert_close(state["triton"][name], state["auto"][name], rtol=1e-5,
                                    atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["batched", "shared", "fanout"])
+def test_fused_sgd_stochastic_rounding_is_bitwise_the_reference(kind):
+    """bfloat16 weights with rounding_seed >= 0: every weight is the exact float32 step rounded
+    by reference.round_stochastic_bf16, the momentum buffer rounded to nearest: bit for bit what
+    the CPU kernels store. Integer dZ and x make the gradient and the step exact in any
+    summation order, so the comparisons are bitwise."""
+    from gated_ops import GatedPathwayLinear
+    from gated_ops.reference import round_stochastic_bf16
+
+    Di, Do, B = 37, 6, 5
+    make = {"batched": lambda: GatedPathwayLinear.batched(3, Di, Do, replicas=2),
+            "shared": lambda: GatedPathwayLinear.shared(3, Di, Do, replicas=2),
+            "fanout": lambda: GatedPathwayLinear.fanout(2, 3, Di, Do, replicas=2)}[kind]
+    torch.manual_seed(0)
+    m = make().to(DEVICE, torch.bfloat16)
+    plan, lay, g = m.plan, list(m.plan.layout), torch.Generator().manual_seed(3)
+    x = torch.randint(-1, 2, (m.num_sources, B, Di), generator=g).to(DEVICE, torch.bfloat16)
+    dz = torch.randint(-1, 2, plan.z_shape(B, Do), generator=g).to(DEVICE, torch.bfloat16)
+    lr, seed = 2.0 ** -10, 1234
+    gw = torch.ops.gated_ops.pathway_grad_weight(dz.cpu().float(), x.cpu().float(),
+                                                 plan.paths.cpu(), plan.csr.cpu(), lay,
+                                                 m.num_weights, Do)
+    w0 = m.weight.detach().clone()
+    expect = round_stochastic_bf16(w0.cpu().float() - lr * gw, seed)
+    results = {}
+    for name, ops, dev in (("triton", torch.ops.gated_ops_triton, DEVICE),
+                           ("cpu", torch.ops.gated_ops, "cpu")):
+        w, buf = w0.clone().to(dev), torch.zeros_like(w0, device=dev)
+        p = plan if dev == DEVICE else plan.to("cpu")
+        ops.pathway_sgd_(dz.to(dev), x.to(dev), w, buf, p.paths, p.csr, lay, lr, 0.5, 0.0,
+                         False, seed)
+        results[name] = w.cpu()
+        assert torch.equal(buf.cpu(), gw.to(torch.bfloat16)), name
+    assert torch.equal(results["triton"].view(torch.int16), expect.view(torch.int16))
+    assert torch.equal(results["triton"].view(torch.int16), results["cpu"].view(torch.int16))
+    # round to nearest gives other bits
+    nearest = w0.clone()
+    torch.ops.gated_ops_triton.pathway_sgd_(dz, x, nearest, None, plan.paths, plan.csr, lay, lr,
+                                            0.0, 0.0, False, -1)
+    assert not torch.equal(nearest.cpu(), results["triton"])
+    with pytest.raises(RuntimeError, match="stochastic rounding .* is for bfloat16 weights"):
+        w32 = w0.float()
+        torch.ops.gated_ops_triton.pathway_sgd_(dz.float(), x.float(), w32, None, plan.paths,
+                                                plan.csr, lay, lr, 0.0, 0.0, False, seed)
