@@ -21,6 +21,7 @@ from pathlib import Path
 
 PROVIDER_ORDER = ("naive", "torch", "torch_compile", "torch_graph", "reference", "cpu", "cuda",
                   "cuda_graph", "triton")
+PLAIN = ("torch", "torch_compile", "torch_graph")  # the plain-PyTorch baselines
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 
 
@@ -76,10 +77,12 @@ def table(data: dict, modes: list[str] | None = None) -> str:
         groups.setdefault((e["case"], e["mode"]), {})[e["provider"]] = e
     lines = [header(data), "",
              "| case | mode | provider | device | median ms | min ms | vs naive | vs torch "
-             "| GB/s | TFLOP/s | floor ms | x floor |",
-             "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "| vs best plain | GB/s | TFLOP/s | floor ms | x floor |",
+             "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for (case, mode), rows in groups.items():
         naive, torch_ = rows.get("naive"), rows.get("torch")
+        plain = [rows[p]["time_s"] for p in PLAIN if p in rows]
+        best_plain = min(plain) if plain else None
         first = True
         for prov in sorted(rows, key=lambda p: (PROVIDER_ORDER + (p,)).index(p)):
             e = rows[prov]
@@ -95,13 +98,16 @@ def table(data: dict, modes: list[str] | None = None) -> str:
                 f"| {time} | {_ms(e['time_min_s'])} "
                 f"| {_x(naive['time_s'] / t) if naive else '-'} "
                 f"| {_x(torch_['time_s'] / t) if torch_ else '-'} "
+                f"| {_x(best_plain / t) if best_plain else '-'} "
                 f"| {e['gbs']:.2f} | {e['tflops']:.3f} | {_ms(e['floor_s'])} "
                 f"| {e['ratio_to_floor']:.1f} |")
             first = False
     if not groups:
-        lines.append("| (no timed benchmarks in this file) |||||||||||")
+        lines.append("| (no timed benchmarks in this file) ||||||||||||")
     lines += ["", "Speedups are ratios of medians within this run. vs naive / vs torch = "
-              "that provider's time / this row's time. x floor = median / floor."]
+              "that provider's time / this row's time; vs best plain: the fastest plain-PyTorch "
+              "provider of the row's case and mode (torch, torch_compile, torch_graph) in this "
+              "file. x floor = median / floor."]
     return "\n".join(lines)
 
 
