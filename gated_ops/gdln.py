@@ -91,12 +91,17 @@ class GDLN(nn.Module):
         edges: (src, dst) or (src, dst, weight_name) tuples; each edge is named "src->dst".
         bias: give every weight a bias (the theory assumes none).
         init_std: weights ~ N(0, init_std^2) (None: nn.Linear's default scale 1/sqrt(D_in)).
+        backend: "auto" (the compiled CPU / CUDA kernels) or "triton" (gated_ops.triton_ops;
+            layers whose plan is grouped run the compiled op there too).
     """
 
     def __init__(self, nodes: dict[str, int], edges: list[tuple[str, ...]], *, bias: bool = False,
                  init_std: float | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, backend: str = "auto"):
         super().__init__()
+        if backend not in ("auto", "triton"):
+            raise ValueError(f"backend: expected 'auto' or 'triton', got {backend!r}")
+        self.backend = backend
         self.node_names = list(nodes)
         self.widths = dict(nodes)
         node_idx = {n: i for i, n in enumerate(self.node_names)}
@@ -347,7 +352,8 @@ class GDLN(nn.Module):
                 eg = edge_gates[layer.edge_idx]
                 gate = eg if gate is None else gate * eg
             bias = self.biases[layer.bank] if self.biases is not None else None
-            y = pathway_matmul(x, self.banks[layer.bank], layer.plan, bias, gate)
+            y = pathway_matmul(x, self.banks[layer.bank], layer.plan, bias, gate,
+                               backend=self.backend)
             # unbind, not y[row]: one backward stack instead of a zero-filled (T, B, D) per row
             # (halved the routing network's SGD step, 10 -> 5 ms, measured)
             for v, yv in zip(layer.dst_nodes, y.unbind(0)):
