@@ -237,7 +237,8 @@ class _FusedSGDPathway(torch.autograd.Function):
             b = getattr(m, name, None)
             return None if b is None else b.view(like.shape)
         if gate is None and plan.z_is_y:  # dZ_p = grad_y[p], in Z's order: grad_y itself
-            dz = grad_y.reshape(plan.z_shape(grad_y.shape[1], grad_y.shape[2]))
+            # (contiguous: autograd may hand an expanded, stride-0 grad_y, e.g. from .sum())
+            dz = grad_y.reshape(plan.z_shape(grad_y.shape[1], grad_y.shape[2])).contiguous()
         else:
             dz = _ops.pathway_grad_z(grad_y, gate, plan.paths, plan.csr, layout, S, M)
         grad_x = None

@@ -286,5 +286,9 @@ def test_z_is_y_plans_and_the_fused_backward_shortcut():
             assert "gated_ops::pathway_grad_z" not in ops_called["a"]
             assert "gated_ops::pathway_grad_z" in ops_called["b"]
             assert torch.equal(xa.grad, xb.grad)
+        # an expanded (stride-0) grad_y, as .sum() gives
+        x = torch.randn(6, 4, 7)
+        a(x).sum().backward()
+        b(x, ones).sum().backward()
         for name, t in a.state_dict().items():
             assert torch.equal(t, b.state_dict()[name]), name
