@@ -537,6 +537,12 @@ def check_device_support(cfg: KPathConfig, device: torch.device) -> None:
                          "CUDA kernels; on CUDA pass --backend triton, or --rounding nearest "
                          "(and mind experiments/README.md: small-init runs then stall), or "
                          "--dtype float32")
+    if (device.type == "cuda" and cfg.cuda_graph and cfg.dtype == "bfloat16"
+            and cfg.model == "fused" and cfg.fused_sgd and cfg.rounding == "stochastic"):
+        raise ValueError("--rounding stochastic with --cuda-graph true: the rounding seed of a "
+                         "step is derived on the host from the layer's step counter, so a "
+                         "captured graph would replay one seed forever; pass --cuda-graph false "
+                         "(eager) or --rounding nearest")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

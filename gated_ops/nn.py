@@ -173,6 +173,11 @@ class GatedPathwayLinear(nn.Module):
             raise ValueError("SGDConfig.stochastic_rounding: implemented in the CPU kernels "
                              f"and the Triton backend (backend='triton'); this layer is on "
                              f"{self.weight.device} with backend={self.backend!r}")
+        if self.weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("SGDConfig.stochastic_rounding: the seed of a step comes from the "
+                               "step counter read on the host, so a captured CUDA graph would "
+                               "replay one seed forever; train this layer eagerly, or round to "
+                               "nearest under capture")
         step = int(self.sgd_step)
         self.sgd_step += 1
         # a seed per (layer shape, step): layers of other shapes draw other bits

@@ -407,6 +407,23 @@ def test_triton_cross_entropy_matches_reference(dtype):
         assert_close(name, outs[2][i], outs[0][i], outs[1][i])
 
 
+def test_triton_stochastic_rounding_trains_eagerly_and_refuses_graph_capture():
+    """backend="triton" gives bfloat16 stochastic rounding on the GPU: an eager step moves the
+    weights; under CUDA-graph capture the layer refuses (its seed is read on the host)."""
+    pytest.importorskip("gated_ops.triton_ops")
+    m = GatedPathwayLinear.batched(2, 16, 16, device=DEVICE, dtype=torch.bfloat16,
+                                   backend="triton")
+    m.fuse_sgd(SGDConfig(lr=0.1, momentum=0.9, stochastic_rounding=True))
+    w0 = m.weight.detach().clone()
+    x = torch.randn(2, 4, 16, device=DEVICE, dtype=torch.bfloat16)
+    m(x).sum().backward()
+    assert not torch.equal(m.weight, w0) and int(m.sgd_step) == 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        with pytest.raises(RuntimeError, match="captured CUDA graph would replay one seed"):
+            m(x).sum().backward()
+
+
 def test_cuda_refuses_stochastic_rounding_before_any_layer_steps():
     """Stochastic rounding of bfloat16 weights exists in the CPU kernels and the Triton backend,
     not in the CUDA kernels: a module on them raises in the first backward, before it or any

@@ -172,6 +172,9 @@ def test_stochastic_rounding_is_refused_where_the_kernels_lack_it():
     with pytest.raises(ValueError, match="--rounding stochastic: .* not in the CUDA kernels"):
         E.check_device_support(cfg, torch.device("cuda"))
     E.check_device_support(dataclasses.replace(cfg, backend="triton"), torch.device("cuda"))
+    with pytest.raises(ValueError, match="--cuda-graph true: the rounding seed"):
+        E.check_device_support(dataclasses.replace(cfg, backend="triton", cuda_graph=True),
+                               torch.device("cuda"))
 
 
 def test_tiny_run_learns(data_root, tmp_path):
