@@ -183,11 +183,13 @@ SGD_CONFIGS = [dict(lr=0.3, momentum=0.0, weight_decay=0.0, nesterov=False),
                dict(lr=0.3, momentum=0.8, weight_decay=0.0, nesterov=True)]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=["plain", "momentum_decay", "nesterov"])
 @pytest.mark.parametrize("case", BLOCKED, ids=lambda c: c.name)
-def test_fused_sgd_op_equals_reference_update(case, cfg):
+def test_fused_sgd_op_equals_reference_update(case, cfg, dtype):
     """pathway_sgd_ = pathway_grad_weight then torch.optim.SGD's step (sgd_momentum_ref), from a
-    nonzero momentum buffer; float64 reference, float32 kernel, the tolerance rule."""
+    nonzero momentum buffer; float64 reference, the kernel in each dtype (16-bit: computed in
+    float32, rounded once), the tolerance rule against the same steps in plain PyTorch."""
     from gated_ops.reference import sgd_momentum_ref
 
     plan = case.table.plan(DEVICE)
@@ -217,8 +219,8 @@ def test_fused_sgd_op_equals_reference_update(case, cfg):
         return ws.cpu(), bs.cpu()
 
     w64, b64 = step(torch.float64, "cpu", fused=False)
-    w_plain, b_plain = step(torch.float32, DEVICE, fused=False)
-    w_tri, b_tri = step(torch.float32, DEVICE, fused=True)
+    w_plain, b_plain = step(dtype, DEVICE, fused=False)
+    w_tri, b_tri = step(dtype, DEVICE, fused=True)
     assert_close(f"{case.name}: weight", w_tri, w64, w_plain)
     assert_close(f"{case.name}: momentum", b_tri, b64, b_plain)
 
