@@ -40,6 +40,8 @@ Extension = CUDAExtension if use_cuda else CppExtension
 if use_cuda:
     sources += cuda_sources
     extra_compile_args["cxx"].append("-DGATED_OPS_WITH_CUDA")
+    if os.environ.get("GATED_OPS_PTXAS_REPORT", "0") == "1":  # registers and spills per kernel
+        extra_compile_args["nvcc"].append("--resource-usage")
 else:
     extra_compile_args.pop("nvcc")
 

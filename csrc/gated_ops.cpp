@@ -559,6 +559,14 @@ struct Rounding {
   bool stochastic = false;
   uint32_t mix = 0;
 };
+// The rounding of a step with this seed; stochastic rounding is for bfloat16 parameters only.
+Rounding rounding_for(int64_t rounding_seed, const Tensor& param, const char* what) {
+  TORCH_CHECK(rounding_seed < 0 || param.scalar_type() == at::kBFloat16,
+              "rounding_seed: stochastic rounding (rounding_seed >= 0) is for bfloat16 ", what,
+              ", got ", param.scalar_type(), " (pass -1: round to nearest)");
+  return {rounding_seed >= 0, simd::seed_mix(rounding_seed)};
+}
+
 template <typename scalar_t, typename opmath_t>
 inline void store_weight(scalar_t* w, opmath_t v, int64_t index, const Rounding& rd) {
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -669,21 +677,9 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
                      at::IntArrayRef layout, double lr, double momentum, double weight_decay,
                      bool nesterov, int64_t rounding_seed) {
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
-  check_float(w, "weight", x_.scalar_type());
-  TORCH_CHECK(rounding_seed < 0 || w.scalar_type() == at::kBFloat16,
-              "rounding_seed: stochastic rounding (rounding_seed >= 0) is for bfloat16 weights, "
-              "got ", w.scalar_type(), " (pass -1: round to nearest)");
-  const Rounding rd{rounding_seed >= 0, simd::seed_mix(rounding_seed)};
+  check_sgd_state(w, "weight", buf, momentum, x_);
+  const Rounding rd = rounding_for(rounding_seed, w, "weights");
   check_float(dz_, "grad_z", x_.scalar_type());
-  TORCH_CHECK(w.is_contiguous(), "weight: the fused SGD update needs a contiguous weight");
-  TORCH_CHECK((momentum != 0) == buf.has_value(),
-              "momentum_buffer: expected a buffer exactly when momentum != 0");
-  if (buf) {
-    TORCH_CHECK(buf->sizes() == w.sizes() && buf->is_contiguous() &&
-                    buf->scalar_type() == w.scalar_type(),
-                "momentum_buffer: expected a contiguous tensor like weight ", w.sizes(), ", got ",
-                buf->sizes());
-  }
   const Tensor dz = dz_.contiguous(), x = x_.contiguous();
   const Plan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
   const int64_t B = x.size(1), Do = w.size(1), Di = w.size(2);
@@ -773,6 +769,27 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
         }
       }
     });
+  });
+}
+
+// The bias's share of the fused SGD step: grad_bias (pathway_grad_bias, accumulated in float for
+// 16-bit storage and not rounded) and torch.optim.SGD's step, in place, in one call.
+void pathway_bias_sgd_cpu(const Tensor& dz_, const Tensor& bias, const c10::optional<Tensor>& buf,
+                          const Tensor& paths, const Tensor& csr, at::IntArrayRef layout,
+                          int64_t num_sources, int64_t num_weights, double lr, double momentum,
+                          double weight_decay, bool nesterov, int64_t rounding_seed) {
+  check_bias_sgd(bias, num_weights);
+  check_sgd_state(bias, "bias", buf, momentum, dz_);
+  const Rounding rd = rounding_for(rounding_seed, bias, "biases");
+  const Tensor dz = at::isReducedFloatingType(dz_.scalar_type()) ? dz_.to(at::kFloat) : dz_;
+  const Tensor gb = pathway_grad_bias_cpu(dz, paths, csr, layout, num_sources, num_weights,
+                                          bias.size(1));
+  GATED_CPU_DISPATCH(bias.scalar_type(), "pathway_bias_sgd_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    sgd_rows<scalar_t, opmath_t>(bias.data_ptr<scalar_t>(),
+                                 buf ? buf->data_ptr<scalar_t>() : nullptr,
+                                 gb.const_data_ptr<opmath_t>(), bias.numel(), lr, momentum,
+                                 weight_decay, nesterov, 0, rd);
   });
 }
 
@@ -1085,6 +1102,9 @@ TORCH_LIBRARY(gated_ops, m) {
   m.def("pathway_sgd_(Tensor grad_z, Tensor x, Tensor(a!) weight, Tensor(b!)? momentum_buffer, "
         "Tensor paths, Tensor csr, int[] layout, float lr, float momentum, float weight_decay, "
         "bool nesterov, int rounding_seed=-1) -> ()");
+  m.def("pathway_bias_sgd_(Tensor grad_z, Tensor(a!) bias, Tensor(b!)? momentum_buffer, "
+        "Tensor paths, Tensor csr, int[] layout, int num_sources, int num_weights, float lr, "
+        "float momentum, float weight_decay, bool nesterov, int rounding_seed=-1) -> ()");
   m.def("gated_cross_entropy(Tensor logits, Tensor target, Tensor gate) "
         "-> (Tensor loss, Tensor path_loss, Tensor correct, Tensor lse)");
   m.def("gated_cross_entropy_backward(Tensor grad_loss, Tensor grad_path_loss, Tensor logits, "
@@ -1100,6 +1120,7 @@ TORCH_LIBRARY_IMPL(gated_ops, CPU, m) {
   m.impl("pathway_grad_gate", &pathway_grad_gate_cpu);
   m.impl("pathway_grad_x_gate", &pathway_grad_x_gate_cpu);
   m.impl("pathway_sgd_", &pathway_sgd_cpu);
+  m.impl("pathway_bias_sgd_", &pathway_bias_sgd_cpu);
   m.impl("gated_cross_entropy", &gated_cross_entropy_cpu);
   m.impl("gated_cross_entropy_backward", &gated_cross_entropy_backward_cpu);
 }

@@ -114,6 +114,32 @@ inline at::Tensor w_blocks(const Plan& p, const at::Tensor& w) {
   return w.narrow(0, p.m0, p.n * p.nm).reshape({p.n, p.nm * w.size(1), w.size(2)});
 }
 
+// A fused SGD step's parameter (name: "weight" or "bias") and momentum buffer: the data's dtype
+// and device, contiguous (updated in place through raw pointers), and a buffer exactly when
+// momentum != 0, laid out like the parameter.
+inline void check_sgd_state(const at::Tensor& param, const char* name,
+                            const c10::optional<at::Tensor>& buf, double momentum,
+                            const at::Tensor& ref) {
+  check_float(param, name, ref.scalar_type());
+  check_same_device(param, name, ref);
+  TORCH_CHECK(param.is_contiguous(), name, ": the fused SGD update needs a contiguous ", name);
+  TORCH_CHECK((momentum != 0) == buf.has_value(),
+              "momentum_buffer: expected a buffer exactly when momentum != 0");
+  if (buf) {
+    TORCH_CHECK(buf->sizes() == param.sizes() && buf->is_contiguous() &&
+                    buf->scalar_type() == param.scalar_type(),
+                "momentum_buffer: expected a contiguous tensor like ", name, " ", param.sizes(),
+                ", got ", buf->sizes());
+    check_same_device(*buf, "momentum_buffer", ref);
+  }
+}
+
+// bias (M, D_out) of a fused bias step.
+inline void check_bias_sgd(const at::Tensor& bias, int64_t num_weights) {
+  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == num_weights, "bias: expected (M, D_out) with M = ",
+              num_weights, " weights, got shape ", bias.sizes());
+}
+
 inline void check_grad_z(const at::Tensor& dz, const Plan& p, int64_t B, int64_t Do) {
   TORCH_CHECK(dz.dim() == 2 && dz.size(0) == p.z_rows(B) && dz.size(1) == p.z_cols(Do),
               "grad_z: expected shape (", p.z_rows(B), ", ", p.z_cols(Do),

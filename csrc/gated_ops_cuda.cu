@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "gated_ops.h"
 
@@ -86,6 +87,14 @@ __device__ __forceinline__ void store_vec(scalar_t* p, const acc_t (&in)[VEC]) {
 #pragma unroll
   for (int v = 0; v < VEC; ++v) pk.v[v] = static_cast<scalar_t>(in[v]);
   *reinterpret_cast<Pack<scalar_t, VEC>*>(p) = pk;
+}
+
+// The weight-gradient kernel's vector: at most 4 values (8-byte loads for 16-bit types), so that
+// its 4 x VEC accumulators fit 4 blocks of 256 threads per SM (ptxas: 8 bf16 per lane took 103
+// registers, 2 blocks).
+template <typename scalar_t>
+constexpr int wgrad_vec_of() {
+  return vec_of<scalar_t>() < 4 ? vec_of<scalar_t>() : 4;
 }
 
 // A plan index read on the device, checked against its range (the host never reads them).
@@ -140,6 +149,25 @@ __device__ __forceinline__ T block_sum(T v, T* red) {
     for (int w = 0; w < (int)(blockDim.x / kWarp); ++w) total += red[w];
   }
   return total;
+}
+
+// One element of torch.optim.SGD's step (dampening 0) in the accumulation type: returns the new
+// parameter and updates the momentum mb (when has_buf); see sgd_rows in gated_ops.cpp.
+struct SgdArgs {
+  double lr, momentum, weight_decay;
+  bool nesterov;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sgd_value(acc_t w, acc_t g, acc_t& mb, bool has_buf,
+                                           const SgdArgs& s) {
+  const acc_t wd = s.weight_decay, mom = s.momentum;
+  if (wd != acc_t(0)) g += wd * w;
+  if (has_buf) {
+    mb = mom * mb + g;
+    g = s.nesterov ? g + mom * mb : mb;
+  }
+  return w - acc_t(s.lr) * g;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -207,7 +235,6 @@ struct ZTileArgs {
   const scalar_t* gate;  // (P,) / (P, B) or null
   scalar_t* y;           // (T, B, Do)
   scalar_t* z;           // (z_rows, z_cols)
-  const int64_t* zinv;   // blocked: pathway of (row block k, weight column block c)
   Plan p;
   int64_t B, Di, Do, zcols;
   bool per_sample;
@@ -282,7 +309,7 @@ ztile_kernel(const ZTileArgs<scalar_t> a) {
     if (p.blocked()) {
       const int64_t c = zc / a.Do;
       o = zc - c * a.Do;
-      q = checked(a.zinv[k * p.nm + c], p.P);
+      q = checked(p.owner[k * p.nm + c], p.P);  // the plan's owner table
       m = p.m0 + (k / p.ns) * p.nm + c;
     } else {
       q = pg; o = zc; m = p.wgt[pg];
@@ -296,15 +323,6 @@ ztile_kernel(const ZTileArgs<scalar_t> a) {
     }
   }
   a.z[(k * a.B + b) * a.zcols + zc] = static_cast<scalar_t>(zv);
-}
-
-// blocked: zinv[zrow[p] * nm + zcol[p]] = p, the pathway of each (row block, column block) of Z.
-__global__ void zinv_kernel(const Plan p, int64_t* zinv) {
-  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < p.P;
-       q += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t zr = checked(p.zrow[q], p.n * p.ns), zc = checked(p.zcol[q], p.nm);
-    zinv[zr * p.nm + zc] = q;
-  }
 }
 
 // y[t, b, o] = sum_{k in dst CSR(t)} gate * (Z_p[b, o] + bias[m_p, o]), in CSR order; with
@@ -486,8 +504,8 @@ __global__ void __launch_bounds__(kGxWarps * kWarp) grad_x_kernel(const GradXArg
 // owns (m, 32 rows of D_out, 32 * VEC columns of D_in); warp w owns 4 rows, lane VEC columns:
 // 4 * VEC accumulators, no cross-thread reduction, so the epilogue holds grad_W in registers and
 // either stores it or applies SGD: W and the momentum buffer are read and written once each,
-// with 16-byte accesses (k-path encoder: 4 x 40 MB per step, the floor for an SGD step; autograd
-// + torch.optim.SGD moves 7 x 40 MB). Rows: blocked, the ns * B rows of block i (contiguous in
+// with 16-byte (fp32) or 8-byte (16-bit) accesses (k-path encoder: 4 x 40 MB per step, the floor
+// for an SGD step; autograd + torch.optim.SGD moves 7 x 40 MB). Rows: blocked, the ns * B rows of block i (contiguous in
 // dZ and in x); grouped, the B rows of each pathway of m (wgt CSR order). Weights without a
 // pathway get a zero gradient (decay and momentum still apply, as in torch.optim.SGD).
 template <typename scalar_t>
@@ -499,12 +517,21 @@ struct WGradArgs {
   Plan p;
   int64_t B, Di, Do, ldz;
   int not_, ndt;
-  double lr, momentum, weight_decay;
-  bool nesterov;
+  SgdArgs sgd;
 };
 
-template <typename scalar_t, int VEC, bool kSGD>
-__global__ void __launch_bounds__(kMaxWarps * kWarp) wgrad_kernel(const WGradArgs<scalar_t> a) {
+// kChunked: a weight's rows are summed in chunks of kBT (one pathway's batch when grouped), each
+// chunk apart and then added, so a weight fed by many pathways (a k-path decoder: 100 x 8 rows)
+// accumulates a chain of len / 8 + 8 additions, not len: about cuBLAS's accuracy. Blocked plans
+// with ns * B <= kBT rows (the k-path encoders: the fused SGD's hot case) have one chunk and take
+// the single-level loop, bitwise the same sum without the second set of accumulators.
+// Registers set this kernel's occupancy (ptxas --resource-usage, sm_90, 256 threads): the fused
+// SGD takes 72 (fp32 and bf16; 3 blocks per SM) with the launch bounds below. The version measured
+// in H100 run b loaded W and the momentum before the sum and chunked every plan: 126 registers
+// with spills in fp32 (2 blocks per SM) and 222 in bf16 (1 block); it was 9% slower than run a's.
+template <typename scalar_t, int VEC, bool kSGD, bool kChunked>
+__global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4)
+    wgrad_kernel(const WGradArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kCols = kWarp * VEC;
   const Plan& p = a.p;
@@ -519,23 +546,25 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp) wgrad_kernel(const WGradArg
 
   acc_t acc[kRowsPerWarp][VEC];
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r)
+  for (int i = 0; i < kRowsPerWarp; ++i)
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) acc[r][v] = acc_t(0);
+    for (int v = 0; v < VEC; ++v) acc[i][v] = acc_t(0);
 
-  // SGD: the weight and momentum rows are loaded first, so that their latency overlaps the
-  // gradient's accumulation instead of following it.
-  acc_t w[kRowsPerWarp][VEC], mb[kRowsPerWarp][VEC];
-  if (kSGD) {
+  // acc[i][:] += sum over rows r0 <= r < r0 + rn of dz[r, i] * x[r, :]
+  auto accumulate = [&](const scalar_t* dzp, const scalar_t* xp, int64_t r0, int rn,
+                        acc_t (&out)[kRowsPerWarp][VEC]) {
+#pragma unroll 2
+    for (int r = 0; r < rn; ++r) {
+      acc_t xv[VEC];
+      load_vec<VEC>(xp + (r0 + r) * a.Di, xv);
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      if (i < nr) {
-        const int64_t off = (m * a.Do + o0 + i) * a.Di + d;
-        load_vec<VEC>(a.out + off, w[i]);
-        if (a.buf) load_vec<VEC>(a.buf + off, mb[i]);
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const acc_t g = i < nr ? static_cast<acc_t>(dzp[(r0 + r) * a.ldz + i]) : acc_t(0);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) out[i][v] += g * xv[v];
       }
     }
-  }
+  };
 
   int64_t nseg = 0;
   if (p.blocked()) {
@@ -556,76 +585,67 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp) wgrad_kernel(const WGradArg
     }
     const scalar_t* dzp = a.dz + dzrow0 * a.ldz + col0 + o0;
     const scalar_t* xp = a.x + xrow0 * a.Di + d;
-    // Two-level sum: rows in chunks of kBT (one pathway's batch when grouped), each chunk summed
-    // apart and then added, so a weight fed by many pathways (a k-path decoder: 100 x 8 rows)
-    // accumulates a chain of len / 8 + 8 additions, not len: about cuBLAS's accuracy.
-    for (int64_t r0 = 0; r0 < len; r0 += kBT) {
-      const int rn = (int)min(int64_t(kBT), len - r0);
-      acc_t part[kRowsPerWarp][VEC];
+    if constexpr (kChunked) {
+      for (int64_t r0 = 0; r0 < len; r0 += kBT) {
+        acc_t part[kRowsPerWarp][VEC];
 #pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i)
+        for (int i = 0; i < kRowsPerWarp; ++i)
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) part[i][v] = acc_t(0);
-#pragma unroll 4
-      for (int r = 0; r < rn; ++r) {
-        acc_t xv[VEC];
-        load_vec<VEC>(xp + (r0 + r) * a.Di, xv);
+          for (int v = 0; v < VEC; ++v) part[i][v] = acc_t(0);
+        accumulate(dzp, xp, r0, (int)min(int64_t(kBT), len - r0), part);
 #pragma unroll
-        for (int i = 0; i < kRowsPerWarp; ++i) {
-          const acc_t g = i < nr ? static_cast<acc_t>(dzp[(r0 + r) * a.ldz + i]) : acc_t(0);
+        for (int i = 0; i < kRowsPerWarp; ++i)
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) part[i][v] += g * xv[v];
-        }
+          for (int v = 0; v < VEC; ++v) acc[i][v] += part[i][v];
       }
-#pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i)
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[i][v] += part[i][v];
+    } else {
+      accumulate(dzp, xp, 0, (int)len, acc);  // len <= kBT (the launcher's condition)
     }
   }
+  if constexpr (!kSGD) {
 #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    if (i >= nr) break;
-    const int64_t off = (m * a.Do + o0 + i) * a.Di + d;
-    if (!kSGD) {
-      store_vec<VEC>(a.out + off, acc[i]);
-      continue;
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      if (i < nr) store_vec<VEC>(a.out + (m * a.Do + o0 + i) * a.Di + d, acc[i]);
     }
-    // torch.optim.SGD (dampening 0), in the accumulation type; see sgd_rows in gated_ops.cpp.
-    const acc_t lr = a.lr, mom = a.momentum, wd = a.weight_decay;
+  } else {
+    // torch.optim.SGD's step (sgd_value). All the W and momentum rows are loaded before the
+    // first store: a store may alias a later load (the compiler cannot tell), so loads
+    // interleaved with stores would be 4 DRAM round trips in a row instead of one. (Loading them
+    // before the sum, instead, kept them live through it: 126 registers and spills.)
+    acc_t w[kRowsPerWarp][VEC], mb[kRowsPerWarp][VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      acc_t dd = acc[i][v];
-      if (wd != acc_t(0)) dd += wd * w[i][v];
-      if (a.buf) {
-        mb[i][v] = mom * mb[i][v] + dd;
-        dd = a.nesterov ? dd + mom * mb[i][v] : mb[i][v];
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      if (i < nr) {
+        const int64_t off = (m * a.Do + o0 + i) * a.Di + d;
+        load_vec<VEC>(a.out + off, w[i]);
+        if (a.buf) load_vec<VEC>(a.buf + off, mb[i]);
       }
-      w[i][v] -= lr * dd;
     }
-    store_vec<VEC>(a.out + off, w[i]);
-    if (a.buf) store_vec<VEC>(a.buf + off, mb[i]);
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      if (i >= nr) break;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        w[i][v] = sgd_value(w[i][v], acc[i][v], mb[i][v], a.buf != nullptr, a.sgd);
+      }
+      const int64_t off = (m * a.Do + o0 + i) * a.Di + d;
+      store_vec<VEC>(a.out + off, w[i]);
+      if (a.buf) store_vec<VEC>(a.buf + off, mb[i]);
+    }
   }
 }
 
 // SGD with a materialised gradient (the cuBLAS path of pathway_sgd_), elementwise.
 template <typename scalar_t>
 __global__ void sgd_kernel(scalar_t* __restrict__ w, scalar_t* __restrict__ buf,
-                           const scalar_t* __restrict__ g, int64_t n, double lr_, double mom_,
-                           double wd_, bool nesterov) {
+                           const scalar_t* __restrict__ g, int64_t n, const SgdArgs sgd) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t lr = lr_, mom = mom_, wd = wd_;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    acc_t wv = w[i];
-    acc_t dd = static_cast<acc_t>(g[i]);
-    if (wd != acc_t(0)) dd += wd * wv;
-    if (buf) {
-      const acc_t b = mom * static_cast<acc_t>(buf[i]) + dd;
-      buf[i] = static_cast<scalar_t>(b);
-      dd = nesterov ? dd + mom * b : b;
-    }
-    w[i] = static_cast<scalar_t>(wv - lr * dd);
+    acc_t mb = buf ? static_cast<acc_t>(buf[i]) : acc_t(0);
+    w[i] = static_cast<scalar_t>(
+        sgd_value(static_cast<acc_t>(w[i]), static_cast<acc_t>(g[i]), mb, buf != nullptr, sgd));
+    if (buf) buf[i] = static_cast<scalar_t>(mb);
   }
 }
 
@@ -637,10 +657,13 @@ __global__ void sgd_kernel(scalar_t* __restrict__ w, scalar_t* __restrict__ buf,
 // of a thread per column on the k-path's long shared-weight columns (800 rows).
 constexpr int kBiasRows = 8;
 
-template <typename scalar_t>
+// kSGD (pathway_bias_sgd_): the column sum is the bias gradient, in the accumulation type (not
+// rounded to a 16-bit bias's type), and steps the bias and its momentum in place.
+template <typename scalar_t, bool kSGD>
 __global__ void __launch_bounds__(kWarp * kBiasRows)
 grad_bias_kernel(const Plan p, const scalar_t* __restrict__ dz, scalar_t* __restrict__ gb,
-                 int64_t B, int64_t Do, int64_t ldz) {
+                 scalar_t* __restrict__ buf, int64_t B, int64_t Do, int64_t ldz,
+                 const SgdArgs sgd) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t red[kBiasRows][kWarp];
   const int tx = threadIdx.x % kWarp, ty = threadIdx.x / kWarp;
@@ -670,7 +693,14 @@ grad_bias_kernel(const Plan p, const scalar_t* __restrict__ dz, scalar_t* __rest
     acc_t sum = red[0][tx];
 #pragma unroll
     for (int j = 1; j < kBiasRows; ++j) sum += red[j][tx];
-    gb[i] = static_cast<scalar_t>(sum);
+    if constexpr (kSGD) {  // gb is the bias
+      acc_t mb = buf ? static_cast<acc_t>(buf[i]) : acc_t(0);
+      const acc_t b = static_cast<acc_t>(gb[i]);
+      gb[i] = static_cast<scalar_t>(sgd_value(b, sum, mb, buf != nullptr, sgd));
+      if (buf) buf[i] = static_cast<scalar_t>(mb);
+    } else {
+      gb[i] = static_cast<scalar_t>(sum);
+    }
   }
 }
 
@@ -902,12 +932,6 @@ void launch_ztile(const Plan& p, const Tensor& x, const Tensor& w, const Tensor&
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(1), Di = x.size(2), Do = w.size(1);
   const int64_t krows = p.blocked() ? p.n * p.ns : p.P, zc = p.z_cols(Do);
-  Tensor zinv;
-  if (fused && p.blocked()) {
-    zinv = at::empty({p.n * p.ns * p.nm}, x.options().dtype(at::kLong));
-    zinv_kernel<<<flat_blocks(p.P, 256), 256, 0, stream()>>>(p, zinv.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
   ZTileArgs<scalar_t> a;
   a.x = x.data_ptr<scalar_t>(); a.w = w.data_ptr<scalar_t>();
   a.bias = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
@@ -915,7 +939,6 @@ void launch_ztile(const Plan& p, const Tensor& x, const Tensor& w, const Tensor&
   a.per_sample = gate.defined() && gate.dim() == 2;
   a.y = y ? y->data_ptr<scalar_t>() : nullptr;
   a.z = z.data_ptr<scalar_t>();
-  a.zinv = zinv.defined() ? zinv.data_ptr<int64_t>() : nullptr;
   a.p = p; a.B = B; a.Di = Di; a.Do = Do; a.zcols = zc;
   constexpr int V = vec_of<scalar_t>();
   const bool vec = Di % V == 0 && aligned16(a.w) && aligned16(a.x);
@@ -1043,15 +1066,14 @@ Tensor pathway_grad_x_cuda(const Tensor& dz_, const Tensor& w_, const Tensor& pa
 // The skinny weight-gradient kernel: into `out` (grad) or onto the weight (SGD).
 template <typename scalar_t>
 void launch_wgrad(const Plan& p, const Tensor& dz, const Tensor& x, const Tensor& out,
-                  const Tensor& buf, int64_t Do, bool sgd, double lr, double momentum,
-                  double weight_decay, bool nesterov) {
-  constexpr int V = vec_of<scalar_t>();
+                  const Tensor& buf, int64_t Do, bool sgd, const SgdArgs& sgd_args) {
+  constexpr int V = wgrad_vec_of<scalar_t>();
   const int64_t Di = x.size(2);
   WGradArgs<scalar_t> a;
   a.dz = dz.data_ptr<scalar_t>(); a.x = x.data_ptr<scalar_t>(); a.out = out.data_ptr<scalar_t>();
   a.buf = buf.defined() ? buf.data_ptr<scalar_t>() : nullptr;
   a.p = p; a.B = x.size(1); a.Di = Di; a.Do = Do; a.ldz = dz.size(1);
-  a.lr = lr; a.momentum = momentum; a.weight_decay = weight_decay; a.nesterov = nesterov;
+  a.sgd = sgd_args;
   const bool vec = Di % V == 0 && aligned16(a.x) && aligned16(a.out) &&
                    (!a.buf || aligned16(a.buf));
   const int cols = kWarp * (vec ? V : 1), warps = warps_for(Do);
@@ -1064,11 +1086,34 @@ void launch_wgrad(const Plan& p, const Tensor& dz, const Tensor& x, const Tensor
     kernel<<<(unsigned)grid, warps * kWarp, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
+  // one chunk of kBT rows per weight (blocked, ns * B <= kBT): the single-level sum
+  const bool chunked = !(p.blocked() && p.ns * a.B <= kBT);
+  auto pick = [&](auto sgd_c, auto chunked_c) {
+    constexpr bool kS = decltype(sgd_c)::value, kC = decltype(chunked_c)::value;
+    vec ? go(wgrad_kernel<scalar_t, V, kS, kC>) : go(wgrad_kernel<scalar_t, 1, kS, kC>);
+  };
+  using T = std::true_type;
+  using F = std::false_type;
   if (sgd) {
-    vec ? go(wgrad_kernel<scalar_t, V, true>) : go(wgrad_kernel<scalar_t, 1, true>);
+    chunked ? pick(T{}, T{}) : pick(T{}, F{});
   } else {
-    vec ? go(wgrad_kernel<scalar_t, V, false>) : go(wgrad_kernel<scalar_t, 1, false>);
+    chunked ? pick(F{}, T{}) : pick(F{}, F{});
   }
+}
+
+// grad_bias_kernel over dZ of a plan (B rows per pathway): into gb, or (sgd) onto the bias.
+template <typename scalar_t>
+void launch_grad_bias(const Plan& p, const Tensor& dz, const Tensor& gb, const Tensor& buf,
+                      int64_t B, int64_t Do, bool sgd, const SgdArgs& sgd_args) {
+  if (p.M * Do == 0) return;
+  const unsigned blocks = (unsigned)((p.M * Do + kWarp - 1) / kWarp);
+  auto go = [&](auto kernel) {
+    kernel<<<blocks, kWarp * kBiasRows, 0, stream()>>>(
+        p, dz.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(),
+        buf.defined() ? buf.data_ptr<scalar_t>() : nullptr, B, Do, dz.size(1), sgd_args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  sgd ? go(grad_bias_kernel<scalar_t, true>) : go(grad_bias_kernel<scalar_t, false>);
 }
 
 // grad_W[m] = sum_{p: m_p = m} dZ_p^T @ x[s_p]
@@ -1094,7 +1139,7 @@ Tensor pathway_grad_weight_cuda(const Tensor& dz_, const Tensor& x_, const Tenso
   }
   Tensor gw = at::empty({p.M, Do, Di}, x.options());  // every element written
   GATED_DISPATCH(x.scalar_type(), "pathway_grad_weight_cuda", [&] {
-    launch_wgrad<scalar_t>(p, dz, x, gw, Tensor(), Do, false, 0, 0, 0, false);
+    launch_wgrad<scalar_t>(p, dz, x, gw, Tensor(), Do, false, SgdArgs{});
   });
   return gw;
 }
@@ -1114,12 +1159,34 @@ Tensor pathway_grad_bias_cuda(const Tensor& dz_, const Tensor& paths, const Tens
   Tensor gb = at::empty({p.M, Do}, dz.options());
   if (gb.numel() == 0) return gb;
   GATED_DISPATCH(dz.scalar_type(), "pathway_grad_bias_cuda", [&] {
-    grad_bias_kernel<scalar_t><<<(unsigned)((p.M * Do + kWarp - 1) / kWarp), kWarp * kBiasRows,
-                                 0, stream()>>>(
-        p, dz.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), B, Do, dz.size(1));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_grad_bias<scalar_t>(p, dz, gb, Tensor(), B, Do, false, SgdArgs{});
   });
   return gb;
+}
+
+// grad_bias and the SGD step on the bias in one kernel (see grad_bias_kernel's kSGD).
+void pathway_bias_sgd_cuda(const Tensor& dz_, const Tensor& bias,
+                           const c10::optional<Tensor>& buf, const Tensor& paths,
+                           const Tensor& csr, at::IntArrayRef layout, int64_t num_sources,
+                           int64_t num_weights, double lr, double momentum, double weight_decay,
+                           bool nesterov, int64_t rounding_seed) {
+  TORCH_CHECK(rounding_seed < 0, "rounding_seed: stochastic rounding of bfloat16 biases is "
+              "implemented in the CPU and Triton kernels; on CUDA pass -1 (round to nearest)");
+  check_bias_sgd(bias, num_weights);
+  check_sgd_state(bias, "bias", buf, momentum, dz_);
+  const c10::cuda::CUDAGuard guard(dz_.device());
+  const Tensor dz = dz_.contiguous();
+  const Plan p = dev_plan(paths, csr, layout, num_sources, num_weights, dz);
+  const int64_t Do = bias.size(1);
+  TORCH_CHECK(dz.dim() == 2 && dz.size(1) == p.z_cols(Do), "grad_z: expected ", p.z_cols(Do),
+              " columns, got shape ", dz.sizes());
+  const int64_t rows_per_path = p.blocked() ? p.n * p.ns : p.P;
+  const int64_t B = rows_per_path ? dz.size(0) / rows_per_path : 0;
+  GATED_DISPATCH(dz.scalar_type(), "pathway_bias_sgd_cuda", [&] {
+    // (B == 0 or no pathway: zero gradients; decay and momentum still apply, as on the CPU)
+    launch_grad_bias<scalar_t>(p, dz, bias, buf ? *buf : Tensor(), B, Do, true,
+                               SgdArgs{lr, momentum, weight_decay, nesterov});
+  });
 }
 
 // grad_gate[p, b] = <grad_y[t_p, b], Z_p[b] + bias[m_p]>  (summed over b for a (P,) gate)
@@ -1167,20 +1234,9 @@ void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
   TORCH_CHECK(rounding_seed < 0, "rounding_seed: stochastic rounding of bfloat16 weights is "
               "implemented in the CPU kernels only; on CUDA pass -1 (round to nearest)");
-  check_float(w, "weight", x_.scalar_type());
+  check_sgd_state(w, "weight", buf, momentum, x_);
   check_float(dz_, "grad_z", x_.scalar_type());
-  check_same_device(w, "weight", x_);
   check_same_device(dz_, "grad_z", x_);
-  TORCH_CHECK(w.is_contiguous(), "weight: the fused SGD update needs a contiguous weight");
-  TORCH_CHECK((momentum != 0) == buf.has_value(),
-              "momentum_buffer: expected a buffer exactly when momentum != 0");
-  if (buf) {
-    TORCH_CHECK(buf->sizes() == w.sizes() && buf->is_contiguous() &&
-                    buf->scalar_type() == w.scalar_type(),
-                "momentum_buffer: expected a contiguous tensor like weight ", w.sizes(), ", got ",
-                buf->sizes());
-    check_same_device(*buf, "momentum_buffer", x_);
-  }
   const c10::cuda::CUDAGuard guard(x_.device());
   const Tensor dz = dz_.contiguous(), x = x_.contiguous();
   const Plan p = dev_plan(paths, csr, layout, x.size(0), w.size(0), x);
@@ -1188,6 +1244,7 @@ void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
   check_grad_z(dz, p, B, Do);
   if (w.numel() == 0) return;
   const Tensor bufv = buf ? *buf : Tensor();
+  const SgdArgs sgd{lr, momentum, weight_decay, nesterov};
   GATED_DISPATCH(w.scalar_type(), "pathway_sgd_cuda", [&] {
     if (p.blocked() && p.ns * B > kSkinnyRows) {
       // cuBLAS gradient (a scratch of the weight's size), then the elementwise update.
@@ -1197,10 +1254,10 @@ void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
       at::bmm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}).transpose(1, 2), x_blocks(p, x));
       sgd_kernel<scalar_t><<<flat_blocks(w.numel(), 256), 256, 0, stream()>>>(
           w.data_ptr<scalar_t>(), bufv.defined() ? bufv.data_ptr<scalar_t>() : nullptr,
-          g.data_ptr<scalar_t>(), w.numel(), lr, momentum, weight_decay, nesterov);
+          g.data_ptr<scalar_t>(), w.numel(), sgd);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      launch_wgrad<scalar_t>(p, dz, x, w, bufv, Do, true, lr, momentum, weight_decay, nesterov);
+      launch_wgrad<scalar_t>(p, dz, x, w, bufv, Do, true, sgd);
     }
   });
 }
@@ -1310,6 +1367,7 @@ TORCH_LIBRARY_IMPL(gated_ops, CUDA, m) {
   m.impl("pathway_grad_bias", &pathway_grad_bias_cuda);
   m.impl("pathway_grad_gate", &pathway_grad_gate_cuda);
   m.impl("pathway_sgd_", &pathway_sgd_cuda);
+  m.impl("pathway_bias_sgd_", &pathway_bias_sgd_cuda);
   m.impl("gated_cross_entropy", &gated_cross_entropy_cuda);
   m.impl("gated_cross_entropy_backward", &gated_cross_entropy_backward_cuda);
 }

@@ -22,7 +22,12 @@ except ImportError as e:  # pragma: no cover - the message is the point
 from . import reference  # noqa: E402
 from .nn import GatedPathwayLinear, SGDConfig  # noqa: E402
 from .gdln import GDLN  # noqa: E402
-from .ops import gated_cross_entropy, pathway_matmul, pathway_sgd_  # noqa: E402
+from .ops import (  # noqa: E402
+    gated_cross_entropy,
+    pathway_bias_sgd_,
+    pathway_matmul,
+    pathway_sgd_,
+)
 from .plan import PathwayPlan, make_plan  # noqa: E402
 
 __all__ = [
@@ -34,6 +39,7 @@ __all__ = [
     "pathway_matmul",
     "gated_cross_entropy",
     "pathway_sgd_",
+    "pathway_bias_sgd_",
     "reference",
 ]
 __version__ = "0.1.0"

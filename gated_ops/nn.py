@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from .ops import _op_namespace, pathway_matmul
 from .plan import PathwayPlan, make_plan
-from .reference import round_stochastic_bf16, sgd_momentum_ref
 
 __all__ = ["GatedPathwayLinear", "SGDConfig"]
 
@@ -255,27 +254,9 @@ class _FusedSGDPathway(torch.autograd.Function):
                 _ops.pathway_sgd_(dz, x, weight, buffer("weight_momentum", weight),
                                   plan.paths, plan.csr, layout, cfg.lr, cfg.momentum,
                                   cfg.weight_decay, cfg.nesterov, seed)
-            if ctx.step_bias:
-                # (in float32 for 16-bit storage: the gradient is not rounded before the step)
-                dzb = dz.float() if dz.dtype in (torch.float16, torch.bfloat16) else dz
-                gb = _ops.pathway_grad_bias(dzb, plan.paths, plan.csr, layout, S, M,
-                                            weight.shape[1])
-                _sgd_step_(bias, gb, buffer("bias_momentum", bias), cfg,
-                           seed if seed < 0 else (seed + 1) & 0x7FFFFFFF)
+            if ctx.step_bias:  # grad_bias and the step in one op (one kernel on CUDA)
+                _ops.pathway_bias_sgd_(dz, bias, buffer("bias_momentum", bias), plan.paths,
+                                       plan.csr, layout, S, M, cfg.lr, cfg.momentum,
+                                       cfg.weight_decay, cfg.nesterov,
+                                       seed if seed < 0 else (seed + 1) & 0x7FFFFFFF)
         return grad_x, None, None, None, None, None
-
-
-def _sgd_step_(param: Tensor, grad: Tensor, buf: Tensor | None, cfg: SGDConfig,
-               rounding_seed: int = -1) -> None:
-    """torch.optim.SGD's step in place; 16-bit parameters as the fused weight update does it:
-    computed in float32 and rounded once when stored (param and momentum buffer; the param
-    stochastically when rounding_seed >= 0)."""
-    if param.dtype not in (torch.float16, torch.bfloat16):
-        sgd_momentum_ref(param, grad, buf, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-        return
-    p32, b32 = param.float(), (buf.float() if buf is not None else None)
-    sgd_momentum_ref(p32, grad.float(), b32, cfg.lr, cfg.momentum, cfg.weight_decay,
-                     cfg.nesterov)
-    param.copy_(round_stochastic_bf16(p32, rounding_seed) if rounding_seed >= 0 else p32)
-    if buf is not None:
-        buf.copy_(b32)

@@ -13,7 +13,8 @@ from torch import Tensor
 from .plan import PathwayPlan, z_shape
 from .reference import gated_cross_entropy_ref, pathway_matmul_ref
 
-__all__ = ["pathway_matmul", "gated_cross_entropy", "pathway_sgd_", "BACKENDS"]
+__all__ = ["pathway_matmul", "gated_cross_entropy", "pathway_sgd_", "pathway_bias_sgd_",
+           "BACKENDS"]
 
 _ops = torch.ops.gated_ops
 
@@ -129,6 +130,27 @@ def pathway_sgd_(
                       list(plan.layout), lr, momentum, weight_decay, nesterov, rounding_seed)
 
 
+def pathway_bias_sgd_(
+    grad_z: Tensor,
+    bias: Tensor,
+    momentum_buffer: Tensor | None,
+    plan: PathwayPlan,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    rounding_seed: int = -1,
+) -> None:
+    """The bias's share of the fused SGD step, in place: ``pathway_grad_bias`` (accumulated in
+    float32 for 16-bit storage, not rounded) then torch.optim.SGD's step (dampening 0), one
+    kernel on CUDA. Equal to ``sgd_momentum_ref(bias, grad_bias, momentum_buffer, ...)``;
+    16-bit biases and ``rounding_seed`` as in :func:`pathway_sgd_` (stochastic rounding on the
+    CPU and in Triton)."""
+    _ops.pathway_bias_sgd_(grad_z, bias, momentum_buffer, plan.paths, plan.csr,
+                           list(plan.layout), plan.num_sources, plan.num_weights, lr, momentum,
+                           weight_decay, nesterov, rounding_seed)
+
+
 # ------------------------------------------------------------------------------------------------
 # Fake (meta) kernels: output shapes only.
 @torch.library.register_fake("gated_ops::pathway_matmul")
@@ -178,6 +200,12 @@ def _(grad_y, x, weight, bias, gate, paths, csr, layout):
 @torch.library.register_fake("gated_ops::pathway_sgd_")
 def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
       nesterov, rounding_seed=-1):
+    return None
+
+
+@torch.library.register_fake("gated_ops::pathway_bias_sgd_")
+def _(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights, lr, momentum,
+      weight_decay, nesterov, rounding_seed=-1):
     return None
 
 

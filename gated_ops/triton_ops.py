@@ -11,7 +11,7 @@ Entry points:
   :func:`gated_ops.pathway_matmul` / :func:`gated_ops.gated_cross_entropy`, differentiable.
 * the registered ops ``torch.ops.gated_ops_triton.<name>`` for ``pathway_matmul``,
   ``pathway_grad_z``, ``pathway_grad_x``, ``pathway_grad_weight``, ``pathway_grad_bias``,
-  ``pathway_grad_gate``, ``pathway_sgd_``, ``gated_cross_entropy``,
+  ``pathway_grad_gate``, ``pathway_sgd_``, ``pathway_bias_sgd_``, ``gated_cross_entropy``,
   ``gated_cross_entropy_backward``: the schemas of ``gated_ops::<name>``
   (``torch.library.custom_op``, with fake kernels and autograd whose backward calls the
   ``gated_ops_triton`` ops). ``GatedPathwayLinear(..., backend="triton")`` and
@@ -21,10 +21,10 @@ What runs in Triton: the blocked plan layout (every k-path layer; ``plan.kind ==
 float32 / float16 / bfloat16, as batched tile GEMMs (``tl.dot``, fp32 accumulation, IEEE fp32 for
 float32 inputs) over the plan's block views, with the gate, bias and pathway-sum epilogue fused
 into the forward GEMM, and the SGD step fused into the weight-gradient GEMM (``pathway_sgd_``:
-the gradient tile stays in registers); and the gated cross-entropy. Explicit fallbacks, each a documented call of
-the compiled op (``torch.ops.gated_ops.<name>``), logged at DEBUG level: grouped plans (arbitrary
-GDLN graphs) and float64 data; for ``pathway_sgd_`` also stochastic rounding, weights the plan
-does not cover, an empty batch and non-contiguous parameters.
+the gradient tile stays in registers) and into the bias's column sums (``pathway_bias_sgd_``);
+and the gated cross-entropy. Explicit fallbacks, each a documented call of the compiled op (``torch.ops.gated_ops.<name>``), logged at DEBUG level: grouped plans (arbitrary
+GDLN graphs) and float64 data; for the fused SGD steps also weights the plan does not cover,
+an empty batch and non-contiguous parameters.
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slow; float32 / float16 only): set
 it before this module is imported. Determinism: no atomics; every output tile is written by one
@@ -193,6 +193,37 @@ def _hash32(v):
 
 
 @triton.jit
+def _sgd_store(p_ptr, buf_ptr, off, mask, g, lr, momentum, weight_decay, mix,
+               HAS_BUF: tl.constexpr, HAS_WD: tl.constexpr, NESTEROV: tl.constexpr,
+               STOCHASTIC: tl.constexpr):
+    """torch.optim.SGD's step (dampening 0) on the parameter elements p[off] (and their momentum
+    buf[off]) from their float32 gradient g, computed in float32 and rounded once when stored.
+    STOCHASTIC (bfloat16 parameters): rounded stochastically, bit for bit as
+    reference.round_stochastic_bf16 with the seed whose hash is ``mix``, the element index being
+    the flat offset ``off``."""
+    w = tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    d = g
+    if HAS_WD:
+        d = d + weight_decay * w
+    if HAS_BUF:
+        buf = momentum * tl.load(buf_ptr + off, mask=mask, other=0.0).to(tl.float32) + d
+        tl.store(buf_ptr + off, buf.to(buf_ptr.dtype.element_ty), mask=mask)
+        if NESTEROV:
+            d = d + momentum * buf
+        else:
+            d = buf
+    w = w - lr * d
+    if STOCHASTIC:
+        r = _hash32(((off & 0xFFFFFFFF) + mix) & 0xFFFFFFFF) & 0xFFFF
+        u = w.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        bits = (((u + r) & 0xFFFFFFFF) >> 16).to(tl.int32)
+        bits = tl.where(w != w, 0x7FC0, bits)
+        tl.store(p_ptr + off, bits.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(p_ptr + off, w.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
                        a_off, a_bs, a_sm, a_sk, b_off, b_bs, b_sk, b_sn, c_off, c_bs, c_sm,
                        tiles_n, tiles, lr, momentum, weight_decay, mix,
@@ -205,12 +236,9 @@ def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
     contiguous): the backward GEMMs dZ_i @ W_i and dZ_i^T @ X_i are this with other strides.
 
     SGD: C is a weight and the product its gradient, which never leaves registers: the tile of
-    the weight (and of its momentum buffer, laid out like it) is read, stepped as
-    torch.optim.SGD does (dampening 0) in float32, and written back, rounded once.
-    STOCHASTIC (bfloat16 weights): the weight is rounded stochastically, bit for bit as
-    reference.round_stochastic_bf16 with the seed whose hash is ``mix``, the element index being
-    the flat offset into C; the operands are widened to float32 first (float32 products, as the
-    compiled kernels form them)."""
+    the weight (and of its momentum buffer, laid out like it) is stepped by _sgd_store, the
+    element index being the flat offset into C. STOCHASTIC: the operands are widened to float32
+    first (float32 products, as the compiled kernels form them)."""
     pid = tl.program_id(0)  # (block i, tile): a 1-D grid, since n may exceed 65535
     i = (pid // tiles).to(tl.int64)
     pid_m = (pid % tiles) // tiles_n
@@ -239,34 +267,20 @@ def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
     off = c_off + i * c_bs + rows[:, None] * c_sm + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if SGD:
-        w = tl.load(c_ptr + off, mask=omask, other=0.0).to(tl.float32)
-        d = acc
-        if HAS_WD:
-            d = d + weight_decay * w
-        if HAS_BUF:
-            buf = momentum * tl.load(buf_ptr + off, mask=omask, other=0.0).to(tl.float32) + d
-            tl.store(buf_ptr + off, buf.to(buf_ptr.dtype.element_ty), mask=omask)
-            if NESTEROV:
-                d = d + momentum * buf
-            else:
-                d = buf
-        w = w - lr * d
-        if STOCHASTIC:
-            r = _hash32(((off & 0xFFFFFFFF) + mix) & 0xFFFFFFFF) & 0xFFFF
-            u = w.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-            bits = (((u + r) & 0xFFFFFFFF) >> 16).to(tl.int32)
-            bits = tl.where(w != w, 0x7FC0, bits)
-            tl.store(c_ptr + off, bits.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=omask)
-        else:
-            tl.store(c_ptr + off, w.to(c_ptr.dtype.element_ty), mask=omask)
+        _sgd_store(c_ptr, buf_ptr, off, omask, acc, lr, momentum, weight_decay, mix,
+                   HAS_BUF, HAS_WD, NESTEROV, STOCHASTIC)
     else:
         tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
-def _grad_bias_kernel(dz_ptr, gb_ptr, B, Do, ns, nm, m0, tiles,
-                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """grad bias of block i's weights: the column sums of dZ_i (ns*B, nm*Do), one column tile."""
+def _grad_bias_kernel(dz_ptr, gb_ptr, buf_ptr, B, Do, ns, nm, m0, tiles,
+                      lr, momentum, weight_decay, mix,
+                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SGD: tl.constexpr,
+                      HAS_BUF: tl.constexpr, HAS_WD: tl.constexpr, NESTEROV: tl.constexpr,
+                      STOCHASTIC: tl.constexpr):
+    """grad bias of block i's weights: the column sums of dZ_i (ns*B, nm*Do), one column tile.
+    SGD (pathway_bias_sgd_): gb is the bias, stepped by _sgd_store from the float32 sums."""
     i = (tl.program_id(0) // tiles).to(tl.int64)
     pid = tl.program_id(0) % tiles
     R = ns * B
@@ -279,7 +293,12 @@ def _grad_bias_kernel(dz_ptr, gb_ptr, B, Do, ns, nm, m0, tiles,
         tile = tl.load(dz_ptr + (i * R + rs)[:, None] * N + cols[None, :],
                        mask=(rs < R)[:, None] & cmask[None, :], other=0.0)
         acc += tl.sum(tile.to(tl.float32), axis=0)
-    tl.store(gb_ptr + (m0 + i * nm) * Do + cols, acc.to(gb_ptr.dtype.element_ty), mask=cmask)
+    off = (m0 + i * nm) * Do + cols
+    if SGD:
+        _sgd_store(gb_ptr, buf_ptr, off, cmask, acc, lr, momentum, weight_decay, mix,
+                   HAS_BUF, HAS_WD, NESTEROV, STOCHASTIC)
+    else:
+        tl.store(gb_ptr + off, acc.to(gb_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -457,13 +476,11 @@ def _check_data(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optiona
                          f"{tuple(gate.shape)}")
 
 
-def _zinv(paths: Tensor, layout: list[int]) -> Tensor:
-    """Blocked plans: the pathway of each (row block, column block) of Z, on the device."""
-    _, n, _, ns, _, nm = layout
-    P = paths.shape[1]
-    zinv = torch.empty(n * ns * nm, dtype=torch.int64, device=paths.device)
-    zinv[paths[3] * nm + paths[4]] = torch.arange(P, device=paths.device)
-    return zinv
+def _owner(csr: Tensor, layout: list[int], P: int, S: int, M: int) -> Tensor:
+    """Blocked plans: the pathway of each (row block, column block) of Z, a view of the plan's
+    ``owner`` table (gated_ops/plan.py: csr = dst, src, wgt CSR, then owner)."""
+    start = (layout[0] + 1) + (S + 1) + (M + 1) + 3 * P
+    return csr[start:start + P]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -495,16 +512,55 @@ def _launch_block_gemm(A: Tensor, Bm: Tensor, C: Tensor, n: int, M: int, N: int,
     BM, BN, BK = _gemm_blocks(M, N, K)
     tiles_n = triton.cdiv(N, BN)
     tiles = triton.cdiv(M, BM) * tiles_n
+    buf, scalars, flags = _sgd_args(sgd, C)
+    _block_gemm_kernel[(tiles * n,)](
+        A, Bm, C, buf, M, N, K, *a, *b, *c, tiles_n, tiles, *scalars,
+        DOT_PRECISION="ieee" if flags["STOCHASTIC"] else _dot_precision(C.dtype), BLOCK_M=BM,
+        BLOCK_N=BN, BLOCK_K=BK, CHUNK_TILES=_chunk_tiles(K, BK), **flags)
+
+
+def _launch_grad_bias(grad_z: Tensor, gb: Tensor, layout: list[int], B: int, Do: int,
+                      sgd: tuple | None = None) -> None:
+    """_grad_bias_kernel over the n blocks: the bias gradient into gb, or (``sgd`` as for
+    _launch_block_gemm) the step of the bias gb."""
+    _, n, _, ns, m0, nm = layout
+    BN = _pow2(nm * Do, 16, 128)
+    tiles = triton.cdiv(nm * Do, BN)
+    buf, scalars, flags = _sgd_args(sgd, gb)
+    _grad_bias_kernel[(tiles * n,)](
+        grad_z, gb, buf, B, Do, ns, nm, m0, tiles, *scalars, BLOCK_R=_pow2(ns * B, 16, 64),
+        BLOCK_N=BN, **flags)
+
+
+def _sgd_args(sgd: tuple | None, out: Tensor) -> tuple[Tensor, tuple, dict]:
+    """A _sgd_store epilogue's arguments from ``sgd`` = (momentum buffer or None, lr, momentum,
+    weight_decay, nesterov, rounding_seed) or None (no step): the buffer (``out`` in its place
+    when there is none), the runtime scalars (lr, momentum, weight_decay, mix) and the constexpr
+    flags."""
     buf, lr, momentum, weight_decay, nesterov, seed = (
         sgd if sgd is not None else (None, 0., 0., 0., 0, -1))
     stochastic = seed >= 0
-    _block_gemm_kernel[(tiles * n,)](
-        A, Bm, C, buf if buf is not None else C, M, N, K, *a, *b, *c, tiles_n, tiles,
-        float(lr), float(momentum), float(weight_decay), _seed_mix(seed) if stochastic else 0,
-        DOT_PRECISION="ieee" if stochastic else _dot_precision(C.dtype), BLOCK_M=BM, BLOCK_N=BN,
-        BLOCK_K=BK, CHUNK_TILES=_chunk_tiles(K, BK), SGD=sgd is not None,
-        HAS_BUF=buf is not None, HAS_WD=weight_decay != 0, NESTEROV=bool(nesterov),
-        STOCHASTIC=stochastic)
+    return (buf if buf is not None else out,
+            (float(lr), float(momentum), float(weight_decay),
+             _seed_mix(seed) if stochastic else 0),
+            dict(SGD=sgd is not None, HAS_BUF=buf is not None, HAS_WD=weight_decay != 0,
+                 NESTEROV=bool(nesterov), STOCHASTIC=stochastic))
+
+
+def _check_rounding(rounding_seed: int, param: Tensor, what: str) -> None:
+    if rounding_seed >= 0 and param.dtype != torch.bfloat16:
+        raise RuntimeError(f"rounding_seed: stochastic rounding (rounding_seed >= 0) is for "
+                           f"bfloat16 {what}, got {param.dtype}")
+
+
+def _uses_triton_sgd(layout: list[int], param: Tensor, buf: Optional[Tensor], num_weights: int,
+                     B: int) -> bool:
+    """Whether a fused step runs here; the compiled op takes the rest: grouped plans and
+    float64; weights the plan does not cover (they still decay); an empty batch; non-contiguous
+    parameters or buffers (updated in place through their own strides there)."""
+    _, n, _, _, _, nm = layout
+    return (_uses_triton(layout, param.dtype) and n * nm == num_weights and B > 0
+            and param.is_contiguous() and (buf is None or buf.is_contiguous()))
 
 
 def _seed_mix(seed: int) -> int:
@@ -527,7 +583,7 @@ def _launch_ztile(x, weight, bias, gate, paths, csr, layout, y, z, fused) -> Non
     tiles_n = triton.cdiv(nm * Do, BN)
     tiles = triton.cdiv(ns * B, BM) * tiles_n
     grid = (tiles * n,)
-    zinv = _zinv(paths, layout) if fused else paths
+    zinv = _owner(csr, layout, P, x.shape[0], weight.shape[0]) if fused else paths
     dummy = z
     _ztile_kernel[grid](
         x, weight, bias if bias is not None else dummy, gate if gate is not None else dummy,
@@ -623,15 +679,8 @@ def _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, moment
     B, Di = x.shape[1], x.shape[2]
     Do = weight.shape[1]
     buf = momentum_buffer
-    # The compiled op takes what this kernel does not: grouped plans and float64; weights the plan
-    # does not cover (they still decay); an empty batch; non-contiguous parameters (updated in
-    # place through their own strides there). Stochastic rounding: bfloat16 weights only.
-    if rounding_seed >= 0 and weight.dtype != torch.bfloat16:
-        raise RuntimeError(f"rounding_seed: stochastic rounding (rounding_seed >= 0) is for "
-                           f"bfloat16 weights, got {weight.dtype}")
-    if (not _uses_triton(layout, x.dtype) or n * nm != weight.shape[0]
-            or B == 0 or not weight.is_contiguous()
-            or (buf is not None and not buf.is_contiguous())):
+    _check_rounding(rounding_seed, weight, "weights")
+    if not _uses_triton_sgd(layout, weight, buf, weight.shape[0], B):
         torch.ops.gated_ops.pathway_sgd_(grad_z, x, weight, buf, paths, csr, layout, lr,
                                          momentum, weight_decay, nesterov, rounding_seed)
         return
@@ -657,11 +706,24 @@ def _grad_bias_impl(grad_z, paths, csr, layout, num_sources, num_weights, d_out)
     gb = (grad_z.new_empty if covers and B > 0 else grad_z.new_zeros)(num_weights, Do)
     if B == 0 or gb.numel() == 0:
         return gb
-    BN = _pow2(nm * Do, 16, 128)
-    tiles = triton.cdiv(nm * Do, BN)
-    _grad_bias_kernel[(tiles * n,)](
-        grad_z, gb, B, Do, ns, nm, m0, tiles, BLOCK_R=_pow2(ns * B, 16, 64), BLOCK_N=BN)
+    _launch_grad_bias(grad_z, gb, layout, B, Do)
     return gb
+
+
+def _bias_sgd_impl(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights,
+                   lr, momentum, weight_decay, nesterov, rounding_seed) -> None:
+    _, n, _, ns, _, _ = layout
+    _check_rounding(rounding_seed, bias, "biases")
+    B = grad_z.shape[0] // (n * ns) if n else 0
+    if bias.dim() != 2 or not _uses_triton_sgd(layout, bias, momentum_buffer, num_weights, B):
+        torch.ops.gated_ops.pathway_bias_sgd_(grad_z, bias, momentum_buffer, paths, csr, layout,
+                                              num_sources, num_weights, lr, momentum,
+                                              weight_decay, nesterov, rounding_seed)
+        return
+    if bias.numel() == 0:
+        return
+    _launch_grad_bias(grad_z.contiguous(), bias, layout, B, bias.shape[1],
+                      sgd=(momentum_buffer, lr, momentum, weight_decay, nesterov, rounding_seed))
 
 
 def _grad_gate_impl(grad_y, x, weight, bias, gate, paths, csr, layout):
@@ -788,6 +850,15 @@ def _sgd_op(grad_z: Tensor, x: Tensor, weight: Tensor, momentum_buffer: Optional
             weight_decay: float, nesterov: bool, rounding_seed: int = -1) -> None:
     _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
               weight_decay, nesterov, rounding_seed)
+
+
+@torch.library.custom_op(f"{_LIB}::pathway_bias_sgd_", mutates_args=("bias", "momentum_buffer"))
+def _bias_sgd_op(grad_z: Tensor, bias: Tensor, momentum_buffer: Optional[Tensor], paths: Tensor,
+                 csr: Tensor, layout: list[int], num_sources: int, num_weights: int, lr: float,
+                 momentum: float, weight_decay: float, nesterov: bool,
+                 rounding_seed: int = -1) -> None:
+    _bias_sgd_impl(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights,
+                   lr, momentum, weight_decay, nesterov, rounding_seed)
 
 
 @torch.library.custom_op(f"{_LIB}::gated_cross_entropy", mutates_args=())

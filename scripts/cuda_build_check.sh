@@ -46,7 +46,7 @@ tar -C "$repo" --exclude='./.venv*' --exclude=./build --exclude='*.so' --exclude
   tar -C "$build" -xf -
 echo "== building in $build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 log="$build/build.log"
-if ! (cd "$build" && "$py" setup.py -q build_ext --inplace) >"$log" 2>&1; then
+if ! (cd "$build" && GATED_OPS_PTXAS_REPORT=1 "$py" setup.py -q build_ext --inplace) >"$log" 2>&1; then
   tail -n 80 "$log"
   echo "FAIL: the CUDA build failed (log above)"
   exit 1
@@ -60,6 +60,11 @@ if [ -n "$warnings" ]; then
 fi
 grep -q "gated_ops_cuda" "$log" || { echo "FAIL: gated_ops_cuda.cu was not compiled"; exit 1; }
 
+echo "== registers and spills per kernel (ptxas, sm_${TORCH_CUDA_ARCH_LIST//./})"
+# Registers set the kernels' occupancy; a spill in a float32 / 16-bit kernel (local memory in a
+# memory-bound loop) fails the check. float64 kernels are only reported.
+python3 "$repo/scripts/ptxas_report.py" "$log"
+
 echo "== checking the registrations"
 (cd "$build" && "$py" - <<'EOF'
 import sys
@@ -67,8 +72,8 @@ import torch
 import gated_ops  # noqa: F401  (loads gated_ops._C)
 
 ops = ["pathway_matmul", "pathway_grad_z", "pathway_grad_x", "pathway_grad_weight",
-       "pathway_grad_bias", "pathway_grad_gate", "pathway_sgd_", "gated_cross_entropy",
-       "gated_cross_entropy_backward"]
+       "pathway_grad_bias", "pathway_grad_gate", "pathway_sgd_", "pathway_bias_sgd_",
+       "gated_cross_entropy", "gated_cross_entropy_backward"]
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"gated_ops::{op}", "CUDA")]
 for op in ops:

@@ -125,8 +125,8 @@ import torch
 import gated_ops  # noqa: F401
 
 ops = ["pathway_matmul", "pathway_grad_z", "pathway_grad_x", "pathway_grad_weight",
-       "pathway_grad_bias", "pathway_grad_gate", "pathway_sgd_", "gated_cross_entropy",
-       "gated_cross_entropy_backward"]
+       "pathway_grad_bias", "pathway_grad_gate", "pathway_sgd_", "pathway_bias_sgd_",
+       "gated_cross_entropy", "gated_cross_entropy_backward"]
 missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(
     f"gated_ops::{o}", "CUDA")]
 missing += [o for o in ["pathway_grad_x_gate"]  # a composite on CUDA (gated_ops/ops.py)

@@ -186,6 +186,9 @@ def test_opcheck_every_op(case):
         torch.library.opcheck(ops.pathway_grad_x_gate, (gy, x, w, b, g, *pc))
     buf = torch.randn_like(w)
     torch.library.opcheck(ops.pathway_sgd_, (dz, x, w.clone(), buf, *pc, 0.1, 0.9, 0.01, False))
+    bias = torch.randn(M, Do, device=DEVICE)
+    torch.library.opcheck(ops.pathway_bias_sgd_,
+                          (dz, bias, torch.randn_like(bias), *pc, S, M, 0.1, 0.9, 0.01, False))
 
 
 def test_opcheck_cross_entropy():
@@ -282,6 +285,28 @@ def test_fused_sgd_op_equals_reference_update_float64(kind):
     sgd_momentum_ref(w_ref, gw, buf_ref, lr=0.3, momentum=0.8, weight_decay=0.1)
     torch.testing.assert_close(w, w_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(buf, buf_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["batched", "fanout_cublas", "grouped"])
+def test_bias_sgd_op_equals_reference_update_float64(kind):
+    """pathway_bias_sgd_ (grad_bias with the step in its epilogue, one kernel) = the CPU op's
+    bias gradient then sgd_momentum_ref, from a nonzero momentum buffer."""
+    m = _sgd_module(kind).double()
+    plan = m.plan
+    S, M = plan.num_sources, plan.num_weights
+    gy = torch.randn(plan.num_dst, 5, 6, dtype=torch.float64, device=DEVICE)
+    lay = list(plan.layout)
+    dz = torch.ops.gated_ops.pathway_grad_z(gy, None, plan.paths, plan.csr, lay, S, M)
+    pc = plan.to("cpu")
+    gb = torch.ops.gated_ops.pathway_grad_bias(dz.cpu(), pc.paths, pc.csr, lay, S, M, 6)
+    b, buf = torch.randn(M, 6, dtype=torch.float64), torch.randn(M, 6, dtype=torch.float64)
+    b_ref, buf_ref = b.clone(), buf.clone()
+    b, buf = b.to(DEVICE), buf.to(DEVICE)
+    gated_ops.pathway_bias_sgd_(dz, b, buf, plan, lr=0.3, momentum=0.8, weight_decay=0.1,
+                                nesterov=True)
+    sgd_momentum_ref(b_ref, gb, buf_ref, lr=0.3, momentum=0.8, weight_decay=0.1, nesterov=True)
+    torch.testing.assert_close(b.cpu(), b_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(buf.cpu(), buf_ref, rtol=1e-12, atol=1e-12)
 
 
 def _kpath_step(net: KPathNet, xk, target, gate) -> None:
@@ -441,3 +466,8 @@ def test_cuda_refuses_stochastic_rounding_before_any_layer_steps():
                                torch.zeros(2, 3, 8, device=DEVICE, dtype=torch.bfloat16),
                                m.weight.detach(), m.weight_momentum, plan, lr=0.1, momentum=0.9,
                                rounding_seed=0)
+    with pytest.raises(RuntimeError, match="rounding_seed: stochastic rounding"):
+        gated_ops.pathway_bias_sgd_(torch.zeros(plan.z_shape(3, 4), device=DEVICE,
+                                                dtype=torch.bfloat16),
+                                    m.bias.detach(), m.bias_momentum, plan, lr=0.1, momentum=0.9,
+                                    rounding_seed=0)

@@ -226,6 +226,86 @@ def test_fused_sgd_op_equals_reference_update_float64():
     torch.testing.assert_close(buf, buf_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cfg", [dict(lr=0.3, momentum=0.0, weight_decay=0.0, nesterov=False),
+                                 dict(lr=0.3, momentum=0.8, weight_decay=0.1, nesterov=False),
+                                 dict(lr=0.3, momentum=0.8, weight_decay=0.0, nesterov=True)],
+                         ids=["plain", "momentum_decay", "nesterov"])
+def test_bias_sgd_op_equals_reference_update_float64(kind, cfg):
+    """pathway_bias_sgd_ = the bias gradient of the reference (autograd through
+    pathway_matmul_ref) then torch.optim.SGD's step (sgd_momentum_ref), from a nonzero momentum
+    buffer; weights no pathway uses (grouped, wide_offset) still decay."""
+    from gated_ops.reference import pathway_matmul_ref
+
+    m, B = _sgd_module(kind, 7, torch.float64)
+    plan, g = m.plan, torch.Generator().manual_seed(5)
+    x = torch.randn(m.num_sources, B, 7, generator=g, dtype=torch.float64)
+    gy = torch.randn(m.num_dst, B, 6, generator=g, dtype=torch.float64)
+    b0 = torch.randn(m.num_weights, 6, generator=g, dtype=torch.float64)
+    buf0 = torch.randn(m.num_weights, 6, generator=g, dtype=torch.float64)
+    bias = b0.clone().requires_grad_()
+    y = pathway_matmul_ref(x, m.weight.detach(), bias, None, plan.src, plan.wgt, plan.dst,
+                           plan.num_dst)
+    (gb,) = torch.autograd.grad((y * gy).sum(), bias)
+    b_ref, buf_ref = b0.clone(), buf0.clone()
+    sgd_momentum_ref(b_ref, gb, buf_ref if cfg["momentum"] else None, **cfg)
+    dz = torch.ops.gated_ops.pathway_grad_z(gy, None, plan.paths, plan.csr, list(plan.layout),
+                                            m.num_sources, m.num_weights)
+    b, buf = b0.clone(), buf0.clone()
+    gated_ops.pathway_bias_sgd_(dz, b, buf if cfg["momentum"] else None, plan, **cfg)
+    torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(buf, buf_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bias_sgd_stochastic_rounding_is_bitwise_the_reference(kind):
+    """bfloat16 biases with rounding_seed >= 0: the exact float32 step (integer dZ: the gradient
+    is exact in any order) rounded by round_stochastic_bf16, the buffer to nearest."""
+    m, B = _sgd_module(kind, 5, torch.bfloat16)
+    plan, g = m.plan, torch.Generator().manual_seed(4)
+    dz = torch.randint(-3, 4, plan.z_shape(B, 6), generator=g).to(torch.bfloat16)
+    gb = torch.ops.gated_ops.pathway_grad_bias(dz.float(), plan.paths, plan.csr,
+                                               list(plan.layout), m.num_sources, m.num_weights, 6)
+    b0 = m.bias.detach().clone()
+    lr, seed = 2.0 ** -9, 77
+    b, buf = b0.clone(), torch.zeros_like(b0)
+    gated_ops.pathway_bias_sgd_(dz, b, buf, plan, lr=lr, momentum=0.5, rounding_seed=seed)
+    assert torch.equal(buf, gb.to(torch.bfloat16))
+    expect = round_stochastic_bf16(b0.float() - lr * gb, seed)
+    assert torch.equal(b.view(torch.int16), expect.view(torch.int16))
+
+
+def test_bias_sgd_rejects_bad_input():
+    m = GatedPathwayLinear.batched(2, 4, 3)
+    plan, dz = m.plan, torch.zeros(m.plan.z_shape(2, 3))
+    bias = m.bias.detach()
+    with pytest.raises(RuntimeError, match="bias: expected \\(M, D_out\\) with M = 2"):
+        gated_ops.pathway_bias_sgd_(dz, torch.zeros(3, 3), None, plan, lr=0.1)
+    with pytest.raises(RuntimeError, match="bias: the fused SGD update needs a contiguous bias"):
+        gated_ops.pathway_bias_sgd_(dz, torch.zeros(3, 2).t(), None, plan, lr=0.1)
+    with pytest.raises(RuntimeError, match="bias: expected dtype Float"):
+        gated_ops.pathway_bias_sgd_(dz, bias.double(), None, plan, lr=0.1)
+    with pytest.raises(RuntimeError, match="momentum_buffer: expected a buffer exactly when"):
+        gated_ops.pathway_bias_sgd_(dz, bias, None, plan, lr=0.1, momentum=0.9)
+    with pytest.raises(RuntimeError, match="momentum_buffer: expected a contiguous tensor like "
+                                           "bias"):
+        gated_ops.pathway_bias_sgd_(dz, bias, torch.zeros(2, 4), plan, lr=0.1, momentum=0.9)
+    with pytest.raises(RuntimeError, match="stochastic rounding .* is for bfloat16 biases"):
+        gated_ops.pathway_bias_sgd_(dz, bias, None, plan, lr=0.1, rounding_seed=0)
+    with pytest.raises(RuntimeError, match="grad_z: expected 3 columns"):
+        gated_ops.pathway_bias_sgd_(torch.zeros(4, 5), bias, None, plan, lr=0.1)
+
+
+def test_opcheck_bias_sgd():
+    m = GatedPathwayLinear.fanout(3, 2, 5, 4, replicas=2)
+    plan = m.plan
+    dz = torch.randn(plan.z_shape(3, 4))
+    torch.library.opcheck(torch.ops.gated_ops.pathway_bias_sgd_,
+                          (dz, m.bias.detach().clone(), torch.randn(m.num_weights, 4),
+                           plan.paths, plan.csr, list(plan.layout), plan.num_sources,
+                           plan.num_weights, 0.1, 0.9, 0.01, False))
+
+
 def test_fused_sgd_rejects_missing_buffer():
     m = GatedPathwayLinear.batched(2, 3, 4)
     plan = m.plan

@@ -259,6 +259,87 @@ def test_opcheck_fused_sgd():
                           (dz, x, w, buf, plan.paths, plan.csr, lay, 0.1, 0.9, 0.0, False))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=["plain", "momentum_decay", "nesterov"])
+@pytest.mark.parametrize("case", BLOCKED, ids=lambda c: c.name)
+def test_bias_sgd_op_equals_reference_update(case, cfg, dtype):
+    """pathway_bias_sgd_ = pathway_grad_bias then torch.optim.SGD's step, from a nonzero momentum
+    buffer; float64 reference, the kernel in each dtype (16-bit: the gradient summed in float32,
+    the step rounded once), the tolerance rule against the same steps in plain PyTorch."""
+    from gated_ops.reference import sgd_momentum_ref
+
+    plan, plan64 = case.table.plan(DEVICE), case.table.plan("cpu")
+    S, M, T, B = plan.num_sources, plan.num_weights, plan.num_dst, case.batch
+    g = torch.Generator().manual_seed(4)
+    gy = torch.randn(T, B, case.d_out, generator=g, dtype=torch.float64)
+    b0 = torch.randn(M, case.d_out, generator=g, dtype=torch.float64)
+    buf0 = torch.randn(M, case.d_out, generator=g, dtype=torch.float64)
+    lay = list(plan.layout)
+
+    def step(dtype, device, fused):
+        p = plan if device == DEVICE else plan64
+        gys, b, buf = gy.to(device, dtype), b0.to(device, dtype), buf0.to(device, dtype)
+        dz = torch.ops.gated_ops.pathway_grad_z(gys, None, p.paths, p.csr, lay, S, M)
+        bb = buf if cfg["momentum"] else None
+        if fused:
+            torch.ops.gated_ops_triton.pathway_bias_sgd_(
+                dz, b, bb, p.paths, p.csr, lay, S, M, cfg["lr"], cfg["momentum"],
+                cfg["weight_decay"], cfg["nesterov"])
+        else:
+            gb = torch.ops.gated_ops.pathway_grad_bias(dz, p.paths, p.csr, lay, S, M, case.d_out)
+            sgd_momentum_ref(b, gb, bb, **cfg)
+        return b.cpu(), buf.cpu()
+
+    b64, m64 = step(torch.float64, "cpu", fused=False)
+    b_plain, m_plain = step(dtype, DEVICE, fused=False)
+    b_tri, m_tri = step(dtype, DEVICE, fused=True)
+    assert_close(f"{case.name}: bias", b_tri, b64, b_plain)
+    assert_close(f"{case.name}: momentum", m_tri, m64, m_plain)
+
+
+def test_bias_sgd_stochastic_rounding_is_bitwise_the_cpu_kernels():
+    """bfloat16 biases with rounding_seed >= 0 (no tl.dot here, so the interpreter runs it):
+    bit for bit the CPU op and reference.round_stochastic_bf16 of the exact float32 step."""
+    from gated_ops import GatedPathwayLinear
+    from gated_ops.reference import round_stochastic_bf16
+
+    torch.manual_seed(0)
+    m = GatedPathwayLinear.fanout(2, 3, 4, 21, replicas=2).to(DEVICE, torch.bfloat16)
+    plan, lay, B = m.plan, list(m.plan.layout), 5
+    g = torch.Generator().manual_seed(3)
+    dz = torch.randint(-3, 4, plan.z_shape(B, 21), generator=g).to(torch.bfloat16)
+    pc = plan.to("cpu")
+    gb = torch.ops.gated_ops.pathway_grad_bias(dz.float(), pc.paths, pc.csr, lay, m.num_sources,
+                                               m.num_weights, 21)
+    b0, lr, seed = m.bias.detach().cpu().clone(), 2.0 ** -9, 99
+    results = {}
+    for name, ops, dev, p in (("triton", torch.ops.gated_ops_triton, DEVICE, plan),
+                              ("cpu", torch.ops.gated_ops, "cpu", pc)):
+        b, buf = b0.clone().to(dev), torch.zeros_like(b0, device=dev)
+        ops.pathway_bias_sgd_(dz.to(dev), b, buf, p.paths, p.csr, lay, m.num_sources,
+                              m.num_weights, lr, 0.5, 0.0, False, seed)
+        results[name] = b.cpu()
+        assert torch.equal(buf.cpu(), gb.to(torch.bfloat16)), name
+    expect = round_stochastic_bf16(b0.float() - lr * gb, seed)
+    assert torch.equal(results["triton"].view(torch.int16), expect.view(torch.int16))
+    assert torch.equal(results["cpu"].view(torch.int16), expect.view(torch.int16))
+    with pytest.raises(RuntimeError, match="stochastic rounding .* is for bfloat16 biases"):
+        torch.ops.gated_ops_triton.pathway_bias_sgd_(
+            dz.float().to(DEVICE), b0.float().to(DEVICE), None, plan.paths, plan.csr, lay,
+            m.num_sources, m.num_weights, lr, 0.0, 0.0, False, seed)
+
+
+def test_opcheck_bias_sgd():
+    case = next(c for c in BLOCKED if c.name == "odd_decoder")
+    plan = case.table.plan(DEVICE)
+    S, M, B = plan.num_sources, plan.num_weights, case.batch
+    dz = torch.randn(plan.z_shape(B, case.d_out), device=DEVICE)
+    b = torch.randn(M, case.d_out, device=DEVICE)
+    torch.library.opcheck(torch.ops.gated_ops_triton.pathway_bias_sgd_,
+                          (dz, b, torch.randn_like(b), plan.paths, plan.csr, list(plan.layout),
+                           S, M, 0.1, 0.9, 0.01, False))
+
+
 def test_kpath_fused_step_on_triton_equals_compiled_kernels():
     """A whole k-path training step (forward, fused loss, backward, fused SGD in every layer) with
     backend="triton" equals the same step on the compiled kernels, to float32 tolerance: the
