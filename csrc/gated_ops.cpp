@@ -101,6 +101,23 @@ inline int64_t grain_for(int64_t floats_per_item) {
   return std::max<int64_t>(1, kGrainFloats / std::max<int64_t>(1, floats_per_item));
 }
 
+// sum_i a[i] * b[i] in acc_t, 16 interleaved partial sums added pairwise: vectorised without
+// reassociating (each lane's chain is fixed), the same order on every call.
+template <typename acc_t, typename T>
+inline acc_t dot_blocked(const T* a, const T* b, int64_t n) {
+  constexpr int L = 16;
+  acc_t part[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int l = 0; l < L; ++l) part[l] += acc_t(a[i + l]) * acc_t(b[i + l]);
+  }
+  for (int l = 0; i < n; ++i, ++l) part[l] += acc_t(a[i]) * acc_t(b[i]);
+  for (int w = L / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  }
+  return part[0];
+}
+
 // Runs fn(m, row0, rows) for every weight m of a grouped plan that has pathways, in parallel.
 template <typename F>
 void for_each_weight_group(const Plan& p, int64_t B, const F& fn) {
@@ -485,9 +502,11 @@ std::tuple<Tensor, Tensor> pathway_grad_x_gate_cpu(const Tensor& grad_y_, const 
   const bool per_sample = gate.dim() == 2;
   const Tensor bias = bias_ ? bias_->contiguous() : Tensor();
   // U in by-weight pathway order (P*B, Di): one GEMM per weight over its pathways' rows.
+  // grad_y rows in by-weight pathway order; one destination (an MoE layer): a broadcast view
   auto order = at::from_blob(const_cast<int64_t*>(p.wgt_perm), {p.P}, at::kLong);
   auto dst = at::from_blob(const_cast<int64_t*>(p.dst), {p.P}, at::kLong);
-  const Tensor gyw = gy.index_select(0, dst.index_select(0, order)).view({p.P * B, Do});
+  const Tensor gyw = p.T == 1 ? gy.expand({p.P, B, Do})
+                              : gy.index_select(0, dst.index_select(0, order));
   Tensor u = at::empty({p.P * B, Di}, x.options());
   bool one_per_weight = p.P == p.M;  // (then the by-weight order is the weights' order)
   for (int64_t m = 0; one_per_weight && m < p.M; ++m)
@@ -497,47 +516,43 @@ std::tuple<Tensor, Tensor> pathway_grad_x_gate_cpu(const Tensor& grad_y_, const 
     // per-weight GEMMs below run one per thread (8 experts of 512x256x256, 2 threads,
     // profiled: 5.5 ms of per-weight mm -> 3.4 ms of bmm)
     Tensor out = u.view({p.P, B, Di});
-    at::bmm_out(out, gyw.view({p.P, B, Do}), w);
+    at::bmm_out(out, gyw, w);
   } else {
+    const Tensor gyr = gyw.reshape({p.P * B, Do});
     for_each_weight_group(p, B, [&](int64_t m, int64_t r0, int64_t rows) {
       Tensor out = u.narrow(0, r0, rows);
-      at::mm_out(out, gyw.narrow(0, r0, rows), w[m]);
+      at::mm_out(out, gyr.narrow(0, r0, rows), w[m]);
     });
   }
   std::vector<int64_t> pos(p.P);  // pathway -> its block of rows in U
   for (int64_t k = 0; k < p.P; ++k) pos[p.wgt_perm[k]] = k;
+  // One pass over U: each (source, batch row) adds its pathways' gated U rows to grad_x and
+  // forms their gate gradients (each pathway has one source, so each grad_gate element is
+  // written once), in opmath_t with blocked dot products (vectorised; the same order for any
+  // thread count).
   GATED_CPU_DISPATCH(x.scalar_type(), "pathway_grad_x_gate_cpu", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
+    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t *U = u.data_ptr<scalar_t>(), *X = x.data_ptr<scalar_t>(),
                    *GY = gy.data_ptr<scalar_t>(), *G = gate.data_ptr<scalar_t>();
     const scalar_t* bi = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t *GX = gx.data_ptr<scalar_t>(), *GG = gg.data_ptr<scalar_t>();
     const int64_t fan = std::max<int64_t>(1, p.P / std::max<int64_t>(1, S));
-    at::parallel_for(0, S * B, grain_for(Di * fan), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, S * B, grain_for((2 * Di + Do) * fan), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {  // (source, batch row): pathways in the table's order
         const int64_t s = i / B, b = i % B;
         scalar_t* out = GX + i * Di;
+        const scalar_t* xr = X + i * Di;
         for (int64_t k = p.src_ptr[s]; k < p.src_ptr[s + 1]; ++k) {
           const int64_t q = p.src_perm[k];
-          const acc_t gv = per_sample ? G[q * B + b] : G[q];
+          const opmath_t gv = per_sample ? G[q * B + b] : G[q];
           const scalar_t* uq = U + (pos[q] * B + b) * Di;
-          for (int64_t d = 0; d < Di; ++d) out[d] = acc_t(out[d]) + gv * acc_t(uq[d]);
+          for (int64_t d = 0; d < Di; ++d) out[d] = opmath_t(out[d]) + gv * opmath_t(uq[d]);
+          opmath_t acc = dot_blocked<opmath_t>(uq, xr, Di);
+          if (bi) {
+            acc += dot_blocked<opmath_t>(GY + (p.dst[q] * B + b) * Do, bi + p.wgt[q] * Do, Do);
+          }
+          GG[q * B + b] = scalar_t(acc);
         }
-      }
-    });
-    at::parallel_for(0, p.P * B, grain_for(Di + Do), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {  // (pathway, batch row)
-        const int64_t q = i / B, b = i % B;
-        const scalar_t* uq = U + (pos[q] * B + b) * Di;
-        const scalar_t* xr = X + (p.src[q] * B + b) * Di;
-        acc_t acc = 0;
-        for (int64_t d = 0; d < Di; ++d) acc += acc_t(uq[d]) * acc_t(xr[d]);
-        if (bi) {
-          const scalar_t* gr = GY + (p.dst[q] * B + b) * Do;
-          const scalar_t* bq = bi + p.wgt[q] * Do;
-          for (int64_t o = 0; o < Do; ++o) acc += acc_t(gr[o]) * acc_t(bq[o]);
-        }
-        GG[i] = scalar_t(acc);
       }
     });
   });
