@@ -63,8 +63,10 @@ class GatedPathwayLinear(nn.Module):
     other optimizers; a weight with requires_grad False is left alone). For skinny blocks (at
     most 64 rows of dZ per weight, e.g. the k-path encoders) the gradient is formed in registers
     and never stored; wider blocks form one block's gradient at a time.
-    The bias is updated in the same backward. Eager mode and CUDA graphs only (not under
-    torch.compile, which cannot trace a parameter update inside backward).
+    The bias is updated in the same backward. Gradients for x and for a gate that requires them
+    (a trained router) are returned as usual, computed from the weights before the step. Eager
+    mode and CUDA graphs only (not under torch.compile, which cannot trace a parameter update
+    inside backward).
     """
 
     def __init__(self, src: Sequence[int] | Tensor, wgt: Sequence[int] | Tensor,
@@ -213,13 +215,11 @@ class GatedPathwayLinear(nn.Module):
 
 class _FusedSGDPathway(torch.autograd.Function):
     """pathway_matmul whose backward updates the weight (and bias) in place instead of
-    returning their gradients."""
+    returning their gradients; the input and gate gradients (a trained router) are returned,
+    computed from the weights before the update."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, gate, module, plan):
-        if gate is not None and gate.requires_grad:  # refuse before any layer has stepped
-            raise RuntimeError("fused SGD: gradients for the gate are not supported; use the "
-                               "unfused layer (fuse_sgd(None)) or pass gate.detach()")
         ctx.module, ctx.plan = module, plan
         # Only parameters that train are stepped (a frozen weight or bias stays as it is).
         ctx.step_weight = weight.requires_grad
@@ -245,8 +245,16 @@ class _FusedSGDPathway(torch.autograd.Function):
             dz = grad_y.reshape(plan.z_shape(grad_y.shape[1], grad_y.shape[2])).contiguous()
         else:
             dz = _ops.pathway_grad_z(grad_y, gate, plan.paths, plan.csr, layout, S, M)
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # before the update: it reads the current weight
+        grad_x = grad_gate = None
+        need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        # before the update: these read the current weight and bias
+        if need_gate and need_x and hasattr(_ops, "pathway_grad_x_gate"):
+            grad_x, grad_gate = _ops.pathway_grad_x_gate(grad_y, x, weight, bias, gate,
+                                                         plan.paths, plan.csr, layout)
+        elif need_gate:
+            grad_gate = _ops.pathway_grad_gate(grad_y, x, weight, bias, gate, plan.paths,
+                                               plan.csr, layout)
+        if need_x and grad_x is None:
             grad_x = _ops.pathway_grad_x(dz, weight, plan.paths, plan.csr, layout, S, x.shape[1])
         with torch.no_grad():
             seed = m._rounding_seed() if ctx.step_weight or ctx.step_bias else -1
@@ -259,4 +267,4 @@ class _FusedSGDPathway(torch.autograd.Function):
                                        plan.csr, layout, S, M, cfg.lr, cfg.momentum,
                                        cfg.weight_decay, cfg.nesterov,
                                        seed if seed < 0 else (seed + 1) & 0x7FFFFFFF)
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, grad_gate, None, None

@@ -309,6 +309,30 @@ def test_bias_sgd_op_equals_reference_update_float64(kind):
     torch.testing.assert_close(buf.cpu(), buf_ref, rtol=1e-12, atol=1e-12)
 
 
+def test_fused_sgd_moe_router_grads_equal_torch_optim_sgd():
+    """A fused-SGD MoE layer with a trained router on CUDA: x and gate gradients as the unfused
+    layer's at the weights before the step, the step as torch.optim.SGD's."""
+    torch.manual_seed(0)
+    m = GatedPathwayLinear.mixture_of_experts(4, 9, 6, device=DEVICE)
+    ref = copy.deepcopy(m)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    m.fuse_sgd(SGDConfig(lr=0.1, momentum=0.9))
+    for _ in range(2):
+        x0 = torch.randn(1, 5, 9, device=DEVICE)
+        gate0 = torch.softmax(torch.randn(4, 5, device=DEVICE), 0)
+        gy = torch.randn(1, 5, 6, device=DEVICE)
+        x, gate = x0.clone().requires_grad_(), gate0.clone().requires_grad_()
+        x_ref, gate_ref = x0.clone().requires_grad_(), gate0.clone().requires_grad_()
+        (m(x, gate) * gy).sum().backward()
+        opt.zero_grad()
+        (ref(x_ref, gate_ref) * gy).sum().backward()
+        opt.step()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        torch.testing.assert_close(gate.grad, gate_ref.grad)
+        torch.testing.assert_close(m.weight, ref.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.bias, ref.bias, rtol=1e-5, atol=1e-6)
+
+
 def _kpath_step(net: KPathNet, xk, target, gate) -> None:
     loss, _, _ = net.loss(xk, target, gate)
     loss.sum().backward()

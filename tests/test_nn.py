@@ -322,14 +322,48 @@ def test_sgd_config_validates():
         SGDConfig(lr=-1.0)
 
 
-def test_fused_sgd_leaves_frozen_parameters_and_refuses_gate_grads():
+def test_fused_sgd_leaves_frozen_parameters():
     m = GatedPathwayLinear.batched(2, 4, 3).fuse_sgd(SGDConfig(lr=0.1))
     m.weight.requires_grad_(False)
     w0, b0 = m.weight.detach().clone(), m.bias.detach().clone()
     m(torch.randn(2, 5, 4)).sum().backward()
     assert torch.equal(m.weight, w0) and not torch.equal(m.bias, b0)
-    with pytest.raises(RuntimeError, match="gradients for the gate are not supported"):
-        m(torch.randn(2, 5, 4), gate=torch.ones(2, requires_grad=True))
+
+
+@pytest.mark.parametrize("kind", ["moe", "grouped"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "no_x_grad"])
+def test_fused_sgd_returns_gate_and_input_grads(kind, x_grad):
+    """A trained router through a fused-SGD layer: the gate (and input) gradients are those of
+    the unfused layer at the weights before the step, and the step equals torch.optim.SGD's.
+    MoE: per-sample gates (P, B), x and gate through the shared U GEMM when both need grads;
+    grouped: a scalar gate per pathway (P,)."""
+    torch.manual_seed(0)
+    if kind == "moe":
+        m, B = GatedPathwayLinear.mixture_of_experts(4, 9, 6), 5
+        gate0 = torch.softmax(torch.randn(4, B), 0)
+    else:
+        m, B = _sgd_module("grouped", 9)
+        gate0 = torch.rand(m.paths.shape[1]) + 0.5
+    cfg = SGDConfig(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    ref = copy.deepcopy(m)
+    opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    m.fuse_sgd(cfg)
+    for _ in range(2):
+        x0 = torch.randn(m.num_sources, B, 9)
+        gy = torch.randn(m.num_dst, B, 6)
+        x, x_ref = x0.clone().requires_grad_(x_grad), x0.clone().requires_grad_(x_grad)
+        gate, gate_ref = gate0.clone().requires_grad_(), gate0.clone().requires_grad_()
+        (m(x, gate) * gy).sum().backward()
+        opt.zero_grad()
+        (ref(x_ref, gate_ref) * gy).sum().backward()
+        opt.step()
+        torch.testing.assert_close(gate.grad, gate_ref.grad)
+        if x_grad:
+            torch.testing.assert_close(x.grad, x_ref.grad)
+        assert m.weight.grad is None and m.bias.grad is None
+        torch.testing.assert_close(m.weight, ref.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.bias, ref.bias, rtol=1e-5, atol=1e-6)
 
 
 def test_z_is_y_plans_and_the_fused_backward_shortcut():
