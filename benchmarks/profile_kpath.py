@@ -41,8 +41,10 @@ def op_floors(case: KPathCase) -> dict[str, float]:
     }
 
 
-def profile(H: int, steps: int, provider: str, device: torch.device, peaks: dict) -> None:
-    case = KPathCase(f"mnist-K100-B8-H{H}", "mnist", 100, 8, 784, H)
+def profile(H: int, steps: int, provider: str, device: torch.device, peaks: dict,
+            dtype: str = "float32") -> None:
+    suffix = "" if dtype == "float32" else "-bf16"
+    case = KPathCase(f"mnist-K100-B8-H{H}{suffix}", "mnist", 100, 8, 784, H, dtype=dtype)
     prov = make_kpath(provider, case, "step", device)
     step, _ = prov.fns("step")
     for _ in range(3):
@@ -59,15 +61,17 @@ def profile(H: int, steps: int, provider: str, device: torch.device, peaks: dict
             sync(device)
             walls.append(time.perf_counter() - t0)
     wall = statistics.median(walls)
-    c = flops.kpath("step", case.R, case.K, case.B, case.D, case.H, case.C)
-    bw, fl = peaks["peak_gbs"] * 1e9, peaks["peak_tflops"] * 1e12
+    elem = 2 if dtype == "bfloat16" else flops.F32
+    c = flops.kpath("step", case.R, case.K, case.B, case.D, case.H, case.C, elem)
+    bw = peaks["peak_gbs"] * 1e9
+    fl = peaks["peak_tflops_bf16" if dtype == "bfloat16" else "peak_tflops"] * 1e12
     floor = flops.floor_seconds(c, bw, fl)
     print(f"\n## {provider} step, {case.name}: median {wall * 1e3:.1f} ms (min "
           f"{min(walls) * 1e3:.1f}) over {steps} profiled steps; floor {floor * 1e3:.1f} ms "
           f"(bytes {c.bytes / 1e6:.0f} MB -> {c.bytes / bw * 1e3:.1f} ms, FLOPs "
           f"{c.flops / 1e9:.2f} G -> {c.flops / fl * 1e3:.1f} ms); x floor {wall / floor:.1f}; "
           f"load avg {os.getloadavg()[0]:.2f}")
-    floors = op_floors(case)
+    floors = {k: v * elem / flops.F32 for k, v in op_floors(case).items()}
     if device.type == "cuda":  # GPU time per kernel (what bounds the step there)
         krows = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
                        key=lambda e: e.self_device_time_total, reverse=True)
@@ -113,6 +117,9 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="device of torch / naive (default: cuda for "
                     "the cuda provider, else cpu)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="storage of weights, momenta and activations (bfloat16: the -bf16 "
+                         "benchmark cases, fp32 arithmetic)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,7 +130,7 @@ def main() -> None:
           f"{peaks['peak_tflops'] * 1e3:.0f} GFLOP/s fp32 mm (load avg "
           f"{peaks['load_avg_at_peak']:.2f}); threads {torch.get_num_threads()}")
     for H in args.hidden:
-        profile(H, args.steps, args.provider, device, peaks)
+        profile(H, args.steps, args.provider, device, peaks, args.dtype)
 
 
 if __name__ == "__main__":

@@ -396,10 +396,11 @@ Tensor pathway_grad_weight_cpu(const Tensor& dz_, const Tensor& x_, const Tensor
   return gw;
 }
 
-// grad_bias[m] = sum_{p: m_p = m} sum_b dZ_p[b]
-Tensor pathway_grad_bias_cpu(const Tensor& dz_, const Tensor& paths, const Tensor& csr,
-                             at::IntArrayRef layout, int64_t num_sources, int64_t num_weights,
-                             int64_t d_out) {
+// grad_bias[m] = sum_{p: m_p = m} sum_b dZ_p[b], summed in opmath and stored as out_type (dZ's
+// dtype, or float for the bias step of 16-bit storage: no rounding, no widened copy of dZ).
+Tensor grad_bias_sums(const Tensor& dz_, const Tensor& paths, const Tensor& csr,
+                      at::IntArrayRef layout, int64_t num_sources, int64_t num_weights,
+                      int64_t d_out, at::ScalarType out_type) {
   const Tensor dz = dz_.contiguous();
   const Plan p = cpu_plan(paths, csr, layout, num_sources, num_weights, dz);
   const int64_t Do = d_out;
@@ -409,19 +410,45 @@ Tensor pathway_grad_bias_cpu(const Tensor& dz_, const Tensor& paths, const Tenso
   const int64_t B = rows_per_path ? dz.size(0) / rows_per_path : 0;
   TORCH_CHECK(dz.size(0) == rows_per_path * B, "grad_z: expected a multiple of ", rows_per_path,
               " rows for this plan, got shape ", dz.sizes());
-  Tensor gb = at::zeros({p.M, Do}, dz.options());
+  Tensor gb = at::zeros({p.M, Do}, dz.options().dtype(out_type));
   if (p.P == 0 || B == 0) return gb;
-  if (p.blocked()) {  // a plain reduction over the rows of each block (vectorised, in order)
-    gb.narrow(0, p.m0, p.n * p.nm).view({p.n, p.nm, Do})
-        .copy_(dz.view({p.n, p.ns * B, p.nm, Do}).sum(1));
-    return gb;
-  }
   const int64_t ldz = dz.size(1);
   GATED_CPU_DISPATCH(dz.scalar_type(), "pathway_grad_bias_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* DZ = dz.data_ptr<scalar_t>();
-    scalar_t* GB = gb.data_ptr<scalar_t>();
+    // one output element of opmath sums: stored as dZ's type or as opmath (out_type)
+    auto store = [&](int64_t at, const opmath_t* v, int64_t n) {
+      if (out_type == dz.scalar_type()) {
+        std::copy(v, v + n, gb.data_ptr<scalar_t>() + at);
+      } else {
+        std::copy(v, v + n, gb.data_ptr<opmath_t>() + at);
+      }
+    };
+    if (p.blocked()) {
+      // Column sums of each block's ns*B rows, over column tiles in parallel: rows in chunks of
+      // 8 summed apart, then added (a chain of rows / 8 + 8 additions; vectorised over columns).
+      constexpr int64_t kCols = 256, kChunk = 8;
+      const int64_t rows = p.ns * B, cols = p.nm * Do, nct = (cols + kCols - 1) / kCols;
+      at::parallel_for(0, p.n * nct, 1, [&](int64_t t0, int64_t t1) {
+        opmath_t acc[kCols], part[kCols];
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t i = t / nct, c0 = (t % nct) * kCols, nc = std::min(kCols, cols - c0);
+          std::fill(acc, acc + nc, opmath_t(0));
+          for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
+            std::fill(part, part + nc, opmath_t(0));
+            for (int64_t r = r0; r < std::min(rows, r0 + kChunk); ++r) {
+              const scalar_t* row = DZ + (i * rows + r) * ldz + c0;
+              for (int64_t c = 0; c < nc; ++c) part[c] += opmath_t(row[c]);
+            }
+            for (int64_t c = 0; c < nc; ++c) acc[c] += part[c];
+          }
+          store((p.m0 + i * p.nm) * Do + c0, acc, nc);
+        }
+      });
+      return;
+    }
     at::parallel_for(0, p.M, 1, [&](int64_t m0, int64_t m1) {
-      std::vector<at::opmath_type<scalar_t>> acc(Do);
+      std::vector<opmath_t> acc(Do);
       for (int64_t m = m0; m < m1; ++m) {
         std::fill(acc.begin(), acc.end(), 0);
         for (int64_t k = p.wgt_ptr[m]; k < p.wgt_ptr[m + 1]; ++k) {
@@ -430,11 +457,18 @@ Tensor pathway_grad_bias_cpu(const Tensor& dz_, const Tensor& paths, const Tenso
           for (int64_t b = 0; b < B; ++b)
             for (int64_t o = 0; o < Do; ++o) acc[o] += dq[b * ldz + o];
         }
-        std::copy(acc.begin(), acc.end(), GB + m * Do);
+        store(m * Do, acc.data(), Do);
       }
     });
   });
   return gb;
+}
+
+Tensor pathway_grad_bias_cpu(const Tensor& dz, const Tensor& paths, const Tensor& csr,
+                             at::IntArrayRef layout, int64_t num_sources, int64_t num_weights,
+                             int64_t d_out) {
+  return grad_bias_sums(dz, paths, csr, layout, num_sources, num_weights, d_out,
+                        dz.scalar_type());
 }
 
 // grad_gate[p, b] = <grad_y[t_p, b], Z_p[b] + bias[m_p]>  (summed over b for a (P,) gate)
@@ -796,9 +830,10 @@ void pathway_bias_sgd_cpu(const Tensor& dz_, const Tensor& bias, const c10::opti
   check_bias_sgd(bias, num_weights);
   check_sgd_state(bias, "bias", buf, momentum, dz_);
   const Rounding rd = rounding_for(rounding_seed, bias, "biases");
-  const Tensor dz = at::isReducedFloatingType(dz_.scalar_type()) ? dz_.to(at::kFloat) : dz_;
-  const Tensor gb = pathway_grad_bias_cpu(dz, paths, csr, layout, num_sources, num_weights,
-                                          bias.size(1));
+  const auto op_type = at::isReducedFloatingType(dz_.scalar_type()) ? at::kFloat
+                                                                     : dz_.scalar_type();
+  const Tensor gb = grad_bias_sums(dz_, paths, csr, layout, num_sources, num_weights,
+                                   bias.size(1), op_type);
   GATED_CPU_DISPATCH(bias.scalar_type(), "pathway_bias_sgd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     sgd_rows<scalar_t, opmath_t>(bias.data_ptr<scalar_t>(),
