@@ -15,7 +15,7 @@
 #               reference, opcheck, graph capture, determinism, the fused SGD (pytest-xdist
 #               workers share the GPU)
 #   profile     benchmarks/profile_kpath.py: GPU time per kernel of the fused step and of the
-#               plain PyTorch step, H = 128 and 1024
+#               plain PyTorch step, H = 128 and 1024; the fused bf16 step
 #   ncu         Nsight Compute on the encoder's forward and fused-SGD kernels (H = 1024, 128):
 #               throughput, occupancy, registers
 #   bench       the benchmark suite at the paper's MNIST shapes (forward, backward, step) and
@@ -151,9 +151,10 @@ fi
 
 # --- where the step's GPU time goes ----------------------------------------------------------
 if want profile; then
-  stage profile 60 env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" bash -c "'$py' benchmarks/profile_kpath.py --provider cuda --hidden 128 1024 \
+  stage profile 80 env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" bash -c "'$py' benchmarks/profile_kpath.py --provider cuda --hidden 128 1024 \
     --steps 10 && '$py' benchmarks/profile_kpath.py --provider torch --device cuda \
-    --hidden 128 1024 --steps 10"
+    --hidden 128 1024 --steps 10 && '$py' benchmarks/profile_kpath.py --provider cuda \
+    --hidden 128 1024 --steps 10 --dtype bfloat16"
   awk '/^## /{print} /^GPU busy/{f=1} /^$/{f=0} f{print}' "$logs/profile.log" | cut -c1-160
 fi
 
