@@ -872,28 +872,6 @@ void exp_shifted(const double* l, const double* mx, int64_t rows, int64_t C, dou
     for (int64_t c = 0; c < C; ++c) out[r * C + c] = std::exp(l[r * C + c] - mx[r]);
 }
 
-// The logits of the gated cross-entropy as R*P blocks of B rows of C classes, in place: either
-// (R, P, B, C) or (R, I, J, B, C) with path p = i * J + j (the k-path decoder's output viewed
-// without a copy: there the blocks and the rows are strided). Any strides; classes contiguous.
-struct LogitBlocks {
-  int64_t R, P, B, C, J, sr, si, sj, sb;
-  explicit LogitBlocks(const Tensor& l)
-      : R(l.size(0)), P(l.dim() == 5 ? l.size(1) * l.size(2) : l.size(1)), B(l.size(-2)),
-        C(l.size(-1)), J(l.dim() == 5 ? l.size(2) : 1), sr(l.stride(0)), si(l.stride(1)),
-        sj(l.dim() == 5 ? l.stride(2) : 0), sb(l.stride(-2)) {}
-  int64_t offset(int64_t q) const {
-    const int64_t r = q / P, p = q % P;
-    return r * sr + (p / J) * si + (p % J) * sj;
-  }
-};
-
-// Logits (R, P, B, C) or (R, I, J, B, C) with contiguous classes (a copy otherwise).
-Tensor logits_view(const Tensor& logits) {
-  TORCH_CHECK(logits.dim() == 4 || logits.dim() == 5, "logits: expected (R, P, B, C) or (R, I, "
-              "J, B, C) with P = I * J, got shape ", logits.sizes());
-  return logits.size(-1) > 1 && logits.stride(-1) != 1 ? logits.contiguous() : logits;
-}
-
 // One block's B x C values (rows sb apart) as contiguous opmath values: in place when they are
 // already (float / double, contiguous rows), else gathered (and widened) into buf.
 template <typename scalar_t, typename opmath_t>

@@ -140,6 +140,43 @@ inline void check_bias_sgd(const at::Tensor& bias, int64_t num_weights) {
               num_weights, " weights, got shape ", bias.sizes());
 }
 
+// The logits of the gated cross-entropy as R*P blocks of B rows of C classes, in place: either
+// (R, P, B, C) or (R, I, J, B, C) with path p = i * J + j (the k-path decoder's output viewed
+// without a copy: there the blocks and the rows are strided). Any strides; classes contiguous.
+// Passed by value to CUDA kernels.
+struct LogitBlocks {
+  int64_t R, P, B, C, J, sr, si, sj, sb;
+  explicit LogitBlocks(const at::Tensor& l)
+      : R(l.size(0)), P(l.dim() == 5 ? l.size(1) * l.size(2) : l.size(1)), B(l.size(-2)),
+        C(l.size(-1)), J(l.dim() == 5 ? l.size(2) : 1), sr(l.stride(0)), si(l.stride(1)),
+        sj(l.dim() == 5 ? l.stride(2) : 0), sb(l.stride(-2)) {}
+  // element offset of path q's first row (q = r * P + p)
+  C10_HOST_DEVICE int64_t offset(int64_t q) const {
+    const int64_t r = q / P, p = q % P;
+    return r * sr + (p / J) * si + (p % J) * sj;
+  }
+  // The t-th of the R*P*B rows in memory order, as (path q, row b): for the k-path's
+  // (R, I, J, B, C) view the J paths of a sample row are adjacent in memory, so t runs over them
+  // first (coalesced when consecutive GPU threads take consecutive rows).
+  C10_HOST_DEVICE void row_at(int64_t t, int64_t& q, int64_t& b) const {
+    if (J > 1 && sj < sb) {
+      const int64_t j = t % J, u = t / J;
+      b = u % B;
+      q = (u / B) * J + j;
+    } else {
+      q = t / B;
+      b = t - q * B;
+    }
+  }
+};
+
+// Logits (R, P, B, C) or (R, I, J, B, C) with contiguous classes (a copy otherwise).
+inline at::Tensor logits_view(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 4 || logits.dim() == 5, "logits: expected (R, P, B, C) or (R, I, "
+              "J, B, C) with P = I * J, got shape ", logits.sizes());
+  return logits.size(-1) > 1 && logits.stride(-1) != 1 ? logits.contiguous() : logits;
+}
+
 inline void check_grad_z(const at::Tensor& dz, const Plan& p, int64_t B, int64_t Do) {
   TORCH_CHECK(dz.dim() == 2 && dz.size(0) == p.z_rows(B) && dz.size(1) == p.z_cols(Do),
               "grad_z: expected shape (", p.z_rows(B), ", ", p.z_cols(Do),

@@ -745,9 +745,10 @@ __device__ __forceinline__ void row_stats(const scalar_t* __restrict__ l, int64_
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCeWarps * kWarp)
-ce_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
-                  scalar_t* __restrict__ path_loss, int64_t* __restrict__ correct,
-                  scalar_t* __restrict__ lse, int64_t B, int64_t C) {
+ce_forward_kernel(const scalar_t* __restrict__ logits, const LogitBlocks lb,
+                  const int64_t* __restrict__ target, scalar_t* __restrict__ path_loss,
+                  int64_t* __restrict__ correct, scalar_t* __restrict__ lse) {
+  const int64_t B = lb.B, C = lb.C;
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t nll_w[kCeWarps];
   __shared__ int64_t hit_w[kCeWarps];
@@ -757,7 +758,7 @@ ce_forward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict
   int64_t hits = 0;
   for (int64_t b = warp; b < B; b += kCeWarps) {
     const int64_t row = q * B + b;
-    const scalar_t* l = logits + row * C;
+    const scalar_t* l = logits + lb.offset(q) + b * lb.sb;
     acc_t lse_b;
     int64_t arg;
     row_stats(l, C, lane, lse_b, arg);
@@ -802,19 +803,21 @@ __device__ __forceinline__ void row_stats_serial(const scalar_t* __restrict__ l,
 constexpr int64_t kCeThreadClasses = 32;
 
 template <typename scalar_t>
-__global__ void ce_forward_thread_kernel(const scalar_t* __restrict__ logits,
+__global__ void ce_forward_thread_kernel(const scalar_t* __restrict__ logits, const LogitBlocks lb,
                                          const int64_t* __restrict__ target,
                                          scalar_t* __restrict__ path_loss,
-                                         int64_t* __restrict__ correct, scalar_t* __restrict__ lse,
-                                         int64_t paths, int64_t B, int64_t C) {
+                                         int64_t* __restrict__ correct,
+                                         scalar_t* __restrict__ lse) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = lb.B, C = lb.C, paths = lb.R * lb.P;
   for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < paths;
        q += int64_t(gridDim.x) * blockDim.x) {
     acc_t nll_sum = 0;
     int64_t hits = 0;
+    const scalar_t* lq = logits + lb.offset(q);  // (adjacent threads: adjacent paths)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t row = q * B + b;
-      const scalar_t* l = logits + row * C;
+      const scalar_t* l = lq + b * lb.sb;
       acc_t lse_b;
       int64_t arg;
       row_stats_serial(l, C, lse_b, arg);
@@ -882,19 +885,23 @@ __global__ void ce_weights_kernel(const scalar_t* __restrict__ grad_loss,
 // a 3% error on every softmax value, far more than plain PyTorch makes (its log_softmax output
 // is rounded near 0 for the rows' dominant classes).
 template <typename scalar_t, bool kRecompute, bool kThreadPerRow>
-__global__ void ce_backward_kernel(const scalar_t* __restrict__ logits,
+__global__ void ce_backward_kernel(const scalar_t* __restrict__ logits, const LogitBlocks lb,
                                    const int64_t* __restrict__ target,
                                    const scalar_t* __restrict__ lse,
                                    const at::opmath_type<scalar_t>* __restrict__ wts,
-                                   scalar_t* __restrict__ grad, int64_t rows, int64_t B,
-                                   int64_t C) {
+                                   scalar_t* __restrict__ grad_out, const LogitBlocks gb) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kLanes = kThreadPerRow ? 1 : kWarp;  // threads per row
+  const int64_t B = lb.B, C = lb.C, rows = lb.R * lb.P * lb.B;
   const int lane = threadIdx.x % kLanes;
   const int64_t stride = int64_t(gridDim.x) * (blockDim.x / kLanes);
-  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kLanes; row < rows;
-       row += stride) {
-    const scalar_t* l = logits + row * C;
+  for (int64_t t = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kLanes; t < rows;
+       t += stride) {
+    int64_t q, b;
+    lb.row_at(t, q, b);  // rows in the logits' memory order
+    const int64_t row = q * B + b;
+    const scalar_t* l = logits + lb.offset(q) + b * lb.sb;
+    scalar_t* grad = grad_out + gb.offset(q) + b * gb.sb;
     acc_t lse_r;
     if constexpr (kRecompute) {
       int64_t arg;
@@ -906,11 +913,11 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ logits,
     } else {
       lse_r = static_cast<acc_t>(lse[row]);
     }
-    const acc_t w = wts[row / B];
+    const acc_t w = wts[q];
     const int64_t y = target[row];
     for (int64_t c = lane; c < C; c += kLanes) {
       const acc_t sm = ::exp(static_cast<acc_t>(l[c]) - lse_r);
-      grad[row * C + c] = static_cast<scalar_t>(w * (sm - (y == c ? acc_t(1) : acc_t(0))));
+      grad[c] = static_cast<scalar_t>(w * (sm - (y == c ? acc_t(1) : acc_t(0))));
     }
   }
 }
@@ -1266,10 +1273,11 @@ void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cuda(const Tensor& logits_,
                                                                     const Tensor& target_,
                                                                     const Tensor& gate_) {
-  TORCH_CHECK(logits_.dim() == 4, "logits: expected (R, P, B, C), got shape ", logits_.sizes());
   TORCH_CHECK(at::isFloatingType(logits_.scalar_type()),
               "logits: expected a floating-point tensor, got ", logits_.scalar_type());
-  const int64_t R = logits_.size(0), P = logits_.size(1), B = logits_.size(2), C = logits_.size(3);
+  const Tensor logits = logits_view(logits_);  // 4-D, or the k-path's strided 5-D view
+  const LogitBlocks lb(logits);
+  const int64_t R = lb.R, P = lb.P, B = lb.B, C = lb.C;
   TORCH_CHECK(target_.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
               target_.scalar_type());
   GATED_CHECK_SHAPE("target", target_, R, P, B);
@@ -1280,8 +1288,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cuda(const Tensor
   TORCH_CHECK(B > 0, "logits: expected a batch of B > 0 samples (the loss is a mean over B)");
   TORCH_CHECK(C > 0, "logits: expected C > 0 classes");
   const c10::cuda::CUDAGuard guard(logits_.device());
-  const Tensor logits = logits_.contiguous(), target = target_.contiguous(),
-               gate = gate_.contiguous();
+  const Tensor target = target_.contiguous(), gate = gate_.contiguous();
   Tensor loss = at::empty({R}, logits.options());
   Tensor path_loss = at::empty({R, P}, logits.options());
   Tensor correct = at::empty({R, P}, target.options());
@@ -1290,15 +1297,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cuda(const Tensor
   GATED_DISPATCH(logits.scalar_type(), "gated_cross_entropy_cuda", [&] {
     if (P > 0 && C <= kCeThreadClasses) {
       ce_forward_thread_kernel<scalar_t><<<flat_blocks(R * P, 128), 128, 0, stream()>>>(
-          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(),
-          path_loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
-          R * P, B, C);
+          logits.data_ptr<scalar_t>(), lb, target.data_ptr<int64_t>(),
+          path_loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>(), lse.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (P > 0) {
       ce_forward_kernel<scalar_t><<<(unsigned)(R * P), kCeWarps * kWarp, 0, stream()>>>(
-          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(),
-          path_loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
-          B, C);
+          logits.data_ptr<scalar_t>(), lb, target.data_ptr<int64_t>(),
+          path_loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>(), lse.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     ce_loss_kernel<scalar_t><<<(unsigned)R, 1024, 0, stream()>>>(
@@ -1311,8 +1316,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cuda(const Tensor
 Tensor gated_cross_entropy_backward_cuda(const Tensor& grad_loss_, const Tensor& grad_pl_,
                                          const Tensor& logits_, const Tensor& target_,
                                          const Tensor& gate_, const Tensor& lse_) {
-  TORCH_CHECK(logits_.dim() == 4, "logits: expected (R, P, B, C), got shape ", logits_.sizes());
-  const int64_t R = logits_.size(0), P = logits_.size(1), B = logits_.size(2), C = logits_.size(3);
+  const Tensor logits = logits_view(logits_);  // 4-D, or the k-path's strided 5-D view
+  const LogitBlocks lb(logits);
+  const int64_t R = lb.R, P = lb.P, B = lb.B, C = lb.C;
   GATED_CHECK_SHAPE("grad_loss", grad_loss_, R);
   GATED_CHECK_SHAPE("grad_path_loss", grad_pl_, R, P);
   GATED_CHECK_SHAPE("target", target_, R, P, B);
@@ -1327,11 +1333,11 @@ Tensor gated_cross_entropy_backward_cuda(const Tensor& grad_loss_, const Tensor&
   check_like_logits(gate_, "gate");
   check_like_logits(lse_, "lse");
   const c10::cuda::CUDAGuard guard(logits_.device());
-  const Tensor logits = logits_.contiguous(), target = target_.contiguous(),
-               gate = gate_.contiguous(), lse = lse_.contiguous(),
+  const Tensor target = target_.contiguous(), gate = gate_.contiguous(), lse = lse_.contiguous(),
                grad_loss = grad_loss_.contiguous(), grad_pl = grad_pl_.contiguous();
-  Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  Tensor grad = at::empty_like(logits);  // the logits' strides (a strided view stays one)
   if (grad.numel() == 0) return grad;
+  const LogitBlocks gb(grad);
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor wts = at::empty({R, P}, logits.options().dtype(acc_dtype));
   GATED_DISPATCH(logits.scalar_type(), "gated_cross_entropy_backward_cuda", [&] {
@@ -1344,8 +1350,8 @@ Tensor gated_cross_entropy_backward_cuda(const Tensor& grad_loss_, const Tensor&
     const int64_t rows = R * P * B;
     auto go = [&](auto kernel, int64_t threads_per_row) {
       kernel<<<flat_blocks(rows * threads_per_row, 256), 256, 0, stream()>>>(
-          logits.data_ptr<scalar_t>(), target.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
-          wts.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), rows, B, C);
+          logits.data_ptr<scalar_t>(), lb, target.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
+          wts.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), gb);
     };
     if (C <= kCeThreadClasses) {
       go(ce_backward_kernel<scalar_t, kRecompute, true>, 1);

@@ -94,8 +94,9 @@ def gated_cross_entropy(
     a host synchronisation, it gives a NaN loss. A target outside [0, C) raises on the CPU, is a
     device-side assert on CUDA (as in torch's nll_loss) and gives NaN in Triton.
     """
-    if logits.dim() == 5 and (backend != "auto" or logits.device.type != "cpu"):
-        # only the CPU kernel reads the 5-D strided form; the others take (R, P, B, C)
+    if logits.dim() == 5 and backend != "auto":
+        # the compiled CPU and CUDA kernels read the 5-D strided form; the others take
+        # (R, P, B, C)
         R, I, J, B, C = logits.shape
         logits = logits.reshape(R, I * J, B, C)
     if backend == "reference":
