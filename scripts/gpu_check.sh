@@ -17,7 +17,7 @@
 #   profile     benchmarks/profile_kpath.py: GPU time per kernel of the fused step and of the
 #               plain PyTorch step, H = 128 and 1024; the fused bf16 step
 #   ncu         Nsight Compute on the encoder's forward and fused-SGD kernels (H = 1024, 128):
-#               throughput, occupancy, registers
+#               throughput, occupancy, registers, waves, warp stall reasons
 #   bench       the benchmark suite at the paper's MNIST shapes (forward, backward, step) and
 #               the replica steps: naive, torch, torch_graph, cuda, cuda_graph, triton ->
 #               bench.json; then bf16, the MoE layers, CIFAR-10 (K=40, H=128 and 1024) and the
@@ -164,7 +164,8 @@ if want ncu; then
     stage ncu 90 env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" ncu --target-processes all \
       -k "regex:ztile_kernel|wgrad_kernel" --launch-skip 4 --launch-count 4 \
       --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section MemoryWorkloadAnalysis "$py" -c "import sys, torch; sys.path.insert(0, 'benchmarks')
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+      "$py" -c "import sys, torch; sys.path.insert(0, 'benchmarks')
 from providers import KPathCase, make_kpath
 for H in (1024, 128):  # 2 filtered kernels a step: ncu takes H=1024's 3rd step, H=128's 1st
     step, _ = make_kpath('cuda', KPathCase(f'H{H}', 'mnist', 100, 8, 784, H), 'step',
@@ -172,8 +173,8 @@ for H in (1024, 128):  # 2 filtered kernels a step: ncu takes H=1024's 3rd step,
     for _ in range(3):
         step()
 torch.cuda.synchronize()"
-    grep -E "ztile_kernel|wgrad_kernel|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Duration|Block Limit" \
-      "$logs/ncu.log" | cut -c1-150 | head -80
+    grep -E "ztile_kernel|wgrad_kernel|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Duration|Block Limit|Waves Per SM|Stall|Warp Cycles Per Issued|Issued Warp|No Eligible" \
+      "$logs/ncu.log" | cut -c1-150 | head -120
   else
     echo "ncu: SKIPPED (no ncu on the PATH)" | tee -a "$out/summary.txt"
   fi
