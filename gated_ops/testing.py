@@ -206,3 +206,30 @@ def check_ce_special_values(gated_cross_entropy, device: str) -> None:
     assert torch.equal(correct, ref[2])  # ties: the first maximum; a NaN counts as the maximum
     loss, _, _ = gated_cross_entropy(logits[:, :1], target[:, :1], gate[:, :1] * 0)
     assert math.isnan(loss.item())
+
+
+def check_strided_ce_logits(device: str, dtype: torch.dtype, C: int = 6) -> None:
+    """(R, I, J, B, C) logits read in place (the k-path decoder's output (R*I, B, J*C) viewed
+    without a copy) give the same loss, path losses, counts and gradients, bit for bit, as the
+    same values copied to (R, I*J, B, C); the gradient keeps the logits' strides."""
+    import gated_ops
+
+    R, I, J, B = 2, 3, 4, 5
+    g = torch.Generator().manual_seed(4)
+    out = (3 * torch.randn(R * I, B, J * C, generator=g)).to(device, dtype).requires_grad_()
+    l5 = out.view(R, I, B, J, C).permute(0, 1, 3, 2, 4)
+    l4 = l5.detach().reshape(R, I * J, B, C).requires_grad_()
+    target = torch.randint(0, C, (R, I * J, B), generator=g).to(device)
+    gate = (torch.rand(R, I * J, generator=g) < 0.5).to(device, dtype)
+    gate[:, 0] = 1
+    w = torch.randn(R, I * J, generator=g).to(device, dtype)
+    a = gated_ops.gated_cross_entropy(l5, target, gate)
+    b = gated_ops.gated_cross_entropy(l4, target, gate)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    (ga,) = torch.autograd.grad(a[0].sum() + (a[1] * w).sum(), out)
+    (gb,) = torch.autograd.grad(b[0].sum() + (b[1] * w).sum(), l4)
+    assert ga.is_contiguous()  # the permuted gradient is the decoder output's layout
+    assert torch.equal(ga.view(R, I, B, J, C).permute(0, 1, 3, 2, 4).reshape(R, I * J, B, C), gb)
+    torch.library.opcheck(torch.ops.gated_ops.gated_cross_entropy,
+                          (l5.detach().requires_grad_(), target, gate))

@@ -18,7 +18,8 @@ from gated_ops import GatedPathwayLinear, SGDConfig
 from gated_ops.kpath import KPathNet, kpath_gate
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref, sgd_momentum_ref
 from gated_ops.testing import (SHAPES, Case, Table, assert_close, check_ce_special_values,
-                               gradcheck_pathway, kpath_tables, make_inputs, replicate)
+                               check_strided_ce_logits, gradcheck_pathway, kpath_tables,
+                               make_inputs, replicate)
 
 pytestmark = pytest.mark.gpu
 
@@ -194,28 +195,9 @@ def test_opcheck_every_op(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("C", [6, 40], ids=["thread_per_row", "warp_per_row"])
 def test_strided_five_dim_logits_equal_the_copied_four_dim_ones(C, dtype):
-    """The CUDA kernels read (R, I, J, B, C) logits in place (the k-path decoder's output viewed
-    without a copy) and write the gradient in their strides: bit for bit the results of the same
-    values copied to (R, I*J, B, C)."""
-    R, I, J, B = 2, 3, 4, 5
-    g = torch.Generator().manual_seed(4)
-    out = (3 * torch.randn(R * I, B, J * C, generator=g)).to(DEVICE, dtype).requires_grad_()
-    l5 = out.view(R, I, B, J, C).permute(0, 1, 3, 2, 4)
-    l4 = l5.detach().reshape(R, I * J, B, C).requires_grad_()
-    target = torch.randint(0, C, (R, I * J, B), generator=g).to(DEVICE)
-    gate = (torch.rand(R, I * J, generator=g) < 0.5).to(DEVICE, dtype)
-    gate[:, 0] = 1
-    w = torch.randn(R, I * J, generator=g).to(DEVICE, dtype)
-    a = gated_ops.gated_cross_entropy(l5, target, gate)
-    b = gated_ops.gated_cross_entropy(l4, target, gate)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
-    (ga,) = torch.autograd.grad(a[0].sum() + (a[1] * w).sum(), out)
-    (gb,) = torch.autograd.grad(b[0].sum() + (b[1] * w).sum(), l4)
-    assert ga.is_contiguous()  # the permuted gradient is the decoder output's layout
-    assert torch.equal(ga.view(R, I, B, J, C).permute(0, 1, 3, 2, 4).reshape(R, I * J, B, C), gb)
-    torch.library.opcheck(torch.ops.gated_ops.gated_cross_entropy,
-                          (l5.detach().requires_grad_(), target, gate))
+    """The CUDA kernels read the k-path's strided (R, I, J, B, C) logits in place and write the
+    gradient in their strides (check_strided_ce_logits)."""
+    check_strided_ce_logits(DEVICE, dtype, C)
 
 
 def test_opcheck_cross_entropy():

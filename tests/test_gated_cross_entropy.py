@@ -8,7 +8,7 @@ import torch
 
 import gated_ops
 from gated_ops.reference import gated_cross_entropy_ref
-from gated_ops.testing import assert_close
+from gated_ops.testing import assert_close, check_strided_ce_logits
 
 # (R, P, B, C): float32 takes rows 8 at a time in vector lanes (B = 5, 9: partial groups) and
 # C > 64 classes in chunks
@@ -132,25 +132,6 @@ def test_backward_of_ungated_paths_is_zero_and_still_propagates_nan():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
                          ids=["f32", "f64", "bf16"])
 def test_strided_five_dim_logits_equal_the_copied_four_dim_ones(dtype):
-    """(R, I, J, B, C) logits read in place (the k-path decoder's output (R*I, B, J*C) viewed
-    without a copy): the same loss, path losses, counts and gradients, bit for bit, as the
-    same values copied to (R, I*J, B, C); the gradient keeps the logits' strides."""
-    R, I, J, B, C = 2, 3, 4, 5, 6
-    g = torch.Generator().manual_seed(4)
-    out = (3 * torch.randn(R * I, B, J * C, generator=g)).to(dtype).requires_grad_()
-    l5 = out.view(R, I, B, J, C).permute(0, 1, 3, 2, 4)
-    l4 = l5.detach().reshape(R, I * J, B, C).requires_grad_()
-    target = torch.randint(0, C, (R, I * J, B), generator=g)
-    gate = (torch.rand(R, I * J, generator=g) < 0.5).to(dtype)
-    gate[:, 0] = 1
-    w = torch.randn(R, I * J, generator=g).to(dtype)
-    a = gated_ops.gated_cross_entropy(l5, target, gate)
-    b = gated_ops.gated_cross_entropy(l4, target, gate)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
-    (ga,) = torch.autograd.grad(a[0].sum() + (a[1] * w).sum(), out)
-    (gb,) = torch.autograd.grad(b[0].sum() + (b[1] * w).sum(), l4)
-    assert ga.is_contiguous()  # the permuted gradient is the decoder output's layout
-    assert torch.equal(ga.view(R, I, B, J, C).permute(0, 1, 3, 2, 4).reshape(R, I * J, B, C), gb)
-    torch.library.opcheck(torch.ops.gated_ops.gated_cross_entropy,
-                          (l5.detach().requires_grad_(), target, gate))
+    """The CPU kernels read the k-path's strided (R, I, J, B, C) logits in place and write the
+    gradient in their strides (check_strided_ce_logits)."""
+    check_strided_ce_logits("cpu", dtype)

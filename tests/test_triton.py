@@ -183,13 +183,15 @@ SGD_CONFIGS = [dict(lr=0.3, momentum=0.0, weight_decay=0.0, nesterov=False),
                dict(lr=0.3, momentum=0.8, weight_decay=0.0, nesterov=True)]
 
 
+@pytest.mark.parametrize("param", ["weight", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=["plain", "momentum_decay", "nesterov"])
 @pytest.mark.parametrize("case", BLOCKED, ids=lambda c: c.name)
-def test_fused_sgd_op_equals_reference_update(case, cfg, dtype):
-    """pathway_sgd_ = pathway_grad_weight then torch.optim.SGD's step (sgd_momentum_ref), from a
-    nonzero momentum buffer; float64 reference, the kernel in each dtype (16-bit: computed in
-    float32, rounded once), the tolerance rule against the same steps in plain PyTorch."""
+def test_fused_sgd_op_equals_reference_update(case, cfg, dtype, param):
+    """pathway_sgd_ (the weight) = pathway_grad_weight, and pathway_bias_sgd_ (the bias) =
+    pathway_grad_bias, then torch.optim.SGD's step (sgd_momentum_ref), from a nonzero momentum
+    buffer; float64 reference, the kernel in each dtype (16-bit: computed in float32, rounded
+    once), the tolerance rule against the same steps in plain PyTorch."""
     from gated_ops.reference import sgd_momentum_ref
 
     plan = case.table.plan(DEVICE)
@@ -197,31 +199,35 @@ def test_fused_sgd_op_equals_reference_update(case, cfg, dtype):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(S, B, case.d_in, generator=g, dtype=torch.float64)
     gy = torch.randn(T, B, case.d_out, generator=g, dtype=torch.float64)
-    w = torch.randn(M, case.d_out, case.d_in, generator=g, dtype=torch.float64)
-    buf = torch.randn(M, case.d_out, case.d_in, generator=g, dtype=torch.float64)
+    shape = (M, case.d_out, case.d_in) if param == "weight" else (M, case.d_out)
+    p0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    buf0 = torch.randn(shape, generator=g, dtype=torch.float64)
     lay = list(plan.layout)
     plan64 = case.table.plan("cpu")
+    hyper = (cfg["lr"], cfg["momentum"], cfg["weight_decay"], cfg["nesterov"])
 
     def step(dtype, device, fused):
         xs, gys = x.to(device, dtype), gy.to(device, dtype)
-        ws, bs = w.to(device, dtype), buf.to(device, dtype)
+        ps, bs = p0.to(device, dtype), buf0.to(device, dtype)
         p = plan if device == DEVICE else plan64
         dz = torch.ops.gated_ops.pathway_grad_z(gys, None, p.paths, p.csr, lay, S, M)
         b = bs if cfg["momentum"] else None
-        if fused:
-            torch.ops.gated_ops_triton.pathway_sgd_(dz, xs, ws, b, p.paths, p.csr, lay,
-                                                    cfg["lr"], cfg["momentum"],
-                                                    cfg["weight_decay"], cfg["nesterov"])
+        tri, ops = torch.ops.gated_ops_triton, torch.ops.gated_ops
+        if fused and param == "weight":
+            tri.pathway_sgd_(dz, xs, ps, b, p.paths, p.csr, lay, *hyper)
+        elif fused:
+            tri.pathway_bias_sgd_(dz, ps, b, p.paths, p.csr, lay, S, M, *hyper)
         else:
-            gw = torch.ops.gated_ops.pathway_grad_weight(dz, xs, p.paths, p.csr, lay, M,
-                                                         case.d_out)
-            sgd_momentum_ref(ws, gw, b, **cfg)
-        return ws.cpu(), bs.cpu()
+            grad = (ops.pathway_grad_weight(dz, xs, p.paths, p.csr, lay, M, case.d_out)
+                    if param == "weight"
+                    else ops.pathway_grad_bias(dz, p.paths, p.csr, lay, S, M, case.d_out))
+            sgd_momentum_ref(ps, grad, b, **cfg)
+        return ps.cpu(), bs.cpu()
 
-    w64, b64 = step(torch.float64, "cpu", fused=False)
-    w_plain, b_plain = step(dtype, DEVICE, fused=False)
-    w_tri, b_tri = step(dtype, DEVICE, fused=True)
-    assert_close(f"{case.name}: weight", w_tri, w64, w_plain)
+    p64, b64 = step(torch.float64, "cpu", fused=False)
+    p_plain, b_plain = step(dtype, DEVICE, fused=False)
+    p_tri, b_tri = step(dtype, DEVICE, fused=True)
+    assert_close(f"{case.name}: {param}", p_tri, p64, p_plain)
     assert_close(f"{case.name}: momentum", b_tri, b64, b_plain)
 
 
@@ -257,44 +263,6 @@ def test_opcheck_fused_sgd():
     buf = torch.randn_like(w)
     torch.library.opcheck(torch.ops.gated_ops_triton.pathway_sgd_,
                           (dz, x, w, buf, plan.paths, plan.csr, lay, 0.1, 0.9, 0.0, False))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=["plain", "momentum_decay", "nesterov"])
-@pytest.mark.parametrize("case", BLOCKED, ids=lambda c: c.name)
-def test_bias_sgd_op_equals_reference_update(case, cfg, dtype):
-    """pathway_bias_sgd_ = pathway_grad_bias then torch.optim.SGD's step, from a nonzero momentum
-    buffer; float64 reference, the kernel in each dtype (16-bit: the gradient summed in float32,
-    the step rounded once), the tolerance rule against the same steps in plain PyTorch."""
-    from gated_ops.reference import sgd_momentum_ref
-
-    plan, plan64 = case.table.plan(DEVICE), case.table.plan("cpu")
-    S, M, T, B = plan.num_sources, plan.num_weights, plan.num_dst, case.batch
-    g = torch.Generator().manual_seed(4)
-    gy = torch.randn(T, B, case.d_out, generator=g, dtype=torch.float64)
-    b0 = torch.randn(M, case.d_out, generator=g, dtype=torch.float64)
-    buf0 = torch.randn(M, case.d_out, generator=g, dtype=torch.float64)
-    lay = list(plan.layout)
-
-    def step(dtype, device, fused):
-        p = plan if device == DEVICE else plan64
-        gys, b, buf = gy.to(device, dtype), b0.to(device, dtype), buf0.to(device, dtype)
-        dz = torch.ops.gated_ops.pathway_grad_z(gys, None, p.paths, p.csr, lay, S, M)
-        bb = buf if cfg["momentum"] else None
-        if fused:
-            torch.ops.gated_ops_triton.pathway_bias_sgd_(
-                dz, b, bb, p.paths, p.csr, lay, S, M, cfg["lr"], cfg["momentum"],
-                cfg["weight_decay"], cfg["nesterov"])
-        else:
-            gb = torch.ops.gated_ops.pathway_grad_bias(dz, p.paths, p.csr, lay, S, M, case.d_out)
-            sgd_momentum_ref(b, gb, bb, **cfg)
-        return b.cpu(), buf.cpu()
-
-    b64, m64 = step(torch.float64, "cpu", fused=False)
-    b_plain, m_plain = step(dtype, DEVICE, fused=False)
-    b_tri, m_tri = step(dtype, DEVICE, fused=True)
-    assert_close(f"{case.name}: bias", b_tri, b64, b_plain)
-    assert_close(f"{case.name}: momentum", m_tri, m64, m_plain)
 
 
 def test_bias_sgd_stochastic_rounding_is_bitwise_the_cpu_kernels():
