@@ -396,6 +396,24 @@ Tensor pathway_grad_weight_cpu(const Tensor& dz_, const Tensor& x_, const Tensor
   return gw;
 }
 
+// acc[c] = sum over rows r of a[r * lda + c] for c < nc, in opmath: rows in chunks of 8 summed
+// apart and then added (a chain of rows / 8 + 8 additions), vectorised over the columns.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+GATED_TARGET_CLONES void column_sums(const scalar_t* a, int64_t lda, int64_t rows, int64_t nc,
+                                     opmath_t* acc) {
+  constexpr int64_t kChunk = 8, kMax = 256;
+  opmath_t part[kMax];
+  std::fill(acc, acc + nc, opmath_t(0));
+  for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
+    std::fill(part, part + nc, opmath_t(0));
+    for (int64_t r = r0; r < std::min(rows, r0 + kChunk); ++r) {
+      const scalar_t* row = a + r * lda;
+      for (int64_t c = 0; c < nc; ++c) part[c] += opmath_t(row[c]);
+    }
+    for (int64_t c = 0; c < nc; ++c) acc[c] += part[c];
+  }
+}
+
 // grad_bias[m] = sum_{p: m_p = m} sum_b dZ_p[b], summed in opmath and stored as out_type (dZ's
 // dtype, or float for the bias step of 16-bit storage: no rounding, no widened copy of dZ).
 Tensor grad_bias_sums(const Tensor& dz_, const Tensor& paths, const Tensor& csr,
@@ -424,24 +442,21 @@ Tensor grad_bias_sums(const Tensor& dz_, const Tensor& paths, const Tensor& csr,
         std::copy(v, v + n, gb.data_ptr<opmath_t>() + at);
       }
     };
+    if (p.blocked() && out_type == dz.scalar_type()) {  // ATen's vectorised cascade sum
+      gb.narrow(0, p.m0, p.n * p.nm).view({p.n, p.nm, Do})
+          .copy_(dz.view({p.n, p.ns * B, p.nm, Do}).sum(1));
+      return;
+    }
     if (p.blocked()) {
-      // Column sums of each block's ns*B rows, over column tiles in parallel: rows in chunks of
-      // 8 summed apart, then added (a chain of rows / 8 + 8 additions; vectorised over columns).
-      constexpr int64_t kCols = 256, kChunk = 8;
+      // 16-bit dZ summed in float without a widened copy of dZ (at::sum with a float dtype
+      // makes one): each block's ns*B rows over 256-column tiles, in parallel.
+      constexpr int64_t kCols = 256;
       const int64_t rows = p.ns * B, cols = p.nm * Do, nct = (cols + kCols - 1) / kCols;
       at::parallel_for(0, p.n * nct, 1, [&](int64_t t0, int64_t t1) {
-        opmath_t acc[kCols], part[kCols];
+        opmath_t acc[kCols];
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t i = t / nct, c0 = (t % nct) * kCols, nc = std::min(kCols, cols - c0);
-          std::fill(acc, acc + nc, opmath_t(0));
-          for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
-            std::fill(part, part + nc, opmath_t(0));
-            for (int64_t r = r0; r < std::min(rows, r0 + kChunk); ++r) {
-              const scalar_t* row = DZ + (i * rows + r) * ldz + c0;
-              for (int64_t c = 0; c < nc; ++c) part[c] += opmath_t(row[c]);
-            }
-            for (int64_t c = 0; c < nc; ++c) acc[c] += part[c];
-          }
+          column_sums(DZ + i * rows * ldz + c0, ldz, rows, nc, acc);
           store((p.m0 + i * p.nm) * Do + c0, acc, nc);
         }
       });
