@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .ops import _op_namespace, pathway_matmul
+from .ops import _op_namespace, autocast_dtype, pathway_matmul
 from .plan import PathwayPlan, make_plan
 
 __all__ = ["GatedPathwayLinear", "SGDConfig"]
@@ -67,6 +67,10 @@ class GatedPathwayLinear(nn.Module):
     (a trained router) are returned as usual, computed from the weights before the step. Eager
     mode and CUDA graphs only (not under torch.compile, which cannot trace a parameter update
     inside backward).
+
+    In a ``torch.autocast`` region the layer runs in the region's dtype, as ``nn.Linear`` does
+    (:func:`gated_ops.pathway_matmul`); with the fused SGD it runs in its parameters' dtype
+    instead (the step updates them in place), its inputs cast to it.
     """
 
     def __init__(self, src: Sequence[int] | Tensor, wgt: Sequence[int] | Tensor,
@@ -196,6 +200,11 @@ class GatedPathwayLinear(nn.Module):
         lands in the parameters and momentum buffers through the views. KPathNet runs its
         decoders this way."""
         if self.sgd is not None and torch.is_grad_enabled():
+            if autocast_dtype(x.device.type) is not None:
+                # the step updates the parameters themselves: run in their dtype (an autocast
+                # region's 16-bit activations are cast to it)
+                x = x.to(weight.dtype)
+                gate = None if gate is None else gate.to(weight.dtype)
             return _FusedSGDPathway.apply(x, weight, bias, gate, self, plan)
         return pathway_matmul(x, weight, plan, bias, gate, backend=self.backend)
 

@@ -34,6 +34,19 @@ def _op_namespace(backend: str):
     raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
+_AUTOCAST_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the active ``torch.autocast`` region on this device type, else None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """t in dtype where autocast would cast it (float32 / 16-bit; float64 and None stay)."""
+    return t.to(dtype) if t is not None and t.dtype in _AUTOCAST_TYPES else t
+
+
 def pathway_matmul(
     x: Tensor,
     weight: Tensor,
@@ -57,6 +70,9 @@ def pathway_matmul(
             CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (pure PyTorch).
     Returns:
         (T, B, D_out).
+
+    In a ``torch.autocast`` region the op runs in the region's dtype (as ``nn.Linear`` does):
+    float32 and 16-bit x, weight, bias and gate are cast to it; float64 stays.
     """
     if x.dim() != 3:
         raise ValueError(f"x: expected (S, B, D_in), got shape {tuple(x.shape)}")
@@ -69,6 +85,9 @@ def pathway_matmul(
     if plan.device != x.device:
         raise ValueError(f"plan: its index tensors are on {plan.device}, x is on {x.device}; "
                          "move the plan with plan.to(x.device)")
+    dt = autocast_dtype(x.device.type)
+    if dt is not None and x.dtype in _AUTOCAST_TYPES:
+        x, weight, bias, gate = (_cast(t, dt) for t in (x, weight, bias, gate))
     if backend == "reference":
         return pathway_matmul_ref(x, weight, bias, gate, plan.src, plan.wgt, plan.dst,
                                   plan.num_dst)
@@ -93,7 +112,13 @@ def gated_cross_entropy(
     A gate row summing to zero raises on the CPU; on CUDA and Triton, where checking would need
     a host synchronisation, it gives a NaN loss. A target outside [0, C) raises on the CPU, is a
     device-side assert on CUDA (as in torch's nll_loss) and gives NaN in Triton.
+
+    In a ``torch.autocast`` region the loss runs in float32 (as ``F.cross_entropy`` does): 16-bit
+    logits and the gate are cast to it.
     """
+    if autocast_dtype(logits.device.type) is not None:
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        gate = gate.to(logits.dtype)
     if logits.dim() == 5 and backend != "auto":
         # the compiled CPU and CUDA kernels read the 5-D strided form; the others take
         # (R, P, B, C)

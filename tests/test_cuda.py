@@ -504,3 +504,25 @@ def test_cuda_refuses_stochastic_rounding_before_any_layer_steps():
                                                 dtype=torch.bfloat16),
                                     m.bias.detach(), m.bias_momentum, plan, lr=0.1, momentum=0.9,
                                     rounding_seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_autocast_cuda_runs_the_layer_and_loss_like_torch(dtype):
+    """In a CUDA autocast region the layer runs in the region's dtype (bit for bit the inputs
+    cast by hand) and the loss in float32."""
+    torch.manual_seed(0)
+    m = GatedPathwayLinear.mixture_of_experts(4, 16, 8, device=DEVICE)
+    x = torch.randn(1, 5, 16, device=DEVICE)
+    gate = torch.softmax(torch.randn(4, 5, device=DEVICE), 0)
+    with torch.autocast("cuda", dtype=dtype):
+        y = m(x, gate)
+    y_ref = gated_ops.pathway_matmul(x.to(dtype), m.weight.detach().to(dtype), m.plan,
+                                     m.bias.detach().to(dtype), gate.to(dtype))
+    assert y.dtype == dtype and torch.equal(y, y_ref)
+    logits = torch.randn(1, 6, 4, 5, device=DEVICE).to(dtype)
+    target = torch.randint(0, 5, (1, 6, 4), device=DEVICE)
+    g = torch.ones(1, 6, device=DEVICE)
+    with torch.autocast("cuda", dtype=dtype):
+        loss, _, _ = gated_ops.gated_cross_entropy(logits, target, g)
+    assert loss.dtype == torch.float32
+    assert torch.equal(loss, gated_ops.gated_cross_entropy(logits.float(), target, g)[0])

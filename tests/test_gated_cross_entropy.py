@@ -135,3 +135,21 @@ def test_strided_five_dim_logits_equal_the_copied_four_dim_ones(dtype):
     """The CPU kernels read the k-path's strided (R, I, J, B, C) logits in place and write the
     gradient in their strides (check_strided_ce_logits)."""
     check_strided_ce_logits("cpu", dtype)
+
+
+def test_autocast_runs_the_loss_in_float32():
+    """In an autocast region (bf16 logits, a float32 gate) the loss runs in float32, as
+    F.cross_entropy does: the same values as the logits cast by hand."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 4, 5, generator=g).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, 5, (2, 6, 4), generator=g)
+    gate = (torch.rand(2, 6, generator=g) < 0.5).float()
+    gate[:, 0] = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gated_ops.gated_cross_entropy(logits, target, gate)
+    ref = gated_ops.gated_cross_entropy(logits.detach().float(), target, gate)
+    assert out[0].dtype == torch.float32
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+    out[0].sum().backward()
+    assert logits.grad.dtype == torch.bfloat16

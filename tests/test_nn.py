@@ -406,3 +406,72 @@ def test_z_is_y_plans_and_the_fused_backward_shortcut():
         b(x, ones).sum().backward()
         for name, t in a.state_dict().items():
             assert torch.equal(t, b.state_dict()[name]), name
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.autocast: the layer in the region's dtype, as nn.Linear; the fused step in fp32.
+def test_autocast_runs_the_layer_in_the_region_dtype():
+    """Between autocast nn.Linear layers (bf16 activations, fp32 parameters) the layer runs in
+    bf16: the same output and parameter gradients, bit for bit, as with every input cast by hand;
+    outside a region, mixed dtypes are still refused."""
+    torch.manual_seed(0)
+    m = GatedPathwayLinear.mixture_of_experts(4, 16, 8)
+    x = torch.randn(1, 5, 16).to(torch.bfloat16)
+    gate = torch.softmax(torch.randn(4, 5), 0)  # float32, as a router's softmax may be
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x, gate)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    ref = copy.deepcopy(m)
+    ref.weight.grad = ref.bias.grad = None
+    w, b = ref.weight.bfloat16(), ref.bias.bfloat16()
+    y_ref = gated_ops.pathway_matmul(x, w, ref.plan, b, gate.bfloat16())
+    y_ref.float().square().sum().backward()
+    assert torch.equal(y, y_ref)
+    assert torch.equal(m.weight.grad, ref.weight.grad) and m.weight.grad.dtype == torch.float32
+    assert torch.equal(m.bias.grad, ref.bias.grad)
+    with pytest.raises(RuntimeError, match="weight: expected dtype BFloat16"):
+        m(x, gate.bfloat16())
+
+
+def test_autocast_fused_sgd_layer_runs_in_its_parameters_dtype():
+    """A fused-SGD layer in an autocast region steps its float32 parameters in place: it runs in
+    float32 on the region's bf16 activations (cast up), bit for bit the step without autocast."""
+    torch.manual_seed(0)
+    a = GatedPathwayLinear.batched(3, 12, 5).fuse_sgd(SGDConfig(lr=0.1, momentum=0.9))
+    b = copy.deepcopy(a)
+    x = torch.randn(3, 4, 12).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = a(x)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    b(x.float()).sum().backward()
+    assert a.weight.dtype == torch.float32
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["autograd", "fused_sgd"])
+def test_autocast_kpath_step(fused):
+    """A whole k-path step in a bf16 autocast region: layers in bf16 (or float32 with the fused
+    SGD), the loss in float32, close to the float32 step's loss; float32 gradients."""
+    from gated_ops.kpath import KPathNet, kpath_gate
+
+    K, R, B, D, H, C = 3, 2, 4, 16, 8, 5
+    torch.manual_seed(0)
+    net = KPathNet(K, D, H, C, replicas=R)
+    if fused:
+        net.fuse_sgd(SGDConfig(lr=0.1))
+    ref = copy.deepcopy(net)
+    xk, target = torch.randn(R * K, B, D), torch.randint(0, C, (R, K * K, B))
+    gate = kpath_gate(K, 2).reshape(1, K * K).expand(R, -1).contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = net.loss(xk, target, gate)
+    loss.sum().backward()
+    loss_ref, _, _ = ref.loss(xk, target, gate)
+    loss_ref.sum().backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0.05)
+    if not fused:
+        assert net.encoder.weight.grad.dtype == torch.float32
+        torch.testing.assert_close(net.encoder.weight.grad, ref.encoder.weight.grad, rtol=0.05,
+                                   atol=0.02)
