@@ -422,12 +422,7 @@ Tensor grad_bias_sums(const Tensor& dz_, const Tensor& paths, const Tensor& csr,
   const Tensor dz = dz_.contiguous();
   const Plan p = cpu_plan(paths, csr, layout, num_sources, num_weights, dz);
   const int64_t Do = d_out;
-  TORCH_CHECK(dz.dim() == 2 && dz.size(1) == p.z_cols(Do), "grad_z: expected ", p.z_cols(Do),
-              " columns, got shape ", dz.sizes());
-  const int64_t rows_per_path = p.blocked() ? p.n * p.ns : p.P;
-  const int64_t B = rows_per_path ? dz.size(0) / rows_per_path : 0;
-  TORCH_CHECK(dz.size(0) == rows_per_path * B, "grad_z: expected a multiple of ", rows_per_path,
-              " rows for this plan, got shape ", dz.sizes());
+  const int64_t B = grad_z_batch(dz, p, Do);
   Tensor gb = at::zeros({p.M, Do}, dz.options().dtype(out_type));
   if (p.P == 0 || B == 0) return gb;
   const int64_t ldz = dz.size(1);

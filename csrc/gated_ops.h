@@ -177,6 +177,18 @@ inline at::Tensor logits_view(const at::Tensor& logits) {
   return logits.size(-1) > 1 && logits.stride(-1) != 1 ? logits.contiguous() : logits;
 }
 
+// The batch B of a dZ laid out for this plan and D_out (B rows per pathway; 0 without any),
+// checked: z_cols(D_out) columns and a whole batch of rows per pathway.
+inline int64_t grad_z_batch(const at::Tensor& dz, const Plan& p, int64_t Do) {
+  TORCH_CHECK(dz.dim() == 2 && dz.size(1) == p.z_cols(Do), "grad_z: expected ", p.z_cols(Do),
+              " columns, got shape ", dz.sizes());
+  const int64_t rows_per_path = p.blocked() ? p.n * p.ns : p.P;
+  const int64_t B = rows_per_path ? dz.size(0) / rows_per_path : 0;
+  TORCH_CHECK(dz.size(0) == rows_per_path * B, "grad_z: expected a multiple of ", rows_per_path,
+              " rows for this plan, got shape ", dz.sizes());
+  return B;
+}
+
 inline void check_grad_z(const at::Tensor& dz, const Plan& p, int64_t B, int64_t Do) {
   TORCH_CHECK(dz.dim() == 2 && dz.size(0) == p.z_rows(B) && dz.size(1) == p.z_cols(Do),
               "grad_z: expected shape (", p.z_rows(B), ", ", p.z_cols(Do),

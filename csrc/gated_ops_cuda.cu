@@ -1158,12 +1158,7 @@ Tensor pathway_grad_bias_cuda(const Tensor& dz_, const Tensor& paths, const Tens
   const Tensor dz = dz_.contiguous();
   const Plan p = dev_plan(paths, csr, layout, num_sources, num_weights, dz);
   const int64_t Do = d_out;
-  TORCH_CHECK(dz.dim() == 2 && dz.size(1) == p.z_cols(Do), "grad_z: expected ", p.z_cols(Do),
-              " columns, got shape ", dz.sizes());
-  const int64_t rows_per_path = p.blocked() ? p.n * p.ns : p.P;
-  const int64_t B = rows_per_path ? dz.size(0) / rows_per_path : 0;
-  TORCH_CHECK(dz.size(0) == rows_per_path * B, "grad_z: expected a multiple of ", rows_per_path,
-              " rows for this plan, got shape ", dz.sizes());
+  const int64_t B = grad_z_batch(dz, p, Do);
   if (p.P == 0 || B == 0) return at::zeros({p.M, Do}, dz.options());
   Tensor gb = at::empty({p.M, Do}, dz.options());
   if (gb.numel() == 0) return gb;
@@ -1187,12 +1182,7 @@ void pathway_bias_sgd_cuda(const Tensor& dz_, const Tensor& bias,
   const Tensor dz = dz_.contiguous();
   const Plan p = dev_plan(paths, csr, layout, num_sources, num_weights, dz);
   const int64_t Do = bias.size(1);
-  TORCH_CHECK(dz.dim() == 2 && dz.size(1) == p.z_cols(Do), "grad_z: expected ", p.z_cols(Do),
-              " columns, got shape ", dz.sizes());
-  const int64_t rows_per_path = p.blocked() ? p.n * p.ns : p.P;
-  const int64_t B = rows_per_path ? dz.size(0) / rows_per_path : 0;
-  TORCH_CHECK(dz.size(0) == rows_per_path * B, "grad_z: expected a multiple of ", rows_per_path,
-              " rows for this plan, got shape ", dz.sizes());
+  const int64_t B = grad_z_batch(dz, p, Do);
   GATED_DISPATCH(dz.scalar_type(), "pathway_bias_sgd_cuda", [&] {
     // (B == 0 or no pathway: zero gradients; decay and momentum still apply, as on the CPU)
     launch_grad_bias<scalar_t>(p, dz, bias, buf ? *buf : Tensor(), B, Do, true,
