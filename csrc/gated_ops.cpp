@@ -1063,22 +1063,29 @@ Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& 
   TORCH_CHECK(target_.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
               target_.scalar_type());
   check_same_device(target_, "target", logits_);
-  const Tensor target = target_.contiguous(), lse = lse_.contiguous();
-  if (target.numel()) {  // a direct call with a bad target would write out of bounds below
-    const int64_t lo = target.min().item<int64_t>(), hi = target.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < C, "target: class indices must lie in [0, ", C, "), got [", lo,
-                ", ", hi, "]");
-  }
-  // w (R, P): a few small ATen ops on (R, P) tensors, in opmath (float for 16-bit logits).
-  const auto op_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor w = ((grad_loss_.to(op_type).unsqueeze(1) * gate_.to(op_type) /
-                     gate_.to(op_type).sum(1, true) + grad_pl_.to(op_type)) / B).contiguous();
+  const Tensor target = target_.contiguous(), lse = lse_.contiguous(),
+               gate = gate_.contiguous(), grad_loss = grad_loss_.contiguous(),
+               grad_pl = grad_pl_.contiguous();
   Tensor grad = at::empty_like(logits);  // the logits' strides (a strided view stays one)
   const LogitBlocks gb(grad);
   GATED_CPU_DISPATCH(logits.scalar_type(), "gated_cross_entropy_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    // w[r, p] = (grad_loss[r] * gate[r, p] / sum_p gate[r, p] + grad_path_loss[r, p]) / B, in
+    // opmath (float for 16-bit logits); a plain loop: (R, P) is small, and ATen ops on it cost
+    // more in dispatch than in arithmetic (tens of microseconds a step).
+    std::vector<opmath_t> w(R * P);
+    const scalar_t *G = gate.data_ptr<scalar_t>(), *GL = grad_loss.data_ptr<scalar_t>(),
+                   *GP = grad_pl.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < R; ++r) {
+      opmath_t den = 0;
+      for (int64_t p = 0; p < P; ++p) den += opmath_t(G[r * P + p]);
+      for (int64_t p = 0; p < P; ++p) {
+        w[r * P + p] = (opmath_t(GL[r]) * opmath_t(G[r * P + p]) / den +
+                        opmath_t(GP[r * P + p])) / opmath_t(B);
+      }
+    }
     const scalar_t *L = logits.data_ptr<scalar_t>(), *LSE = lse.data_ptr<scalar_t>();
-    const opmath_t* W = w.data_ptr<opmath_t>();
+    const opmath_t* W = w.data();
     const int64_t* Y = target.data_ptr<int64_t>();
     scalar_t* D = grad.data_ptr<scalar_t>();
     const bool dense = lb.sb == C && gb.sb == C;  // rows contiguous: work in place
@@ -1086,6 +1093,10 @@ Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& 
       std::vector<opmath_t> scratch;
       std::vector<scalar_t> lc(dense ? 0 : B * C), dc(dense ? 0 : B * C);
       for (int64_t q = q0; q < q1; ++q) {
+        for (int64_t b = 0; b < B; ++b) {  // a direct call with a bad target: refused
+          const int64_t y = Y[q * B + b];  // (before any write at d[b, y])
+          TORCH_CHECK(y >= 0 && y < C, "target: class index ", y, " out of range [0, ", C, ")");
+        }
         scalar_t* dq = dense ? D + gb.offset(q) : dc.data();
         const opmath_t wq = W[q];
         if (wq == opmath_t(0)) {

@@ -108,6 +108,18 @@ def test_bad_input(bad, match):
         gated_ops.gated_cross_entropy(*bad(l.detach(), t, g.detach()))
 
 
+def test_backward_op_refuses_a_bad_target():
+    """The backward op called directly (not after its forward, which checks the targets) with a
+    class index out of range raises before it writes there."""
+    l, t, g = _inputs(2, 3, 4, 5)
+    _, pl, _, lse = torch.ops.gated_ops.gated_cross_entropy(l.detach(), t, g.detach())
+    bad = t.clone()
+    bad[1, 2, 3] = 5
+    with pytest.raises(RuntimeError, match=r"target: class index 5 out of range \[0, 5\)"):
+        torch.ops.gated_ops.gated_cross_entropy_backward(
+            torch.ones(2, dtype=l.dtype), torch.zeros_like(pl), l.detach(), bad, g.detach(), lse)
+
+
 def test_backward_of_ungated_paths_is_zero_and_still_propagates_nan():
     """Paths with gate 0 and no path-loss gradient get an exactly zero gradient (the kernel skips
     their softmax), unless a logit of the path is NaN or +inf, where 0 * NaN stays NaN as in
