@@ -928,8 +928,8 @@ void ce_grad_block(const scalar_t* l, const scalar_t* lse, const int64_t* y, opm
 }
 
 // One path's cross-entropy forward over B rows of C logits (contiguous, targets in range):
-// lse per row into lse, correct rows into hits; returns sum_b (lse[b] - l[b, y[b]]). float takes
-// simd::ce_rows (rows in vector lanes); this scalar version serves double.
+// lse per row into lse, correct rows into hits; returns sum_b (lse[b] - l[b, y[b]]). Float
+// logits take simd::ce_rows (rows in vector lanes) instead: see ce_block.
 template <typename T>
 double ce_path(const T* lq, const int64_t* Y, int64_t B, int64_t C, T* lse, int64_t& hits,
                std::vector<T>& mx, std::vector<T>& e) {
@@ -971,12 +971,21 @@ double ce_path(const T* lq, const int64_t* Y, int64_t B, int64_t C, T* lse, int6
   }
   return nll_sum;
 }
+
+// One path's block (B rows of C logits, rows sb apart) through the CE forward: float logits
+// straight from their strided rows (simd::ce_rows), others gathered into contiguous opmath rows
+// first (ce_path).
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+double ce_block(const scalar_t* src, int64_t sb, const int64_t* Y, int64_t B, int64_t C,
+                opmath_t* lse, int64_t& hits, std::vector<opmath_t>& rows,
+                std::vector<opmath_t>& mx, std::vector<opmath_t>& e) {
 #if GATED_HAVE_VECTOR_EXT
-inline double ce_path(const float* lq, const int64_t* Y, int64_t B, int64_t C, float* lse,
-                      int64_t& hits, std::vector<float>&, std::vector<float>&) {
-  return simd::ce_rows(lq, Y, B, C, lse, hits);
-}
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return simd::ce_rows(src, sb, Y, B, C, lse, hits);
+  }
 #endif
+  return ce_path(block_rows(src, B, C, sb, rows), Y, B, C, lse, hits, mx, e);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Gated cross-entropy over (R, P, B, C) logits: per-path mean loss, correct counts, gated mean.
@@ -1012,13 +1021,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
     at::parallel_for(0, R * P, 64, [&](int64_t q0, int64_t q1) {
       std::vector<opmath_t> mx(B), e(B * C), rows, lse_q(B);
       for (int64_t q = q0; q < q1; ++q) {
-        const opmath_t* lq = block_rows(L + lb.offset(q), B, C, lb.sb, rows);
+        const scalar_t* lq = L + lb.offset(q);
         for (int64_t b = 0; b < B; ++b) {  // (before any read at l[b, y[b]])
           const int64_t y = Y[q * B + b];
           TORCH_CHECK(y >= 0 && y < C, "target: class index ", y, " out of range [0, ", C, ")");
         }
         int64_t hits = 0;
-        const double nll_sum = ce_path(lq, Y + q * B, B, C, lse_q.data(), hits, mx, e);
+        const double nll_sum =
+            ce_block(lq, lb.sb, Y + q * B, B, C, lse_q.data(), hits, rows, mx, e);
         for (int64_t b = 0; b < B; ++b) LSE[q * B + b] = scalar_t(lse_q[b]);
         PL[q] = scalar_t(nll_sum / double(B));
         CO[q] = hits;
