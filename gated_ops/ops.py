@@ -119,8 +119,8 @@ def gated_cross_entropy(
     if autocast_dtype(logits.device.type) is not None:
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         gate = gate.to(logits.dtype)
-    if logits.dim() == 5 and backend != "auto":
-        # the compiled CPU and CUDA kernels read the 5-D strided form; the others take
+    if logits.dim() == 5 and backend == "reference":
+        # the compiled and Triton kernels read the 5-D strided form; the reference takes
         # (R, P, B, C)
         R, I, J, B, C = logits.shape
         logits = logits.reshape(R, I * J, B, C)

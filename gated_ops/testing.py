@@ -208,7 +208,8 @@ def check_ce_special_values(gated_cross_entropy, device: str) -> None:
     assert math.isnan(loss.item())
 
 
-def check_strided_ce_logits(device: str, dtype: torch.dtype, C: int = 6) -> None:
+def check_strided_ce_logits(device: str, dtype: torch.dtype, C: int = 6,
+                            backend: str = "auto") -> None:
     """(R, I, J, B, C) logits read in place (the k-path decoder's output (R*I, B, J*C) viewed
     without a copy) give the same loss, path losses, counts and gradients, bit for bit, as the
     same values copied to (R, I*J, B, C); the gradient keeps the logits' strides."""
@@ -223,13 +224,13 @@ def check_strided_ce_logits(device: str, dtype: torch.dtype, C: int = 6) -> None
     gate = (torch.rand(R, I * J, generator=g) < 0.5).to(device, dtype)
     gate[:, 0] = 1
     w = torch.randn(R, I * J, generator=g).to(device, dtype)
-    a = gated_ops.gated_cross_entropy(l5, target, gate)
-    b = gated_ops.gated_cross_entropy(l4, target, gate)
+    a = gated_ops.gated_cross_entropy(l5, target, gate, backend=backend)
+    b = gated_ops.gated_cross_entropy(l4, target, gate, backend=backend)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     (ga,) = torch.autograd.grad(a[0].sum() + (a[1] * w).sum(), out)
     (gb,) = torch.autograd.grad(b[0].sum() + (b[1] * w).sum(), l4)
     assert ga.is_contiguous()  # the permuted gradient is the decoder output's layout
     assert torch.equal(ga.view(R, I, B, J, C).permute(0, 1, 3, 2, 4).reshape(R, I * J, B, C), gb)
-    torch.library.opcheck(torch.ops.gated_ops.gated_cross_entropy,
-                          (l5.detach().requires_grad_(), target, gate))
+    ns = torch.ops.gated_ops if backend == "auto" else torch.ops.gated_ops_triton
+    torch.library.opcheck(ns.gated_cross_entropy, (l5.detach().requires_grad_(), target, gate))

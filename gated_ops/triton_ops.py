@@ -326,12 +326,23 @@ def _gate_grad_kernel(gy_ptr, z_ptr, bias_ptr, gg_ptr, paths_ptr, P, B, Do, ldz,
 
 
 @triton.jit
+def _ce_path_offset(q, P, J, sr, si, sj):
+    """Element offset of path q's first logit row in (R, P, B, C) or (R, I, J, B, C) logits with
+    these strides (ops.gated_cross_entropy: the k-path decoder's output viewed in place)."""
+    r = q // P
+    p = q % P
+    return r * sr + (p // J) * si + (p % J) * sj
+
+
+@triton.jit
 def _ce_forward_kernel(logits_ptr, target_ptr, path_loss_ptr, correct_ptr, lse_ptr, B, C,
+                       P, J, sr, si, sj, sb,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """One (replica, path) row group: lse per row, mean NLL, hit count (argmax = the first
     maximum, NaN counting as the maximum, as torch.argmax). A target outside [0, C) gives NaN
     (no out-of-bounds read; the compiled kernels raise / assert instead)."""
     q = tl.program_id(0).to(tl.int64)
+    base = _ce_path_offset(q, P, J, sr, si, sj)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     nll = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -340,7 +351,7 @@ def _ce_forward_kernel(logits_ptr, target_ptr, path_loss_ptr, correct_ptr, lse_p
         bs = b0 + tl.arange(0, BLOCK_B)
         bmask = bs < B
         rows = q * B + bs
-        v = tl.load(logits_ptr + rows[:, None] * C + cols[None, :],
+        v = tl.load(logits_ptr + base + bs[:, None] * sb + cols[None, :],
                     mask=bmask[:, None] & cmask[None, :], other=float("-inf")).to(tl.float32)
         isnan = v != v
         has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
@@ -351,7 +362,8 @@ def _ce_forward_kernel(logits_ptr, target_ptr, path_loss_ptr, correct_ptr, lse_p
         lse = _row_lse(v, cmask)
         y = tl.load(target_ptr + rows, mask=bmask, other=0)
         y_ok = (y >= 0) & (y < C)
-        ly = tl.load(logits_ptr + rows * C + y, mask=bmask & y_ok, other=0.0).to(tl.float32)
+        ly = tl.load(logits_ptr + base + bs * sb + y, mask=bmask & y_ok,
+                     other=0.0).to(tl.float32)
         ly = tl.where(y_ok, ly, float("nan"))
         tl.store(lse_ptr + rows, lse.to(lse_ptr.dtype.element_ty), mask=bmask)
         nll += tl.where(bmask, lse - ly, 0.0)
@@ -411,12 +423,15 @@ def _row_lse(v, cmask):
 
 @triton.jit
 def _ce_backward_kernel(logits_ptr, target_ptr, lse_ptr, w_ptr, grad_ptr, B, C,
+                        P, J, sr, si, sj, sb, gr, gi, gj, gbs,
                         RECOMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """grad = w[r, p] * (softmax(logits) - onehot(target)) for one (r, p), tile by tile.
 
     RECOMPUTE (16-bit logits): the row lse is recomputed in fp32, not read back rounded (a bf16
     lse near 8 is off by up to 0.03: a 3% error on every softmax value)."""
     q = tl.program_id(0).to(tl.int64)
+    base = _ce_path_offset(q, P, J, sr, si, sj)
+    gbase = _ce_path_offset(q, P, J, gr, gi, gj)  # the gradient in its own strides
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     wq = tl.load(w_ptr + q)
@@ -425,8 +440,8 @@ def _ce_backward_kernel(logits_ptr, target_ptr, lse_ptr, w_ptr, grad_ptr, B, C,
         bmask = bs < B
         rows = q * B + bs
         mask = bmask[:, None] & cmask[None, :]
-        offs = rows[:, None] * C + cols[None, :]
-        v = tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        v = tl.load(logits_ptr + base + bs[:, None] * sb + cols[None, :], mask=mask,
+                    other=float("-inf")).to(tl.float32)
         if RECOMPUTE:
             lse = _row_lse(v, cmask)
         else:
@@ -434,7 +449,8 @@ def _ce_backward_kernel(logits_ptr, target_ptr, lse_ptr, w_ptr, grad_ptr, B, C,
         y = tl.load(target_ptr + rows, mask=bmask, other=0)
         onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
         g = wq * (tl.exp(v - lse[:, None]) - onehot)
-        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + gbase + bs[:, None] * gbs + cols[None, :],
+                 g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # =================================================================================================
@@ -746,10 +762,27 @@ def _grad_gate_impl(grad_y, x, weight, bias, gate, paths, csr, layout):
     return (gg if gate.dim() == 2 else gg.sum(1)).to(x.dtype)
 
 
-def _ce_check(logits: Tensor, target: Tensor, gate: Tensor) -> None:
-    if logits.dim() != 4:
-        raise ValueError(f"logits: expected (R, P, B, C), got shape {tuple(logits.shape)}")
+def _ce_layout(logits: Tensor) -> tuple:
+    """Sizes (R, P, B, C, J) and strides (sr, si, sj, sb) of (R, P, B, C) or (R, I, J, B, C)
+    logits (path p = i * J + j), read in place; classes contiguous."""
+    if logits.dim() == 5:
+        R, I, J, B, C = logits.shape
+        sr, si, sj, sb = logits.stride(0), logits.stride(1), logits.stride(2), logits.stride(3)
+        return (R, I * J, B, C, J), (sr, si, sj, sb)
     R, P, B, C = logits.shape
+    return (R, P, B, C, 1), (logits.stride(0), logits.stride(1), 0, logits.stride(2))
+
+
+def _ce_logits(logits: Tensor) -> Tensor:
+    """Logits the kernels read: classes contiguous (a copy otherwise)."""
+    return logits.contiguous() if logits.shape[-1] > 1 and logits.stride(-1) != 1 else logits
+
+
+def _ce_check(logits: Tensor, target: Tensor, gate: Tensor) -> None:
+    if logits.dim() not in (4, 5):
+        raise ValueError(f"logits: expected (R, P, B, C) or (R, I, J, B, C), got shape "
+                         f"{tuple(logits.shape)}")
+    (R, P, B, C, _), _ = _ce_layout(logits)
     if target.dtype != torch.int64 or tuple(target.shape) != (R, P, B):
         raise ValueError(f"target: expected int64 of shape {(R, P, B)}, got {target.dtype} "
                          f"{tuple(target.shape)}")
@@ -769,16 +802,16 @@ def _ce_impl(logits, target, gate):
     if logits.dtype not in TRITON_DTYPES:
         return torch.ops.gated_ops.gated_cross_entropy(logits, target, gate)
     _ce_check(logits, target, gate)
-    logits, target, gate = logits.contiguous(), target.contiguous(), gate.contiguous()
-    R, P, B, C = logits.shape
+    logits, target, gate = _ce_logits(logits), target.contiguous(), gate.contiguous()
+    (R, P, B, C, J), strides = _ce_layout(logits)
     loss = logits.new_empty(R)
     path_loss = logits.new_empty(R, P)
     correct = target.new_empty(R, P)
     lse = logits.new_empty(R, P, B)
     BB, BC = _ce_blocks(B, C)
     if R * P > 0:
-        _ce_forward_kernel[(R * P,)](logits, target, path_loss, correct, lse, B, C,
-                                     BLOCK_B=BB, BLOCK_C=BC)
+        _ce_forward_kernel[(R * P,)](logits, target, path_loss, correct, lse, B, C, P, J,
+                                     *strides, BLOCK_B=BB, BLOCK_C=BC)
     if R > 0:
         _ce_loss_kernel[(R,)](gate, path_loss, loss, P, BLOCK_P=_pow2(P, 16, 1024))
     return loss, path_loss, correct, lse
@@ -788,17 +821,19 @@ def _ce_backward_impl(grad_loss, grad_path_loss, logits, target, gate, lse):
     if logits.dtype not in TRITON_DTYPES:
         return torch.ops.gated_ops.gated_cross_entropy_backward(grad_loss, grad_path_loss,
                                                                 logits, target, gate, lse)
-    logits, target, gate, lse = (t.contiguous() for t in (logits, target, gate, lse))
+    logits = _ce_logits(logits)
+    target, gate, lse = (t.contiguous() for t in (target, gate, lse))
     grad_loss, grad_path_loss = grad_loss.contiguous(), grad_path_loss.contiguous()
-    R, P, B, C = logits.shape
-    grad = torch.empty_like(logits)
+    (R, P, B, C, J), strides = _ce_layout(logits)
+    grad = torch.empty_like(logits)  # the logits' strides (a strided view stays one)
     if grad.numel() == 0:
         return grad
     w = torch.empty(R, P, dtype=torch.float32, device=logits.device)
     _ce_weights_kernel[(R,)](grad_loss, grad_path_loss, gate, w, P, B, BLOCK_P=_pow2(P, 16, 1024))
     BB, BC = _ce_blocks(B, C)
-    _ce_backward_kernel[(R * P,)](logits, target, lse, w, grad, B, C,
-                                  RECOMPUTE=logits.element_size() == 2, BLOCK_B=BB, BLOCK_C=BC)
+    _ce_backward_kernel[(R * P,)](logits, target, lse, w, grad, B, C, P, J, *strides,
+                                  *_ce_layout(grad)[1], RECOMPUTE=logits.element_size() == 2,
+                                  BLOCK_B=BB, BLOCK_C=BC)
     return grad
 
 
@@ -904,7 +939,7 @@ def _(grad_y, x, weight, bias, gate, paths, csr, layout):
 
 @_ce_op.register_fake
 def _(logits, target, gate):
-    R, P, B, _ = logits.shape
+    R, P, B = target.shape  # logits: (R, P, B, C) or (R, I, J, B, C)
     return (logits.new_empty(R), logits.new_empty(R, P), target.new_empty(R, P),
             logits.new_empty(R, P, B))
 

@@ -408,6 +408,15 @@ def test_fused_sgd_stochastic_rounding_is_bitwise_the_reference(kind):
                                                 plan.csr, lay, lr, 0.0, 0.0, False, seed)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_strided_five_dim_logits_equal_the_copied_four_dim_ones(dtype):
+    """The Triton CE kernels read the k-path's strided (R, I, J, B, C) logits in place and
+    write the gradient in their strides (check_strided_ce_logits)."""
+    from gated_ops.testing import check_strided_ce_logits
+
+    check_strided_ce_logits(DEVICE, dtype, backend="triton")
+
+
 def test_gdln_on_triton_equals_compiled_kernels():
     """GDLN(..., backend="triton"): the same graph, weights and gates give the same activations
     and gradients as on the compiled kernels (float32 tolerance); a bad backend is refused."""
