@@ -781,15 +781,23 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
     using opmath_t = at::opmath_type<scalar_t>;
     scalar_t* W = w.data_ptr<scalar_t>();
     scalar_t* BUF = buf ? buf->data_ptr<scalar_t>() : nullptr;
-    // The skinny gradient rows are formed from dZ and x in opmath_t (16-bit ones widened once
-    // here: a few rows per weight, small next to the weight they update).
+    // The skinny gradient rows are formed from dZ and x in opmath_t. 16-bit ones are widened:
+    // for blocked plans (every block skinny here) a weight's few rows at a time into
+    // thread-local buffers that stay in cache (the k-path encoder: 8 x 784 values of x per
+    // weight), else once for the whole call. (Whole-call copies of x and dZ in float cost
+    // 1.3 ms of the bf16 k-path step at H=128 in a profile: allocation, page faults and a
+    // pass over 2.5 MB written and read back.)
+    constexpr bool kWiden = !std::is_same_v<scalar_t, opmath_t>;
+    const bool local = kWiden && p.blocked();
     const auto op_type = c10::CppTypeToScalarType<opmath_t>::value;
-    const Tensor dzo = dz.to(op_type), xo = (xg.defined() ? xg : x).to(op_type);
-    const opmath_t* DZ = dzo.const_data_ptr<opmath_t>();
+    const Tensor dzo = local ? Tensor() : dz.to(op_type);
+    const Tensor xo = local ? Tensor() : (xg.defined() ? xg : x).to(op_type);
+    const opmath_t* DZ = local ? nullptr : dzo.const_data_ptr<opmath_t>();
     const opmath_t lr_ = lr, mom_ = momentum, wd_ = weight_decay;
     const scalar_t* no_grad = nullptr;
     parallel_for_aten(0, p.M, 1, [&](int64_t m0, int64_t m1) {
       Tensor gm;  // scratch (Do, Di) for the GEMM path
+      std::vector<opmath_t> xbuf, abuf;  // this weight's widened rows of x and dZ (local)
       for (int64_t m = m0; m < m1; ++m) {
         // The rows of dZ (nr of them, starting at dz_m, columns from col0) and of x that feed
         // W[m]; nr = 0 when no pathway uses it (zero gradient: decay and momentum still apply).
@@ -806,16 +814,32 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
         }
         scalar_t* wm = W + m * Do * Di;
         scalar_t* bm = BUF ? BUF + m * Do * Di : nullptr;
-        const opmath_t* dzm = DZ + row0 * ldz + col0;
-        const opmath_t* xm = xo.const_data_ptr<opmath_t>() + xrow0 * Di;
+        const opmath_t *dzm = nullptr, *xm = nullptr;
+        int64_t lda = ldz;  // dzm's row stride
+        if (local && nr > 0) {
+          TORCH_INTERNAL_ASSERT(nr <= kSkinnyRows);  // (wide blocked plans returned above)
+          xbuf.resize(nr * Di);
+          abuf.resize(nr * Do);
+          const scalar_t* xs = x.const_data_ptr<scalar_t>() + xrow0 * Di;
+          for (int64_t i = 0; i < nr * Di; ++i) xbuf[i] = opmath_t(xs[i]);
+          const scalar_t* ds = dz.const_data_ptr<scalar_t>() + row0 * ldz + col0;
+          for (int64_t r = 0; r < nr; ++r)
+            for (int64_t o = 0; o < Do; ++o) abuf[r * Do + o] = opmath_t(ds[r * ldz + o]);
+          dzm = abuf.data();
+          xm = xbuf.data();
+          lda = Do;
+        } else if (!local) {
+          dzm = DZ + row0 * ldz + col0;
+          xm = xo.const_data_ptr<opmath_t>() + xrow0 * Di;
+        }
         if (nr == 0) {
           sgd_rows<scalar_t>(wm, bm, no_grad, Do * Di, lr_, mom_, wd_, nesterov, m * Do * Di, rd);
         } else if (nr <= kSkinnyRows) {
-          if (try_skinny_grad_sgd(wm, bm, m * Do * Di, dzm, ldz, xm, nr, Do, Di, lr, momentum,
+          if (try_skinny_grad_sgd(wm, bm, m * Do * Di, dzm, lda, xm, nr, Do, Di, lr, momentum,
                                   weight_decay, nesterov, rd))
             continue;
           for (int64_t o = 0; o < Do; ++o) {
-            grad_sgd_row<scalar_t>(wm + o * Di, bm ? bm + o * Di : nullptr, dzm + o, ldz, xm, nr,
+            grad_sgd_row<scalar_t>(wm + o * Di, bm ? bm + o * Di : nullptr, dzm + o, lda, xm, nr,
                                    Di, lr_, mom_, wd_, nesterov, (m * Do + o) * Di, rd);
           }
         } else {
