@@ -45,21 +45,38 @@ if use_cuda:
 else:
     extra_compile_args.pop("nvcc")
 
+ext_modules = [
+    Extension(
+        "gated_ops._C",
+        sources,
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
+        py_limited_api=False,
+    )
+]
+# GATED_OPS_CUDA_EMU=1: also gated_ops._cuda_emu, the CUDA kernels (gated_ops_cuda.cu) compiled by
+# the host compiler with the CUDA execution model emulated on the CPU (csrc/cuda_emu/): a testing
+# backend for machines without a GPU (backend="cuda_emu"; scripts/test.sh builds it). -O1: the
+# fibers' switches, not the kernels' arithmetic, set its speed, and it compiles in ~30 s.
+if os.environ.get("GATED_OPS_CUDA_EMU", "0") == "1":
+    ext_modules.append(
+        CppExtension(
+            "gated_ops._cuda_emu",
+            [os.path.join("csrc", "cuda_emu", "module.cpp")],
+            include_dirs=[os.path.join(here, "csrc")],
+            extra_compile_args={"cxx": ["-O0", "-g"] if debug else
+                                ["-O1", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]},
+            py_limited_api=False,
+        )
+    )
+
 setup(
     name="gated_ops",
     version="0.1.0",
     description="Fused gated multi-pathway matmuls for PyTorch (Gated Deep Linear Networks)",
     packages=find_packages(include=["gated_ops", "gated_ops.*"]),
-    ext_modules=[
-        Extension(
-            "gated_ops._C",
-            sources,
-            include_dirs=[os.path.join(here, "csrc")],
-            extra_compile_args=extra_compile_args,
-            extra_link_args=extra_link_args,
-            py_limited_api=False,
-        )
-    ],
+    ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],

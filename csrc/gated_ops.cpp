@@ -1166,33 +1166,8 @@ Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& 
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// The schemas, declared once. `paths`, `csr`, `layout` come from gated_ops.make_plan.
-TORCH_LIBRARY(gated_ops, m) {
-  m.def("pathway_matmul(Tensor x, Tensor weight, Tensor? bias, Tensor? gate, Tensor paths, "
-        "Tensor csr, int[] layout) -> Tensor");
-  m.def("pathway_grad_z(Tensor grad_y, Tensor? gate, Tensor paths, Tensor csr, int[] layout, "
-        "int num_sources, int num_weights) -> Tensor");
-  m.def("pathway_grad_x(Tensor grad_z, Tensor weight, Tensor paths, Tensor csr, int[] layout, "
-        "int num_sources, int batch) -> Tensor");
-  m.def("pathway_grad_weight(Tensor grad_z, Tensor x, Tensor paths, Tensor csr, int[] layout, "
-        "int num_weights, int d_out) -> Tensor");
-  m.def("pathway_grad_bias(Tensor grad_z, Tensor paths, Tensor csr, int[] layout, "
-        "int num_sources, int num_weights, int d_out) -> Tensor");
-  m.def("pathway_grad_gate(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor gate, "
-        "Tensor paths, Tensor csr, int[] layout) -> Tensor");
-  m.def("pathway_grad_x_gate(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor gate, "
-        "Tensor paths, Tensor csr, int[] layout) -> (Tensor grad_x, Tensor grad_gate)");
-  m.def("pathway_sgd_(Tensor grad_z, Tensor x, Tensor(a!) weight, Tensor(b!)? momentum_buffer, "
-        "Tensor paths, Tensor csr, int[] layout, float lr, float momentum, float weight_decay, "
-        "bool nesterov, int rounding_seed=-1) -> ()");
-  m.def("pathway_bias_sgd_(Tensor grad_z, Tensor(a!) bias, Tensor(b!)? momentum_buffer, "
-        "Tensor paths, Tensor csr, int[] layout, int num_sources, int num_weights, float lr, "
-        "float momentum, float weight_decay, bool nesterov, int rounding_seed=-1) -> ()");
-  m.def("gated_cross_entropy(Tensor logits, Tensor target, Tensor gate) "
-        "-> (Tensor loss, Tensor path_loss, Tensor correct, Tensor lse)");
-  m.def("gated_cross_entropy_backward(Tensor grad_loss, Tensor grad_path_loss, Tensor logits, "
-        "Tensor target, Tensor gate, Tensor lse) -> Tensor");
-}
+// The schemas, declared once (define_schemas in gated_ops.h).
+TORCH_LIBRARY(gated_ops, m) { define_schemas(m); }
 
 TORCH_LIBRARY_IMPL(gated_ops, CPU, m) {
   m.impl("pathway_matmul", &pathway_matmul_cpu);

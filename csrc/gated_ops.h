@@ -4,8 +4,39 @@
 
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
+#include <torch/library.h>
 
 namespace gated_ops {
+
+// The op schemas, declared once: TORCH_LIBRARY(gated_ops) in gated_ops.cpp, and the CUDA
+// kernels' CPU emulation (csrc/cuda_emu/module.cpp) under its own namespace. `paths`, `csr`,
+// `layout` come from gated_ops.make_plan.
+inline void define_schemas(torch::Library& m) {
+  m.def("pathway_matmul(Tensor x, Tensor weight, Tensor? bias, Tensor? gate, Tensor paths, "
+        "Tensor csr, int[] layout) -> Tensor");
+  m.def("pathway_grad_z(Tensor grad_y, Tensor? gate, Tensor paths, Tensor csr, int[] layout, "
+        "int num_sources, int num_weights) -> Tensor");
+  m.def("pathway_grad_x(Tensor grad_z, Tensor weight, Tensor paths, Tensor csr, int[] layout, "
+        "int num_sources, int batch) -> Tensor");
+  m.def("pathway_grad_weight(Tensor grad_z, Tensor x, Tensor paths, Tensor csr, int[] layout, "
+        "int num_weights, int d_out) -> Tensor");
+  m.def("pathway_grad_bias(Tensor grad_z, Tensor paths, Tensor csr, int[] layout, "
+        "int num_sources, int num_weights, int d_out) -> Tensor");
+  m.def("pathway_grad_gate(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor gate, "
+        "Tensor paths, Tensor csr, int[] layout) -> Tensor");
+  m.def("pathway_grad_x_gate(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor gate, "
+        "Tensor paths, Tensor csr, int[] layout) -> (Tensor grad_x, Tensor grad_gate)");
+  m.def("pathway_sgd_(Tensor grad_z, Tensor x, Tensor(a!) weight, Tensor(b!)? momentum_buffer, "
+        "Tensor paths, Tensor csr, int[] layout, float lr, float momentum, float weight_decay, "
+        "bool nesterov, int rounding_seed=-1) -> ()");
+  m.def("pathway_bias_sgd_(Tensor grad_z, Tensor(a!) bias, Tensor(b!)? momentum_buffer, "
+        "Tensor paths, Tensor csr, int[] layout, int num_sources, int num_weights, float lr, "
+        "float momentum, float weight_decay, bool nesterov, int rounding_seed=-1) -> ()");
+  m.def("gated_cross_entropy(Tensor logits, Tensor target, Tensor gate) "
+        "-> (Tensor loss, Tensor path_loss, Tensor correct, Tensor lse)");
+  m.def("gated_cross_entropy_backward(Tensor grad_loss, Tensor grad_path_loss, Tensor logits, "
+        "Tensor target, Tensor gate, Tensor lse) -> Tensor");
+}
 
 // Read-only view of a PathwayPlan (gated_ops/plan.py documents the layout): its sizes and raw
 // pointers into paths / csr, on the plan's device. Passed by value to CUDA kernels.

@@ -27,8 +27,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 #include <torch/library.h>
 
@@ -38,6 +36,22 @@
 #include <type_traits>
 
 #include "gated_ops.h"
+
+#ifdef GATED_OPS_CUDA_EMU
+// The host compiler builds this file with the CUDA execution model emulated on the CPU
+// (csrc/cuda_emu/cuda_emu.h; gated_ops._cuda_emu, a testing backend): these same kernels and
+// launchers, registered for CPU tensors under torch.ops.gated_ops_cudaemu.
+#include "cuda_emu/cuda_emu.h"
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+// Every launch is GATED_LAUNCH(kernel, grid, block)(args): no dynamic shared memory, the
+// current stream.
+#define GATED_LAUNCH(kernel, grid, block) \
+  kernel<<<(grid), (block), 0, at::cuda::getCurrentCUDAStream()>>>
+#define GATED_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(gated_ops, CUDA, m)
+#define GATED_KERNEL_DEVICE at::kCUDA
+#endif
 
 namespace gated_ops {
 namespace {
@@ -174,8 +188,10 @@ __device__ __forceinline__ acc_t sgd_value(acc_t w, acc_t g, acc_t& mb, bool has
 // The plan as raw device pointers (pointer arithmetic on the host, no value read).
 Plan dev_plan(const Tensor& paths, const Tensor& csr, at::IntArrayRef layout, int64_t S,
                  int64_t M, const Tensor& ref) {
-  TORCH_CHECK(paths.is_cuda() && csr.is_cuda(), "paths, csr (plan): expected CUDA tensors like "
-              "the data; move the plan with plan.to(x.device)");
+  TORCH_CHECK(paths.device().type() == GATED_KERNEL_DEVICE &&
+                  csr.device().type() == GATED_KERNEL_DEVICE,
+              "paths, csr (plan): expected CUDA tensors like the data; move the plan with "
+              "plan.to(x.device)");
   return make_plan_view(paths, csr, layout, S, M, ref);
 }
 
@@ -924,8 +940,6 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ logits, const Lo
 
 // =============================================================================================
 // Host launchers.
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
-
 // Warps per block for a tile of `rows` rows at kRowsPerWarp per warp (at least 1, at most 8).
 int warps_for(int64_t rows) {
   return (int)std::max<int64_t>(1, std::min<int64_t>(kMaxWarps, (rows + kRowsPerWarp - 1) /
@@ -936,7 +950,6 @@ int warps_for(int64_t rows) {
 template <typename scalar_t>
 void launch_ztile(const Plan& p, const Tensor& x, const Tensor& w, const Tensor& bias,
                   const Tensor& gate, Tensor* y, const Tensor& z, bool fused) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(1), Di = x.size(2), Do = w.size(1);
   const int64_t krows = p.blocked() ? p.n * p.ns : p.P, zc = p.z_cols(Do);
   ZTileArgs<scalar_t> a;
@@ -956,7 +969,7 @@ void launch_ztile(const Plan& p, const Tensor& x, const Tensor& w, const Tensor&
   if (grid == 0) return;
   TORCH_CHECK(grid < std::numeric_limits<int>::max(), "pathway_matmul: problem too large");
   auto go = [&](auto kernel) {
-    kernel<<<(unsigned)grid, warps * kWarp, 0, stream()>>>(a);
+    GATED_LAUNCH(kernel, (unsigned)grid, warps * kWarp)(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (fused) {
@@ -997,7 +1010,7 @@ Tensor pathway_matmul_cuda(const Tensor& x_, const Tensor& w_, const c10::option
     } else {
       z = cublas_z(p, x, w);
     }
-    gather_epilogue_kernel<scalar_t><<<flat_blocks(y.numel(), 256), 256, 0, stream()>>>(
+    GATED_LAUNCH(gather_epilogue_kernel<scalar_t>, flat_blocks(y.numel(), 256), 256)(
         p, z.data_ptr<scalar_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
         gate.defined() ? gate.data_ptr<scalar_t>() : nullptr, gate.defined() && gate.dim() == 2,
         y.data_ptr<scalar_t>(), B, Do, z.size(1), /*only_multi=*/skinny);
@@ -1021,7 +1034,7 @@ Tensor pathway_grad_z_cuda(const Tensor& grad_y_, const c10::optional<Tensor>& g
   if (dz.numel() == 0) return dz;
   const Tensor gate = gate_ ? gate_->contiguous() : Tensor();
   GATED_DISPATCH(gy.scalar_type(), "pathway_grad_z_cuda", [&] {
-    grad_z_kernel<scalar_t><<<flat_blocks(p.P * B * Do, 256), 256, 0, stream()>>>(
+    GATED_LAUNCH(grad_z_kernel<scalar_t>, flat_blocks(p.P * B * Do, 256), 256)(
         p, gy.data_ptr<scalar_t>(), gate.defined() ? gate.data_ptr<scalar_t>() : nullptr,
         gate.defined() && gate.dim() == 2, dz.data_ptr<scalar_t>(), B, Do, dz.size(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1062,7 +1075,7 @@ Tensor pathway_grad_x_cuda(const Tensor& dz_, const Tensor& w_, const Tensor& pa
     const int64_t grid = (p.blocked() ? p.n * p.ns : p.S) * a.nbt * a.ndt;
     if (grid == 0) return;
     auto go = [&](auto kernel) {
-      kernel<<<(unsigned)grid, kGxWarps * kWarp, 0, stream()>>>(a);
+      GATED_LAUNCH(kernel, (unsigned)grid, kGxWarps * kWarp)(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     vec ? go(grad_x_kernel<scalar_t, V>) : go(grad_x_kernel<scalar_t, 1>);
@@ -1090,7 +1103,7 @@ void launch_wgrad(const Plan& p, const Tensor& dz, const Tensor& x, const Tensor
   if (grid == 0) return;
   TORCH_CHECK(grid < std::numeric_limits<int>::max(), "pathway weight gradient: too large");
   auto go = [&](auto kernel) {
-    kernel<<<(unsigned)grid, warps * kWarp, 0, stream()>>>(a);
+    GATED_LAUNCH(kernel, (unsigned)grid, warps * kWarp)(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // one chunk of kBT rows per weight (blocked, ns * B <= kBT): the single-level sum
@@ -1115,7 +1128,7 @@ void launch_grad_bias(const Plan& p, const Tensor& dz, const Tensor& gb, const T
   if (p.M * Do == 0) return;
   const unsigned blocks = (unsigned)((p.M * Do + kWarp - 1) / kWarp);
   auto go = [&](auto kernel) {
-    kernel<<<blocks, kWarp * kBiasRows, 0, stream()>>>(
+    GATED_LAUNCH(kernel, blocks, kWarp * kBiasRows)(
         p, dz.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(),
         buf.defined() ? buf.data_ptr<scalar_t>() : nullptr, B, Do, dz.size(1), sgd_args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1217,7 +1230,7 @@ Tensor pathway_grad_gate_cuda(const Tensor& grad_y_, const Tensor& x_, const Ten
         z = cublas_z(p, x, w);
       }
       const int64_t warps = p.P * B;
-      gate_epilogue_kernel<scalar_t><<<flat_blocks(warps * kWarp, 256), 256, 0, stream()>>>(
+      GATED_LAUNCH(gate_epilogue_kernel<scalar_t>, flat_blocks(warps * kWarp, 256), 256)(
           p, gy.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
           bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
           acc_dtype == at::kFloat ? gg.data_ptr<float>() : nullptr,
@@ -1253,7 +1266,7 @@ void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
       Tensor g = covers ? at::empty_like(w) : at::zeros_like(w);
       Tensor out = w_blocks(p, g);
       at::bmm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}).transpose(1, 2), x_blocks(p, x));
-      sgd_kernel<scalar_t><<<flat_blocks(w.numel(), 256), 256, 0, stream()>>>(
+      GATED_LAUNCH(sgd_kernel<scalar_t>, flat_blocks(w.numel(), 256), 256)(
           w.data_ptr<scalar_t>(), bufv.defined() ? bufv.data_ptr<scalar_t>() : nullptr,
           g.data_ptr<scalar_t>(), w.numel(), sgd);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1290,17 +1303,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cuda(const Tensor
   if (R == 0) return {loss, path_loss, correct, lse};
   GATED_DISPATCH(logits.scalar_type(), "gated_cross_entropy_cuda", [&] {
     if (P > 0 && C <= kCeThreadClasses) {
-      ce_forward_thread_kernel<scalar_t><<<flat_blocks(R * P, 128), 128, 0, stream()>>>(
+      GATED_LAUNCH(ce_forward_thread_kernel<scalar_t>, flat_blocks(R * P, 128), 128)(
           logits.data_ptr<scalar_t>(), lb, target.data_ptr<int64_t>(),
           path_loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>(), lse.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (P > 0) {
-      ce_forward_kernel<scalar_t><<<(unsigned)(R * P), kCeWarps * kWarp, 0, stream()>>>(
+      GATED_LAUNCH(ce_forward_kernel<scalar_t>, (unsigned)(R * P), kCeWarps * kWarp)(
           logits.data_ptr<scalar_t>(), lb, target.data_ptr<int64_t>(),
           path_loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>(), lse.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    ce_loss_kernel<scalar_t><<<(unsigned)R, 1024, 0, stream()>>>(
+    GATED_LAUNCH(ce_loss_kernel<scalar_t>, (unsigned)R, 1024)(
         gate.data_ptr<scalar_t>(), path_loss.data_ptr<scalar_t>(), loss.data_ptr<scalar_t>(), P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -1336,14 +1349,14 @@ Tensor gated_cross_entropy_backward_cuda(const Tensor& grad_loss_, const Tensor&
   Tensor wts = at::empty({R, P}, logits.options().dtype(acc_dtype));
   GATED_DISPATCH(logits.scalar_type(), "gated_cross_entropy_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    ce_weights_kernel<scalar_t><<<(unsigned)R, 1024, 0, stream()>>>(
+    GATED_LAUNCH(ce_weights_kernel<scalar_t>, (unsigned)R, 1024)(
         grad_loss.data_ptr<scalar_t>(), grad_pl.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(),
         wts.data_ptr<acc_t>(), P, B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     constexpr bool kRecompute = sizeof(scalar_t) == 2;
     const int64_t rows = R * P * B;
     auto go = [&](auto kernel, int64_t threads_per_row) {
-      kernel<<<flat_blocks(rows * threads_per_row, 256), 256, 0, stream()>>>(
+      GATED_LAUNCH(kernel, flat_blocks(rows * threads_per_row, 256), 256)(
           logits.data_ptr<scalar_t>(), lb, target.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
           wts.data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), gb);
     };
@@ -1359,7 +1372,7 @@ Tensor gated_cross_entropy_backward_cuda(const Tensor& grad_loss_, const Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gated_ops, CUDA, m) {
+GATED_OPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("pathway_matmul", &pathway_matmul_cuda);
   m.impl("pathway_grad_z", &pathway_grad_z_cuda);
   m.impl("pathway_grad_x", &pathway_grad_x_cuda);

@@ -91,16 +91,17 @@ class GDLN(nn.Module):
         edges: (src, dst) or (src, dst, weight_name) tuples; each edge is named "src->dst".
         bias: give every weight a bias (the theory assumes none).
         init_std: weights ~ N(0, init_std^2) (None: nn.Linear's default scale 1/sqrt(D_in)).
-        backend: "auto" (the compiled CPU / CUDA kernels) or "triton" (gated_ops.triton_ops;
-            layers whose plan is grouped run the compiled op there too).
+        backend: "auto" (the compiled CPU / CUDA kernels), "triton" (gated_ops.triton_ops;
+            layers whose plan is grouped run the compiled op there too) or "cuda_emu" (the CUDA
+            kernels emulated on CPU tensors, for tests).
     """
 
     def __init__(self, nodes: dict[str, int], edges: list[tuple[str, ...]], *, bias: bool = False,
                  init_std: float | None = None, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, backend: str = "auto"):
         super().__init__()
-        if backend not in ("auto", "triton"):
-            raise ValueError(f"backend: expected 'auto' or 'triton', got {backend!r}")
+        if backend not in ("auto", "triton", "cuda_emu"):
+            raise ValueError(f"backend: expected 'auto', 'triton' or 'cuda_emu', got {backend!r}")
         self.backend = backend
         self.node_names = list(nodes)
         self.widths = dict(nodes)

@@ -92,7 +92,7 @@ class KPathNet(nn.Module):
                  dtype: torch.dtype | None = None, backend: str = "auto"):
         super().__init__()
         self.K, self.R, self.C = K, replicas, classes
-        self.backend = backend  # "auto" (compiled kernels) | "triton" (layers and loss)
+        self.backend = backend  # "auto" (compiled kernels) | "triton" | "cuda_emu" (layers, loss)
         kw = dict(replicas=replicas, bias=bias, device=device, dtype=dtype, backend=backend)
         self.encoder = GatedPathwayLinear.batched(K, d_in, hidden, **kw)
         self.hidden = GatedPathwayLinear.shared(K, hidden, hidden, **kw)

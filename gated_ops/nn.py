@@ -50,8 +50,9 @@ class GatedPathwayLinear(nn.Module):
         num_sources, num_weights, num_dst: S, M, T.
         in_features, out_features: D_in, D_out of every weight.
         bias: learn a bias per weight.
-        backend: "auto" (the compiled CPU / CUDA kernels) or "triton" (gated_ops.triton_ops,
-            forward, backward and fused SGD; CUDA, or CPU under TRITON_INTERPRET=1).
+        backend: "auto" (the compiled CPU / CUDA kernels), "triton" (gated_ops.triton_ops,
+            forward, backward and fused SGD; CUDA, or CPU under TRITON_INTERPRET=1) or
+            "cuda_emu" (the CUDA kernels emulated on CPU tensors, for tests: gated_ops.cuda_emu).
     Shapes: forward(x (S, B, D_in), gate None | (P,) | (P, B)) -> (T, B, D_out).
 
     Constructors for the common patterns: :meth:`batched` (one weight per source),
@@ -79,8 +80,8 @@ class GatedPathwayLinear(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  backend: str = "auto"):
         super().__init__()
-        if backend not in ("auto", "triton"):
-            raise ValueError(f"backend: expected 'auto' or 'triton', got {backend!r}")
+        if backend not in ("auto", "triton", "cuda_emu"):
+            raise ValueError(f"backend: expected 'auto', 'triton' or 'cuda_emu', got {backend!r}")
         self.backend = backend
         plan = make_plan(src, wgt, dst, num_sources=num_sources, num_weights=num_weights,
                          num_dst=num_dst)
@@ -174,7 +175,9 @@ class GatedPathwayLinear(nn.Module):
                              "this layer's are float16")
         if self.weight.dtype != torch.bfloat16:
             return -1
-        if self.weight.device.type != "cpu" and self.backend != "triton":  # before any step
+        on_cuda_kernels = self.backend == "cuda_emu" or (self.weight.device.type != "cpu"
+                                                         and self.backend != "triton")
+        if on_cuda_kernels:  # before any step
             raise ValueError("SGDConfig.stochastic_rounding: implemented in the CPU kernels "
                              f"and the Triton backend (backend='triton'); this layer is on "
                              f"{self.weight.device} with backend={self.backend!r}")

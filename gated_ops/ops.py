@@ -19,18 +19,22 @@ __all__ = ["pathway_matmul", "gated_cross_entropy", "pathway_sgd_", "pathway_bia
 _ops = torch.ops.gated_ops
 
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cuda_emu", "reference")
 
 
 def _op_namespace(backend: str):
     """The registered ops of a backend: "auto" = gated_ops (C++ CPU / CUDA kernels, picked by
     the dispatcher from the tensors' device); "triton" = gated_ops_triton (loaded on first use,
-    since importing Triton reads TRITON_INTERPRET)."""
+    since importing Triton reads TRITON_INTERPRET); "cuda_emu" = gated_ops_cudaemu (the CUDA
+    kernels emulated on the CPU, for tests: gated_ops.cuda_emu)."""
     if backend == "auto":
         return _ops
     if backend == "triton":
         from . import triton_ops  # noqa: F401  (registers torch.ops.gated_ops_triton)
         return torch.ops.gated_ops_triton
+    if backend == "cuda_emu":
+        from . import cuda_emu  # noqa: F401  (registers torch.ops.gated_ops_cudaemu)
+        return torch.ops.gated_ops_cudaemu
     raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
@@ -67,7 +71,8 @@ def pathway_matmul(
         bias: (M, D_out) or None.
         gate: None, (P,) or (P, B).
         backend: "auto" (the compiled kernels of x's device), "triton" (gated_ops.triton_ops:
-            CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (pure PyTorch).
+            CUDA, or CPU under TRITON_INTERPRET=1), "cuda_emu" (the CUDA kernels emulated on
+            CPU tensors, for tests: gated_ops.cuda_emu) or "reference" (pure PyTorch).
     Returns:
         (T, B, D_out).
 
@@ -178,76 +183,6 @@ def pathway_bias_sgd_(
 
 
 # ------------------------------------------------------------------------------------------------
-# Fake (meta) kernels: output shapes only.
-@torch.library.register_fake("gated_ops::pathway_matmul")
-def _(x, weight, bias, gate, paths, csr, layout):
-    return x.new_empty(layout[0], x.shape[1], weight.shape[1])
-
-
-@torch.library.register_fake("gated_ops::pathway_grad_z")
-def _(grad_y, gate, paths, csr, layout, num_sources, num_weights):
-    return grad_y.new_empty(z_shape(layout, paths.shape[1], grad_y.shape[1], grad_y.shape[2]))
-
-
-@torch.library.register_fake("gated_ops::pathway_grad_x")
-def _(grad_z, weight, paths, csr, layout, num_sources, batch):
-    return grad_z.new_empty(num_sources, batch, weight.shape[2])
-
-
-@torch.library.register_fake("gated_ops::pathway_grad_weight")
-def _(grad_z, x, paths, csr, layout, num_weights, d_out):
-    return grad_z.new_empty(num_weights, d_out, x.shape[2])
-
-
-@torch.library.register_fake("gated_ops::pathway_grad_bias")
-def _(grad_z, paths, csr, layout, num_sources, num_weights, d_out):
-    return grad_z.new_empty(num_weights, d_out)
-
-
-@torch.library.register_fake("gated_ops::pathway_grad_gate")
-def _(grad_y, x, weight, bias, gate, paths, csr, layout):
-    return torch.empty_like(gate)
-
-
-@torch.library.register_fake("gated_ops::pathway_grad_x_gate")
-def _(grad_y, x, weight, bias, gate, paths, csr, layout):
-    return torch.empty_like(x), torch.empty_like(gate)
-
-
-@torch.library.impl("gated_ops::pathway_grad_x_gate", "CompositeExplicitAutograd")
-def _(grad_y, x, weight, bias, gate, paths, csr, layout):
-    """Devices without a fused kernel (CUDA): the two ops it replaces."""
-    S, B = x.shape[0], x.shape[1]
-    dz = _ops.pathway_grad_z(grad_y, gate, paths, csr, layout, S, weight.shape[0])
-    return (_ops.pathway_grad_x(dz, weight, paths, csr, layout, S, B),
-            _ops.pathway_grad_gate(grad_y, x, weight, bias, gate, paths, csr, layout))
-
-
-@torch.library.register_fake("gated_ops::pathway_sgd_")
-def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-      nesterov, rounding_seed=-1):
-    return None
-
-
-@torch.library.register_fake("gated_ops::pathway_bias_sgd_")
-def _(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights, lr, momentum,
-      weight_decay, nesterov, rounding_seed=-1):
-    return None
-
-
-@torch.library.register_fake("gated_ops::gated_cross_entropy")
-def _(logits, target, gate):
-    R, P, B = target.shape  # logits: (R, P, B, C) or (R, I, J, B, C)
-    return (logits.new_empty(R), logits.new_empty(R, P), target.new_empty(R, P),
-            logits.new_empty(R, P, B))
-
-
-@torch.library.register_fake("gated_ops::gated_cross_entropy_backward")
-def _(grad_loss, grad_path_loss, logits, target, gate, lse):
-    return torch.empty_like(logits)
-
-
-# ------------------------------------------------------------------------------------------------
 # Autograd: backward = the same family of registered ops, honouring needs_input_grad.
 def pathway_setup_context(ctx, inputs, output):
     x, weight, bias, gate, paths, csr, layout = inputs
@@ -291,9 +226,6 @@ def pathway_backward(ns):
     return backward
 
 
-torch.library.register_autograd(
-    "gated_ops::pathway_matmul", pathway_backward(_ops), setup_context=pathway_setup_context
-)
 
 
 def ce_setup_context(ctx, inputs, output):
@@ -322,6 +254,79 @@ def ce_backward(ns):
     return backward
 
 
-torch.library.register_autograd(
-    "gated_ops::gated_cross_entropy", ce_backward(_ops), setup_context=ce_setup_context
-)
+# ------------------------------------------------------------------------------------------------
+# Fake (meta) kernels (output shapes only) and autograd, for a namespace holding these schemas:
+# gated_ops, and gated_ops_cudaemu (the CUDA kernels emulated on the CPU: gated_ops.cuda_emu).
+def register_python_parts(ns: str) -> None:
+    """Registers, for the ops ``torch.ops.<ns>.*`` (the schemas of csrc/gated_ops.h), the fake
+    kernels, the composite ``pathway_grad_x_gate`` for devices without a fused kernel, and the
+    autograd formulas of ``pathway_matmul`` and ``gated_cross_entropy``."""
+    ops = getattr(torch.ops, ns)
+
+    def fake(name):
+        return torch.library.register_fake(f"{ns}::{name}")
+
+    @fake("pathway_matmul")
+    def _(x, weight, bias, gate, paths, csr, layout):
+        return x.new_empty(layout[0], x.shape[1], weight.shape[1])
+
+    @fake("pathway_grad_z")
+    def _(grad_y, gate, paths, csr, layout, num_sources, num_weights):
+        return grad_y.new_empty(z_shape(layout, paths.shape[1], grad_y.shape[1],
+                                        grad_y.shape[2]))
+
+    @fake("pathway_grad_x")
+    def _(grad_z, weight, paths, csr, layout, num_sources, batch):
+        return grad_z.new_empty(num_sources, batch, weight.shape[2])
+
+    @fake("pathway_grad_weight")
+    def _(grad_z, x, paths, csr, layout, num_weights, d_out):
+        return grad_z.new_empty(num_weights, d_out, x.shape[2])
+
+    @fake("pathway_grad_bias")
+    def _(grad_z, paths, csr, layout, num_sources, num_weights, d_out):
+        return grad_z.new_empty(num_weights, d_out)
+
+    @fake("pathway_grad_gate")
+    def _(grad_y, x, weight, bias, gate, paths, csr, layout):
+        return torch.empty_like(gate)
+
+    @fake("pathway_grad_x_gate")
+    def _(grad_y, x, weight, bias, gate, paths, csr, layout):
+        return torch.empty_like(x), torch.empty_like(gate)
+
+    @torch.library.impl(f"{ns}::pathway_grad_x_gate", "CompositeExplicitAutograd")
+    def _(grad_y, x, weight, bias, gate, paths, csr, layout):
+        """Devices without a fused kernel (CUDA): the two ops it replaces."""
+        S, B = x.shape[0], x.shape[1]
+        dz = ops.pathway_grad_z(grad_y, gate, paths, csr, layout, S, weight.shape[0])
+        return (ops.pathway_grad_x(dz, weight, paths, csr, layout, S, B),
+                ops.pathway_grad_gate(grad_y, x, weight, bias, gate, paths, csr, layout))
+
+    @fake("pathway_sgd_")
+    def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
+          nesterov, rounding_seed=-1):
+        return None
+
+    @fake("pathway_bias_sgd_")
+    def _(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights, lr,
+          momentum, weight_decay, nesterov, rounding_seed=-1):
+        return None
+
+    @fake("gated_cross_entropy")
+    def _(logits, target, gate):
+        R, P, B = target.shape  # logits: (R, P, B, C) or (R, I, J, B, C)
+        return (logits.new_empty(R), logits.new_empty(R, P), target.new_empty(R, P),
+                logits.new_empty(R, P, B))
+
+    @fake("gated_cross_entropy_backward")
+    def _(grad_loss, grad_path_loss, logits, target, gate, lse):
+        return torch.empty_like(logits)
+
+    torch.library.register_autograd(f"{ns}::pathway_matmul", pathway_backward(ops),
+                                    setup_context=pathway_setup_context)
+    torch.library.register_autograd(f"{ns}::gated_cross_entropy", ce_backward(ops),
+                                    setup_context=ce_setup_context)
+
+
+register_python_parts("gated_ops")

@@ -4,16 +4,20 @@ One table so that tests and benchmarks cannot drift apart (STYLE.md rule 6).
 """
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .plan import PathwayPlan, make_plan
 
 __all__ = [
     "Table", "Case", "SHAPES", "kpath_tables", "replicate", "make_inputs", "assert_close",
-    "tolerance", "gradcheck_pathway", "check_ce_special_values",
+    "tolerance", "gradcheck_pathway", "check_ce_special_values", "cuda_emulation",
 ]
 
 
@@ -234,3 +238,34 @@ def check_strided_ce_logits(device: str, dtype: torch.dtype, C: int = 6,
     assert torch.equal(ga.view(R, I, B, J, C).permute(0, 1, 3, 2, 4).reshape(R, I * J, B, C), gb)
     ns = torch.ops.gated_ops if backend == "auto" else torch.ops.gated_ops_triton
     torch.library.opcheck(ns.gated_cross_entropy, (l5.detach().requires_grad_(), target, gate))
+
+
+class _CudaEmulation(TorchDispatchMode):
+    """Sends every ``torch.ops.gated_ops.*`` call to ``torch.ops.gated_ops_cudaemu.*`` (the same
+    schema: the CUDA kernels emulated on the CPU), below autograd; counts the emulated calls by
+    op (direct calls of gated_ops_cudaemu included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("gated_ops", "gated_ops_cudaemu"):
+            name = func.__name__.split(".")[0]
+            self.calls[name] += 1
+            func = getattr(getattr(torch.ops.gated_ops_cudaemu, name), func._overloadname)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def cuda_emulation() -> Iterator[Counter]:
+    """Within this context, gated_ops' ops on CPU tensors run the CUDA kernels
+    (csrc/gated_ops_cuda.cu) emulated on the CPU (gated_ops.cuda_emu) instead of the CPU
+    kernels: the same calls, modules and training steps as on a GPU, without one, so
+    tests/test_cuda.py runs in CI. Yields the count of emulated calls per op. Autograd, the
+    fused-SGD layers and the k-path loss are unchanged: only the registered ops are swapped, at
+    the dispatcher, for this thread."""
+    from . import cuda_emu  # noqa: F401  (raises with the build command if not built)
+    mode = _CudaEmulation()
+    with mode:
+        yield mode.calls

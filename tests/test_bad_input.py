@@ -104,8 +104,10 @@ def test_module_backend_option():
     from gated_ops import GatedPathwayLinear
     from gated_ops.kpath import KPathNet
 
-    with pytest.raises(ValueError, match="backend: expected 'auto' or 'triton', got 'cuda'"):
+    with pytest.raises(ValueError,
+                       match="backend: expected 'auto', 'triton' or 'cuda_emu', got 'cuda'"):
         GatedPathwayLinear.batched(2, 3, 4, backend="cuda")
-    with pytest.raises(ValueError, match="backend: expected 'auto' or 'triton', got 'reference'"):
+    with pytest.raises(ValueError,
+                       match="backend: expected 'auto', 'triton' or 'cuda_emu', got 'reference'"):
         KPathNet(2, 3, 4, 5, backend="reference")
     assert "backend=triton" in repr(GatedPathwayLinear.batched(2, 3, 4, backend="triton"))

@@ -3,29 +3,80 @@ forward and backward in float32 / bfloat16 / float16 against the float64 referen
 skinny paths, non-contiguous inputs, opcheck, float64 gradcheck, determinism, the fused SGD
 against torch.optim.SGD, and a CUDA-graph capture of a k-path training step.
 
-Every test is marked ``gpu`` (skipped without a CUDA device, see conftest.py). Low-precision
-tolerances follow gated_ops.testing: "plain" is the reference computed in that dtype on the GPU.
+Every test runs on two targets:
+  * ``cuda``: on the GPU (marked ``gpu``: skipped without a CUDA device, see conftest.py);
+  * ``emu``: the same CUDA kernels compiled for the CPU with the CUDA execution model emulated
+    (gated_ops.cuda_emu; gated_ops.testing.cuda_emulation swaps the registered ops at the
+    dispatcher), on CPU tensors, so CI runs this file without a GPU. Tests marked ``gpu`` here
+    need the GPU itself (CUDA graphs, Inductor's GPU code, CUDA autocast, Triton) and run on the
+    ``cuda`` target only.
+Low-precision tolerances follow gated_ops.testing: "plain" is the reference computed in that dtype
+on the target's device.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
 from gated_ops.kpath import KPathNet, kpath_gate
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref, sgd_momentum_ref
 from gated_ops.testing import (SHAPES, Case, Table, assert_close, check_ce_special_values,
-                               check_strided_ce_logits, gradcheck_pathway, kpath_tables,
-                               make_inputs, replicate)
+                               check_strided_ce_logits, cuda_emulation, gradcheck_pathway,
+                               kpath_tables, make_inputs, replicate)
 
-pytestmark = pytest.mark.gpu
-
+# Set per test by the `target` fixture: the device, the namespace holding the CUDA kernels, and
+# the layers' backend that reaches them.
 DEVICE = "cuda"
+OPS = torch.ops.gated_ops
+BACKEND = "auto"
 NAMES = ["x", "weight", "bias", "gate"]
 LOW = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def _emulation_built() -> bool:
+    try:
+        import gated_ops.cuda_emu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(autouse=True, params=[pytest.param("cuda", marks=pytest.mark.gpu),
+                                      pytest.param("emu", marks=pytest.mark.cuda_emu)])
+def target(request):
+    global DEVICE, OPS, BACKEND
+    if request.param == "cuda":
+        DEVICE, OPS, BACKEND = "cuda", torch.ops.gated_ops, "auto"
+        yield request.param
+        return
+    if request.node.get_closest_marker("gpu"):
+        pytest.skip("needs the GPU itself, not only its kernels")
+    if not _emulation_built():
+        if os.environ.get("GATED_OPS_REQUIRE_CUDA_EMU") == "1":
+            pytest.fail("gated_ops._cuda_emu is not built (GATED_OPS_CUDA_EMU=1 pip install ...)")
+        pytest.skip("gated_ops._cuda_emu is not built (GATED_OPS_CUDA_EMU=1 pip install ...)")
+    DEVICE, OPS, BACKEND = "cpu", torch.ops.gated_ops_cudaemu, "cuda_emu"
+    try:
+        with cuda_emulation() as calls:
+            yield request.param
+        assert sum(calls.values()) > 0, "no op ran on the emulated CUDA kernels"
+    finally:
+        DEVICE, OPS, BACKEND = "cuda", torch.ops.gated_ops, "auto"
+
+
+def _modes_off():
+    """Outside the emulation's dispatch mode (on the emulated target): torch.ops.gated_ops.* then
+    reach the CPU kernels (an independent reference) and OPS.* the emulated ones, as called;
+    opcheck runs its own modes."""
+    return _disable_current_modes() if DEVICE == "cpu" else contextlib.nullcontext()
+
 
 # Rows that force the other code paths of the CUDA kernels (thresholds in gated_ops_cuda.cu):
 # B > 32 and ns*B > 64 (cuBLAS forward, grad_x, grad_W, SGD), nm*D_out > 512 (cuBLAS grad_x),
@@ -112,6 +163,7 @@ def test_cuda_grouped_layout_on_blocked_tables(case):
     _check(_compiled, case, torch.float32, layout="grouped")
 
 
+@pytest.mark.gpu
 def test_torch_compile_inductor_parity():
     """The CUDA ops under torch.compile (Inductor, fullgraph): the layer's forward and every
     gradient, and the fused loss, equal eager mode."""
@@ -165,7 +217,7 @@ def _op_args(case: Case):
     lay = list(plan.layout)
     S, M, B, Do = x.shape[0], w.shape[0], x.shape[1], w.shape[1]
     gy = torch.randn(plan.num_dst, B, Do, device=DEVICE)
-    dz = torch.ops.gated_ops.pathway_grad_z(gy, g, plan.paths, plan.csr, lay, S, M)
+    dz = OPS.pathway_grad_z(gy, g, plan.paths, plan.csr, lay, S, M)
     return inp, plan, lay, gy, dz
 
 
@@ -174,7 +226,12 @@ def test_opcheck_every_op(case):
     inp, plan, lay, gy, dz = _op_args(case)
     x, w, b, g = inp["x"], inp["weight"], inp["bias"], inp["gate"]
     S, M, B, Do = x.shape[0], w.shape[0], x.shape[1], w.shape[1]
-    ops, pc = torch.ops.gated_ops, (plan.paths, plan.csr, lay)
+    ops, pc = OPS, (plan.paths, plan.csr, lay)
+    with _modes_off():
+        _opcheck_every_op(ops, pc, x, w, b, g, gy, dz, S, M, B, Do)
+
+
+def _opcheck_every_op(ops, pc, x, w, b, g, gy, dz, S, M, B, Do):
     torch.library.opcheck(ops.pathway_matmul, (x.requires_grad_(), w.requires_grad_(), b, g, *pc))
     x, w = x.detach(), w.detach()
     torch.library.opcheck(ops.pathway_grad_z, (gy, g, *pc, S, M))
@@ -204,11 +261,12 @@ def test_opcheck_cross_entropy():
     logits = torch.randn(2, 5, 3, 4, device=DEVICE, requires_grad=True)
     target = torch.randint(0, 4, (2, 5, 3), device=DEVICE)
     gate = torch.ones(2, 5, device=DEVICE)
-    torch.library.opcheck(torch.ops.gated_ops.gated_cross_entropy, (logits, target, gate))
-    _, _, _, lse = torch.ops.gated_ops.gated_cross_entropy(logits, target, gate)
-    torch.library.opcheck(torch.ops.gated_ops.gated_cross_entropy_backward,
-                          (torch.ones(2, device=DEVICE), torch.randn(2, 5, device=DEVICE),
-                           logits.detach(), target, gate, lse.detach()))
+    _, _, _, lse = OPS.gated_cross_entropy(logits, target, gate)
+    with _modes_off():
+        torch.library.opcheck(OPS.gated_cross_entropy, (logits, target, gate))
+        torch.library.opcheck(OPS.gated_cross_entropy_backward,
+                              (torch.ones(2, device=DEVICE), torch.randn(2, 5, device=DEVICE),
+                               logits.detach(), target, gate, lse.detach()))
 
 
 @pytest.mark.parametrize("name", ["odd_decoder", "moe", "tiny_grouped"])
@@ -307,7 +365,8 @@ def test_bias_sgd_op_equals_reference_update_float64(kind):
     lay = list(plan.layout)
     dz = torch.ops.gated_ops.pathway_grad_z(gy, None, plan.paths, plan.csr, lay, S, M)
     pc = plan.to("cpu")
-    gb = torch.ops.gated_ops.pathway_grad_bias(dz.cpu(), pc.paths, pc.csr, lay, S, M, 6)
+    with _modes_off():  # the CPU kernel's bias gradient
+        gb = torch.ops.gated_ops.pathway_grad_bias(dz.cpu(), pc.paths, pc.csr, lay, S, M, 6)
     b, buf = torch.randn(M, 6, dtype=torch.float64), torch.randn(M, 6, dtype=torch.float64)
     b_ref, buf_ref = b.clone(), buf.clone()
     b, buf = b.to(DEVICE), buf.to(DEVICE)
@@ -347,6 +406,7 @@ def _kpath_step(net: KPathNet, xk, target, gate) -> None:
     loss.sum().backward()
 
 
+@pytest.mark.gpu
 def test_kpath_training_step_cuda_graph_equals_eager():
     """Forward, fused loss, backward and fused SGD captured once and replayed = the eager steps
     (bitwise: same kernels in the same order; capture also proves there is no host sync)."""
@@ -438,6 +498,7 @@ TRITON_CASES = [c for c in ALL if c.large or c.name in (
     "odd_decoder", "moe", "replicas_hidden", "wide_batch_decoder", "long_d_in")]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(LOW.values()), ids=list(LOW))
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c.name)
 def test_triton_backend_matches_reference(case, dtype):
@@ -445,6 +506,7 @@ def test_triton_backend_matches_reference(case, dtype):
     _check(_triton, case, dtype)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(LOW.values()), ids=list(LOW))
 def test_triton_cross_entropy_matches_reference(dtype):
     triton_ops = pytest.importorskip("gated_ops.triton_ops")
@@ -465,6 +527,7 @@ def test_triton_cross_entropy_matches_reference(dtype):
         assert_close(name, outs[2][i], outs[0][i], outs[1][i])
 
 
+@pytest.mark.gpu
 def test_triton_stochastic_rounding_trains_eagerly_and_refuses_graph_capture():
     """backend="triton" gives bfloat16 stochastic rounding on the GPU: an eager step moves the
     weights; under CUDA-graph capture the layer refuses (its seed is read on the host)."""
@@ -486,7 +549,7 @@ def test_cuda_refuses_stochastic_rounding_before_any_layer_steps():
     """Stochastic rounding of bfloat16 weights exists in the CPU kernels and the Triton backend,
     not in the CUDA kernels: a module on them raises in the first backward, before it or any
     other layer has stepped, and the raw op refuses rounding_seed >= 0."""
-    m = GatedPathwayLinear.batched(2, 8, 4, device=DEVICE, dtype=torch.bfloat16)
+    m = GatedPathwayLinear.batched(2, 8, 4, device=DEVICE, dtype=torch.bfloat16, backend=BACKEND)
     m.fuse_sgd(SGDConfig(lr=0.1, momentum=0.9, stochastic_rounding=True))
     w0 = m.weight.detach().clone()
     with pytest.raises(ValueError, match="implemented in the CPU kernels and the Triton backend"):
@@ -506,6 +569,7 @@ def test_cuda_refuses_stochastic_rounding_before_any_layer_steps():
                                     rounding_seed=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_autocast_cuda_runs_the_layer_and_loss_like_torch(dtype):
     """In a CUDA autocast region the layer runs in the region's dtype (bit for bit the inputs

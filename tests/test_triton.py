@@ -443,5 +443,6 @@ def test_gdln_on_triton_equals_compiled_kernels():
         torch.testing.assert_close(outs["triton"][n], outs["auto"][n])
     for a, b in zip(grads["triton"], grads["auto"]):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="backend: expected 'auto' or 'triton', got 'cuda'"):
+    with pytest.raises(ValueError,
+                       match="backend: expected 'auto', 'triton' or 'cuda_emu', got 'cuda'"):
         GDLN(nodes, edges, backend="cuda")

@@ -1,0 +1,90 @@
+"""The CPU emulation of the CUDA execution model (csrc/cuda_emu/cuda_emu.h, gated_ops.cuda_emu).
+
+tests/test_cuda.py runs the CUDA kernels through it (its ``emu`` target); this file checks the
+emulator itself (barriers, shuffles and device asserts on its own test kernels, and the misuse
+it must refuse) and the explicit ``backend="cuda_emu"`` path of the public API.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import gated_ops
+from gated_ops import GatedPathwayLinear, SGDConfig
+from gated_ops.kpath import KPathNet, kpath_gate
+
+try:
+    import gated_ops.cuda_emu  # noqa: F401
+except ImportError:
+    if os.environ.get("GATED_OPS_REQUIRE_CUDA_EMU") == "1":
+        raise
+    pytest.skip("gated_ops._cuda_emu is not built (GATED_OPS_CUDA_EMU=1 pip install ...)",
+                allow_module_level=True)
+
+pytestmark = pytest.mark.cuda_emu
+selftest = torch.ops.gated_ops_cudaemu._emulator_selftest
+
+
+def test_barriers_and_shuffles_compute_block_sums():
+    """3 blocks of 256 threads: warp shuffles, then shared memory behind __syncthreads."""
+    want = torch.tensor([sum(b * 1000 + t for t in range(256)) for b in range(3)])
+    assert torch.equal(selftest(0), want)
+
+
+def test_a_barrier_not_reached_by_every_thread_is_a_deadlock_error():
+    with pytest.raises(RuntimeError, match=r"deadlock in block \(0,0,0\): 33 threads at "
+                                           r"__syncthreads, 31 at a shuffle"):
+        selftest(1)
+
+
+def test_a_full_mask_shuffle_with_exited_lanes_is_refused():
+    with pytest.raises(RuntimeError, match="exited while its warp waits at a full-mask shuffle"):
+        selftest(2)
+
+
+def test_a_device_assert_names_the_condition_block_and_thread():
+    with pytest.raises(RuntimeError, match=r"device-side assertion .*planted failure.* block "
+                                           r"\(1,0,0\), thread \(5,0,0\)"):
+        selftest(3)
+    assert torch.equal(selftest(0)[:1], torch.tensor([32640]))  # the emulator still works
+
+
+def test_a_bad_class_index_trips_the_cross_entropy_kernels_device_assert():
+    """On a GPU this is a device-side assert that fails the next CUDA call; here it raises."""
+    logits = torch.randn(1, 3, 4, 5)
+    target = torch.zeros(1, 3, 4, dtype=torch.int64)
+    target[0, 2, 1] = 5
+    with pytest.raises(RuntimeError, match=r"device-side assertion `y >= 0 && y < C"):
+        gated_ops.gated_cross_entropy(logits, target, torch.ones(1, 3), backend="cuda_emu")
+
+
+def test_kpath_fused_step_on_the_emulated_cuda_kernels_matches_the_cpu_kernels():
+    """backend="cuda_emu" end to end: three fused-SGD k-path steps (replicas, momentum, decay)
+    on the CUDA kernels and on the CPU kernels give the same parameters to float32 rounding."""
+    K, R, B, D, H, C = 4, 2, 8, 20, 12, 5
+
+    def make(backend):
+        torch.manual_seed(0)
+        return KPathNet(K, D, H, C, replicas=R, backend=backend).fuse_sgd(
+            SGDConfig(lr=0.05, momentum=0.9, weight_decay=1e-3))
+
+    cpu, emu = make("auto"), make("cuda_emu")
+    g = torch.Generator().manual_seed(1)
+    gate = kpath_gate(K, 2).reshape(1, K * K).expand(R, -1).contiguous()
+    for _ in range(3):
+        x = torch.randn(R * K, B, D, generator=g)
+        t = torch.randint(0, C, (R, K * K, B), generator=g)
+        for net in (cpu, emu):
+            loss, _, _ = net.loss(x, t, gate)
+            loss.sum().backward()
+    for (name, a), (_, b) in zip(cpu.state_dict().items(), emu.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_emulated_cuda_kernels_refuse_stochastic_rounding_like_the_gpu():
+    m = GatedPathwayLinear.batched(2, 8, 4, dtype=torch.bfloat16, backend="cuda_emu")
+    m.fuse_sgd(SGDConfig(lr=0.1, momentum=0.9, stochastic_rounding=True))
+    with pytest.raises(ValueError, match="implemented in the CPU kernels and the Triton backend"):
+        m(torch.randn(2, 3, 8, dtype=torch.bfloat16)).sum().backward()
