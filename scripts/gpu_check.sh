@@ -15,13 +15,16 @@
 #               reference, opcheck, graph capture, determinism, the fused SGD (pytest-xdist
 #               workers share the GPU)
 #   profile     benchmarks/profile_kpath.py: GPU time per kernel of the fused step and of the
-#               plain PyTorch step, H = 128 and 1024; the fused bf16 step
+#               plain PyTorch step, H = 128 and 1024; the fused bf16 step; the fused steps again
+#               with GATED_OPS_CUDA_PREFETCH=1 (L2 prefetch in the encoder kernels: an A/B)
 #   ncu         Nsight Compute on the encoder's forward and fused-SGD kernels (H = 1024, 128):
 #               throughput, occupancy, registers, waves, warp stall reasons
 #   bench       the benchmark suite at the paper's MNIST shapes (forward, backward, step) and
 #               the replica steps: naive, torch, torch_graph, cuda, cuda_graph, triton ->
-#               bench.json; then bf16, the MoE layers, CIFAR-10 (K=40, H=128 and 1024) and the
-#               B=512 case -> bench_extra.json
+#               bench.json; the captured fused steps with GATED_OPS_CUDA_PREFETCH=1 ->
+#               bench_prefetch.json (the A/B against bench.json's cuda_graph rows); then bf16,
+#               the MoE layers, CIFAR-10 (K=40, H=128 and 1024) and the B=512 case ->
+#               bench_extra.json
 #   compile     torch_compile at the paper's MNIST shapes, forward, backward and step ->
 #               bench_compile.json (compiling is slow)
 #   experiment  k-path runs at K = 100 on Fashion-MNIST (GATED_OPS_DATA_DIR, the IDX files): one
@@ -154,7 +157,10 @@ if want profile; then
   stage profile 80 env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" bash -c "'$py' benchmarks/profile_kpath.py --provider cuda --hidden 128 1024 \
     --steps 10 && '$py' benchmarks/profile_kpath.py --provider torch --device cuda \
     --hidden 128 1024 --steps 10 && '$py' benchmarks/profile_kpath.py --provider cuda \
-    --hidden 128 1024 --steps 10 --dtype bfloat16"
+    --hidden 128 1024 --steps 10 --dtype bfloat16 && echo '## GATED_OPS_CUDA_PREFETCH=1' && \
+    GATED_OPS_CUDA_PREFETCH=1 '$py' benchmarks/profile_kpath.py --provider cuda \
+    --hidden 128 1024 --steps 10 && GATED_OPS_CUDA_PREFETCH=1 '$py' benchmarks/profile_kpath.py \
+    --provider cuda --hidden 128 1024 --steps 10 --dtype bfloat16"
   awk '/^## /{print} /^GPU busy/{f=1} /^$/{f=0} f{print}' "$logs/profile.log" | cut -c1-160
 fi
 
@@ -190,6 +196,11 @@ if want bench; then
     -k "not torch_compile and not reference and not cpu and not (R54 and naive) and not (R6 and naive)" \
     --benchmark-json="$out/bench.json"
   "$py" benchmarks/summarize.py "$out/bench.json" >"$out/bench.md" 2>&1 && cat "$out/bench.md"
+  stage bench_prefetch 60 env GATED_OPS_CUDA_PREFETCH=1 "$py" -m pytest benchmarks \
+    "${bench_args[@]}" -m "(paper and mnist and (small or medium)) or replicas or bf16" \
+    -k "cuda_graph and step" --benchmark-json="$out/bench_prefetch.json"
+  "$py" benchmarks/summarize.py "$out/bench_prefetch.json" >"$logs/bench_prefetch.md" 2>&1 &&
+    cat "$logs/bench_prefetch.md"
   stage bench_extra 180 "$py" -m pytest benchmarks "${bench_args[@]}" \
     -m "(bf16 and not tiny) or moe or (paper and cifar) or large_batch" \
     -k "not torch_compile and not reference and not cpu" \
