@@ -14,6 +14,7 @@ import torch
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
 from gated_ops.kpath import KPathNet, kpath_gate
+from gated_ops.testing import SHAPES, make_inputs
 
 try:
     import gated_ops.cuda_emu  # noqa: F401
@@ -81,6 +82,58 @@ def test_kpath_fused_step_on_the_emulated_cuda_kernels_matches_the_cpu_kernels()
             loss.sum().backward()
     for (name, a), (_, b) in zip(cpu.state_dict().items(), emu.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _pathway_outputs(case, dtype):
+    """Forward and every gradient of one case on the emulated CUDA kernels."""
+    inp = make_inputs(case, dtype=dtype)
+    plan = case.table.plan()
+    y = gated_ops.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"],
+                                 backend="cuda_emu")
+    leaves = [v for k, v in inp.items() if k in ("x", "weight", "bias", "gate") and v is not None]
+    if not y.numel():
+        return [y]
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    return [y, *torch.autograd.grad(y, leaves, gy, allow_unused=True)]
+
+
+def _kpath_state(dtype):
+    torch.manual_seed(0)
+    net = KPathNet(3, 10, 6, 4, replicas=2, backend="cuda_emu", dtype=dtype).fuse_sgd(
+        SGDConfig(lr=0.1, momentum=0.9, weight_decay=1e-3))
+    g = torch.Generator().manual_seed(2)
+    gate = kpath_gate(3, 2).reshape(1, 9).expand(2, -1).contiguous().to(dtype)
+    for _ in range(2):
+        x = torch.randn(6, 8, 10, generator=g).to(dtype)
+        t = torch.randint(0, 4, (2, 9, 8), generator=g)
+        loss, _, _ = net.loss(x, t, gate)
+        loss.sum().backward()
+    return list(net.state_dict().values())
+
+
+# Shapes that take every kernel and path: the small table, and the rows of tests/test_cuda.py
+# that force the cuBLAS, multi-tile and scalar-load paths.
+ORDER_CASES = [c for c in SHAPES if not c.large]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_the_cuda_kernels_have_no_order_dependence_between_threads(monkeypatch, dtype):
+    """The race check: every op of the shape table, forward and backward, and two fused-SGD
+    k-path steps (the CE and SGD kernels), give the same bits when the emulation runs the blocks
+    and the threads between barriers in reverse order. A missing barrier, or a thread reading
+    what another writes without one, reads a different value in one of the two orders."""
+    from test_cuda import EXTRA
+
+    def run():
+        outs = [t for c in ORDER_CASES + EXTRA for t in _pathway_outputs(c, dtype)]
+        return outs + _kpath_state(dtype)
+
+    forward = run()
+    monkeypatch.setenv("GATED_OPS_CUDA_EMU_ORDER", "reverse")
+    reverse = run()
+    assert len(forward) == len(reverse)
+    for i, (a, b) in enumerate(zip(forward, reverse)):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), i
 
 
 def test_the_emulated_cuda_kernels_refuse_stochastic_rounding_like_the_gpu():

@@ -13,13 +13,17 @@
 //   * __shared__ variables are function statics (thread_local): one copy per block, as blocks
 //     run one at a time;
 //   * CUDA_KERNEL_ASSERT failing in any thread stops the launch and raises a RuntimeError naming
-//     the condition, the block and the thread (a GPU would fail the next CUDA call instead).
+//     the condition, the block and the thread (a GPU would fail the next CUDA call instead);
+//   * GATED_OPS_CUDA_EMU_ORDER=reverse (read at each launch) runs the blocks, and the threads
+//     between two barriers, in reverse order: a kernel free of races gives the same bits either
+//     way, while one that reads what another thread writes without a barrier in between reads
+//     it in one order only (tests/test_cuda_emu.py compares the two).
 // What a GPU would do wrongly but this emulation refuses loudly: a full-mask shuffle in a warp
 // with exited lanes, and a deadlock (threads waiting at different barriers, or a barrier that
 // some threads never reach); both raise with the block and the barrier counts.
-// What it cannot tell: speed, memory coalescing, races between threads that a GPU interleaves
-// differently (here every thread runs to its next barrier before the next one starts), warp
-// divergence, register pressure, and float results to the bit (the host's exp/log and FMA
+// What it cannot tell: speed, memory coalescing, races that neither thread order shows (every
+// thread runs to its next barrier before the next one starts; and __shared__ values persist
+// from the previous block or launch, where a GPU's are undefined), warp divergence, register pressure, and float results to the bit (the host's exp/log and FMA
 // contraction differ from the device's). Tests compare it with the float64 reference under the
 // same tolerance rule as the GPU (gated_ops.testing).
 #pragma once
@@ -30,6 +34,7 @@
 #include <unistd.h>
 
 #include <c10/core/Device.h>
+#include <cstdlib>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -208,6 +213,8 @@ void run_grid(dim3 grid, dim3 block, const F& body) {
               nthreads, " (CUDA: 1 to 1024 threads)");
   TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.y < 65536 && grid.z < 65536,
               "CUDA emulation: invalid grid (", grid.x, ", ", grid.y, ", ", grid.z, ")");
+  const char* order = std::getenv("GATED_OPS_CUDA_EMU_ORDER");
+  const bool reverse = order != nullptr && std::string(order) == "reverse";
   s.in_launch = true;
   s.block_dim = block;
   s.grid_dim = grid;
@@ -217,61 +224,62 @@ void run_grid(dim3 grid, dim3 block, const F& body) {
   b.fibers.resize(nthreads);
   b.warps.resize((nthreads + kWarpSize - 1) / kWarpSize);
   std::string error;
-  for (unsigned bz = 0; bz < grid.z && error.empty(); ++bz) {
-    for (unsigned by = 0; by < grid.y && error.empty(); ++by) {
-      for (unsigned bx = 0; bx < grid.x && error.empty(); ++bx) {
-        s.block_idx = dim3(bx, by, bz);
-        b.live = static_cast<int>(nthreads);
-        b.arrived = 0;
-        for (Warp& w : b.warps) w.size = w.live = w.arrived = 0;
-        for (int64_t t = 0; t < nthreads; ++t) {
-          Fiber& f = b.fibers[t];
-          f.tid = dim3(t % block.x, (t / block.x) % block.y, t / (int64_t(block.x) * block.y));
-          f.warp = static_cast<int>(t / kWarpSize);
-          f.lane = static_cast<int>(t % kWarpSize);
-          f.done = false;
-          f.wait = 0;
-          f.shuffles = 0;
-          ++b.warps[f.warp].size;
-          ++b.warps[f.warp].live;
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = stack_of(s, static_cast<int>(t));
-          f.ctx.uc_stack.ss_size = kStackBytes;
-          f.ctx.uc_link = &s.scheduler;
-          makecontext(&f.ctx, &fiber_main, 0);
+  const int64_t nblocks = int64_t(grid.x) * grid.y * grid.z;
+  for (int64_t i = 0; i < nblocks && error.empty(); ++i) {
+    const int64_t bi = reverse ? nblocks - 1 - i : i;
+    const unsigned bx = unsigned(bi % grid.x), by = unsigned((bi / grid.x) % grid.y),
+                   bz = unsigned(bi / (int64_t(grid.x) * grid.y));
+    s.block_idx = dim3(bx, by, bz);
+    b.live = static_cast<int>(nthreads);
+    b.arrived = 0;
+    for (Warp& w : b.warps) w.size = w.live = w.arrived = 0;
+    for (int64_t t = 0; t < nthreads; ++t) {
+      Fiber& f = b.fibers[t];
+      f.tid = dim3(t % block.x, (t / block.x) % block.y, t / (int64_t(block.x) * block.y));
+      f.warp = static_cast<int>(t / kWarpSize);
+      f.lane = static_cast<int>(t % kWarpSize);
+      f.done = false;
+      f.wait = 0;
+      f.shuffles = 0;
+      ++b.warps[f.warp].size;
+      ++b.warps[f.warp].live;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = stack_of(s, static_cast<int>(t));
+      f.ctx.uc_stack.ss_size = kStackBytes;
+      f.ctx.uc_link = &s.scheduler;
+      makecontext(&f.ctx, &fiber_main, 0);
+    }
+    s.block = &b;
+    for (;;) {
+      bool progressed = false, all_done = true;
+      for (int64_t k = 0; k < nthreads; ++k) {
+        Fiber& f = b.fibers[reverse ? nthreads - 1 - k : k];
+        if (f.done) continue;
+        all_done = false;
+        if (f.wait) continue;
+        s.self = &f;
+        s.thread_idx = f.tid;
+        swapcontext(&s.scheduler, &f.ctx);
+        progressed = true;
+        if (!b.error.empty()) break;
+      }
+      if (!b.error.empty()) {
+        error = b.error;  // the block is abandoned (its frames hold no resources)
+        break;
+      }
+      if (all_done) break;
+      if (!progressed) {
+        int at_block = 0, at_warp = 0;
+        for (const Fiber& f : b.fibers) {
+          at_block += !f.done && f.wait == kAtBlockBarrier;
+          at_warp += !f.done && f.wait == kAtWarpBarrier;
         }
-        s.block = &b;
-        for (;;) {
-          bool progressed = false, all_done = true;
-          for (Fiber& f : b.fibers) {
-            if (f.done) continue;
-            all_done = false;
-            if (f.wait) continue;
-            s.self = &f;
-            s.thread_idx = f.tid;
-            swapcontext(&s.scheduler, &f.ctx);
-            progressed = true;
-            if (!b.error.empty()) break;
-          }
-          if (!b.error.empty()) {
-            error = b.error;  // the block is abandoned (its frames hold no resources)
-            break;
-          }
-          if (all_done) break;
-          if (!progressed) {
-            int at_block = 0, at_warp = 0;
-            for (const Fiber& f : b.fibers) {
-              at_block += !f.done && f.wait == kAtBlockBarrier;
-              at_warp += !f.done && f.wait == kAtWarpBarrier;
-            }
-            error = "deadlock in block (" + std::to_string(bx) + "," + std::to_string(by) + "," +
-                    std::to_string(bz) + "): " + std::to_string(at_block) +
-                    " threads at __syncthreads, " + std::to_string(at_warp) +
-                    " at a shuffle, of " + std::to_string(b.live) +
-                    " live (a barrier not reached by every thread)";
-            break;
-          }
-        }
+        error = "deadlock in block (" + std::to_string(bx) + "," + std::to_string(by) + "," +
+                std::to_string(bz) + "): " + std::to_string(at_block) +
+                " threads at __syncthreads, " + std::to_string(at_warp) +
+                " at a shuffle, of " + std::to_string(b.live) +
+                " live (a barrier not reached by every thread)";
+        break;
       }
     }
   }
