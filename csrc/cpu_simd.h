@@ -88,6 +88,16 @@ inline uint16_t bf16_stochastic(float v, int64_t index, uint32_t mix) {
 #if GATED_HAVE_VECTOR_EXT
 constexpr int kLanes = 16;
 constexpr int64_t kPrefetch = GATED_PREFETCH;  // floats ahead of the weight stream
+
+// Whether this CPU runs the AVX-512 clones (a vf is one zmm register; on AVX2, two of 16 ymm).
+inline bool wide_vectors() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool wide = __builtin_cpu_supports("avx512f");
+  return wide;
+#else
+  return false;
+#endif
+}
 // aligned(4): loads and stores through this type may be unaligned.
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 

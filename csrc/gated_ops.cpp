@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -133,13 +134,32 @@ void for_each_weight_group(const Plan& p, int64_t B, const F& fn) {
 // (simd::skinny_xwt, the k-path encoders: 8); wider blocks go to BLAS.
 constexpr int64_t kSkinnyForwardRows = 16;
 
+// The skinny kernels of cpu_simd.h on blocked plans (the k-path encoders' forward and fused
+// update): for float32 where the CPU has AVX-512; on AVX2 alone BLAS and a streamed update
+// measured faster (a 2-core AMD EPYC, K=100 encoder: forward 7.6 vs 3.9 ms, update 19.5 vs
+// 13 ms; benchmarks/NOTES.md 2026-12-02). bfloat16 keeps them everywhere (without a native bf16
+// dot product BLAS is far slower still). GATED_OPS_CPU_SKINNY=1 / 0 forces them on / off (read
+// at each call; the tests run both).
+bool use_skinny_blocked(at::ScalarType dtype) {
+#if GATED_HAVE_VECTOR_EXT
+  const char* v = std::getenv("GATED_OPS_CPU_SKINNY");
+  if (v != nullptr && (v[0] == '0' || v[0] == '1')) return v[0] == '1';
+  return dtype != at::kFloat || simd::wide_vectors();
+#else
+  (void)dtype;
+  return false;
+#endif
+}
+
 // Z (z_rows, z_cols): every pathway's pre-gate output x[s_p] @ W[m_p]^T, without bias, in x's
 // dtype. x and w contiguous.
 Tensor compute_z(const Plan& p, const Tensor& x, const Tensor& w) {
+  const NoAutocast no_autocast;
   const int64_t B = x.size(1);
 #if GATED_HAVE_VECTOR_EXT
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  if (p.blocked() && (x.scalar_type() == at::kFloat || bf16) && p.ns * B <= kSkinnyForwardRows) {
+  if (p.blocked() && (x.scalar_type() == at::kFloat || bf16) && p.ns * B <= kSkinnyForwardRows &&
+      use_skinny_blocked(x.scalar_type())) {
     // One task per (block, 32 weight rows): each weight row is streamed once, x stays in L1.
     // bfloat16: the weights are read as stored (half the bytes) and widened in registers; the
     // few activation rows are widened once up front and Z is rounded once at the end.
@@ -736,6 +756,7 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
                      at::IntArrayRef layout, double lr, double momentum, double weight_decay,
                      bool nesterov, int64_t rounding_seed) {
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
+  const NoAutocast no_autocast;
   check_sgd_state(w, "weight", buf, momentum, x_);
   const Rounding rd = rounding_for(rounding_seed, w, "weights");
   check_float(dz_, "grad_z", x_.scalar_type());
@@ -745,10 +766,11 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
   check_grad_z(dz, p, B, Do);
   const int64_t ldz = dz.size(1);
   const Tensor xg = (!p.blocked() && p.P > 0 && B > 0) ? gather_sources(p, x) : Tensor();
-  if (p.blocked() && p.ns * B > kSkinnyRows) {
+  if (p.blocked() && (p.ns * B > kSkinnyRows || !use_skinny_blocked(w.scalar_type()))) {
     // Wide blocks (the k-path hidden layer: 800 rows): one multi-threaded GEMM per block for
     // all its nm weights, G = dZ_i^T X_i (nm*D_out, D_in), then the update row by row. (16-bit
-    // weights: G is the GEMM's fp32 accumulation rounded to the weight's dtype.)
+    // weights: G is the GEMM's fp32 accumulation rounded to the weight's dtype.) Many narrow
+    // blocks (encoders without the skinny kernels) take one batched GEMM for all of them.
     GATED_CPU_DISPATCH(w.scalar_type(), "pathway_sgd_cpu", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
       scalar_t* W = w.data_ptr<scalar_t>();
@@ -756,12 +778,17 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
       const opmath_t lr_ = lr, mom_ = momentum, wd_ = weight_decay;
       const scalar_t* no_grad = nullptr;
       const int64_t rows = p.nm * Do;
-      for (int64_t i = 0; i < p.n; ++i) {
-        const Tensor G = at::mm(dz.narrow(0, i * p.ns * B, p.ns * B).t(),
-                                x.narrow(0, p.s0 + i * p.ns, p.ns).view({p.ns * B, Di}));
+      const bool batched = p.n > 1 && p.ns * B <= kSkinnyRows;
+      const Tensor Gall = batched ? at::bmm(dz.view({p.n, p.ns * B, rows}).transpose(1, 2),
+                                            x_blocks(p, x))
+                                  : Tensor();
+      for (int64_t i = 0; i < (batched ? 1 : p.n); ++i) {
+        const Tensor G = batched ? Gall
+                                 : at::mm(dz.narrow(0, i * p.ns * B, p.ns * B).t(),
+                                          x.narrow(0, p.s0 + i * p.ns, p.ns).view({p.ns * B, Di}));
         const scalar_t* g = G.data_ptr<scalar_t>();
         const int64_t off = (p.m0 + i * p.nm) * Do * Di;
-        at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+        at::parallel_for(0, (batched ? p.n : 1) * rows, 16, [&](int64_t r0, int64_t r1) {
           sgd_rows<scalar_t>(W + off + r0 * Di, BUF ? BUF + off + r0 * Di : nullptr,
                              g + r0 * Di, (r1 - r0) * Di, lr_, mom_, wd_, nesterov,
                              off + r0 * Di, rd);

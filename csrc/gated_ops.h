@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 namespace gated_ops {
@@ -37,6 +38,13 @@ inline void define_schemas(torch::Library& m) {
   m.def("gated_cross_entropy_backward(Tensor grad_loss, Tensor grad_path_loss, Tensor logits, "
         "Tensor target, Tensor gate, Tensor lse) -> Tensor");
 }
+
+// Inside an op its ATen calls (the BLAS paths) run in the op's dtype: autocast decided the dtype
+// at the op's boundary (gated_ops/ops.py: a fused-SGD layer runs in its parameters' dtype), and
+// the Autocast keys, falling through our ops, would otherwise recast a nested bmm's inputs.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // Read-only view of a PathwayPlan (gated_ops/plan.py documents the layout): its sizes and raw
 // pointers into paths / csr, on the plan's device. Passed by value to CUDA kernels.

@@ -1019,6 +1019,7 @@ void launch_ztile(const Plan& p, const Tensor& x, const Tensor& w, const Tensor&
 
 // Z via cuBLAS (blocked layout only).
 Tensor cublas_z(const Plan& p, const Tensor& x, const Tensor& w) {
+  const NoAutocast no_autocast;
   return at::bmm(x_blocks(p, x), w_blocks(p, w).transpose(1, 2))
       .view({p.z_rows(x.size(1)), p.z_cols(w.size(1))});
 }
@@ -1084,6 +1085,7 @@ Tensor pathway_grad_z_cuda(const Tensor& grad_y_, const c10::optional<Tensor>& g
 Tensor pathway_grad_x_cuda(const Tensor& dz_, const Tensor& w_, const Tensor& paths,
                            const Tensor& csr, at::IntArrayRef layout, int64_t num_sources,
                            int64_t batch) {
+  const NoAutocast no_autocast;
   TORCH_CHECK(w_.dim() == 3, "weight: expected (M, D_out, D_in), got shape ", w_.sizes());
   check_float(dz_, "grad_z", w_.scalar_type());
   check_same_device(dz_, "grad_z", w_);
@@ -1179,6 +1181,7 @@ void launch_grad_bias(const Plan& p, const Tensor& dz, const Tensor& gb, const T
 Tensor pathway_grad_weight_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& paths,
                                 const Tensor& csr, at::IntArrayRef layout, int64_t num_weights,
                                 int64_t d_out) {
+  const NoAutocast no_autocast;
   TORCH_CHECK(x_.dim() == 3, "x: expected (S, B, D_in), got shape ", x_.sizes());
   check_float(dz_, "grad_z", x_.scalar_type());
   check_same_device(dz_, "grad_z", x_);
@@ -1284,6 +1287,7 @@ void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
                       const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
                       at::IntArrayRef layout, double lr, double momentum, double weight_decay,
                       bool nesterov, int64_t rounding_seed) {
+  const NoAutocast no_autocast;
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
   TORCH_CHECK(rounding_seed < 0, "rounding_seed: stochastic rounding of bfloat16 weights is "
               "implemented in the CPU kernels only; on CUDA pass -1 (round to nearest)");

@@ -1,6 +1,10 @@
 """The CPU kernels split work over threads (at::parallel_for, OpenMP): every op's result must be
 bitwise the same for any thread count, and ATen calls inside worker threads must behave as on
-the calling thread (a weight that requires grad, grad mode, dispatch keys)."""
+the calling thread (a weight that requires grad, grad mode, dispatch keys).
+
+The skinny layers run on our kernels here (GATED_OPS_CPU_SKINNY=1): on AVX2-only CPUs their
+float32 default is BLAS (csrc/gated_ops.cpp, use_skinny_blocked), whose bits, like those of the
+wide layers' GEMMs, are BLAS's and may depend on the thread count."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +14,11 @@ import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
 from gated_ops.kpath import KPathNet, kpath_gate
 from gated_ops.testing import SHAPES, make_inputs
+
+@pytest.fixture(autouse=True)
+def _our_skinny_kernels(monkeypatch):
+    monkeypatch.setenv("GATED_OPS_CPU_SKINNY", "1")
+
 
 CASES = ["tiny_grouped", "skinny_encoder", "odd_decoder", "replicas_hidden", "moe",
          "duplicate_pairs"]
