@@ -18,6 +18,7 @@ from .plan import PathwayPlan, make_plan
 __all__ = [
     "Table", "Case", "SHAPES", "kpath_tables", "replicate", "make_inputs", "assert_close",
     "tolerance", "gradcheck_pathway", "check_ce_special_values", "cuda_emulation",
+    "autocast_kpath_step",
 ]
 
 
@@ -238,6 +239,32 @@ def check_strided_ce_logits(device: str, dtype: torch.dtype, C: int = 6,
     assert torch.equal(ga.view(R, I, B, J, C).permute(0, 1, 3, 2, 4).reshape(R, I * J, B, C), gb)
     ns = torch.ops.gated_ops if backend == "auto" else torch.ops.gated_ops_triton
     torch.library.opcheck(ns.gated_cross_entropy, (l5.detach().requires_grad_(), target, gate))
+
+
+def autocast_kpath_step(backend: str = "auto", fused: bool = False):
+    """One k-path step (K=3, R=2, CPU) in a bfloat16 autocast region and the same step without
+    it, from the same weights and batch, each followed by its backward (and, with ``fused``, its
+    fused SGD update, lr 0.1). Returns (net, ref, loss, loss_ref): the autocast net and loss,
+    then the plain ones."""
+    import copy
+
+    from .kpath import KPathNet, kpath_gate
+    from .nn import SGDConfig
+
+    K, R, B, D, H, C = 3, 2, 4, 16, 8, 5
+    torch.manual_seed(0)
+    net = KPathNet(K, D, H, C, replicas=R, backend=backend)
+    if fused:
+        net.fuse_sgd(SGDConfig(lr=0.1))
+    ref = copy.deepcopy(net)
+    xk, target = torch.randn(R * K, B, D), torch.randint(0, C, (R, K * K, B))
+    gate = kpath_gate(K, 2).reshape(1, K * K).expand(R, -1).contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = net.loss(xk, target, gate)
+    loss.sum().backward()
+    loss_ref, _, _ = ref.loss(xk, target, gate)
+    loss_ref.sum().backward()
+    return net, ref, loss, loss_ref
 
 
 class _CudaEmulation(TorchDispatchMode):

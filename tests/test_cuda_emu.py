@@ -14,7 +14,7 @@ import torch
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
 from gated_ops.kpath import KPathNet, kpath_gate
-from gated_ops.testing import SHAPES, make_inputs
+from gated_ops.testing import SHAPES, autocast_kpath_step, make_inputs
 
 try:
     import gated_ops.cuda_emu  # noqa: F401
@@ -147,20 +147,7 @@ def test_a_fused_sgd_kpath_step_under_autocast_runs_the_cuda_kernels_in_float32(
     """A fused-SGD k-path net steps its float32 parameters in place, so under autocast it runs in
     float32: the cuBLAS paths of the CUDA kernels (hidden layer, decoders) must not be recast by
     the Autocast keys that fall through the ops. Bit for bit the step without autocast."""
-    K, R, B, D, H, C = 3, 2, 4, 16, 8, 5
-
-    def make():
-        torch.manual_seed(0)
-        return KPathNet(K, D, H, C, replicas=R, backend="cuda_emu").fuse_sgd(SGDConfig(lr=0.1))
-
-    a, b = make(), make()
-    x, t = torch.randn(R * K, B, D), torch.randint(0, C, (R, K * K, B))
-    gate = kpath_gate(K, 2).reshape(1, K * K).expand(R, -1).contiguous()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_a, _, _ = a.loss(x, t, gate)
-    loss_a.sum().backward()
-    loss_b, _, _ = b.loss(x, t, gate)
-    loss_b.sum().backward()
+    a, b, loss_a, loss_b = autocast_kpath_step(backend="cuda_emu", fused=True)
     assert torch.equal(loss_a, loss_b)
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), name

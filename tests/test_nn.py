@@ -9,6 +9,7 @@ import torch
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
 from gated_ops.reference import round_stochastic_bf16, sgd_momentum_ref
+from gated_ops.testing import autocast_kpath_step
 
 
 def test_repr_names_the_structure():
@@ -452,26 +453,17 @@ def test_autocast_fused_sgd_layer_runs_in_its_parameters_dtype():
 
 @pytest.mark.parametrize("fused", [False, True], ids=["autograd", "fused_sgd"])
 def test_autocast_kpath_step(fused):
-    """A whole k-path step in a bf16 autocast region: layers in bf16 (or float32 with the fused
-    SGD), the loss in float32, close to the float32 step's loss; float32 gradients."""
-    from gated_ops.kpath import KPathNet, kpath_gate
-
-    K, R, B, D, H, C = 3, 2, 4, 16, 8, 5
-    torch.manual_seed(0)
-    net = KPathNet(K, D, H, C, replicas=R)
-    if fused:
-        net.fuse_sgd(SGDConfig(lr=0.1))
-    ref = copy.deepcopy(net)
-    xk, target = torch.randn(R * K, B, D), torch.randint(0, C, (R, K * K, B))
-    gate = kpath_gate(K, 2).reshape(1, K * K).expand(R, -1).contiguous()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _, _ = net.loss(xk, target, gate)
-    loss.sum().backward()
-    loss_ref, _, _ = ref.loss(xk, target, gate)
-    loss_ref.sum().backward()
+    """A whole k-path step in a bf16 autocast region: layers in bf16, the loss in float32, close
+    to the float32 step's loss, float32 gradients; with the fused SGD the layers run in their
+    float32 parameters' dtype, bit for bit the step without autocast."""
+    net, ref, loss, loss_ref = autocast_kpath_step(fused=fused)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0.05)
-    if not fused:
+    if fused:
+        assert torch.equal(loss, loss_ref)
+        for (name, p), (_, q) in zip(net.state_dict().items(), ref.state_dict().items()):
+            assert torch.equal(p, q), name
+    else:
+        torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0.05)
         assert net.encoder.weight.grad.dtype == torch.float32
         torch.testing.assert_close(net.encoder.weight.grad, ref.encoder.weight.grad, rtol=0.05,
                                    atol=0.02)
