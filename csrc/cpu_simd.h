@@ -13,13 +13,18 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 // (GCC 11+ knows the x86-64-v3/v4 levels; other compilers build the baseline loops only.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define GATED_TARGET_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define GATED_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
+#define GATED_HAVE_V3 1
 #else
 #define GATED_TARGET_CLONES
+#define GATED_TARGET_V3
+#define GATED_HAVE_V3 0
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -98,8 +103,34 @@ inline bool wide_vectors() {
   return false;
 #endif
 }
+// Whether the 8-lane kernels (compiled for AVX2 + FMA) can run on this CPU.
+inline bool narrow_vectors_supported() {
+#if GATED_HAVE_V3
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+// The vector width of the skinny kernels below: 16 lanes where the CPU has AVX-512 (one zmm
+// register; also older CPUs, which run the baseline clone), 8 on AVX2 without AVX-512 (one ymm:
+// the 16-lane AVX2 clone, two ymm per value, measured issue-bound there, benchmarks/NOTES.md
+// 2026-12-02). GATED_OPS_CPU_LANES=8 or 16 forces one (8 only where AVX2 runs: the tests run
+// both on an AVX-512 CPU); read at each call.
+inline int skinny_lanes() {
+  const char* v = std::getenv("GATED_OPS_CPU_LANES");
+  if (v != nullptr && v[0] == '8' && v[1] == 0) return narrow_vectors_supported() ? 8 : 16;
+  if (v != nullptr && v[0] == '1' && v[1] == '6' && v[2] == 0) return 16;
+  return !wide_vectors() && narrow_vectors_supported() ? 8 : 16;
+}
 // aligned(4): loads and stores through this type may be unaligned.
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+
+// 8 lanes: one ymm register (the AVX2 kernels below; the cross-entropy's rows in lanes).
+typedef float v8f __attribute__((vector_size(8 * sizeof(float)), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(8 * sizeof(int32_t)), aligned(4)));
+typedef uint32_t v8u __attribute__((vector_size(8 * sizeof(uint32_t)), aligned(4)));
+typedef uint16_t v8h __attribute__((vector_size(8 * sizeof(uint16_t)), aligned(2)));
 
 GATED_INLINE vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
 GATED_INLINE void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
@@ -125,6 +156,25 @@ GATED_INLINE void store_stochastic(uint16_t* p, vf v, vu idx, uint32_t mix) {
   const vu nan = (vu)(v != v);
   const vu r = ((u + (hash32<vu>(idx + mix) & 0xffffu)) >> 16 & ~nan) | (0x7fc0u & nan);
   *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
+}
+// The same for 8 lanes (v8f).
+GATED_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f*>(p); }
+GATED_INLINE v8f load8(const uint16_t* p) {
+  const v8u u = __builtin_convertvector(*reinterpret_cast<const v8h*>(p), v8u) << 16;
+  return (v8f)u;
+}
+GATED_INLINE void store(float* p, v8f v) { *reinterpret_cast<v8f*>(p) = v; }
+GATED_INLINE void store(uint16_t* p, v8f v) {
+  const v8u u = (v8u)v;
+  const v8u nan = (v8u)(v != v);
+  const v8u r = ((u + (((u >> 16) & 1u) + 0x7fffu)) >> 16 & ~nan) | (0x7fc0u & nan);
+  *reinterpret_cast<v8h*>(p) = __builtin_convertvector(r, v8h);
+}
+GATED_INLINE void store_stochastic(uint16_t* p, v8f v, v8u idx, uint32_t mix) {
+  const v8u u = (v8u)v;
+  const v8u nan = (v8u)(v != v);
+  const v8u r = ((u + (hash32<v8u>(idx + mix) & 0xffffu)) >> 16 & ~nan) | (0x7fc0u & nan);
+  *reinterpret_cast<v8h*>(p) = __builtin_convertvector(r, v8h);
 }
 GATED_INLINE float load1(const float* p) { return *p; }
 GATED_INLINE void store1(float* p, float v) { *p = v; }
@@ -209,12 +259,12 @@ GATED_INLINE void skinny_xwt_impl(const float* x, int64_t nx, const W_t* w, int6
       dot_rows<1>(x + i * D, int(std::min<int64_t>(8, nx - i)), w + r * D, D,
                   z + i * ldz + r, ldz);
 }
-GATED_TARGET_CLONES inline void skinny_xwt(const float* x, int64_t nx, const float* w,
-                                           int64_t rows, int64_t D, float* z, int64_t ldz) {
+GATED_TARGET_CLONES inline void skinny_xwt16(const float* x, int64_t nx, const float* w,
+                                             int64_t rows, int64_t D, float* z, int64_t ldz) {
   skinny_xwt_impl(x, nx, w, rows, D, z, ldz);
 }
-GATED_TARGET_CLONES inline void skinny_xwt(const float* x, int64_t nx, const uint16_t* w,
-                                           int64_t rows, int64_t D, float* z, int64_t ldz) {
+GATED_TARGET_CLONES inline void skinny_xwt16(const float* x, int64_t nx, const uint16_t* w,
+                                             int64_t rows, int64_t D, float* z, int64_t ldz) {
   skinny_xwt_impl(x, nx, w, rows, D, z, ldz);
 }
 
@@ -228,18 +278,24 @@ struct SgdArgs {
 // Loads and stores of the SGD step by value type: vf (16 lanes) or float (one element), from a
 // float or bfloat16 (uint16_t) weight; the stochastic store of a bfloat16 weight.
 template <typename W_t> GATED_INLINE vf load_as(vf, const W_t* p) { return load(p); }
+template <typename W_t> GATED_INLINE v8f load_as(v8f, const W_t* p) { return load8(p); }
 template <typename W_t> GATED_INLINE float load_as(float, const W_t* p) { return load1(p); }
 template <typename W_t> GATED_INLINE void store_as(W_t* p, vf v) { store(p, v); }
+template <typename W_t> GATED_INLINE void store_as(W_t* p, v8f v) { store(p, v); }
 template <typename W_t> GATED_INLINE void store_as(W_t* p, float v) { store1(p, v); }
 GATED_INLINE void store_stochastic_as(uint16_t* p, vf v, int64_t idx, uint32_t mix) {
   const vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  store_stochastic(p, v, uint32_t(idx) + lane, mix);
+}
+GATED_INLINE void store_stochastic_as(uint16_t* p, v8f v, int64_t idx, uint32_t mix) {
+  const v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
   store_stochastic(p, v, uint32_t(idx) + lane, mix);
 }
 GATED_INLINE void store_stochastic_as(uint16_t* p, float v, int64_t idx, uint32_t mix) {
   *p = bf16_stochastic(v, idx, mix);
 }
 
-// One SGD step on 16 elements (V = vf) or one (V = float) of a weight row: d = g + wd * w;
+// One SGD step on 16 elements (V = vf), 8 (V = v8f) or one (V = float) of a weight row: d = g + wd * w;
 // buf = mom * buf + d; d = nesterov ? d + mom * buf : buf; w -= lr * d. (buf == nullptr: no
 // momentum.) In float; a bfloat16 weight and buffer (W_t = uint16_t) are widened, updated in
 // float and rounded once when stored. idx: the element index of w[0] within the whole weight
@@ -327,15 +383,167 @@ GATED_INLINE void skinny_grad_sgd_impl(W_t* w, W_t* buf, int64_t idx, const floa
     grad_sgd_tile<1>(w + o * D, buf ? buf + o * D : nullptr, idx + o * D, a + o, lda, x, nr, D,
                      s);
 }
-GATED_TARGET_CLONES inline void skinny_grad_sgd(float* w, float* buf, int64_t idx,
-                                                const float* a, int64_t lda, const float* x,
-                                                int64_t nr, int64_t rows, int64_t D, SgdArgs s) {
+GATED_TARGET_CLONES inline void skinny_grad_sgd16(float* w, float* buf, int64_t idx,
+                                                  const float* a, int64_t lda, const float* x,
+                                                  int64_t nr, int64_t rows, int64_t D,
+                                                  SgdArgs s) {
   skinny_grad_sgd_impl(w, buf, idx, a, lda, x, nr, rows, D, s);
 }
-GATED_TARGET_CLONES inline void skinny_grad_sgd(uint16_t* w, uint16_t* buf, int64_t idx,
-                                                const float* a, int64_t lda, const float* x,
-                                                int64_t nr, int64_t rows, int64_t D, SgdArgs s) {
+GATED_TARGET_CLONES inline void skinny_grad_sgd16(uint16_t* w, uint16_t* buf, int64_t idx,
+                                                  const float* a, int64_t lda, const float* x,
+                                                  int64_t nr, int64_t rows, int64_t D,
+                                                  SgdArgs s) {
   skinny_grad_sgd_impl(w, buf, idx, a, lda, x, nr, rows, D, s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same two kernels in 8 lanes, for AVX2 (one ymm register per value; compiled for
+// x86-64-v3 only and run where skinny_lanes() says 8). The 16-lane kernels' tiles, with two
+// ymm registers per value, need 16 or more of AVX2's 16 registers for their accumulators (the
+// update's also re-broadcasts its 4 x nr factors of dZ every 16 columns: AVX2's FMAs have no
+// broadcast operand, so each is a load). Here the forward holds 8 accumulators of one ymm, and
+// the update forms one weight row at a time with the row's nr <= 8 factors of dZ broadcast
+// into registers once, before its pass over D. On a 2-core AMD EPYC (Zen 2), K=100 encoder,
+// H=128: forward 7.4 -> 1.6 ms, fused update 19.4 -> 5.5 ms (the update's memory floor: about
+// 5 ms). The update sums its gradient over the activation rows in the same order as the
+// 16-lane kernel, so the two give the same bits.
+
+GATED_INLINE float hsum8(v8f v) {
+  float s[8];
+  store(s, v);
+#pragma GCC unroll 8
+  for (int w = 4; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) s[i] += s[i + w];
+  return s[0];
+}
+
+template <int NX, int RW, typename W_t>
+GATED_INLINE void dot_tile8(const float* x, const W_t* w, int64_t D, float* z, int64_t ldz) {
+  constexpr int64_t kAhead = kPrefetch * sizeof(float) / sizeof(W_t);
+  v8f acc[RW][NX];
+#pragma GCC unroll 4
+  for (int r = 0; r < RW; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < NX; ++i) acc[r][i] = v8f{};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    v8f wv[RW];
+#pragma GCC unroll 4
+    for (int r = 0; r < RW; ++r) {
+      if ((d & 15) == 0) __builtin_prefetch(w + r * D + d + kAhead);  // one per 64-byte line
+      wv[r] = load8(w + r * D + d);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < NX; ++i) {
+      const v8f xv = load8(x + i * D + d);
+#pragma GCC unroll 4
+      for (int r = 0; r < RW; ++r) acc[r][i] += wv[r] * xv;
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RW; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < NX; ++i) {
+      float s = hsum8(acc[r][i]);
+      for (int64_t t = d; t < D; ++t) s += x[i * D + t] * load1(w + r * D + t);
+      z[i * ldz + r] = s;
+    }
+}
+
+// dot_tile8 for nx <= N activation rows
+template <int RW, int N, typename W_t>
+GATED_INLINE void dot_rows8(const float* x, int nx, const W_t* w, int64_t D, float* z,
+                            int64_t ldz) {
+  if constexpr (N > 1) {
+    if (nx < N) return dot_rows8<RW, N - 1>(x, nx, w, D, z, ldz);
+  }
+  dot_tile8<N, RW>(x, w, D, z, ldz);
+}
+
+// One weight row against up to 8 activation rows per pass, as the 16-lane kernel does: the
+// weight is streamed in one continuous pass (K=100 encoder, 2 threads: H=128 1.6 ms, H=1024
+// 13.7 ms against 12 ms to sum the weight). A 2 x 4 tile (2 weight rows, 4 activation rows,
+// fewer loads per FMA) measured slower, 2.4 / 18.5 ms: its second pass over the 4 other
+// activation rows reads the two rows from L1 and leaves memory idle; 3 x 4 no better.
+template <typename W_t>
+GATED_INLINE void skinny_xwt8_impl(const float* x, int64_t nx, const W_t* w, int64_t rows,
+                                   int64_t D, float* z, int64_t ldz) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < nx; i += 8)
+      dot_rows8<1, 8>(x + i * D, int(std::min<int64_t>(8, nx - i)), w + r * D, D,
+                      z + i * ldz + r, ldz);
+}
+GATED_TARGET_V3 inline void skinny_xwt8(const float* x, int64_t nx, const float* w, int64_t rows,
+                                        int64_t D, float* z, int64_t ldz) {
+  skinny_xwt8_impl(x, nx, w, rows, D, z, ldz);
+}
+GATED_TARGET_V3 inline void skinny_xwt8(const float* x, int64_t nx, const uint16_t* w,
+                                        int64_t rows, int64_t D, float* z, int64_t ldz) {
+  skinny_xwt8_impl(x, nx, w, rows, D, z, ldz);
+}
+
+// One row of W (and buf) updated with the gradient row sum_k a[k * lda] * x[k, :], NR rows.
+template <int NR, typename W_t>
+GATED_INLINE void grad_sgd_row8(W_t* w, W_t* buf, int64_t idx, const float* a, int64_t lda,
+                                const float* x, int64_t D, const SgdArgs& s) {
+  constexpr int64_t kAhead = kPrefetch * sizeof(float) / sizeof(W_t);
+  v8f av[NR];
+#pragma GCC unroll 8
+  for (int k = 0; k < NR; ++k) av[k] = v8f{} + a[k * lda];
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    v8f g{};
+#pragma GCC unroll 8
+    for (int k = 0; k < NR; ++k) g += av[k] * load8(x + k * D + d);
+    if ((d & 15) == 0) {
+      __builtin_prefetch(w + d + kAhead, 1);
+      if (buf) __builtin_prefetch(buf + d + kAhead, 1);
+    }
+    sgd_apply(g, w + d, buf ? buf + d : nullptr, idx + d, s);
+  }
+  for (; d < D; ++d) {
+    float g = 0;
+    for (int k = 0; k < NR; ++k) g += a[k * lda] * x[k * D + d];
+    sgd_apply(g, w + d, buf ? buf + d : nullptr, idx + d, s);
+  }
+}
+
+template <int N, typename W_t>
+GATED_INLINE void grad_sgd_rows8(W_t* w, W_t* buf, int64_t idx, const float* a, int64_t lda,
+                                 const float* x, int nr, int64_t rows, int64_t D,
+                                 const SgdArgs& s) {
+  if constexpr (N > 1) {
+    if (nr < N) return grad_sgd_rows8<N - 1>(w, buf, idx, a, lda, x, nr, rows, D, s);
+  }
+  for (int64_t o = 0; o < rows; ++o)
+    grad_sgd_row8<N>(w + o * D, buf ? buf + o * D : nullptr, idx + o * D, a + o, lda, x, D, s);
+}
+// (nr <= 8: the caller takes the 16-lane kernel above it)
+GATED_TARGET_V3 inline void skinny_grad_sgd8(float* w, float* buf, int64_t idx, const float* a,
+                                             int64_t lda, const float* x, int64_t nr,
+                                             int64_t rows, int64_t D, SgdArgs s) {
+  grad_sgd_rows8<8>(w, buf, idx, a, lda, x, int(nr), rows, D, s);
+}
+GATED_TARGET_V3 inline void skinny_grad_sgd8(uint16_t* w, uint16_t* buf, int64_t idx,
+                                             const float* a, int64_t lda, const float* x,
+                                             int64_t nr, int64_t rows, int64_t D, SgdArgs s) {
+  grad_sgd_rows8<8>(w, buf, idx, a, lda, x, int(nr), rows, D, s);
+}
+
+// The skinny forward and fused update at a vector width from skinny_lanes() (W_t: float or
+// bfloat16 bits).
+template <typename W_t>
+inline void skinny_xwt(const float* x, int64_t nx, const W_t* w, int64_t rows, int64_t D,
+                       float* z, int64_t ldz, int lanes) {
+  if (lanes == 8) return skinny_xwt8(x, nx, w, rows, D, z, ldz);
+  skinny_xwt16(x, nx, w, rows, D, z, ldz);
+}
+template <typename W_t>
+inline void skinny_grad_sgd(W_t* w, W_t* buf, int64_t idx, const float* a, int64_t lda,
+                            const float* x, int64_t nr, int64_t rows, int64_t D, SgdArgs s,
+                            int lanes) {
+  if (lanes == 8 && nr <= 8) return skinny_grad_sgd8(w, buf, idx, a, lda, x, nr, rows, D, s);
+  skinny_grad_sgd16(w, buf, idx, a, lda, x, nr, rows, D, s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -343,9 +551,6 @@ GATED_TARGET_CLONES inline void skinny_grad_sgd(uint16_t* w, uint16_t* buf, int6
 // time with one row per vector lane (the block transposed in L1), so that max, argmax, exp and
 // the row sums are vector operations over the classes. (Row by row, C = 10 classes per row,
 // the scalar argmax bit masks and the double-precision sums took ~70% of the CE forward.)
-typedef float v8f __attribute__((vector_size(8 * sizeof(float)), aligned(4)));
-typedef int32_t v8i __attribute__((vector_size(8 * sizeof(int32_t)), aligned(4)));
-
 // expf for 8 lanes: the range reduction and polynomial of gated_ops.cpp's expf_poly (relative
 // error < 2 ulp on [-87, 88]); NaN in, NaN out; 0 below -87.33.
 GATED_INLINE v8f exp8(v8f x) {

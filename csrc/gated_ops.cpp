@@ -135,16 +135,17 @@ void for_each_weight_group(const Plan& p, int64_t B, const F& fn) {
 constexpr int64_t kSkinnyForwardRows = 16;
 
 // The skinny kernels of cpu_simd.h on blocked plans (the k-path encoders' forward and fused
-// update): for float32 where the CPU has AVX-512; on AVX2 alone BLAS and a streamed update
-// measured faster (a 2-core AMD EPYC, K=100 encoder: forward 7.6 vs 3.9 ms, update 19.5 vs
-// 13 ms; benchmarks/NOTES.md 2026-12-02). bfloat16 keeps them everywhere (without a native bf16
+// update), for float32 where they have a vector width that fits the CPU: 16 lanes on AVX-512,
+// 8 on AVX2 (simd::skinny_lanes). Older CPUs take BLAS and a streamed update for float32 (the
+// 16-lane AVX2 clone, before the 8-lane kernels, measured slower than BLAS on a 2-core AMD
+// EPYC: benchmarks/NOTES.md 2026-12-02). bfloat16 keeps them everywhere (without a native bf16
 // dot product BLAS is far slower still). GATED_OPS_CPU_SKINNY=1 / 0 forces them on / off (read
 // at each call; the tests run both).
 bool use_skinny_blocked(at::ScalarType dtype) {
 #if GATED_HAVE_VECTOR_EXT
   const char* v = std::getenv("GATED_OPS_CPU_SKINNY");
   if (v != nullptr && (v[0] == '0' || v[0] == '1')) return v[0] == '1';
-  return dtype != at::kFloat || simd::wide_vectors();
+  return dtype != at::kFloat || simd::wide_vectors() || simd::narrow_vectors_supported();
 #else
   (void)dtype;
   return false;
@@ -172,6 +173,7 @@ Tensor compute_z(const Plan& p, const Tensor& x, const Tensor& w) {
     const int64_t w0 = p.m0 * w.size(1) * D;
     float* Z = z.data_ptr<float>();
     constexpr int64_t kRowsPerTask = 32;
+    const int lanes = simd::skinny_lanes();
     const int64_t chunks = (rows + kRowsPerTask - 1) / kRowsPerTask;
     at::parallel_for(0, p.n * chunks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -179,9 +181,10 @@ Tensor compute_z(const Plan& p, const Tensor& x, const Tensor& w) {
         const int64_t nw = std::min(kRowsPerTask, rows - r0), wo = w0 + (k * rows + r0) * D;
         float* zk = Z + k * nx * rows + r0;
         if (bf16) {
-          simd::skinny_xwt(X + k * nx * D, nx, bf16_bits(w) + wo, nw, D, zk, rows);
+          simd::skinny_xwt(X + k * nx * D, nx, bf16_bits(w) + wo, nw, D, zk, rows, lanes);
         } else {
-          simd::skinny_xwt(X + k * nx * D, nx, w.const_data_ptr<float>() + wo, nw, D, zk, rows);
+          simd::skinny_xwt(X + k * nx * D, nx, w.const_data_ptr<float>() + wo, nw, D, zk, rows,
+                           lanes);
         }
       }
     });
@@ -730,19 +733,20 @@ template <typename scalar_t, typename opmath_t>
 bool try_skinny_grad_sgd(scalar_t* w, scalar_t* buf, int64_t index0, const opmath_t* a,
                          int64_t lda, const opmath_t* x, int64_t nr, int64_t rows, int64_t D,
                          double lr, double momentum, double weight_decay, bool nesterov,
-                         Rounding rd) {
+                         Rounding rd, int lanes) {
 #if GATED_HAVE_VECTOR_EXT
   const simd::SgdArgs args{float(lr), float(momentum), float(weight_decay), nesterov,
                            rd.stochastic, rd.mix};
   if constexpr (std::is_same_v<scalar_t, float>) {
-    simd::skinny_grad_sgd(w, buf, index0, a, lda, x, nr, rows, D, args);
+    simd::skinny_grad_sgd(w, buf, index0, a, lda, x, nr, rows, D, args, lanes);
     return true;
   } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     simd::skinny_grad_sgd(reinterpret_cast<uint16_t*>(w), reinterpret_cast<uint16_t*>(buf),
-                          index0, a, lda, x, nr, rows, D, args);
+                          index0, a, lda, x, nr, rows, D, args, lanes);
     return true;
   }
 #endif
+  (void)lanes;
   return false;
 }
 
@@ -822,6 +826,11 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
     const opmath_t* DZ = local ? nullptr : dzo.const_data_ptr<opmath_t>();
     const opmath_t lr_ = lr, mom_ = momentum, wd_ = weight_decay;
     const scalar_t* no_grad = nullptr;
+#if GATED_HAVE_VECTOR_EXT
+    const int lanes = simd::skinny_lanes();
+#else
+    const int lanes = 0;
+#endif
     parallel_for_aten(0, p.M, 1, [&](int64_t m0, int64_t m1) {
       Tensor gm;  // scratch (Do, Di) for the GEMM path
       std::vector<opmath_t> xbuf, abuf;  // this weight's widened rows of x and dZ (local)
@@ -863,7 +872,7 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
           sgd_rows<scalar_t>(wm, bm, no_grad, Do * Di, lr_, mom_, wd_, nesterov, m * Do * Di, rd);
         } else if (nr <= kSkinnyRows) {
           if (try_skinny_grad_sgd(wm, bm, m * Do * Di, dzm, lda, xm, nr, Do, Di, lr, momentum,
-                                  weight_decay, nesterov, rd))
+                                  weight_decay, nesterov, rd, lanes))
             continue;
           for (int64_t o = 0; o < Do; ++o) {
             grad_sgd_row<scalar_t>(wm + o * Di, bm ? bm + o * Di : nullptr, dzm + o, lda, xm, nr,
