@@ -94,6 +94,42 @@ void parallel_for_aten(int64_t begin, int64_t end, int64_t grain, const F& fn) {
   });
 }
 
+// 16-bit GEMMs (bfloat16 / float16 storage) on CPUs without AVX-512 run in float32 on widened
+// copies of their operands and are rounded once, as a 16-bit GEMM with float32 accumulation
+// rounds: oneDNN has no fast 16-bit kernel there (a 2-core AMD EPYC with AVX2: plain PyTorch's
+// bfloat16 k-path step at H=1024 took 6.8 s against 0.29 s in float32; benchmarks/NOTES.md).
+// On AVX-512 CPUs (and AMX) the 16-bit GEMMs stay. GATED_OPS_CPU_WIDEN_GEMM=1 / 0 forces it
+// on / off (read at each call; the tests run both).
+bool widen_gemm(const Tensor& t) {
+  const auto d = t.scalar_type();
+  if (d != at::kBFloat16 && d != at::kHalf) return false;
+  const char* v = std::getenv("GATED_OPS_CPU_WIDEN_GEMM");
+  if (v != nullptr && (v[0] == '0' || v[0] == '1')) return v[0] == '1';
+#if GATED_HAVE_VECTOR_EXT
+  return !simd::wide_vectors();
+#else
+  return false;
+#endif
+}
+// at::mm / at::bmm (by a's dimension), widened where widen_gemm says.
+Tensor mm_or_bmm(const Tensor& a, const Tensor& b) {
+  return a.dim() == 3 ? at::bmm(a, b) : at::mm(a, b);
+}
+Tensor gemm(const Tensor& a, const Tensor& b) {
+  if (widen_gemm(a)) return mm_or_bmm(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
+  return mm_or_bmm(a, b);
+}
+// out = a @ b into a (possibly strided) view
+void gemm_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (widen_gemm(a)) {
+    out.copy_(mm_or_bmm(a.to(at::kFloat), b.to(at::kFloat)));  // (rounded once, here)
+  } else if (a.dim() == 3) {
+    at::bmm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
 // A parallel_for grain (in items) that gives each task at least ~kGrainFloats floats of work,
 // so that small ops stay on one thread and few large items (T = 1 destination of an MoE layer,
 // P = 8 experts) still split: loops below run over (item, batch row) pairs for that reason.
@@ -192,7 +228,7 @@ Tensor compute_z(const Plan& p, const Tensor& x, const Tensor& w) {
   }
 #endif
   if (p.blocked()) {
-    return at::bmm(x_blocks(p, x), w_blocks(p, w).transpose(1, 2))
+    return gemm(x_blocks(p, x), w_blocks(p, w).transpose(1, 2))
         .view({p.z_rows(B), p.z_cols(w.size(1))});
   }
   Tensor z = at::empty({p.z_rows(B), w.size(1)}, x.options());
@@ -200,7 +236,7 @@ Tensor compute_z(const Plan& p, const Tensor& x, const Tensor& w) {
   Tensor xg = gather_sources(p, x);
   for_each_weight_group(p, B, [&](int64_t m, int64_t r0, int64_t rows) {
     Tensor out = z.narrow(0, r0, rows);
-    at::mm_out(out, xg.narrow(0, r0, rows), w[m].t());
+    gemm_out(out, xg.narrow(0, r0, rows), w[m].t());
   });
   return z;
 }
@@ -368,13 +404,13 @@ Tensor pathway_grad_x_cpu(const Tensor& dz_, const Tensor& w_, const Tensor& pat
   if (p.P == 0 || B == 0) return gx;
   if (p.blocked()) {
     Tensor out = x_blocks(p, gx);
-    at::bmm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}), w_blocks(p, w));
+    gemm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}), w_blocks(p, w));
     return gx;
   }
   Tensor dxg = at::empty({p.P * B, Di}, w.options());  // per pathway, by-weight order
   for_each_weight_group(p, B, [&](int64_t m, int64_t r0, int64_t rows) {
     Tensor out = dxg.narrow(0, r0, rows);
-    at::mm_out(out, dz.narrow(0, r0, rows), w[m]);
+    gemm_out(out, dz.narrow(0, r0, rows), w[m]);
   });
   GATED_CPU_DISPATCH(w.scalar_type(), "pathway_grad_x_cpu", [&] {
     const scalar_t* D = dxg.data_ptr<scalar_t>();
@@ -408,13 +444,13 @@ Tensor pathway_grad_weight_cpu(const Tensor& dz_, const Tensor& x_, const Tensor
   Tensor gw = covers ? at::empty({p.M, Do, Di}, x.options()) : at::zeros({p.M, Do, Di}, x.options());
   if (p.blocked()) {
     Tensor out = w_blocks(p, gw);
-    at::bmm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}).transpose(1, 2), x_blocks(p, x));
+    gemm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}).transpose(1, 2), x_blocks(p, x));
     return gw;
   }
   Tensor xg = gather_sources(p, x);
   for_each_weight_group(p, B, [&](int64_t m, int64_t r0, int64_t rows) {
     Tensor out = gw[m];
-    at::mm_out(out, dz.narrow(0, r0, rows).t(), xg.narrow(0, r0, rows));
+    gemm_out(out, dz.narrow(0, r0, rows).t(), xg.narrow(0, r0, rows));
   });
   return gw;
 }
@@ -583,12 +619,12 @@ std::tuple<Tensor, Tensor> pathway_grad_x_gate_cpu(const Tensor& grad_y_, const 
     // per-weight GEMMs below run one per thread (8 experts of 512x256x256, 2 threads,
     // profiled: 5.5 ms of per-weight mm -> 3.4 ms of bmm)
     Tensor out = u.view({p.P, B, Di});
-    at::bmm_out(out, gyw, w);
+    gemm_out(out, gyw, w);
   } else {
     const Tensor gyr = gyw.reshape({p.P * B, Do});
     for_each_weight_group(p, B, [&](int64_t m, int64_t r0, int64_t rows) {
       Tensor out = u.narrow(0, r0, rows);
-      at::mm_out(out, gyr.narrow(0, r0, rows), w[m]);
+      gemm_out(out, gyr.narrow(0, r0, rows), w[m]);
     });
   }
   std::vector<int64_t> pos(p.P);  // pathway -> its block of rows in U
@@ -783,13 +819,13 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
       const scalar_t* no_grad = nullptr;
       const int64_t rows = p.nm * Do;
       const bool batched = p.n > 1 && p.ns * B <= kSkinnyRows;
-      const Tensor Gall = batched ? at::bmm(dz.view({p.n, p.ns * B, rows}).transpose(1, 2),
-                                            x_blocks(p, x))
+      const Tensor Gall = batched ? gemm(dz.view({p.n, p.ns * B, rows}).transpose(1, 2),
+                                         x_blocks(p, x))
                                   : Tensor();
       for (int64_t i = 0; i < (batched ? 1 : p.n); ++i) {
         const Tensor G = batched ? Gall
-                                 : at::mm(dz.narrow(0, i * p.ns * B, p.ns * B).t(),
-                                          x.narrow(0, p.s0 + i * p.ns, p.ns).view({p.ns * B, Di}));
+                                 : gemm(dz.narrow(0, i * p.ns * B, p.ns * B).t(),
+                                        x.narrow(0, p.s0 + i * p.ns, p.ns).view({p.ns * B, Di}));
         const scalar_t* g = G.data_ptr<scalar_t>();
         const int64_t off = (p.m0 + i * p.nm) * Do * Di;
         at::parallel_for(0, (batched ? p.n : 1) * rows, 16, [&](int64_t r0, int64_t r1) {

@@ -2,9 +2,10 @@
 bitwise the same for any thread count, and ATen calls inside worker threads must behave as on
 the calling thread (a weight that requires grad, grad mode, dispatch keys).
 
-The skinny layers run on our kernels here (GATED_OPS_CPU_SKINNY=1): on AVX2-only CPUs their
-float32 default is BLAS (csrc/gated_ops.cpp, use_skinny_blocked), whose bits, like those of the
-wide layers' GEMMs, are BLAS's and may depend on the thread count."""
+The skinny layers run on our kernels here (GATED_OPS_CPU_SKINNY=1, the default on AVX2 and
+AVX-512 CPUs): on older CPUs their float32 default is BLAS (csrc/gated_ops.cpp,
+use_skinny_blocked), whose bits, like those of the wide layers' GEMMs, are BLAS's and may
+depend on the thread count."""
 from __future__ import annotations
 
 import pytest
