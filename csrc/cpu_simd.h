@@ -140,41 +140,41 @@ GATED_INLINE void store(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
 typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t)), aligned(4)));
 typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(2)));
 
-GATED_INLINE vf load(const uint16_t* p) {
-  const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
-  return (vf)u;  // (a cast between vector types of one size reinterprets the bits)
+// (F: the float vector, U: its bits, H: the 16-bit lanes; the 16- and 8-lane types below.
+// Memory goes through memcpy: a typedef's aligned(2) attribute is dropped when it is a
+// template argument, and a dereference would then assume the vector's natural alignment.)
+template <typename F, typename U, typename H>
+GATED_INLINE F widen_bf16(const uint16_t* p) {
+  H h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const U u = __builtin_convertvector(h, U) << 16;
+  return (F)u;  // (a cast between vector types of one size reinterprets the bits)
 }
-GATED_INLINE void store(uint16_t* p, vf v) {
-  const vu u = (vu)v;
-  const vu nan = (vu)(v != v);
-  const vu r = ((u + (((u >> 16) & 1u) + 0x7fffu)) >> 16 & ~nan) | (0x7fc0u & nan);
-  *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
+// v's lanes to bfloat16 bits: add `add` below the kept mantissa and truncate, NaN kept quiet.
+template <typename H, typename U, typename F>
+GATED_INLINE void narrow_bf16(uint16_t* p, F v, U add) {
+  const U nan = (U)(v != v);
+  const U r = (((U)v + add) >> 16 & ~nan) | (0x7fc0u & nan);
+  const H h = __builtin_convertvector(r, H);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+GATED_INLINE vf load(const uint16_t* p) { return widen_bf16<vf, vu, vh>(p); }
+GATED_INLINE void store(uint16_t* p, vf v) {  // nearest-even
+  narrow_bf16<vh>(p, v, (((vu)v >> 16) & 1u) + 0x7fffu);
 }
 // Stochastic rounding of 16 lanes whose element indices are idx (see bf16_stochastic).
 GATED_INLINE void store_stochastic(uint16_t* p, vf v, vu idx, uint32_t mix) {
-  const vu u = (vu)v;
-  const vu nan = (vu)(v != v);
-  const vu r = ((u + (hash32<vu>(idx + mix) & 0xffffu)) >> 16 & ~nan) | (0x7fc0u & nan);
-  *reinterpret_cast<vh*>(p) = __builtin_convertvector(r, vh);
+  narrow_bf16<vh>(p, v, hash32<vu>(idx + mix) & 0xffffu);
 }
 // The same for 8 lanes (v8f).
 GATED_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f*>(p); }
-GATED_INLINE v8f load8(const uint16_t* p) {
-  const v8u u = __builtin_convertvector(*reinterpret_cast<const v8h*>(p), v8u) << 16;
-  return (v8f)u;
-}
+GATED_INLINE v8f load8(const uint16_t* p) { return widen_bf16<v8f, v8u, v8h>(p); }
 GATED_INLINE void store(float* p, v8f v) { *reinterpret_cast<v8f*>(p) = v; }
 GATED_INLINE void store(uint16_t* p, v8f v) {
-  const v8u u = (v8u)v;
-  const v8u nan = (v8u)(v != v);
-  const v8u r = ((u + (((u >> 16) & 1u) + 0x7fffu)) >> 16 & ~nan) | (0x7fc0u & nan);
-  *reinterpret_cast<v8h*>(p) = __builtin_convertvector(r, v8h);
+  narrow_bf16<v8h>(p, v, (((v8u)v >> 16) & 1u) + 0x7fffu);
 }
 GATED_INLINE void store_stochastic(uint16_t* p, v8f v, v8u idx, uint32_t mix) {
-  const v8u u = (v8u)v;
-  const v8u nan = (v8u)(v != v);
-  const v8u r = ((u + (hash32<v8u>(idx + mix) & 0xffffu)) >> 16 & ~nan) | (0x7fc0u & nan);
-  *reinterpret_cast<v8h*>(p) = __builtin_convertvector(r, v8h);
+  narrow_bf16<v8h>(p, v, hash32<v8u>(idx + mix) & 0xffffu);
 }
 GATED_INLINE float load1(const float* p) { return *p; }
 GATED_INLINE void store1(float* p, float v) { *p = v; }
