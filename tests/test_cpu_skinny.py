@@ -42,13 +42,14 @@ def test_both_cpu_paths_step_like_torch_optim_sgd(kind, cpu_path):
 
 @pytest.mark.parametrize("rounding_seed", [-1, 7], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("shape", [(100, 8, 784, 128), (6, 3, 37, 13), (3, 1, 9, 5), (4, 12, 20, 6)],
+@pytest.mark.parametrize("shape", [(100, 8, 784, 128), (6, 3, 37, 13), (3, 1, 9, 5), (4, 12, 20, 6),
+                                   (3, 8, 2100, 5)],
                          ids=lambda s: "K{}-B{}-D{}-H{}".format(*s))
 def test_update_bits_do_not_depend_on_the_vector_width(shape, dtype, rounding_seed, monkeypatch):
     """The fused update sums each gradient element over the activation rows in one order at
     both widths (nr = B <= 8 takes the 8-lane kernel, B = 12 the 16-lane one at both), so the
     weights and momenta come out identical; the forward's sums are ordered by lane and may
-    differ in the last bits."""
+    differ in the last bits (D = 2100: the 8-lane forward in pieces of D, with a tail)."""
     if rounding_seed >= 0 and dtype != torch.bfloat16:
         pytest.skip("stochastic rounding is for bfloat16 weights")
     K, B, D, H = shape
