@@ -32,6 +32,7 @@ import abc
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -463,18 +464,35 @@ class FusedKPath(KPathProvider):
     """KPathNet on the registered ops (CPU or CUDA kernels). In step mode the SGD update
     runs inside backward (fuse_sgd): no optimizer, no .grad tensors."""
 
-    def __init__(self, data: KPathData, net: KPathNet, name: str, mode: str):
+    def __init__(self, data: KPathData, net: KPathNet, name: str, mode: str,
+                 lookahead: bool | None = None):
         super().__init__(data, net)
         self.name = name
         if mode == "step":  # bfloat16: stochastic rounding where the kernels have it (CPU, Triton)
             sr = net.encoder.weight.dtype == torch.bfloat16 and (
                 data.device.type == "cpu" or net.backend == "triton")
             net.fuse_sgd(SGDConfig(lr=LR, momentum=MOMENTUM, stochastic_rounding=sr))
+        # The next batch's encoder forward inside this step's update (KPathNet.lookahead):
+        # where the fused kernel is (CPU); elsewhere it would be the same two ops. The batch is
+        # transformed one step ahead, so each step still does one transformation.
+        # GATED_OPS_BENCH_LOOKAHEAD=0 / 1 forces (benchmarks/NOTES.md A/B).
+        env = os.environ.get("GATED_OPS_BENCH_LOOKAHEAD")
+        if lookahead is None:
+            lookahead = env == "1" if env in ("0", "1") else (
+                data.device.type == "cpu" and net.backend == "auto")
+        self.lookahead = lookahead and mode == "step"
+        self._next: tuple[Tensor, Tensor] | None = None
 
     def step(self) -> None:
         d = self.data
-        xk, target = d.transform(d.x, d.y)
-        self.loss(xk, target, d.gate)[0].sum().backward()  # updates weights and biases
+        if not self.lookahead:
+            xk, target = d.transform(d.x, d.y)
+            self.loss(xk, target, d.gate)[0].sum().backward()  # updates weights and biases
+            return
+        xk, target = self._next if self._next is not None else d.transform(d.x, d.y)
+        self._next = d.transform(d.x, d.y)  # (the benchmark's batch is the same every step)
+        self.model.lookahead(self._next[0])
+        self.loss(xk, target, d.gate)[0].sum().backward()  # ... and the next encoder forward
 
 
 # ------------------------------------------------------------------------------------------------

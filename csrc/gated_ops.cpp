@@ -786,18 +786,44 @@ bool try_skinny_grad_sgd(scalar_t* w, scalar_t* buf, int64_t index0, const opmat
   return false;
 }
 
+// The skinny update fused with the next forward (simd::skinny_grad_sgd_fwd): float32 and
+// bfloat16 weights, nr <= 8 rows of x and of x_next (the caller checks).
+template <typename scalar_t, typename opmath_t>
+void fused_grad_sgd_fwd(scalar_t* w, scalar_t* buf, int64_t index0, const opmath_t* a,
+                        int64_t lda, const opmath_t* x, int64_t nr, int64_t rows, int64_t D,
+                        double lr, double momentum, double weight_decay, bool nesterov,
+                        Rounding rd, int lanes, const opmath_t* xn, float* zn, int64_t ldzn) {
+#if GATED_HAVE_VECTOR_EXT
+  const simd::SgdArgs args{float(lr), float(momentum), float(weight_decay), nesterov,
+                           rd.stochastic, rd.mix};
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return simd::skinny_grad_sgd_fwd(w, buf, index0, a, lda, x, nr, rows, D, args, xn, zn, ldzn,
+                                     lanes);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return simd::skinny_grad_sgd_fwd(reinterpret_cast<uint16_t*>(w),
+                                     reinterpret_cast<uint16_t*>(buf), index0, a, lda, x, nr,
+                                     rows, D, args, xn, zn, ldzn, lanes);
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "fused_grad_sgd_fwd: float32 or bfloat16 weights");
+}
+
 // Up to this many rows of dZ per weight (ns * B), gradient rows are rank-nr updates formed in
 // registers by grad_sgd_row; above it, blocked plans take one GEMM per block (hidden layer and
 // decoders: K * B = 800 rows) and grouped plans one GEMM per weight.
 constexpr int64_t kSkinnyRows = 64;
 
-void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
-                     const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
-                     at::IntArrayRef layout, double lr, double momentum, double weight_decay,
-                     bool nesterov, int64_t rounding_seed) {
+// The update, and with x_next (pathway_sgd_lookahead_) the next forward's Z from the updated
+// weight: fused into the update's pass where the skinny kernels run (see skinny_grad_sgd_fwd),
+// else a forward (compute_z) after it. Returns that Z, or an undefined tensor.
+Tensor sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
+               const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
+               at::IntArrayRef layout, double lr, double momentum, double weight_decay,
+               bool nesterov, int64_t rounding_seed, const Tensor* x_next_) {
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
   const NoAutocast no_autocast;
   check_sgd_state(w, "weight", buf, momentum, x_);
+  if (x_next_) check_x_next(*x_next_, x_);
   const Rounding rd = rounding_for(rounding_seed, w, "weights");
   check_float(dz_, "grad_z", x_.scalar_type());
   const Tensor dz = dz_.contiguous(), x = x_.contiguous();
@@ -842,8 +868,18 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
                              (m1 - m0) * Do * Di, lr_, mom_, wd_, nesterov, m0 * Do * Di, rd);
       }
     });
-    return;
+    return x_next_ ? compute_z(p, x_next_->contiguous(), w) : Tensor();
   }
+  // The lookahead fused into the skinny update: blocked, at most 8 rows per block in both
+  // batches, float32 or bfloat16 (the forward takes the same skinny kernels then: compute_z).
+  const Tensor x_next = x_next_ ? x_next_->contiguous() : Tensor();
+  const bool fuse = x_next_ && GATED_HAVE_VECTOR_EXT && p.blocked() && x_next.size(1) == B &&
+                    p.ns * B <= 8 &&
+                    (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16);
+  Tensor zn = fuse ? at::empty({p.z_rows(B), p.z_cols(Do)}, x.options().dtype(at::kFloat))
+                   : Tensor();
+  float* ZN = fuse ? zn.data_ptr<float>() : nullptr;
+  const int64_t ldzn = p.z_cols(Do);
   GATED_CPU_DISPATCH(w.scalar_type(), "pathway_sgd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     scalar_t* W = w.data_ptr<scalar_t>();
@@ -869,7 +905,7 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
 #endif
     parallel_for_aten(0, p.M, 1, [&](int64_t m0, int64_t m1) {
       Tensor gm;  // scratch (Do, Di) for the GEMM path
-      std::vector<opmath_t> xbuf, abuf;  // this weight's widened rows of x and dZ (local)
+      std::vector<opmath_t> xbuf, abuf, xnbuf;  // this weight's widened rows of x, dZ, x_next
       for (int64_t m = m0; m < m1; ++m) {
         // The rows of dZ (nr of them, starting at dz_m, columns from col0) and of x that feed
         // W[m]; nr = 0 when no pathway uses it (zero gradient: decay and momentum still apply).
@@ -906,6 +942,17 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
         }
         if (nr == 0) {
           sgd_rows<scalar_t>(wm, bm, no_grad, Do * Di, lr_, mom_, wd_, nesterov, m * Do * Di, rd);
+        } else if (fuse) {
+          const scalar_t* xs = x_next.const_data_ptr<scalar_t>() + xrow0 * Di;
+          const opmath_t* xn = reinterpret_cast<const opmath_t*>(xs);
+          if constexpr (kWiden) {
+            xnbuf.resize(nr * Di);
+            for (int64_t i = 0; i < nr * Di; ++i) xnbuf[i] = opmath_t(xs[i]);
+            xn = xnbuf.data();
+          }
+          fused_grad_sgd_fwd(wm, bm, m * Do * Di, dzm, lda, xm, nr, Do, Di, lr, momentum,
+                             weight_decay, nesterov, rd, lanes, xn, ZN + row0 * ldzn + col0,
+                             ldzn);
         } else if (nr <= kSkinnyRows) {
           if (try_skinny_grad_sgd(wm, bm, m * Do * Di, dzm, lda, xm, nr, Do, Di, lr, momentum,
                                   weight_decay, nesterov, rd, lanes))
@@ -925,6 +972,29 @@ void pathway_sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
       }
     });
   });
+  if (!x_next_) return Tensor();
+  if (!fuse) return compute_z(p, x_next, w);
+  return w.scalar_type() == at::kFloat ? zn : zn.to(w.scalar_type());
+}
+
+void pathway_sgd_cpu(const Tensor& dz, const Tensor& x, const Tensor& w,
+                     const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
+                     at::IntArrayRef layout, double lr, double momentum, double weight_decay,
+                     bool nesterov, int64_t rounding_seed) {
+  sgd_cpu(dz, x, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov, rounding_seed,
+          nullptr);
+}
+
+// pathway_sgd_ and then Z_next = every pathway's pre-gate output for x_next from the updated
+// weight, without bias (compute_z's result; the layer adds bias and gate): for blocked plans
+// on the skinny kernels, in the update's one pass over the weight.
+Tensor pathway_sgd_lookahead_cpu(const Tensor& dz, const Tensor& x, const Tensor& w,
+                                 const c10::optional<Tensor>& buf, const Tensor& paths,
+                                 const Tensor& csr, at::IntArrayRef layout, double lr,
+                                 double momentum, double weight_decay, bool nesterov,
+                                 int64_t rounding_seed, const Tensor& x_next) {
+  return sgd_cpu(dz, x, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov,
+                 rounding_seed, &x_next);
 }
 
 // The bias's share of the fused SGD step: grad_bias (pathway_grad_bias, accumulated in float for
@@ -1250,6 +1320,7 @@ TORCH_LIBRARY_IMPL(gated_ops, CPU, m) {
   m.impl("pathway_grad_gate", &pathway_grad_gate_cpu);
   m.impl("pathway_grad_x_gate", &pathway_grad_x_gate_cpu);
   m.impl("pathway_sgd_", &pathway_sgd_cpu);
+  m.impl("pathway_sgd_lookahead_", &pathway_sgd_lookahead_cpu);
   m.impl("pathway_bias_sgd_", &pathway_bias_sgd_cpu);
   m.impl("gated_cross_entropy", &gated_cross_entropy_cpu);
   m.impl("gated_cross_entropy_backward", &gated_cross_entropy_backward_cpu);

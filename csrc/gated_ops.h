@@ -30,6 +30,10 @@ inline void define_schemas(torch::Library& m) {
   m.def("pathway_sgd_(Tensor grad_z, Tensor x, Tensor(a!) weight, Tensor(b!)? momentum_buffer, "
         "Tensor paths, Tensor csr, int[] layout, float lr, float momentum, float weight_decay, "
         "bool nesterov, int rounding_seed=-1) -> ()");
+  m.def("pathway_sgd_lookahead_(Tensor grad_z, Tensor x, Tensor(a!) weight, "
+        "Tensor(b!)? momentum_buffer, Tensor paths, Tensor csr, int[] layout, float lr, "
+        "float momentum, float weight_decay, bool nesterov, int rounding_seed, Tensor x_next) "
+        "-> Tensor");
   m.def("pathway_bias_sgd_(Tensor grad_z, Tensor(a!) bias, Tensor(b!)? momentum_buffer, "
         "Tensor paths, Tensor csr, int[] layout, int num_sources, int num_weights, float lr, "
         "float momentum, float weight_decay, bool nesterov, int rounding_seed=-1) -> ()");
@@ -171,6 +175,16 @@ inline void check_sgd_state(const at::Tensor& param, const char* name,
                 ", got ", buf->sizes());
     check_same_device(*buf, "momentum_buffer", ref);
   }
+}
+
+// x_next (S, B', D_in) of a lookahead step: like x but for its batch size.
+inline void check_x_next(const at::Tensor& x_next, const at::Tensor& x) {
+  TORCH_CHECK(x_next.dim() == 3 && x_next.size(0) == x.size(0) && x_next.size(2) == x.size(2),
+              "x_next: expected (S, B_next, D_in) with S = ", x.size(0), ", D_in = ", x.size(2),
+              " (those of x), got shape ", x_next.sizes());
+  TORCH_CHECK(x_next.scalar_type() == x.scalar_type(), "x_next: expected dtype ",
+              x.scalar_type(), " (x's), got ", x_next.scalar_type());
+  check_same_device(x_next, "x_next", x);
 }
 
 // bias (M, D_out) of a fused bias step.

@@ -68,6 +68,10 @@ class KPathConfig:
                               "(gated_ops.triton_ops, fused SGD included; a GPU, or CPU tensors "
                               "under TRITON_INTERPRET=1)", choices=("auto", "triton"))
     cuda_graph: bool = _f(False, "CUDA only: capture the training step in a CUDA graph")
+    lookahead: bool = _f(True, "fused model with fused SGD, CPU: each step's encoder update "
+                               "also computes the next batch's encoder forward "
+                               "(KPathNet.lookahead), so the encoder weights are read once per "
+                               "step; bit for bit the same training (ignored elsewhere)")
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     dtype: str = _f("float32", "parameter and data dtype; bfloat16 / float16: 16-bit storage of "
                     "weights, momenta and activations, arithmetic in float32 (the fused model's "

@@ -68,7 +68,7 @@ EVAL_CHUNK_ELEMENTS = 1 << 28
 # the grouping, hence the checkpoint a group looks for: see GroupTrainer's existing-results check.)
 RESUME_FREE = {"epochs", "checkpoint_every", "checkpoint_unit", "progress", "stop_after_steps",
                "out", "data_dir", "download", "device", "cuda_graph", "max_replicas",
-               "verify_data", "max_precompute_gb"}
+               "verify_data", "max_precompute_gb", "lookahead"}
 
 
 class SimulatedKill(RuntimeError):
@@ -394,8 +394,15 @@ class GroupTrainer:
             self.save_checkpoint()
 
     # -- one step ------------------------------------------------------------------------------
-    def _step(self, idx: Tensor) -> None:
-        xk, target = self.data.batch("train", idx)
+    def _step(self, idx: Tensor, idx_next: Tensor | None = None) -> None:
+        """One step on the samples idx (R, B); with idx_next (the next step's samples, where
+        the lookahead runs), the next batch is formed now and the update computes its encoder
+        forward."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        xk, target = pending if pending is not None else self.data.batch("train", idx)
+        if idx_next is not None:
+            self._pending = self.data.batch("train", idx_next)
+            self.model.lookahead(self._pending[0])
         _, path_loss, correct = sgd_step(self.model, self.opt, xk, target, self.gate)
         self.acc_loss += path_loss
         self.acc_correct += correct
@@ -441,6 +448,10 @@ class GroupTrainer:
         if self.finished and self.epoch >= c.epochs:
             return
         step = self._step
+        # the lookahead where its fused kernel runs (CPU kernels; elsewhere it would be the
+        # same two ops in turn), never under a CUDA graph
+        lookahead = (c.lookahead and self.device.type == "cpu" and c.model == "fused"
+                     and c.fused_sgd and c.backend == "auto")
         if c.cuda_graph and self.device.type == "cuda":
             step = self._captured_step()
         elif c.cuda_graph:
@@ -456,7 +467,10 @@ class GroupTrainer:
                            self.step_in_epoch, c.progress)
             t0, first = time.perf_counter(), self.step_in_epoch
             for s in range(self.step_in_epoch, steps):
-                step(order[:, s * B:(s + 1) * B])
+                if lookahead and s + 1 < steps:  # (not across epochs: the next order is unknown)
+                    step(order[:, s * B:(s + 1) * B], order[:, (s + 1) * B:(s + 2) * B])
+                else:
+                    step(order[:, s * B:(s + 1) * B])
                 self.step_in_epoch += 1
                 self.global_step += 1
                 self._maybe_checkpoint()

@@ -27,6 +27,7 @@ from .ops import (  # noqa: E402
     pathway_bias_sgd_,
     pathway_matmul,
     pathway_sgd_,
+    pathway_sgd_lookahead_,
 )
 from .plan import PathwayPlan, make_plan  # noqa: E402
 
@@ -39,6 +40,7 @@ __all__ = [
     "pathway_matmul",
     "gated_cross_entropy",
     "pathway_sgd_",
+    "pathway_sgd_lookahead_",
     "pathway_bias_sgd_",
     "reference",
 ]

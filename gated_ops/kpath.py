@@ -135,6 +135,13 @@ class KPathNet(nn.Module):
             layer.fuse_sgd(config)
         return self
 
+    def lookahead(self, xk_next: Tensor) -> None:
+        """Announce the next step's encoder input (R*K, B, D_in): the coming backward's fused
+        update of the encoders also computes their forward for it, so each encoder weight is
+        read once per step (GatedPathwayLinear.lookahead; bit for bit the same training). The
+        next ``loss``/``forward`` must be called with this very tensor."""
+        self.encoder.lookahead(xk_next)
+
     def path_logits(self, xk: Tensor) -> Tensor:
         """Logits (R, K_i, K_j, B, C): a strided view of the wide decoder's output."""
         R, K, C, B = self.R, self.K, self.C, xk.shape[1]

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .ops import _op_namespace, autocast_dtype, pathway_matmul
+from .ops import _op_namespace, autocast_dtype, pathway_matmul, pathway_sgd_lookahead_
 from .plan import PathwayPlan, make_plan
 
 __all__ = ["GatedPathwayLinear", "SGDConfig"]
@@ -94,6 +94,9 @@ class GatedPathwayLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_weights, out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(num_weights, out_features, **kw)) if bias else None
         self.sgd: SGDConfig | None = None
+        self._next_x: Tensor | None = None  # lookahead: the next forward's input, announced
+        self._next: tuple | None = None  # ... and its output, computed by the fused update
+        self._updates = 0  # fused updates so far (a lookahead is valid until the next one)
         self.reset_parameters()
 
     # -- constructors --------------------------------------------------------------------------
@@ -193,11 +196,57 @@ class GatedPathwayLinear(nn.Module):
         salt = (M * 1_000_003 + Do * 1_009 + Di) & 0x7FFFFFFF
         return (step * 0x9E3779B1 + salt) & 0x7FFFFFFF
 
+    def lookahead(self, x_next: Tensor) -> None:
+        """Announce the input of the next forward, so that the fused SGD update (in the coming
+        backward) also computes that forward: each updated weight row is dotted with x_next
+        while it is in cache, and ``forward(x_next)`` then returns the result instead of
+        reading the weight again. On the CPU, for blocked layers on the skinny kernels (the
+        k-path encoders), this streams the weight once per step instead of twice; the
+        training is bit for bit the same as without it. Elsewhere the same result comes from
+        the update and the forward in turn (:func:`gated_ops.pathway_sgd_lookahead_`).
+
+        The precomputed output is used only by the next ``forward`` called with this very
+        tensor, no gate, in a grad-enabled region, and only if nothing changed since the
+        update: no other update of this layer, no in-place change of the weight, bias or
+        x_next (their version counters). Anything else computes the forward as usual.
+        Needs the fused SGD (:meth:`fuse_sgd`) and a layer whose pathways are its outputs
+        (``plan.z_is_y``: batched, shared and k-path layers). Eager only: a CUDA graph would
+        replay a stale output, so it raises under capture.
+        """
+        if self.sgd is None:
+            raise ValueError("lookahead: needs the fused SGD update (call fuse_sgd first)")
+        if not self._z_is_y:
+            raise ValueError("lookahead: implemented for layers whose pathways are their "
+                             "outputs (plan.z_is_y: batched, shared, k-path layers); this "
+                             f"layer's plan is {self.plan.kind}")
+        if (x_next.dim() != 3 or x_next.shape[0] != self.num_sources
+                or x_next.shape[2] != self.in_features):
+            raise ValueError(f"x_next: expected (S, B, D_in) = ({self.num_sources}, B, "
+                             f"{self.in_features}), got shape {tuple(x_next.shape)}")
+        if x_next.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("lookahead: not capturable (a replayed graph would use a stale "
+                               "output); the captured step reads each weight once anyway")
+        self._next_x = x_next  # (an output already computed for this step stays)
+
+    def _versions(self, x: Tensor) -> tuple[int, ...]:
+        return (self._updates, self.weight._version,
+                -1 if self.bias is None else self.bias._version, x._version)
+
+    def _take_lookahead(self, x: Tensor, gate: Tensor | None) -> Tensor | None:
+        """The precomputed output for this forward, if it is valid (see :meth:`lookahead`);
+        consumed either way."""
+        nxt, self._next = self._next, None
+        if nxt is None or self.sgd is None or gate is not None or not torch.is_grad_enabled():
+            return None
+        x_next, y, versions = nxt
+        return y if x is x_next and versions == self._versions(x) else None
+
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        return self.forward_as(x, self.plan, self.weight, self.bias, gate)
+        pre = self._take_lookahead(x, gate) if self._next is not None else None
+        return self.forward_as(x, self.plan, self.weight, self.bias, gate, _precomputed=pre)
 
     def forward_as(self, x: Tensor, plan: PathwayPlan, weight: Tensor, bias: Tensor | None,
-                   gate: Tensor | None = None) -> Tensor:
+                   gate: Tensor | None = None, _precomputed: Tensor | None = None) -> Tensor:
         """The layer run through another plan on views of its own parameters (contiguous views,
         e.g. K weights (K, C, H) as one (K*C, H)), with the fused SGD if it is on: the update
         lands in the parameters and momentum buffers through the views. KPathNet runs its
@@ -208,7 +257,7 @@ class GatedPathwayLinear(nn.Module):
                 # region's 16-bit activations are cast to it)
                 x = x.to(weight.dtype)
                 gate = None if gate is None else gate.to(weight.dtype)
-            return _FusedSGDPathway.apply(x, weight, bias, gate, self, plan)
+            return _FusedSGDPathway.apply(x, weight, bias, gate, self, plan, _precomputed)
         return pathway_matmul(x, weight, plan, bias, gate, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -231,12 +280,16 @@ class _FusedSGDPathway(torch.autograd.Function):
     computed from the weights before the update."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gate, module, plan):
+    def forward(ctx, x, weight, bias, gate, module, plan, precomputed=None):
         ctx.module, ctx.plan = module, plan
+        # the module's own plan (forward, not forward_as): a lookahead may follow
+        ctx.own_plan = plan.paths is module.paths
         # Only parameters that train are stepped (a frozen weight or bias stays as it is).
         ctx.step_weight = weight.requires_grad
         ctx.step_bias = bias is not None and bias.requires_grad
         ctx.save_for_backward(x, weight, bias, gate)
+        if precomputed is not None:  # this forward, computed by the last update (lookahead)
+            return precomputed
         ops = _op_namespace(module.backend)
         return ops.pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout))
 
@@ -268,9 +321,18 @@ class _FusedSGDPathway(torch.autograd.Function):
                                                plan.csr, layout)
         if need_x and grad_x is None:
             grad_x = _ops.pathway_grad_x(dz, weight, plan.paths, plan.csr, layout, S, x.shape[1])
+        x_next = m._next_x if ctx.own_plan and ctx.step_weight else None
+        m._next_x, m._next = None, None
         with torch.no_grad():
             seed = m._rounding_seed() if ctx.step_weight or ctx.step_bias else -1
-            if ctx.step_weight:
+            if ctx.step_weight or ctx.step_bias:
+                m._updates += 1
+            if x_next is not None:  # the update and the next forward's Z in one pass
+                z_next = pathway_sgd_lookahead_(
+                    dz, x, weight, buffer("weight_momentum", weight), plan, cfg.lr,
+                    cfg.momentum, cfg.weight_decay, cfg.nesterov, seed,
+                    x_next=x_next.to(weight.dtype), backend=m.backend)
+            elif ctx.step_weight:
                 _ops.pathway_sgd_(dz, x, weight, buffer("weight_momentum", weight),
                                   plan.paths, plan.csr, layout, cfg.lr, cfg.momentum,
                                   cfg.weight_decay, cfg.nesterov, seed)
@@ -279,4 +341,10 @@ class _FusedSGDPathway(torch.autograd.Function):
                                        plan.csr, layout, S, M, cfg.lr, cfg.momentum,
                                        cfg.weight_decay, cfg.nesterov,
                                        seed if seed < 0 else (seed + 1) & 0x7FFFFFFF)
-        return grad_x, None, None, grad_gate, None, None
+            if x_next is not None:  # y = Z + bias, as the forward's epilogue computes it
+                y_next = z_next.view(plan.num_dst, x_next.shape[1], weight.shape[1])
+                if bias is not None:  # output block dst[p] takes bias[wgt[p]]
+                    wgt_of_dst = torch.empty_like(plan.wgt).index_copy_(0, plan.dst, plan.wgt)
+                    y_next += bias.index_select(0, wgt_of_dst).unsqueeze(1)
+                m._next = (x_next, y_next, m._versions(x_next))
+        return grad_x, None, None, grad_gate, None, None, None

@@ -13,8 +13,8 @@ from torch import Tensor
 from .plan import PathwayPlan, z_shape
 from .reference import gated_cross_entropy_ref, pathway_matmul_ref
 
-__all__ = ["pathway_matmul", "gated_cross_entropy", "pathway_sgd_", "pathway_bias_sgd_",
-           "BACKENDS"]
+__all__ = ["pathway_matmul", "gated_cross_entropy", "pathway_sgd_", "pathway_sgd_lookahead_",
+           "pathway_bias_sgd_", "BACKENDS"]
 
 _ops = torch.ops.gated_ops
 
@@ -159,6 +159,68 @@ def pathway_sgd_(
     """
     _ops.pathway_sgd_(grad_z, x, weight, momentum_buffer, plan.paths, plan.csr,
                       list(plan.layout), lr, momentum, weight_decay, nesterov, rounding_seed)
+
+
+def pathway_sgd_lookahead_(
+    grad_z: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    momentum_buffer: Tensor | None,
+    plan: PathwayPlan,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    rounding_seed: int = -1,
+    *,
+    x_next: Tensor,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`pathway_sgd_`, then the next step's forward from the updated weight: returns
+    Z_next, every pathway's pre-gate output ``x_next[src_p] @ weight[wgt_p]^T`` without bias,
+    in Z's layout (``plan.z_shape(B_next, D_out)``; for a plan with ``z_is_y``, the layer's
+    output before its bias, as ``(T, B_next, D_out)`` after a ``view``).
+
+    On the CPU, for blocked plans on the skinny kernels (the k-path encoders: at most 8 rows
+    per block in both batches, float32 or bfloat16), the forward is fused into the update's
+    one pass over the weight, so the weight is read once for both; the result is bit for bit
+    the update of :func:`pathway_sgd_` followed by the forward. Elsewhere (other plans, dtypes
+    and devices, the Triton backend) it is those two ops one after the other.
+    """
+    if backend == "triton":
+        from . import triton_ops  # noqa: F401
+        return _sgd_lookahead_composite(torch.ops.gated_ops_triton)(
+            grad_z, x, weight, momentum_buffer, plan.paths, plan.csr, list(plan.layout), lr,
+            momentum, weight_decay, nesterov, rounding_seed, x_next)
+    return _op_namespace(backend).pathway_sgd_lookahead_(
+        grad_z, x, weight, momentum_buffer, plan.paths, plan.csr, list(plan.layout), lr,
+        momentum, weight_decay, nesterov, rounding_seed, x_next)
+
+
+def _compute_z(ns, x: Tensor, weight: Tensor, paths: Tensor, layout) -> Tensor:
+    """Z (the pre-gate pathway outputs, without bias) from a namespace's ops and PyTorch:
+    blocked plans as one bmm over views, grouped ones per pathway (the fallback of
+    pathway_sgd_lookahead_ on devices without its fused kernel)."""
+    _, n, s0, ns_, m0, nm = layout
+    B, D_out = x.shape[1], weight.shape[1]
+    if n > 0:
+        xb = x[s0:s0 + n * ns_].reshape(n, ns_ * B, x.shape[2])
+        wb = weight[m0:m0 + n * nm].reshape(n, nm * D_out, weight.shape[2])
+        return torch.bmm(xb, wb.transpose(1, 2)).reshape(n * ns_ * B, nm * D_out)
+    src, wgt, zrow = paths[0], paths[1], paths[3]
+    z = x.new_empty(paths.shape[1] * B, D_out)
+    zp = torch.bmm(x.index_select(0, src), weight.index_select(0, wgt).transpose(1, 2))
+    z.view(-1, B, D_out).index_copy_(0, zrow, zp)
+    return z
+
+
+def _sgd_lookahead_composite(ns):
+    def impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
+             nesterov, rounding_seed, x_next):
+        ns.pathway_sgd_(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
+                        weight_decay, nesterov, rounding_seed)
+        return _compute_z(ns, x_next, weight, paths, layout)
+    return impl
 
 
 def pathway_bias_sgd_(
@@ -307,6 +369,16 @@ def register_python_parts(ns: str) -> None:
     def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
           nesterov, rounding_seed=-1):
         return None
+
+    @fake("pathway_sgd_lookahead_")
+    def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
+          nesterov, rounding_seed, x_next):
+        return x_next.new_empty(z_shape(layout, paths.shape[1], x_next.shape[1],
+                                        weight.shape[1]))
+
+    # devices without a fused kernel (CUDA; the emulated CUDA kernels): the two ops in turn
+    torch.library.impl(f"{ns}::pathway_sgd_lookahead_", "CompositeExplicitAutograd")(
+        _sgd_lookahead_composite(ops))
 
     @fake("pathway_bias_sgd_")
     def _(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights, lr,

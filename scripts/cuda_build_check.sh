@@ -79,7 +79,7 @@ missing = [op for op in ops
 for op in ops:
     print(f"  gated_ops::{op:30s} CUDA kernel: {'MISSING' if op in missing else 'ok'}")
 # ops that run on CUDA as a composite of the ones above (registered in gated_ops/ops.py)
-composite = ["pathway_grad_x_gate"]
+composite = ["pathway_grad_x_gate", "pathway_sgd_lookahead_"]
 for op in composite:
     ok = torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"gated_ops::{op}", "CUDA")
     print(f"  gated_ops::{op:30s} CUDA composite: {'ok' if ok else 'MISSING'}")

@@ -132,7 +132,7 @@ ops = ["pathway_matmul", "pathway_grad_z", "pathway_grad_x", "pathway_grad_weigh
        "gated_cross_entropy", "gated_cross_entropy_backward"]
 missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(
     f"gated_ops::{o}", "CUDA")]
-missing += [o for o in ["pathway_grad_x_gate"]  # a composite on CUDA (gated_ops/ops.py)
+missing += [o for o in ["pathway_grad_x_gate", "pathway_sgd_lookahead_"]  # composites on CUDA
             if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(
                 f"gated_ops::{o}", "CUDA")]
 print("gated_ops from", gated_ops.__file__, "- CUDA kernels missing:", missing or "none")

@@ -137,6 +137,35 @@ def test_replicas_equal_separate_runs(data_root, tmp_path):
         k: v for r in range(3) for k, v in read_metrics(tmp_path / f"alone{r}").items()}
 
 
+def test_lookahead_does_not_change_the_run(data_root, tmp_path):
+    """lookahead true (the default: each step's encoder update computes the next batch's
+    encoder forward) and false train the same weights and write the same metrics, bit for bit;
+    with it on, the precomputed forwards are used (all steps of an epoch but its first)."""
+    base = dataclasses.replace(smoke(), data_dir=str(data_root), verify_data=False, epochs=2,
+                               max_steps_per_epoch=4, Ns=[], gains=[], checkpoint_every=0, N=2,
+                               gain=0.5, seed=1)
+    data = E.load_task_data(base, torch.device("cpu"))
+    states, used = [], []
+    for on in (False, True):
+        tr = E.GroupTrainer([dataclasses.replace(base, lookahead=on)], data, torch.device("cpu"),
+                            tmp_path / str(on), [None])
+        enc, n = tr.model.encoder, [0]
+        take = enc._take_lookahead
+
+        def counting(x, gate, take=take, n=n):
+            y = take(x, gate)
+            n[0] += y is not None
+            return y
+        enc._take_lookahead = counting
+        tr.train()
+        states.append(tr.model.state_dict())
+        used.append(n[0])
+    assert used == [0, 2 * 3]
+    assert read_metrics(tmp_path / "False") == read_metrics(tmp_path / "True")
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_resume_after_kills_is_bit_identical(data_root, tmp_path, dtype):
     """Killed twice (mid-epoch and at an epoch's end, with a stale line appended to a metrics

@@ -1,0 +1,292 @@
+"""The lookahead: the fused SGD update that also computes the next batch's forward
+(``pathway_sgd_lookahead_``, ``GatedPathwayLinear.lookahead``, ``KPathNet.lookahead``).
+
+On the CPU kernels it must be bit for bit the update of ``pathway_sgd_`` followed by the
+forward, at both vector widths, for float32 and bfloat16 (stochastic rounding too), with D in
+pieces (D > 1024) and with tails; elsewhere (other dtypes, batch sizes, plans, the emulated CUDA
+kernels) the same two ops in turn. A layer uses the precomputed output only when nothing
+changed since the update.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gated_ops
+import gated_ops.nn as gnn
+from gated_ops import GatedPathwayLinear, SGDConfig, make_plan
+from gated_ops.kpath import KPathNet, kpath_gate
+from gated_ops.testing import assert_close
+
+LANES = pytest.mark.parametrize("lanes", ["8", "16"])
+
+
+def _batched(K):
+    r = list(range(K))
+    return make_plan(r, r, r, num_sources=K, num_weights=K, num_dst=K)
+
+
+def _state(K, B, Bn, D, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return dict(x=rnd(K, B, D).to(dtype), x_next=rnd(K, Bn, D).to(dtype),
+                w=(0.05 * rnd(K, H, D)).to(dtype), buf=(0.01 * rnd(K, H, D)).to(dtype),
+                dz=rnd(K * B, H).to(dtype))
+
+
+def _both(plan, s, lr=0.1, momentum=0.9, wd=1e-3, nesterov=False, seed=-1):
+    """(w, buf, Z_next) from pathway_sgd_lookahead_, and from pathway_sgd_ + the forward."""
+    out = []
+    for fused in (True, False):
+        w, buf = s["w"].clone(), s["buf"].clone() if momentum else None
+        if fused:
+            z = gated_ops.pathway_sgd_lookahead_(s["dz"], s["x"], w, buf, plan, lr, momentum, wd,
+                                                 nesterov, seed, x_next=s["x_next"])
+        else:
+            gated_ops.pathway_sgd_(s["dz"], s["x"], w, buf, plan, lr, momentum, wd, nesterov,
+                                   seed)
+            z = gated_ops.pathway_matmul(s["x_next"], w, plan)
+            z = z.reshape(plan.z_shape(s["x_next"].shape[1], w.shape[1]))
+        out.append((w, buf, z))
+    return out
+
+
+@LANES
+@pytest.mark.parametrize("D", [784, 2100, 37])
+@pytest.mark.parametrize("dtype,seed", [(torch.float32, -1), (torch.bfloat16, -1),
+                                        (torch.bfloat16, 7)])
+def test_fused_lookahead_is_the_update_then_the_forward_bit_for_bit(D, dtype, seed, lanes,
+                                                                    monkeypatch):
+    """The skinny kernels' fused pass (8 rows per weight; D = 2100 takes the 8-lane forward's
+    pieces of 512 and a tail; D = 37 a tail only)."""
+    monkeypatch.setenv("GATED_OPS_CPU_LANES", lanes)
+    monkeypatch.setenv("GATED_OPS_CPU_SKINNY", "1")
+    plan = _batched(5)
+    s = _state(5, 8, 8, D, 19, dtype)
+    (w1, b1, z1), (w2, b2, z2) = _both(plan, s, seed=seed)
+    assert torch.equal(w1, w2) and torch.equal(b1, b2) and torch.equal(z1, z2)
+    assert not torch.equal(w1, s["w"])  # (it did step)
+
+
+@pytest.mark.parametrize("kw", [dict(momentum=0.0, wd=0.0), dict(nesterov=True),
+                                dict(lr=0.0)])
+@pytest.mark.parametrize("rows", [1, 3])  # fewer rows per weight than 8
+def test_fused_lookahead_options_and_row_counts(kw, rows, monkeypatch):
+    monkeypatch.setenv("GATED_OPS_CPU_SKINNY", "1")
+    plan = _batched(4)
+    s = _state(4, rows, rows, 50, 21, torch.float32, seed=1)
+    (w1, b1, z1), (w2, b2, z2) = _both(plan, s, **kw)
+    assert torch.equal(w1, w2) and torch.equal(z1, z2)
+    assert (b1 is None and b2 is None) or torch.equal(b1, b2)
+
+
+@pytest.mark.parametrize("case", ["other_batch", "float64", "float16", "blas", "wide_block"])
+def test_unfused_lookahead_equals_the_two_ops(case, monkeypatch):
+    """Where the fused pass does not apply, the op is the update and then the forward."""
+    K, B, Bn, dtype = 4, 8, 8, torch.float32
+    if case == "other_batch":
+        Bn = 3  # the last, smaller batch of an epoch
+    elif case in ("float64", "float16"):
+        dtype = getattr(torch, case)
+    elif case == "blas":
+        monkeypatch.setenv("GATED_OPS_CPU_SKINNY", "0")
+    elif case == "wide_block":
+        B = Bn = 12  # 12 rows per weight: above the fused kernel's 8
+    s = _state(K, B, Bn, 40, 9, dtype, seed=2)
+    (w1, b1, z1), (w2, b2, z2) = _both(_batched(K), s)
+    assert torch.equal(w1, w2) and torch.equal(b1, b2) and torch.equal(z1, z2)
+
+
+def test_lookahead_on_grouped_and_fanout_plans_matches_float64():
+    """Z_next is every pathway's pre-gate output in Z's layout, for any plan: checked against
+    x_next[src] @ W_new[wgt]^T in float64, on a grouped table (a GDLN graph) and on a blocked
+    fan-out (the k-path decoders: nm > 1)."""
+    g = torch.Generator().manual_seed(3)
+    grouped = make_plan([0, 1, 1, 2, 0], [2, 0, 1, 1, 0], [0, 1, 0, 2, 1], num_sources=3,
+                        num_weights=3, num_dst=3)
+    fanout = GatedPathwayLinear.fanout(2, 3, 6, 5).plan
+    for plan in (grouped, fanout):
+        S, M, B, D, H = plan.num_sources, plan.num_weights, 4, 6, 5
+        x, xn = torch.randn(S, B, D, generator=g), torch.randn(S, B, D, generator=g)
+        w = torch.randn(M, H, D, generator=g)
+        P = plan.num_paths
+        dz = torch.randn(*plan.z_shape(B, H), generator=g)
+        w_ref = w.clone()
+        gated_ops.pathway_sgd_(dz, x, w_ref, None, plan, 0.1)
+        z = gated_ops.pathway_sgd_lookahead_(dz, x, w, None, plan, 0.1, x_next=xn)
+        assert torch.equal(w, w_ref)
+        zrow, zcol = plan.paths[3], plan.paths[4]
+        want = []
+        for dt in (torch.float64, torch.float32):  # the reference, and plain PyTorch
+            zp = torch.bmm(xn[plan.src].to(dt), w[plan.wgt].to(dt).transpose(1, 2))  # (P, B, H)
+            want.append(torch.zeros(z.shape, dtype=dt))
+            for p in range(P):
+                r, c = int(zrow[p]), int(zcol[p])
+                want[-1][r * B:(r + 1) * B, c * H:(c + 1) * H] = zp[p]
+        assert_close(f"Z_next ({plan.kind})", z, *want)
+
+
+def test_lookahead_opcheck():
+    plan = _batched(3)
+    s = _state(3, 8, 8, 20, 6, torch.float32, seed=4)
+    args = (s["dz"], s["x"], s["w"].clone(), s["buf"].clone(), plan.paths, plan.csr,
+            list(plan.layout), 0.1, 0.9, 0.0, False, -1, s["x_next"])
+    torch.library.opcheck(torch.ops.gated_ops.pathway_sgd_lookahead_.default, args)
+
+
+def test_lookahead_composite_on_the_emulated_cuda_kernels():
+    """Devices without the fused kernel (CUDA) run the composite: the update and then Z."""
+    from gated_ops import cuda_emu  # noqa: F401
+    ops = torch.ops.gated_ops_cudaemu
+    plan = _batched(3)
+    s = _state(3, 8, 8, 20, 6, torch.float32, seed=5)
+    w1, w2, b1, b2 = s["w"].clone(), s["w"].clone(), s["buf"].clone(), s["buf"].clone()
+    z = ops.pathway_sgd_lookahead_(s["dz"], s["x"], w1, b1, plan.paths, plan.csr,
+                                   list(plan.layout), 0.1, 0.9, 0.0, False, -1, s["x_next"])
+    ops.pathway_sgd_(s["dz"], s["x"], w2, b2, plan.paths, plan.csr, list(plan.layout), 0.1, 0.9,
+                     0.0, False, -1)
+    assert torch.equal(w1, w2) and torch.equal(b1, b2)
+    assert_close("Z_next", z,
+                 torch.bmm(s["x_next"].double(), w2.double().transpose(1, 2)).reshape(24, 6),
+                 torch.bmm(s["x_next"], w2.transpose(1, 2)).reshape(24, 6))
+
+
+def test_lookahead_rejects_bad_input():
+    plan = _batched(3)
+    s = _state(3, 8, 8, 20, 6, torch.float32)
+    with pytest.raises(RuntimeError, match="x_next: expected"):
+        gated_ops.pathway_sgd_lookahead_(s["dz"], s["x"], s["w"], s["buf"], plan, 0.1, 0.9,
+                                         x_next=s["x_next"][:, :, :5])
+    with pytest.raises(RuntimeError, match="x_next: expected dtype"):
+        gated_ops.pathway_sgd_lookahead_(s["dz"], s["x"], s["w"], s["buf"], plan, 0.1, 0.9,
+                                         x_next=s["x_next"].double())
+    layer = GatedPathwayLinear.batched(3, 20, 6)
+    with pytest.raises(ValueError, match="needs the fused SGD"):
+        layer.lookahead(s["x_next"])
+    layer.fuse_sgd(SGDConfig(lr=0.1))
+    with pytest.raises(ValueError, match="x_next: expected"):
+        layer.lookahead(s["x_next"][:2])
+    moe = GatedPathwayLinear.mixture_of_experts(3, 20, 6).fuse_sgd(SGDConfig(lr=0.1))
+    with pytest.raises(ValueError, match="z_is_y"):
+        moe.lookahead(torch.randn(1, 8, 20))
+
+
+# ----------------------------------------------------------------------------------- modules
+def _train(lookahead, dtype=torch.float32, backend="auto", steps=5, sr=False, K=4, D=40, H=16):
+    """KPathNet (R=2) trained for `steps` steps; returns losses, parameters and buffers, and
+    how many encoder forwards came precomputed."""
+    torch.manual_seed(0)
+    net = KPathNet(K, D, H, 10, replicas=2, dtype=dtype, backend=backend)
+    net.fuse_sgd(SGDConfig(lr=0.05, momentum=0.9, stochastic_rounding=sr))
+    gate = kpath_gate(K, 2).reshape(1, -1).repeat(2, 1).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2 * K, 8, D, generator=g).to(dtype),
+                torch.randint(0, 10, (2, K * K, 8), generator=g)) for _ in range(steps)]
+    losses, used = [], 0
+    for t, (xk, y) in enumerate(batches):
+        if lookahead and t + 1 < steps:
+            net.lookahead(batches[t + 1][0])
+        used += net.encoder._next is not None and net.encoder._next[0] is xk
+        loss, _, _ = net.loss(xk, y, gate)
+        loss.sum().backward()
+        losses.append(loss.detach())
+    return torch.stack(losses), [t.clone() for t in net.state_dict().values()], used
+
+
+@pytest.mark.parametrize("dtype,sr", [(torch.float32, False), (torch.bfloat16, True),
+                                      (torch.bfloat16, False), (torch.float64, False)])
+def test_kpath_training_with_lookahead_is_bit_identical(dtype, sr):
+    l0, s0, used0 = _train(False, dtype, sr=sr)
+    l1, s1, used1 = _train(True, dtype, sr=sr)
+    assert used0 == 0 and used1 == 4  # every step but the first
+    assert torch.equal(l0, l1)
+    assert all(torch.equal(a, b) for a, b in zip(s0, s1))
+
+
+def test_kpath_training_with_lookahead_on_the_emulated_cuda_kernels():
+    """The composite: the same training to float32 rounding (its Z comes from torch.bmm)."""
+    l0, s0, _ = _train(False, backend="cuda_emu")
+    l1, s1, used = _train(True, backend="cuda_emu")
+    assert used == 4
+    # (two float32 trainings that differ only in how Z_next is summed: float32 rounding apart)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(s1, s0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _layer_after_lookahead_step():
+    torch.manual_seed(0)
+    layer = GatedPathwayLinear.batched(3, 20, 6).fuse_sgd(SGDConfig(lr=0.1, momentum=0.9))
+    x, x_next = torch.randn(3, 8, 20), torch.randn(3, 8, 20)
+    layer.lookahead(x_next)
+    layer(x).square().sum().backward()
+    assert layer._next is not None
+    return layer, x_next
+
+
+@pytest.mark.parametrize("change", ["none", "weight", "bias", "x_next", "other_x", "gate",
+                                    "no_grad", "another_update"])
+def test_precomputed_output_is_used_only_while_valid(change):
+    """Any change after the update (in-place edits of weight, bias or x_next; another update of
+    the layer) or another kind of call makes the forward compute afresh; the output always
+    equals a fresh forward."""
+    layer, x_next = _layer_after_lookahead_step()
+    pre = layer._next[1]
+    x, gate = x_next, None
+    with torch.no_grad():
+        if change == "weight":
+            layer.weight.mul_(1.5)
+        elif change == "bias":
+            layer.bias.add_(1.0)
+        elif change == "x_next":
+            x_next.mul_(2.0)
+        elif change == "other_x":
+            x = x_next.clone()
+        elif change == "gate":
+            gate = torch.full((3,), 0.5)
+    if change == "another_update":
+        layer(torch.randn(3, 8, 20)).sum().backward()  # (a forward: consumes it, too)
+    seen = {}
+    orig = gnn._FusedSGDPathway.forward
+
+    def spy(ctx, *args):
+        seen["pre"] = args[-1] if len(args) == 7 else None
+        return orig(ctx, *args)
+    gnn._FusedSGDPathway.forward = staticmethod(spy)
+    try:
+        if change == "no_grad":
+            with torch.no_grad():
+                y = layer(x, gate)
+        else:
+            y = layer(x, gate)
+    finally:
+        gnn._FusedSGDPathway.forward = staticmethod(orig)
+    fresh = gated_ops.pathway_matmul(x, layer.weight.detach(), layer.plan, layer.bias.detach(),
+                                     gate)
+    assert torch.equal(y.detach(), fresh)
+    if change == "none":
+        assert seen["pre"] is pre and y.grad_fn is not None
+    elif change != "no_grad":
+        assert seen.get("pre") is None
+    assert layer._next is None  # consumed either way
+
+
+@pytest.mark.gpu
+def test_kpath_training_with_lookahead_on_cuda():
+    """On CUDA the lookahead is the composite (the update kernel, then torch.bmm for Z): the
+    same training to float32 rounding."""
+    def train(lookahead):
+        torch.manual_seed(0)
+        net = KPathNet(4, 40, 16, 10, replicas=2, device="cuda").fuse_sgd(
+            SGDConfig(lr=0.05, momentum=0.9))
+        gate = kpath_gate(4, 2).reshape(1, -1).repeat(2, 1).cuda()
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(8, 8, 40, generator=g).cuda(),
+                    torch.randint(0, 10, (2, 16, 8), generator=g).cuda()) for _ in range(4)]
+        for t, (xk, y) in enumerate(batches):
+            if lookahead and t + 1 < len(batches):
+                net.lookahead(batches[t + 1][0])
+            net.loss(xk, y, gate)[0].sum().backward()
+        return [p.detach().cpu() for p in net.parameters()]
+    for a, b in zip(train(True), train(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
