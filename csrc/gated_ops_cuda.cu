@@ -556,6 +556,11 @@ struct WGradArgs {
   int not_, ndt;
   SgdArgs sgd;
   bool prefetch;
+  // lookahead (pathway_sgd_lookahead_): the next batch (S, B, Di) and the partial sums of its
+  // Z, one slice of (z_rows, ldzn) per column tile of the weight
+  const scalar_t* xn = nullptr;
+  at::opmath_type<scalar_t>* zpart = nullptr;
+  int64_t zrows = 0, ldzn = 0;
 };
 
 // kChunked: a weight's rows are summed in chunks of kBT (one pathway's batch when grouped), each
@@ -567,7 +572,8 @@ struct WGradArgs {
 // SGD takes 72 (fp32 and bf16; 3 blocks per SM) with the launch bounds below. The version measured
 // in H100 run b loaded W and the momentum before the sum and chunked every plan: 126 registers
 // with spills in fp32 (2 blocks per SM) and 222 in bf16 (1 block); it was 9% slower than run a's.
-template <typename scalar_t, int VEC, bool kSGD, bool kChunked>
+// kLook (with kSGD, blocked plans of one chunk): the lookahead epilogue below.
+template <typename scalar_t, int VEC, bool kSGD, bool kChunked, bool kLook = false>
 __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4)
     wgrad_kernel(const WGradArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -579,7 +585,10 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4
   const int64_t m = blockIdx.x / (int64_t(a.ndt) * a.not_);
   const int64_t o0 = ot * (int64_t(blockDim.x / kWarp) * kRowsPerWarp) + warp * kRowsPerWarp;
   const int64_t d = dt * kCols + lane * VEC;
-  if (o0 >= a.Do || d >= a.Di) return;  // no __syncthreads below
+  // (no __syncthreads below; the lookahead's warp shuffles need every lane of a warp, so there
+  // lanes past D_in stay, inactive)
+  const bool active = d < a.Di;
+  if (o0 >= a.Do || (!kLook && !active)) return;
   const int nr = (int)min(int64_t(kRowsPerWarp), a.Do - o0);
   if (kSGD && a.prefetch) {  // the W and momentum rows the epilogue reads, while the sum runs
     const int64_t c0 = dt * kCols;
@@ -614,7 +623,9 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4
   };
 
   int64_t nseg = 0;
-  if (p.blocked()) {
+  if (!active) {
+    nseg = 0;
+  } else if (p.blocked()) {
     nseg = (m >= p.m0 && m < p.m0 + p.n * p.nm) ? 1 : 0;
   } else {
     nseg = p.wgt_ptr[m + 1] - p.wgt_ptr[m];
@@ -662,7 +673,7 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4
     acc_t w[kRowsPerWarp][VEC], mb[kRowsPerWarp][VEC];
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
-      if (i < nr) {
+      if (i < nr && active) {
         const int64_t off = (m * a.Do + o0 + i) * a.Di + d;
         load_vec<VEC>(a.out + off, w[i]);
         if (a.buf) load_vec<VEC>(a.buf + off, mb[i]);
@@ -670,7 +681,7 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4
     }
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
-      if (i >= nr) break;
+      if (i >= nr || !active) break;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         w[i][v] = sgd_value(w[i][v], acc[i][v], mb[i][v], a.buf != nullptr, a.sgd);
@@ -679,6 +690,55 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4
       store_vec<VEC>(a.out + off, w[i]);
       if (a.buf) store_vec<VEC>(a.buf + off, mb[i]);
     }
+    if constexpr (kLook) {
+      // The next forward's share of this tile, from the new weights as stored (rounded to
+      // scalar_t, as the forward reads them): for the block's nb <= kBT rows of the next
+      // batch and the warp's 4 weight rows, the sum over this tile's columns; 32 values per
+      // warp, reduce-scattered so that lane b * 4 + i holds (row b, weight row i). The tiles'
+      // partial sums are added in a fixed order by lookahead_sum_kernel (deterministic).
+      const int64_t j = m - p.m0;
+      if (p.blocked() && j >= 0 && j < p.n * p.nm) {  // (uniform over the block)
+        const int64_t blk = j / p.nm;
+        const int64_t xrow0 = (p.s0 + blk * p.ns) * a.B, zrow0 = blk * p.ns * a.B;
+        const int64_t col0 = (j - blk * p.nm) * a.Do;
+        const int nb = (int)(p.ns * a.B);
+        acc_t part[kRowsPerWarp * kBT];
+#pragma unroll
+        for (int b = 0; b < kBT; ++b) {
+          acc_t xv[VEC];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) xv[v] = acc_t(0);
+          if (active && b < nb) load_vec<VEC>(a.xn + (xrow0 + b) * a.Di + d, xv);
+#pragma unroll
+          for (int i = 0; i < kRowsPerWarp; ++i) {
+            acc_t sum = 0;
+            if (active && i < nr) {
+#pragma unroll
+              for (int v = 0; v < VEC; ++v)
+                sum += static_cast<acc_t>(static_cast<scalar_t>(w[i][v])) * xv[v];
+            }
+            part[b * kRowsPerWarp + i] = sum;
+          }
+        }
+        const acc_t total = reduce_scatter32(part, lane);
+        const int b = lane / kRowsPerWarp, i = lane % kRowsPerWarp;
+        if (b < nb && i < nr)
+          a.zpart[(dt * a.zrows + zrow0 + b) * a.ldzn + col0 + o0 + i] = total;
+      }
+    }
+  }
+}
+
+// Z_next = the sum of the lookahead's ntiles partial sums, tile by tile (a fixed order).
+template <typename scalar_t>
+__global__ void lookahead_sum_kernel(const at::opmath_type<scalar_t>* __restrict__ zpart,
+                                     scalar_t* __restrict__ z, int64_t n, int ntiles) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    acc_t sum = zpart[e];
+    for (int t = 1; t < ntiles; ++t) sum += zpart[t * n + e];
+    z[e] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -1125,8 +1185,11 @@ Tensor pathway_grad_x_cuda(const Tensor& dz_, const Tensor& w_, const Tensor& pa
 
 // The skinny weight-gradient kernel: into `out` (grad) or onto the weight (SGD).
 template <typename scalar_t>
-void launch_wgrad(const Plan& p, const Tensor& dz, const Tensor& x, const Tensor& out,
-                  const Tensor& buf, int64_t Do, bool sgd, const SgdArgs& sgd_args) {
+// (x_next: the lookahead, with sgd, for blocked plans of ns * B <= kBT rows per block in both
+// batches: returns Z_next; else an undefined tensor)
+Tensor launch_wgrad(const Plan& p, const Tensor& dz, const Tensor& x, const Tensor& out,
+                    const Tensor& buf, int64_t Do, bool sgd, const SgdArgs& sgd_args,
+                    const Tensor* x_next = nullptr) {
   constexpr int V = wgrad_vec_of<scalar_t>();
   const int64_t Di = x.size(2);
   WGradArgs<scalar_t> a;
@@ -1136,19 +1199,43 @@ void launch_wgrad(const Plan& p, const Tensor& dz, const Tensor& x, const Tensor
   a.sgd = sgd_args;
   a.prefetch = sgd && prefetch_on();
   const bool vec = Di % V == 0 && aligned16(a.x) && aligned16(a.out) &&
-                   (!a.buf || aligned16(a.buf));
+                   (!a.buf || aligned16(a.buf)) &&
+                   (!x_next || aligned16(x_next->data_ptr<scalar_t>()));
   const int cols = kWarp * (vec ? V : 1), warps = warps_for(Do);
   a.ndt = (int)((Di + cols - 1) / cols);
   a.not_ = (int)((Do + warps * kRowsPerWarp - 1) / (warps * kRowsPerWarp));
   const int64_t grid = p.M * a.ndt * a.not_;
-  if (grid == 0) return;
+  // one chunk of kBT rows per weight (blocked, ns * B <= kBT): the single-level sum
+  const bool chunked = !(p.blocked() && p.ns * a.B <= kBT);
+  Tensor zn, zpart;
+  if (x_next) {
+    TORCH_INTERNAL_ASSERT(sgd && !chunked && x_next->size(1) == a.B && x_next->is_contiguous());
+    a.xn = x_next->data_ptr<scalar_t>();
+    a.zrows = p.z_rows(a.B);
+    a.ldzn = p.z_cols(Do);
+    zn = at::empty({a.zrows, a.ldzn}, x.options());
+    if (grid == 0) return zn.zero_();  // (no weight rows: Z_next is zero)
+    using acc_t = at::opmath_type<scalar_t>;
+    zpart = at::empty({a.ndt, a.zrows, a.ldzn},
+                      x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    a.zpart = zpart.data_ptr<acc_t>();
+  }
+  if (grid == 0) return zn;
   TORCH_CHECK(grid < std::numeric_limits<int>::max(), "pathway weight gradient: too large");
   auto go = [&](auto kernel) {
     GATED_LAUNCH(kernel, (unsigned)grid, warps * kWarp)(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  // one chunk of kBT rows per weight (blocked, ns * B <= kBT): the single-level sum
-  const bool chunked = !(p.blocked() && p.ns * a.B <= kBT);
+  if (x_next) {
+    vec ? go(wgrad_kernel<scalar_t, V, true, false, true>)
+        : go(wgrad_kernel<scalar_t, 1, true, false, true>);
+    const int64_t n = zn.numel();
+    if (n == 0) return zn;
+    GATED_LAUNCH(lookahead_sum_kernel<scalar_t>, flat_blocks(n, 256), 256)(
+        zpart.data_ptr<at::opmath_type<scalar_t>>(), zn.data_ptr<scalar_t>(), n, a.ndt);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return zn;
+  }
   auto pick = [&](auto sgd_c, auto chunked_c) {
     constexpr bool kS = decltype(sgd_c)::value, kC = decltype(chunked_c)::value;
     vec ? go(wgrad_kernel<scalar_t, V, kS, kC>) : go(wgrad_kernel<scalar_t, 1, kS, kC>);
@@ -1160,6 +1247,7 @@ void launch_wgrad(const Plan& p, const Tensor& dz, const Tensor& x, const Tensor
   } else {
     chunked ? pick(F{}, T{}) : pick(F{}, F{});
   }
+  return zn;
 }
 
 // grad_bias_kernel over dZ of a plan (B rows per pathway): into gb, or (sgd) onto the bias.
@@ -1319,6 +1407,57 @@ void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
   });
 }
 
+// Z (the pre-gate pathway outputs, without bias) from cuBLAS: blocked plans as one bmm over
+// views, grouped ones gathered per pathway (the lookahead where its fused kernel does not apply).
+Tensor compute_z_cublas(const Plan& p, const Tensor& paths, const Tensor& x, const Tensor& w) {
+  const int64_t B = x.size(1), Do = w.size(1);
+  if (p.blocked())
+    return at::bmm(x_blocks(p, x), w_blocks(p, w).transpose(1, 2))
+        .reshape({p.z_rows(B), p.z_cols(Do)});
+  Tensor z = at::empty({p.z_rows(B), Do}, x.options());
+  if (z.numel() == 0) return z;
+  const Tensor zp = at::bmm(x.index_select(0, paths[0]), w.index_select(0, paths[1]).transpose(1, 2));
+  z.view({p.P, B, Do}).index_copy_(0, paths[3], zp);
+  return z;
+}
+
+// pathway_sgd_ and the next forward's Z from the updated weight: for blocked plans of at most
+// kBT rows per block in both batches (the k-path encoders) in the update kernel's epilogue, so
+// each weight tile is read once for both (the tiles' partial sums of Z, 4 bytes per value and
+// tile, are added by a second kernel); else the update, then cuBLAS.
+Tensor pathway_sgd_lookahead_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
+                                  const c10::optional<Tensor>& buf, const Tensor& paths,
+                                  const Tensor& csr, at::IntArrayRef layout, double lr,
+                                  double momentum, double weight_decay, bool nesterov,
+                                  int64_t rounding_seed, const Tensor& x_next_) {
+  TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
+  check_x_next(x_next_, x_);
+  const NoAutocast no_autocast;
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const Tensor xn = x_next_.contiguous();
+  const Plan p = dev_plan(paths, csr, layout, x_.size(0), w.size(0), x_);
+  const int64_t B = x_.size(1);
+  const bool fuse = p.blocked() && p.ns * B <= kBT && xn.size(1) == B && w.numel() > 0 &&
+                    rounding_seed < 0;
+  if (!fuse) {
+    pathway_sgd_cuda(dz_, x_, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov,
+                     rounding_seed);
+    return compute_z_cublas(p, paths, xn, w);
+  }
+  check_sgd_state(w, "weight", buf, momentum, x_);
+  check_float(dz_, "grad_z", x_.scalar_type());
+  check_same_device(dz_, "grad_z", x_);
+  const Tensor dz = dz_.contiguous(), x = x_.contiguous();
+  check_grad_z(dz, p, B, w.size(1));
+  const Tensor bufv = buf ? *buf : Tensor();
+  const SgdArgs sgd{lr, momentum, weight_decay, nesterov};
+  Tensor z;
+  GATED_DISPATCH(w.scalar_type(), "pathway_sgd_lookahead_cuda", [&] {
+    z = launch_wgrad<scalar_t>(p, dz, x, w, bufv, w.size(1), true, sgd, &xn);
+  });
+  return z;
+}
+
 // ---------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cuda(const Tensor& logits_,
                                                                     const Tensor& target_,
@@ -1423,6 +1562,7 @@ GATED_OPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("pathway_grad_bias", &pathway_grad_bias_cuda);
   m.impl("pathway_grad_gate", &pathway_grad_gate_cuda);
   m.impl("pathway_sgd_", &pathway_sgd_cuda);
+  m.impl("pathway_sgd_lookahead_", &pathway_sgd_lookahead_cuda);
   m.impl("pathway_bias_sgd_", &pathway_bias_sgd_cuda);
   m.impl("gated_cross_entropy", &gated_cross_entropy_cuda);
   m.impl("gated_cross_entropy_backward", &gated_cross_entropy_backward_cuda);

@@ -181,11 +181,14 @@ def pathway_sgd_lookahead_(
     in Z's layout (``plan.z_shape(B_next, D_out)``; for a plan with ``z_is_y``, the layer's
     output before its bias, as ``(T, B_next, D_out)`` after a ``view``).
 
-    On the CPU, for blocked plans on the skinny kernels (the k-path encoders: at most 8 rows
-    per block in both batches, float32 or bfloat16), the forward is fused into the update's
-    one pass over the weight, so the weight is read once for both; the result is bit for bit
-    the update of :func:`pathway_sgd_` followed by the forward. Elsewhere (other plans, dtypes
-    and devices, the Triton backend) it is those two ops one after the other.
+    For blocked plans with at most 8 rows per block in both batches (the k-path encoders) the
+    forward is fused into the update, so the weight is read from memory once for both: on the
+    CPU's skinny kernels (float32, bfloat16) each group of updated rows is dotted with x_next
+    while in cache, bit for bit the update of :func:`pathway_sgd_` followed by the forward; on
+    CUDA in the update kernel's epilogue (each weight tile's share of Z_next, the tiles' partial
+    sums then added in a fixed order: deterministic, equal to the forward to float rounding).
+    Elsewhere (other plans, dtypes and batch sizes, the Triton backend) it is those two ops one
+    after the other.
     """
     if backend == "triton":
         from . import triton_ops  # noqa: F401
@@ -376,7 +379,7 @@ def register_python_parts(ns: str) -> None:
         return x_next.new_empty(z_shape(layout, paths.shape[1], x_next.shape[1],
                                         weight.shape[1]))
 
-    # devices without a fused kernel (CUDA; the emulated CUDA kernels): the two ops in turn
+    # devices without a kernel for it: the two ops in turn
     torch.library.impl(f"{ns}::pathway_sgd_lookahead_", "CompositeExplicitAutograd")(
         _sgd_lookahead_composite(ops))
 

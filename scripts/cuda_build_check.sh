@@ -72,14 +72,14 @@ import torch
 import gated_ops  # noqa: F401  (loads gated_ops._C)
 
 ops = ["pathway_matmul", "pathway_grad_z", "pathway_grad_x", "pathway_grad_weight",
-       "pathway_grad_bias", "pathway_grad_gate", "pathway_sgd_", "pathway_bias_sgd_",
-       "gated_cross_entropy", "gated_cross_entropy_backward"]
+       "pathway_grad_bias", "pathway_grad_gate", "pathway_sgd_", "pathway_sgd_lookahead_",
+       "pathway_bias_sgd_", "gated_cross_entropy", "gated_cross_entropy_backward"]
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"gated_ops::{op}", "CUDA")]
 for op in ops:
     print(f"  gated_ops::{op:30s} CUDA kernel: {'MISSING' if op in missing else 'ok'}")
 # ops that run on CUDA as a composite of the ones above (registered in gated_ops/ops.py)
-composite = ["pathway_grad_x_gate", "pathway_sgd_lookahead_"]
+composite = ["pathway_grad_x_gate"]
 for op in composite:
     ok = torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"gated_ops::{op}", "CUDA")
     print(f"  gated_ops::{op:30s} CUDA composite: {'ok' if ok else 'MISSING'}")

@@ -22,7 +22,9 @@
 #   bench       the benchmark suite at the paper's MNIST shapes (forward, backward, step) and
 #               the replica steps: naive, torch, torch_graph, cuda, cuda_graph, triton ->
 #               bench.json; the captured fused steps with GATED_OPS_CUDA_PREFETCH=1 ->
-#               bench_prefetch.json (the A/B against bench.json's cuda_graph rows); then bf16,
+#               bench_prefetch.json (the A/B against bench.json's cuda_graph rows);
+#               GATED_OPS_BENCH_LOOKAHEAD=1 (the eager cuda step with the lookahead) ->
+#               bench_lookahead.json (the A/B against bench.json's eager cuda steps); then bf16,
 #               the MoE layers, CIFAR-10 (K=40, H=128 and 1024) and the B=512 case ->
 #               bench_extra.json
 #   compile     torch_compile at the paper's MNIST shapes, forward, backward and step ->
@@ -128,11 +130,11 @@ import torch
 import gated_ops  # noqa: F401
 
 ops = ["pathway_matmul", "pathway_grad_z", "pathway_grad_x", "pathway_grad_weight",
-       "pathway_grad_bias", "pathway_grad_gate", "pathway_sgd_", "pathway_bias_sgd_",
-       "gated_cross_entropy", "gated_cross_entropy_backward"]
+       "pathway_grad_bias", "pathway_grad_gate", "pathway_sgd_", "pathway_sgd_lookahead_",
+       "pathway_bias_sgd_", "gated_cross_entropy", "gated_cross_entropy_backward"]
 missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(
     f"gated_ops::{o}", "CUDA")]
-missing += [o for o in ["pathway_grad_x_gate", "pathway_sgd_lookahead_"]  # composites on CUDA
+missing += [o for o in ["pathway_grad_x_gate"]  # a composite on CUDA (gated_ops/ops.py)
             if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(
                 f"gated_ops::{o}", "CUDA")]
 print("gated_ops from", gated_ops.__file__, "- CUDA kernels missing:", missing or "none")
@@ -201,6 +203,13 @@ if want bench; then
     -k "cuda_graph and step" --benchmark-json="$out/bench_prefetch.json"
   "$py" benchmarks/summarize.py "$out/bench_prefetch.json" >"$logs/bench_prefetch.md" 2>&1 &&
     cat "$logs/bench_prefetch.md"
+  # the lookahead A/B (the eager cuda step with the next encoder forward in the update
+  # kernel's epilogue) against bench.json's eager cuda step rows
+  stage bench_lookahead 40 env GATED_OPS_BENCH_LOOKAHEAD=1 "$py" -m pytest benchmarks \
+    "${bench_args[@]}" -m "paper and mnist and (small or medium)" \
+    -k "cuda and step and not cuda_graph" --benchmark-json="$out/bench_lookahead.json"
+  "$py" benchmarks/summarize.py "$out/bench_lookahead.json" >"$logs/bench_lookahead.md" 2>&1 &&
+    cat "$logs/bench_lookahead.md"
   stage bench_extra 180 "$py" -m pytest benchmarks "${bench_args[@]}" \
     -m "(bf16 and not tiny) or moe or (paper and cifar) or large_batch" \
     -k "not torch_compile and not reference and not cpu" \

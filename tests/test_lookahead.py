@@ -134,21 +134,57 @@ def test_lookahead_opcheck():
     torch.library.opcheck(torch.ops.gated_ops.pathway_sgd_lookahead_.default, args)
 
 
-def test_lookahead_composite_on_the_emulated_cuda_kernels():
-    """Devices without the fused kernel (CUDA) run the composite: the update and then Z."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("B,Bn,D,H", [
+    (8, 8, 40, 6),     # one column tile, most lanes past D_in (inactive in the shuffles)
+    (8, 8, 300, 37),   # three tiles; 37 rows: a warp with 1 of its 4 rows
+    (5, 5, 301, 9),    # 5 rows per block; D_in odd: the scalar (VEC = 1) kernel
+    (8, 3, 40, 6),     # another batch size: the update, then cuBLAS
+    (0, 0, 40, 6),     # no rows: the update alone (decay and momentum), Z_next empty
+])
+def test_lookahead_cuda_kernel_on_the_emulator(dtype, B, Bn, D, H):
+    """The CUDA kernel (the update kernel's lookahead epilogue and the sum of its tiles' partial
+    sums), run by the CPU emulation of the CUDA kernels: the weight and momentum bit for bit
+    those of the CUDA pathway_sgd_, Z_next against float64 under the house tolerance."""
     from gated_ops import cuda_emu  # noqa: F401
     ops = torch.ops.gated_ops_cudaemu
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(
+        "gated_ops_cudaemu::pathway_sgd_lookahead_", "CPU")  # the kernel, not the composite
     plan = _batched(3)
-    s = _state(3, 8, 8, 20, 6, torch.float32, seed=5)
+    s = _state(3, B, Bn, D, H, dtype, seed=5)
+    pc = (plan.paths, plan.csr, list(plan.layout))
     w1, w2, b1, b2 = s["w"].clone(), s["w"].clone(), s["buf"].clone(), s["buf"].clone()
-    z = ops.pathway_sgd_lookahead_(s["dz"], s["x"], w1, b1, plan.paths, plan.csr,
-                                   list(plan.layout), 0.1, 0.9, 0.0, False, -1, s["x_next"])
-    ops.pathway_sgd_(s["dz"], s["x"], w2, b2, plan.paths, plan.csr, list(plan.layout), 0.1, 0.9,
-                     0.0, False, -1)
+    z = ops.pathway_sgd_lookahead_(s["dz"], s["x"], w1, b1, *pc, 0.1, 0.9, 1e-3, False, -1,
+                                   s["x_next"])
+    ops.pathway_sgd_(s["dz"], s["x"], w2, b2, *pc, 0.1, 0.9, 1e-3, False, -1)
     assert torch.equal(w1, w2) and torch.equal(b1, b2)
+    if B > 0:
+        assert not torch.equal(w1, s["w"])
+    shape = plan.z_shape(Bn, H)
     assert_close("Z_next", z,
-                 torch.bmm(s["x_next"].double(), w2.double().transpose(1, 2)).reshape(24, 6),
-                 torch.bmm(s["x_next"], w2.transpose(1, 2)).reshape(24, 6))
+                 torch.bmm(s["x_next"].double(), w2.double().transpose(1, 2)).reshape(shape),
+                 torch.bmm(s["x_next"], w2.transpose(1, 2)).reshape(shape))
+
+
+def test_lookahead_cuda_kernel_on_the_emulator_grouped_plan():
+    """A grouped plan on the CUDA kernels: the update, then Z gathered per pathway."""
+    from gated_ops import cuda_emu  # noqa: F401
+    ops = torch.ops.gated_ops_cudaemu
+    plan = make_plan([0, 1, 1, 2, 0], [2, 0, 1, 1, 0], [0, 1, 0, 2, 1], num_sources=3,
+                     num_weights=3, num_dst=3)
+    g = torch.Generator().manual_seed(6)
+    x, xn = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, 6, generator=g)
+    w = torch.randn(3, 5, 6, generator=g)
+    dz = torch.randn(*plan.z_shape(4, 5), generator=g)
+    pc = (plan.paths, plan.csr, list(plan.layout))
+    w1, w2 = w.clone(), w.clone()
+    z = ops.pathway_sgd_lookahead_(dz, x, w1, None, *pc, 0.1, 0.0, 0.0, False, -1, xn)
+    ops.pathway_sgd_(dz, x, w2, None, *pc, 0.1, 0.0, 0.0, False, -1)
+    assert torch.equal(w1, w2)
+    zp = torch.bmm(xn[plan.src].double(), w2[plan.wgt].double().transpose(1, 2))
+    want = torch.zeros(z.shape, dtype=torch.float64)
+    want.view(-1, 4, 5).index_copy_(0, plan.paths[3], zp)
+    torch.testing.assert_close(z.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_lookahead_rejects_bad_input():
@@ -204,7 +240,8 @@ def test_kpath_training_with_lookahead_is_bit_identical(dtype, sr):
 
 
 def test_kpath_training_with_lookahead_on_the_emulated_cuda_kernels():
-    """The composite: the same training to float32 rounding (its Z comes from torch.bmm)."""
+    """The CUDA kernels (emulated): the same training to float32 rounding (Z_next is summed
+    in another order than the forward kernel's)."""
     l0, s0, _ = _train(False, backend="cuda_emu")
     l1, s1, used = _train(True, backend="cuda_emu")
     assert used == 4
@@ -273,8 +310,8 @@ def test_precomputed_output_is_used_only_while_valid(change):
 
 @pytest.mark.gpu
 def test_kpath_training_with_lookahead_on_cuda():
-    """On CUDA the lookahead is the composite (the update kernel, then torch.bmm for Z): the
-    same training to float32 rounding."""
+    """On CUDA (the update kernel's lookahead epilogue): the same training to float32
+    rounding."""
     def train(lookahead):
         torch.manual_seed(0)
         net = KPathNet(4, 40, 16, 10, replicas=2, device="cuda").fuse_sgd(
