@@ -324,6 +324,9 @@ class _FusedSGDPathway(torch.autograd.Function):
             grad_x = _ops.pathway_grad_x(dz, weight, plan.paths, plan.csr, layout, S, x.shape[1])
         x_next = m._next_x if ctx.own_plan and ctx.step_weight else None
         m._next_x, m._next = None, None
+        if x_next is not None and x_next.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("lookahead: announced before a CUDA-graph capture of its backward; "
+                               "not capturable (a replay would reuse one stale output)")
         with torch.no_grad():
             seed = m._rounding_seed() if ctx.step_weight or ctx.step_bias else -1
             if ctx.step_weight or ctx.step_bias:
