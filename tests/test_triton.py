@@ -446,3 +446,31 @@ def test_gdln_on_triton_equals_compiled_kernels():
     with pytest.raises(ValueError,
                        match="backend: expected 'auto', 'triton' or 'cuda_emu', got 'cuda'"):
         GDLN(nodes, edges, backend="cuda")
+
+
+def test_kpath_lookahead_on_the_triton_backend():
+    """KPathNet(backend="triton") with the lookahead (the Triton fused update, then Z_next from
+    torch.bmm): the same training as without it, to float32 rounding; the precomputed encoder
+    forwards are used."""
+    from gated_ops import SGDConfig
+    from gated_ops.kpath import KPathNet, kpath_gate
+
+    def train(lookahead):
+        torch.manual_seed(0)
+        net = KPathNet(2, 16, 8, 10, device=DEVICE, backend="triton").fuse_sgd(
+            SGDConfig(lr=0.05, momentum=0.9))
+        gate = kpath_gate(2, 1).reshape(1, -1).to(DEVICE)
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(2, 4, 16, generator=g).to(DEVICE),
+                    torch.randint(0, 10, (1, 4, 4), generator=g).to(DEVICE)) for _ in range(3)]
+        used = 0
+        for t, (xk, y) in enumerate(batches):
+            if lookahead and t + 1 < len(batches):
+                net.lookahead(batches[t + 1][0])
+            used += net.encoder._next is not None and net.encoder._next[0] is xk
+            net.loss(xk, y, gate)[0].sum().backward()
+        return [p.detach().cpu() for p in net.parameters()], used
+    (with_, used), (without, _) = train(True), train(False)
+    assert used == 2
+    for a, b in zip(with_, without):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
