@@ -202,8 +202,8 @@ class GatedPathwayLinear(nn.Module):
         while it is in cache, and ``forward(x_next)`` then returns the result instead of
         reading the weight again. On the CPU, for blocked layers on the skinny kernels (the
         k-path encoders), this streams the weight once per step instead of twice; the
-        training is bit for bit the same as without it. The CUDA kernels fuse it too (equal
-        to float rounding); elsewhere the same result comes from the update and the forward
+        training is bit for bit the same as without it. The CUDA and Triton kernels fuse it
+        too (equal to float rounding); elsewhere the same result comes from the update and the forward
         in turn (:func:`gated_ops.pathway_sgd_lookahead_`).
 
         The precomputed output is used only by the next ``forward`` called with this very

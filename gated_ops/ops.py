@@ -187,14 +187,10 @@ def pathway_sgd_lookahead_(
     while in cache, bit for bit the update of :func:`pathway_sgd_` followed by the forward; on
     CUDA in the update kernel's epilogue (each weight tile's share of Z_next, the tiles' partial
     sums then added in a fixed order: deterministic, equal to the forward to float rounding).
-    Elsewhere (other plans, dtypes and batch sizes, the Triton backend) it is those two ops one
-    after the other.
+    The Triton backend (``backend="triton"``) fuses it in its update kernel too (each new
+    weight tile times the next batch, the column tiles' shares summed in a fixed order).
+    Elsewhere (other plans, dtypes and batch sizes) it is those two ops one after the other.
     """
-    if backend == "triton":
-        from . import triton_ops  # noqa: F401
-        return _sgd_lookahead_composite(torch.ops.gated_ops_triton)(
-            grad_z, x, weight, momentum_buffer, plan.paths, plan.csr, list(plan.layout), lr,
-            momentum, weight_decay, nesterov, rounding_seed, x_next)
     return _op_namespace(backend).pathway_sgd_lookahead_(
         grad_z, x, weight, momentum_buffer, plan.paths, plan.csr, list(plan.layout), lr,
         momentum, weight_decay, nesterov, rounding_seed, x_next)

@@ -227,10 +227,12 @@ def _sgd_store(p_ptr, buf_ptr, off, mask, g, lr, momentum, weight_decay, mix,
 def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
                        a_off, a_bs, a_sm, a_sk, b_off, b_bs, b_sk, b_sn, c_off, c_bs, c_sm,
                        tiles_n, tiles, lr, momentum, weight_decay, mix,
+                       xn_ptr, zp_ptr, xn_off, xn_bs, NB, zp_rows,
                        DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        CHUNK_TILES: tl.constexpr, SGD: tl.constexpr, HAS_BUF: tl.constexpr,
-                       HAS_WD: tl.constexpr, NESTEROV: tl.constexpr, STOCHASTIC: tl.constexpr):
+                       HAS_WD: tl.constexpr, NESTEROV: tl.constexpr, STOCHASTIC: tl.constexpr,
+                       LOOK: tl.constexpr = False, BLOCK_B: tl.constexpr = 16):
     """C_i (M, N) = A_i (M, K) @ B_i (K, N) for block i of a blocked plan, one tile. Operand X's
     element (r, c) of block i is at x_off + i * x_bs + r * x_s<row> + c * x_s<col> (C's columns
     contiguous): the backward GEMMs dZ_i @ W_i and dZ_i^T @ X_i are this with other strides.
@@ -238,7 +240,12 @@ def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
     SGD: C is a weight and the product its gradient, which never leaves registers: the tile of
     the weight (and of its momentum buffer, laid out like it) is stepped by _sgd_store, the
     element index being the flat offset into C. STOCHASTIC: the operands are widened to float32
-    first (float32 products, as the compiled kernels form them)."""
+    first (float32 products, as the compiled kernels form them).
+
+    LOOK (with SGD; pathway_sgd_lookahead_): the new weight tile, as stored, times the next
+    batch's NB rows of block i (xn at xn_off + i * xn_bs, rows of N columns) gives this column
+    tile's share of Z_next^T, stored to zp[pid_n] (zp_rows rows of M values: row i * NB + b);
+    the tiles' shares are then summed in a fixed order."""
     pid = tl.program_id(0)  # (block i, tile): a 1-D grid, since n may exceed 65535
     i = (pid // tiles).to(tl.int64)
     pid_m = (pid % tiles) // tiles_n
@@ -269,6 +276,17 @@ def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
     if SGD:
         _sgd_store(c_ptr, buf_ptr, off, omask, acc, lr, momentum, weight_decay, mix,
                    HAS_BUF, HAS_WD, NESTEROV, STOCHASTIC)
+        if LOOK:
+            w_new = tl.load(c_ptr + off, mask=omask, other=0.0)  # as stored (rounded)
+            bs = tl.arange(0, BLOCK_B)
+            xnt = tl.load(xn_ptr + xn_off + i * xn_bs + bs[None, :] * N + cols[:, None],
+                          mask=cmask[:, None] & (bs[None, :] < NB), other=0.0)
+            if STOCHASTIC:
+                w_new = w_new.to(tl.float32)
+                xnt = xnt.to(tl.float32)
+            part = tl.dot(w_new, xnt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_B)
+            zoff = (pid_n.to(tl.int64) * zp_rows + i * NB + bs[None, :]) * M + rows[:, None]
+            tl.store(zp_ptr + zoff, part, mask=rmask[:, None] & (bs[None, :] < NB))
     else:
         tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=omask)
 
@@ -520,19 +538,31 @@ def _gemm_blocks(rows: int, cols: int, red: int) -> tuple[int, int, int]:
 
 
 def _launch_block_gemm(A: Tensor, Bm: Tensor, C: Tensor, n: int, M: int, N: int, K: int,
-                       a: tuple, b: tuple, c: tuple, sgd: tuple | None = None) -> None:
+                       a: tuple, b: tuple, c: tuple, sgd: tuple | None = None,
+                       look: tuple | None = None) -> Tensor | None:
     """_block_gemm_kernel over the n blocks; a, b = (offset, block stride, row stride, column
     stride), c = (offset, block stride, row stride), in elements. ``sgd`` = (momentum buffer or
     None, lr, momentum, weight_decay, nesterov, rounding_seed): step C (a weight) by the product
-    instead of storing it (rounding_seed >= 0: stochastic rounding of a bfloat16 C)."""
+    instead of storing it (rounding_seed >= 0: stochastic rounding of a bfloat16 C).
+    ``look`` = (x_next, offset, block stride, NB), with sgd: the lookahead; returns the column
+    tiles' float32 shares of Z_next^T, (tiles_n, n * NB, M)."""
     BM, BN, BK = _gemm_blocks(M, N, K)
     tiles_n = triton.cdiv(N, BN)
     tiles = triton.cdiv(M, BM) * tiles_n
     buf, scalars, flags = _sgd_args(sgd, C)
+    zp = None
+    if look is not None:
+        xn, xn_off, xn_bs, NB = look
+        zp = torch.empty(tiles_n, n * NB, M, dtype=torch.float32, device=C.device)
+        extra = (xn, zp, xn_off, xn_bs, NB, n * NB)
+        flags = dict(flags, LOOK=True, BLOCK_B=_pow2(NB, 16, 64))
+    else:
+        extra = (C, C, 0, 0, 0, 0)
     _block_gemm_kernel[(tiles * n,)](
-        A, Bm, C, buf, M, N, K, *a, *b, *c, tiles_n, tiles, *scalars,
+        A, Bm, C, buf, M, N, K, *a, *b, *c, tiles_n, tiles, *scalars, *extra,
         DOT_PRECISION="ieee" if flags["STOCHASTIC"] else _dot_precision(C.dtype), BLOCK_M=BM,
         BLOCK_N=BN, BLOCK_K=BK, CHUNK_TILES=_chunk_tiles(K, BK), **flags)
+    return zp
 
 
 def _launch_grad_bias(grad_z: Tensor, gb: Tensor, layout: list[int], B: int, Do: int,
@@ -710,6 +740,37 @@ def _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, moment
                        sgd=(buf, lr, momentum, weight_decay, nesterov, rounding_seed))
 
 
+def _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
+                        weight_decay, nesterov, rounding_seed, x_next) -> Tensor:
+    """pathway_sgd_ and Z_next (pathway_sgd_lookahead_): for blocked plans with at most 64
+    rows per block of x_next, in the update kernel (each new weight tile times the next batch,
+    the column tiles' shares summed by torch.sum, a fixed order); else the two ops in turn."""
+    T, n, s0, ns, m0, nm = layout
+    B, Di = x.shape[1], x.shape[2]
+    Do = weight.shape[1]
+    Bn = x_next.shape[1]
+    buf = momentum_buffer
+    if (x_next.dim() != 3 or x_next.shape[0] != x.shape[0] or x_next.shape[2] != Di
+            or x_next.dtype != x.dtype or x_next.device != x.device):
+        raise RuntimeError(f"x_next: expected (S, B_next, D_in) = ({x.shape[0]}, B_next, {Di}) "
+                           f"of x's dtype {x.dtype} and device, got {tuple(x_next.shape)} "
+                           f"{x_next.dtype} on {x_next.device}")
+    _check_rounding(rounding_seed, weight, "weights")
+    if (not _uses_triton_sgd(layout, weight, buf, weight.shape[0], B) or ns * Bn > 64
+            or Bn == 0 or weight.numel() == 0):
+        _sgd_impl(grad_z, x, weight, buf, paths, csr, layout, lr, momentum, weight_decay,
+                  nesterov, rounding_seed)
+        from .ops import _compute_z
+        return _compute_z(torch.ops.gated_ops_triton, x_next, weight, paths, layout)
+    grad_z, x, x_next = grad_z.contiguous(), x.contiguous(), x_next.contiguous()
+    R, Kz = ns * B, nm * Do
+    zp = _launch_block_gemm(grad_z, x, weight, n, Kz, Di, R, a=(0, R * Kz, 1, Kz),
+                            b=(s0 * B * Di, R * Di, Di, 1), c=(m0 * Do * Di, Kz * Di, Di),
+                            sgd=(buf, lr, momentum, weight_decay, nesterov, rounding_seed),
+                            look=(x_next, s0 * Bn * Di, ns * Bn * Di, ns * Bn))
+    return zp.sum(0).to(weight.dtype)  # (n * ns * Bn, nm * Do): Z_next
+
+
 def _grad_bias_impl(grad_z, paths, csr, layout, num_sources, num_weights, d_out):
     if not _uses_triton(layout, grad_z.dtype):
         return torch.ops.gated_ops.pathway_grad_bias(grad_z, paths, csr, layout, num_sources,
@@ -885,6 +946,24 @@ def _sgd_op(grad_z: Tensor, x: Tensor, weight: Tensor, momentum_buffer: Optional
             weight_decay: float, nesterov: bool, rounding_seed: int = -1) -> None:
     _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
               weight_decay, nesterov, rounding_seed)
+
+
+@torch.library.custom_op(f"{_LIB}::pathway_sgd_lookahead_",
+                         mutates_args=("weight", "momentum_buffer"))
+def _sgd_lookahead_op(grad_z: Tensor, x: Tensor, weight: Tensor,
+                      momentum_buffer: Optional[Tensor], paths: Tensor, csr: Tensor,
+                      layout: list[int], lr: float, momentum: float, weight_decay: float,
+                      nesterov: bool, rounding_seed: int, x_next: Tensor) -> Tensor:
+    return _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr,
+                               momentum, weight_decay, nesterov, rounding_seed, x_next)
+
+
+@_sgd_lookahead_op.register_fake
+def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
+      nesterov, rounding_seed, x_next):
+    _, n, _, ns, _, nm = layout
+    rows = n * ns * x_next.shape[1] if n > 0 else paths.shape[1] * x_next.shape[1]
+    return x_next.new_empty(rows, nm * weight.shape[1] if n > 0 else weight.shape[1])
 
 
 @torch.library.custom_op(f"{_LIB}::pathway_bias_sgd_", mutates_args=("bias", "momentum_buffer"))

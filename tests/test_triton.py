@@ -449,8 +449,8 @@ def test_gdln_on_triton_equals_compiled_kernels():
 
 
 def test_kpath_lookahead_on_the_triton_backend():
-    """KPathNet(backend="triton") with the lookahead (the Triton fused update, then Z_next from
-    torch.bmm): the same training as without it, to float32 rounding; the precomputed encoder
+    """KPathNet(backend="triton") with the lookahead (Z_next from the Triton update kernel's
+    epilogue): the same training as without it, to float32 rounding; the precomputed encoder
     forwards are used."""
     from gated_ops import SGDConfig
     from gated_ops.kpath import KPathNet, kpath_gate
@@ -474,3 +474,31 @@ def test_kpath_lookahead_on_the_triton_backend():
     assert used == 2
     for a, b in zip(with_, without):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,Bn,D,H", [(8, 8, 40, 6), (5, 3, 70, 20), (8, 8, 16, 33)])
+def test_sgd_lookahead_kernel(dtype, B, Bn, D, H):
+    """The Triton update kernel with the lookahead epilogue: the weight and momentum exactly
+    those of the Triton pathway_sgd_, Z_next against float64 under the house tolerance (D = 70:
+    two column tiles summed; Bn != B: the next batch's own row count)."""
+    from gated_ops import make_plan
+    ops = torch.ops.gated_ops_triton
+    K = 3
+    r = list(range(K))
+    plan = make_plan(r, r, r, num_sources=K, num_weights=K, num_dst=K).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=DEVICE, dtype=dtype)  # noqa: E731
+    x, xn, w, buf, dz = mk(K, B, D), mk(K, Bn, D), 0.1 * mk(K, H, D), 0.01 * mk(K, H, D), \
+        mk(K * B, H)
+    pc = (plan.paths, plan.csr, list(plan.layout))
+    w1, w2, b1, b2 = w.clone(), w.clone(), buf.clone(), buf.clone()
+    z = ops.pathway_sgd_lookahead_(dz, x, w1, b1, *pc, 0.1, 0.9, 1e-3, False, -1, xn)
+    ops.pathway_sgd_(dz, x, w2, b2, *pc, 0.1, 0.9, 1e-3, False, -1)
+    assert torch.equal(w1, w2) and torch.equal(b1, b2)
+    assert_close("Z_next", z,
+                 torch.bmm(xn.double(), w2.double().transpose(1, 2)).reshape(K * Bn, H),
+                 torch.bmm(xn, w2.transpose(1, 2)).reshape(K * Bn, H))
+    if (B, dtype) == (8, torch.float32):
+        torch.library.opcheck(ops.pathway_sgd_lookahead_,
+                              (dz, x, w.clone(), buf.clone(), *pc, 0.1, 0.9, 0.0, False, -1, xn))
