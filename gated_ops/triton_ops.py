@@ -11,7 +11,8 @@ Entry points:
   :func:`gated_ops.pathway_matmul` / :func:`gated_ops.gated_cross_entropy`, differentiable.
 * the registered ops ``torch.ops.gated_ops_triton.<name>`` for ``pathway_matmul``,
   ``pathway_grad_z``, ``pathway_grad_x``, ``pathway_grad_weight``, ``pathway_grad_bias``,
-  ``pathway_grad_gate``, ``pathway_sgd_``, ``pathway_bias_sgd_``, ``gated_cross_entropy``,
+  ``pathway_grad_gate``, ``pathway_sgd_``, ``pathway_sgd_lookahead_``, ``pathway_bias_sgd_``,
+  ``gated_cross_entropy``,
   ``gated_cross_entropy_backward``: the schemas of ``gated_ops::<name>``
   (``torch.library.custom_op``, with fake kernels and autograd whose backward calls the
   ``gated_ops_triton`` ops). ``GatedPathwayLinear(..., backend="triton")`` and
@@ -21,7 +22,8 @@ What runs in Triton: the blocked plan layout (every k-path layer; ``plan.kind ==
 float32 / float16 / bfloat16, as batched tile GEMMs (``tl.dot``, fp32 accumulation, IEEE fp32 for
 float32 inputs) over the plan's block views, with the gate, bias and pathway-sum epilogue fused
 into the forward GEMM, and the SGD step fused into the weight-gradient GEMM (``pathway_sgd_``:
-the gradient tile stays in registers) and into the bias's column sums (``pathway_bias_sgd_``);
+the gradient tile stays in registers; ``pathway_sgd_lookahead_`` also multiplies each new
+weight tile by the next batch) and into the bias's column sums (``pathway_bias_sgd_``);
 and the gated cross-entropy. Explicit fallbacks, each a documented call of the compiled op (``torch.ops.gated_ops.<name>``), logged at DEBUG level: grouped plans (arbitrary
 GDLN graphs) and float64 data; for the fused SGD steps also weights the plan does not cover,
 an empty batch and non-contiguous parameters.
