@@ -1416,7 +1416,8 @@ Tensor compute_z_cublas(const Plan& p, const Tensor& paths, const Tensor& x, con
         .reshape({p.z_rows(B), p.z_cols(Do)});
   Tensor z = at::empty({p.z_rows(B), Do}, x.options());
   if (z.numel() == 0) return z;
-  const Tensor zp = at::bmm(x.index_select(0, paths[0]), w.index_select(0, paths[1]).transpose(1, 2));
+  const Tensor zp =
+      at::bmm(x.index_select(0, paths[0]), w.index_select(0, paths[1]).transpose(1, 2));
   z.view({p.P, B, Do}).index_copy_(0, paths[3], zp);
   return z;
 }

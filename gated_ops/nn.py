@@ -203,8 +203,8 @@ class GatedPathwayLinear(nn.Module):
         reading the weight again. On the CPU, for blocked layers on the skinny kernels (the
         k-path encoders), this streams the weight once per step instead of twice; the
         training is bit for bit the same as without it. The CUDA and Triton kernels fuse it
-        too (equal to float rounding); elsewhere the same result comes from the update and the forward
-        in turn (:func:`gated_ops.pathway_sgd_lookahead_`).
+        too (equal to float rounding); elsewhere the same result comes from the update and the
+        forward in turn (:func:`gated_ops.pathway_sgd_lookahead_`).
 
         The precomputed output is used only by the next ``forward`` called with this very
         tensor, no gate, in a grad-enabled region, and only if nothing changed since the
