@@ -595,32 +595,24 @@ GATED_INLINE void grad_sgd_fwd_rows16(W_t* w, W_t* buf, int64_t idx, const float
     for (o = o0; o < o1; ++o) dot_rows<1>(xn, int(nr), w + o * D, D, zn + o, ldzn);
   }
 }
-GATED_TARGET_CLONES inline void skinny_grad_sgd_fwd16(float* w, float* buf, int64_t idx,
-                                                      const float* a, int64_t lda,
-                                                      const float* x, int64_t nr, int64_t rows,
-                                                      int64_t D, SgdArgs s, const float* xn,
-                                                      float* zn, int64_t ldzn) {
-  grad_sgd_fwd_rows16(w, buf, idx, a, lda, x, nr, rows, D, s, xn, zn, ldzn);
-}
-GATED_TARGET_CLONES inline void skinny_grad_sgd_fwd16(uint16_t* w, uint16_t* buf, int64_t idx,
-                                                      const float* a, int64_t lda,
-                                                      const float* x, int64_t nr, int64_t rows,
-                                                      int64_t D, SgdArgs s, const float* xn,
-                                                      float* zn, int64_t ldzn) {
-  grad_sgd_fwd_rows16(w, buf, idx, a, lda, x, nr, rows, D, s, xn, zn, ldzn);
-}
-GATED_TARGET_V3 inline void skinny_grad_sgd_fwd8(float* w, float* buf, int64_t idx,
-                                                 const float* a, int64_t lda, const float* x,
-                                                 int64_t nr, int64_t rows, int64_t D, SgdArgs s,
-                                                 const float* xn, float* zn, int64_t ldzn) {
-  grad_sgd_fwd_rows8<8>(w, buf, idx, a, lda, x, int(nr), rows, D, s, xn, zn, ldzn);
-}
-GATED_TARGET_V3 inline void skinny_grad_sgd_fwd8(uint16_t* w, uint16_t* buf, int64_t idx,
-                                                 const float* a, int64_t lda, const float* x,
-                                                 int64_t nr, int64_t rows, int64_t D, SgdArgs s,
-                                                 const float* xn, float* zn, int64_t ldzn) {
-  grad_sgd_fwd_rows8<8>(w, buf, idx, a, lda, x, int(nr), rows, D, s, xn, zn, ldzn);
-}
+// The entry points, per weight storage type (target_clones and target need non-template
+// functions: one overload each for float and bfloat16 bits).
+#define GATED_GRAD_SGD_FWD(NAME, TARGET, W_t, BODY)                                            \
+  TARGET inline void NAME(W_t* w, W_t* buf, int64_t idx, const float* a, int64_t lda,          \
+                          const float* x, int64_t nr, int64_t rows, int64_t D, SgdArgs s,      \
+                          const float* xn, float* zn, int64_t ldzn) {                          \
+    BODY(w, buf, idx, a, lda, x, nr, rows, D, s, xn, zn, ldzn);                                \
+  }
+#define GATED_FWD16_BODY(...) grad_sgd_fwd_rows16(__VA_ARGS__)
+#define GATED_FWD8_BODY(w, buf, idx, a, lda, x, nr, ...) \
+  grad_sgd_fwd_rows8<8>(w, buf, idx, a, lda, x, int(nr), __VA_ARGS__)
+GATED_GRAD_SGD_FWD(skinny_grad_sgd_fwd16, GATED_TARGET_CLONES, float, GATED_FWD16_BODY)
+GATED_GRAD_SGD_FWD(skinny_grad_sgd_fwd16, GATED_TARGET_CLONES, uint16_t, GATED_FWD16_BODY)
+GATED_GRAD_SGD_FWD(skinny_grad_sgd_fwd8, GATED_TARGET_V3, float, GATED_FWD8_BODY)
+GATED_GRAD_SGD_FWD(skinny_grad_sgd_fwd8, GATED_TARGET_V3, uint16_t, GATED_FWD8_BODY)
+#undef GATED_FWD8_BODY
+#undef GATED_FWD16_BODY
+#undef GATED_GRAD_SGD_FWD
 
 // The skinny forward and fused update at a vector width from skinny_lanes() (W_t: float or
 // bfloat16 bits).

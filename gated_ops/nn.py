@@ -331,7 +331,10 @@ class _FusedSGDPathway(torch.autograd.Function):
             seed = m._rounding_seed() if ctx.step_weight or ctx.step_bias else -1
             if ctx.step_weight or ctx.step_bias:
                 m._updates += 1
-            if x_next is not None:  # the update and the next forward's Z in one pass
+            z_next = None
+            if x_next is not None:
+                # the weight's step, and Z of the announced next forward from the new weight
+                # (one pass over the weight where the kernels fuse it: pathway_sgd_lookahead_)
                 z_next = pathway_sgd_lookahead_(
                     dz, x, weight, buffer("weight_momentum", weight), plan, cfg.lr,
                     cfg.momentum, cfg.weight_decay, cfg.nesterov, seed,
@@ -345,7 +348,8 @@ class _FusedSGDPathway(torch.autograd.Function):
                                        plan.csr, layout, S, M, cfg.lr, cfg.momentum,
                                        cfg.weight_decay, cfg.nesterov,
                                        seed if seed < 0 else (seed + 1) & 0x7FFFFFFF)
-            if x_next is not None:  # y = Z + bias, as the forward's epilogue computes it
+            if z_next is not None:
+                # the next forward's output, y = Z + bias, as its epilogue would compute it
                 y_next = z_next.view(plan.num_dst, x_next.shape[1], weight.shape[1])
                 if bias is not None:  # output block dst[p] takes bias[wgt[p]]
                     wgt_of_dst = torch.empty_like(plan.wgt).index_copy_(0, plan.dst, plan.wgt)
