@@ -565,7 +565,28 @@ class TorchGraphKPath(GraphMixin, TorchKPath):
 
 class FusedGraphKPath(GraphMixin, FusedKPath):
     """The cuda provider (KPathNet on the CUDA kernels, SGD fused into backward) replayed from
-    CUDA graphs: what a training loop with ``--cuda-graph true`` runs."""
+    CUDA graphs: what a training loop with ``--cuda-graph true`` runs.
+
+    With GATED_OPS_BENCH_LOOKAHEAD=1 the step uses the captured form of the lookahead, as the
+    trainer's ``--lookahead true --cuda-graph true``: the encoder output in a static buffer
+    that each step's update rewrites for the next batch (KPathNet.loss(..., lookahead=)), so
+    the encoder weights are read once per step; the step then transforms two batches (this
+    one, for the weight gradient, and the next). Off by default until measured on a GPU."""
+
+    def __init__(self, data: KPathData, net: KPathNet, name: str, mode: str):
+        super().__init__(data, net, name, mode,
+                         lookahead=os.environ.get("GATED_OPS_BENCH_LOOKAHEAD") == "1")
+        self._enc: Tensor | None = None
+
+    def step(self) -> None:
+        if not self.lookahead:
+            return super().step()
+        d = self.data
+        if self._enc is None:  # primed once, before warm-up and capture (eagerly)
+            self._enc = self.model.prime_lookahead(d.transform(d.x, d.y)[0])
+        xk, target = d.transform(d.x, d.y)
+        xk_next = d.transform(d.x, d.y)[0]  # (the benchmark's batch is the same every step)
+        self.model.loss(xk, target, d.gate, lookahead=(xk_next, self._enc))[0].sum().backward()
 
 
 def make_kpath(provider: str, case: KPathCase, mode: str, device: torch.device,

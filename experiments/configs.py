@@ -67,11 +67,16 @@ class KPathConfig:
     backend: str = _f("auto", "fused model: auto (the compiled CPU / CUDA kernels) or triton "
                               "(gated_ops.triton_ops, fused SGD included; a GPU, or CPU tensors "
                               "under TRITON_INTERPRET=1)", choices=("auto", "triton"))
-    cuda_graph: bool = _f(False, "CUDA only: capture the training step in a CUDA graph")
-    lookahead: bool = _f(True, "fused model with fused SGD, CPU: each step's encoder update "
-                               "also computes the next batch's encoder forward "
-                               "(KPathNet.lookahead), so the encoder weights are read once per "
-                               "step; bit for bit the same training (ignored elsewhere)")
+    cuda_graph: bool = _f(False, "capture the training step in a CUDA graph over static "
+                                 "buffers (on CUDA; elsewhere the same step runs eagerly)")
+    lookahead: str = _f("auto", "fused model with fused SGD: each step's encoder update also "
+                               "computes the next batch's encoder forward (KPathNet.lookahead; "
+                               "under --cuda-graph a static buffer, KPathNet.prime_lookahead), "
+                               "so the encoder weights are read once per step. auto: where "
+                               "measured faster (the CPU kernels; not yet on CUDA); true: "
+                               "wherever the fused SGD runs. Bit for bit the same training on "
+                               "the CPU, to float rounding on CUDA",
+                         choices=("auto", "true", "false"))
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     dtype: str = _f("float32", "parameter and data dtype; bfloat16 / float16: 16-bit storage of "
                     "weights, momenta and activations, arithmetic in float32 (the fused model's "
@@ -100,6 +105,8 @@ class KPathConfig:
               "saving (as if the process were killed)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.lookahead, bool):  # configs from before it had three values
+            self.lookahead = "auto" if self.lookahead else "false"
         choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(self)
                    if "choices" in f.metadata}
         checks = {

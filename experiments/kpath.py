@@ -407,33 +407,77 @@ class GroupTrainer:
         self.acc_loss += path_loss
         self.acc_correct += correct
 
-    def _captured_step(self) -> Callable[[Tensor], None]:
-        """The step as a CUDA graph over a static index buffer. The warm-up steps train (the
-        SGD is inside backward), so every tensor a step writes is restored after capture."""
-        if self.data.angles is not None:
+    def _lookahead(self) -> bool:
+        """Whether the steps use the lookahead (--lookahead): auto where it was measured
+        faster (the CPU kernels), true wherever the fused SGD runs."""
+        c = self.cfg
+        if c.model != "fused" or not c.fused_sgd or c.lookahead == "false":
+            return False
+        return c.lookahead == "true" or (self.device.type == "cpu" and c.backend == "auto")
+
+    def _static_step(self, lookahead: bool, capture: bool
+                     ) -> Callable[[Tensor, Tensor | None], None]:
+        """The step over static buffers, as a CUDA graph replays it: capture=True captures it
+        once (the warm-up steps train, so every tensor a step writes is restored after
+        capture); capture=False runs the same body eagerly (devices without graphs).
+
+        With the lookahead the encoder output is a static buffer too: each step's update
+        writes the next step's (KPathNet.loss(..., lookahead=)), and it is primed
+        (KPathNet.prime_lookahead, eagerly) whenever the last step did not know this one's
+        batch: the first step of a process, of a resume, of an epoch. Priming computes what
+        the update's lookahead would have, so a resumed run keeps the same bits.
+        """
+        if capture and self.data.angles is not None:
             raise ValueError("cuda_graph: rotations per batch are not capturable; raise "
                              "--max-precompute-gb so the rotated copies are precomputed")
-        static_idx = torch.zeros(self.R, self.cfg.batch_size, dtype=torch.int64,
-                                 device=self.device)
-        written = [*self.model.state_dict().values(), self.acc_loss, self.acc_correct]
-        saved = [t.clone() for t in written]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._step(static_idx)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(static_idx)
-        with torch.no_grad():
-            for t, v in zip(written, saved):
-                t.copy_(v)
+        c, net = self.cfg, self.model
+        static_idx = torch.zeros(self.R, c.batch_size, dtype=torch.int64, device=self.device)
+        static_next = torch.zeros_like(static_idx)
+        enc = (torch.empty(self.R * self.K, c.batch_size, c.hidden, device=self.device,
+                           dtype=net.encoder.weight.dtype) if lookahead else None)
 
-        def replay(idx: Tensor) -> None:
+        def body() -> None:
+            xk, target = self.data.batch("train", static_idx)
+            ahead = None if enc is None else (self.data.batch("train", static_next)[0], enc)
+            loss, path_loss, correct = net.loss(xk, target, self.gate, lookahead=ahead)
+            loss.sum().backward()  # the fused SGD steps every layer
+            self.acc_loss += path_loss.detach()
+            self.acc_correct += correct
+
+        def prime() -> None:
+            net.prime_lookahead(self.data.batch("train", static_idx)[0], out=enc)
+
+        run = body
+        if capture:
+            written = [*net.state_dict().values(), self.acc_loss, self.acc_correct]
+            saved = [t.clone() for t in written]
+            if enc is not None:
+                prime()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    body()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                body()
+            with torch.no_grad():
+                for t, v in zip(written, saved):
+                    t.copy_(v)
+            run = graph.replay
+        primed = False  # enc holds the encoder output of static_idx's batch
+
+        def step(idx: Tensor, idx_next: Tensor | None = None) -> None:
+            nonlocal primed
             static_idx.copy_(idx)
-            graph.replay()
-        return replay
+            if enc is not None:
+                if not primed:
+                    prime()
+                static_next.copy_(idx if idx_next is None else idx_next)  # (None: unused)
+            run()
+            primed = idx_next is not None
+        return step
 
     def _running(self) -> str:
         n = max(self.step_in_epoch * self.cfg.batch_size, 1)
@@ -448,14 +492,12 @@ class GroupTrainer:
         if self.finished and self.epoch >= c.epochs:
             return
         step = self._step
-        # the lookahead where its fused kernel runs (CPU kernels; elsewhere it would be the
-        # same two ops in turn), never under a CUDA graph
-        lookahead = (c.lookahead and self.device.type == "cpu" and c.model == "fused"
-                     and c.fused_sgd and c.backend == "auto")
-        if c.cuda_graph and self.device.type == "cuda":
-            step = self._captured_step()
-        elif c.cuda_graph:
-            log.warning("cuda_graph: ignored on %s", self.device)
+        lookahead = self._lookahead()
+        if c.cuda_graph:
+            if self.device.type != "cuda":
+                log.info("cuda_graph: nothing to capture on %s; the graph's step runs eagerly",
+                         self.device)
+            step = self._static_step(lookahead, capture=self.device.type == "cuda")
         n_train = len(self.data.y["train"])
         while self.epoch < c.epochs:
             gens = [torch.Generator() for _ in self.runs]
@@ -467,10 +509,9 @@ class GroupTrainer:
                            self.step_in_epoch, c.progress)
             t0, first = time.perf_counter(), self.step_in_epoch
             for s in range(self.step_in_epoch, steps):
-                if lookahead and s + 1 < steps:  # (not across epochs: the next order is unknown)
-                    step(order[:, s * B:(s + 1) * B], order[:, (s + 1) * B:(s + 2) * B])
-                else:
-                    step(order[:, s * B:(s + 1) * B])
+                # (the lookahead not across epochs: the next order is not drawn yet)
+                step(order[:, s * B:(s + 1) * B],
+                     order[:, (s + 1) * B:(s + 2) * B] if lookahead and s + 1 < steps else None)
                 self.step_in_epoch += 1
                 self.global_step += 1
                 self._maybe_checkpoint()

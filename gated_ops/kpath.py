@@ -142,10 +142,22 @@ class KPathNet(nn.Module):
         next ``loss``/``forward`` must be called with this very tensor."""
         self.encoder.lookahead(xk_next)
 
-    def path_logits(self, xk: Tensor) -> Tensor:
-        """Logits (R, K_i, K_j, B, C): a strided view of the wide decoder's output."""
+    def prime_lookahead(self, xk: Tensor, out: Tensor | None = None) -> Tensor:
+        """The encoder output (R*K, B, H) for xk as the fused update's lookahead computes it,
+        into ``out`` (allocated if None): the start of a chain of steps with
+        ``loss(..., lookahead=(xk_next, out))`` (GatedPathwayLinear.prime_lookahead)."""
+        return self.encoder.prime_lookahead(xk, out)
+
+    def path_logits(self, xk: Tensor, lookahead: tuple[Tensor, Tensor] | None = None
+                    ) -> Tensor:
+        """Logits (R, K_i, K_j, B, C): a strided view of the wide decoder's output.
+        ``lookahead``: see :meth:`loss`."""
         R, K, C, B = self.R, self.K, self.C, xk.shape[1]
-        h = self.hidden(self.encoder(xk))  # (R*K, B, H)
+        if lookahead is None:
+            z = self.encoder(xk)
+        else:  # the encoder output is already in the buffer; the update refreshes it
+            z = self.encoder.forward_lookahead(xk, *lookahead)
+        h = self.hidden(z)  # (R*K, B, H)
         d = self.decoder
         plan = PathwayPlan(R * K, R, R * K, self._wide_paths, self._wide_csr, self._wide_layout,
                            self._wide_z_is_y)
@@ -157,7 +169,15 @@ class KPathNet(nn.Module):
     def forward(self, xk: Tensor) -> Tensor:
         return self.path_logits(xk).reshape(self.R, self.K * self.K, xk.shape[1], self.C)
 
-    def loss(self, xk: Tensor, target: Tensor, gate: Tensor
-             ) -> tuple[Tensor, Tensor, Tensor]:
-        """loss (R,), path_loss (R, K*K), correct (R, K*K) for one batch; gate (R, K*K)."""
-        return gated_cross_entropy(self.path_logits(xk), target, gate, backend=self.backend)
+    def loss(self, xk: Tensor, target: Tensor, gate: Tensor,
+             lookahead: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """loss (R,), path_loss (R, K*K), correct (R, K*K) for one batch; gate (R, K*K).
+
+        ``lookahead=(xk_next, enc)``, the form a CUDA graph can capture: ``enc`` (R*K, B, H)
+        holds the encoder output for xk (from :meth:`prime_lookahead`, or left by the previous
+        step's call), and the backward's fused encoder update overwrites it with the output
+        for xk_next, so each encoder weight is read once per step
+        (GatedPathwayLinear.forward_lookahead).
+        """
+        return gated_cross_entropy(self.path_logits(xk, lookahead), target, gate,
+                                   backend=self.backend)

@@ -90,6 +90,16 @@ class GatedPathwayLinear(nn.Module):
         self.layout, self._z_is_y = plan.layout, plan.z_is_y
         self.register_buffer("paths", plan.paths.to(device), persistent=False)
         self.register_buffer("csr", plan.csr.to(device), persistent=False)
+        # z_is_y plans (each destination one pathway's output): the weight whose bias
+        # destination t takes, for the lookahead's epilogue; None where it is weight t
+        # (batched layers, the k-path encoders: the bias is added as it is stored)
+        bias_index = None
+        if plan.z_is_y:
+            bias_index = torch.empty_like(plan.wgt).index_copy_(0, plan.dst, plan.wgt)
+            if torch.equal(bias_index, torch.arange(len(bias_index))):
+                bias_index = None
+        self.register_buffer("_bias_index", None if bias_index is None else
+                             bias_index.to(device), persistent=False)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_weights, out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(num_weights, out_features, **kw)) if bias else None
@@ -212,22 +222,107 @@ class GatedPathwayLinear(nn.Module):
         x_next (their version counters). Anything else computes the forward as usual.
         Needs the fused SGD (:meth:`fuse_sgd`) and a layer whose pathways are its outputs
         (``plan.z_is_y``: batched, shared and k-path layers). Eager only: a CUDA graph would
-        replay a stale output, so it raises under capture.
+        replay a stale output, so it raises under capture; a captured step uses
+        :meth:`forward_lookahead`, which keeps the output in a buffer instead.
         """
+        self._check_lookahead("lookahead", x_next)
+        if x_next.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("lookahead: not capturable (a replayed graph would use a stale "
+                               "output); use forward_lookahead with a static output buffer")
+        self._next_x = x_next  # (an output already computed for this step stays)
+
+    def forward_lookahead(self, x: Tensor, x_next: Tensor, y: Tensor) -> Tensor:
+        """The lookahead for captured steps (CUDA graphs): no state crosses steps but ``y``.
+
+        ``y`` (T, B, D_out) must hold ``forward(x)`` from the current parameters, as the
+        lookahead computes it: written by :meth:`prime_lookahead` or by the previous step's
+        update. Returns it as this forward's output (autograd-connected, as from
+        ``forward(x)``), without reading the weight; the coming backward's fused update then
+        overwrites ``y`` with ``forward(x_next)`` from the updated parameters, so the next
+        step calls ``forward_lookahead(x_next, x_after, y)``. The caller keeps that chain:
+        nothing here checks that ``y`` is current (:meth:`lookahead` is the checked, eager
+        form). The training is the same as without the lookahead, bit for bit on the CPU
+        kernels and to float rounding on CUDA (the update's tile sums), and a run primed
+        anew from a checkpoint continues with the same bits as one never interrupted.
+
+        Shapes: x (S, B, D_in), x_next (S, B', D_in), y (T, B, D_out) of the weight's dtype
+        and device. Needs the fused SGD, a ``plan.z_is_y`` layer, a trained weight and
+        autograd on; no gate.
+        """
+        self._check_lookahead("forward_lookahead", x_next)
+        if self._next_x is not None or self._next is not None:
+            raise ValueError("forward_lookahead: an eager lookahead (lookahead()) is pending "
+                             "on this layer; use one form or the other")
+        if not torch.is_grad_enabled() or not self.weight.requires_grad:
+            raise ValueError("forward_lookahead: needs autograd on and a trained weight (the "
+                             "fused update that refreshes y runs in backward)")
+        self._check_lookahead_buffer("forward_lookahead", x, y)
+        if autocast_dtype(x.device.type) is not None:  # the parameters' dtype, as forward_as
+            x = x.to(self.weight.dtype)
+        return _FusedSGDPathway.apply(x, self.weight, self.bias, None, self, self.plan, y,
+                                      x_next.to(self.weight.dtype))
+
+    @torch.no_grad()
+    def prime_lookahead(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """``forward(x)`` (T, B, D_out) from the current parameters, computed as the fused
+        update's lookahead computes it (so bit for bit what a step of
+        :meth:`forward_lookahead` would have left): written into ``y`` (allocated if None)
+        and returned. Call it before the first step of such a chain: at the start, after a
+        resume, after anything else changed the parameters, or whenever the next input was
+        not known at the last step (an epoch boundary). It runs the update kernel with a zero
+        gradient and a zero learning rate (the weight is rewritten with its own bits), so it
+        reads and writes the weight once; outside a captured graph."""
+        self._check_lookahead("prime_lookahead", x)
+        if y is None:
+            y = x.new_empty(self.num_dst, x.shape[1], self.out_features, dtype=self.weight.dtype)
+        self._check_lookahead_buffer("prime_lookahead", x, y)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("prime_lookahead: call it outside the captured graph")
+        x = x.to(self.weight.dtype)
+        plan, cfg = self.plan, self.sgd
+        # the step's kernel, with its momentum / nesterov variant, on scratch state: dZ = 0,
+        # lr = 0 and weight decay 0 leave every weight bit as it is (w - 0 * 0)
+        mom = None if getattr(self, "weight_momentum", None) is None else torch.zeros_like(
+            self.weight_momentum)
+        z = pathway_sgd_lookahead_(
+            x.new_zeros(plan.z_shape(x.shape[1], self.out_features)), x, self.weight.detach(),
+            mom, plan, 0.0, cfg.momentum if mom is not None else 0.0, 0.0,
+            cfg.nesterov and mom is not None, -1, x_next=x, backend=self.backend)
+        return self._lookahead_output(z, x.shape[1], out=y)
+
+    def _check_lookahead(self, what: str, x_next: Tensor) -> None:
         if self.sgd is None:
-            raise ValueError("lookahead: needs the fused SGD update (call fuse_sgd first)")
+            raise ValueError(f"{what}: needs the fused SGD update (call fuse_sgd first)")
         if not self._z_is_y:
-            raise ValueError("lookahead: implemented for layers whose pathways are their "
+            raise ValueError(f"{what}: implemented for layers whose pathways are their "
                              "outputs (plan.z_is_y: batched, shared, k-path layers); this "
                              f"layer's plan is {self.plan.kind}")
         if (x_next.dim() != 3 or x_next.shape[0] != self.num_sources
                 or x_next.shape[2] != self.in_features):
-            raise ValueError(f"x_next: expected (S, B, D_in) = ({self.num_sources}, B, "
+            name = "x" if what == "prime_lookahead" else "x_next"
+            raise ValueError(f"{name}: expected (S, B, D_in) = ({self.num_sources}, B, "
                              f"{self.in_features}), got shape {tuple(x_next.shape)}")
-        if x_next.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("lookahead: not capturable (a replayed graph would use a stale "
-                               "output); the captured step reads each weight once anyway")
-        self._next_x = x_next  # (an output already computed for this step stays)
+
+    def _check_lookahead_buffer(self, what: str, x: Tensor, y: Tensor) -> None:
+        expected = (self.num_dst, x.shape[1], self.out_features)
+        if (tuple(y.shape) != expected or y.dtype != self.weight.dtype
+                or y.device != self.weight.device or not y.is_contiguous()):
+            raise ValueError(f"{what}: y: expected a contiguous {self.weight.dtype} tensor of "
+                             f"shape {expected} on {self.weight.device}, got "
+                             f"{y.dtype} {tuple(y.shape)} on {y.device}"
+                             f"{'' if y.is_contiguous() else ' (not contiguous)'}")
+        if x.dim() != 3 or x.shape[0] != self.num_sources or x.shape[2] != self.in_features:
+            raise ValueError(f"x: expected (S, B, D_in) = ({self.num_sources}, B, "
+                             f"{self.in_features}), got shape {tuple(x.shape)}")
+
+    def _lookahead_output(self, z: Tensor, B: int, out: Tensor | None = None) -> Tensor:
+        """The layer's output from the lookahead's Z (a z_is_y plan: Z + the bias of each
+        destination's weight, as the forward's epilogue adds it), into ``out`` if given."""
+        y = z.view(self.num_dst, B, self.out_features)
+        if self.bias is None:
+            return y if out is None else out.copy_(y)
+        b = self.bias if self._bias_index is None else self.bias.index_select(0, self._bias_index)
+        return torch.add(y, b.unsqueeze(1), out=y if out is None else out)
 
     def _versions(self, x: Tensor) -> tuple[int, ...]:
         return (self._updates, self.weight._version,
@@ -281,8 +376,11 @@ class _FusedSGDPathway(torch.autograd.Function):
     computed from the weights before the update."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gate, module, plan, precomputed=None):
+    def forward(ctx, x, weight, bias, gate, module, plan, precomputed=None, x_next=None):
+        """precomputed: this forward's output, already computed (the lookahead). x_next
+        (forward_lookahead): the update also writes forward(x_next) into precomputed."""
         ctx.module, ctx.plan = module, plan
+        ctx.static_next = None if x_next is None else (x_next, precomputed)
         # the module's own plan (forward, not forward_as): a lookahead may follow
         ctx.own_plan = plan.paths is module.paths
         # Only parameters that train are stepped (a frozen weight or bias stays as it is).
@@ -322,9 +420,14 @@ class _FusedSGDPathway(torch.autograd.Function):
                                                plan.csr, layout)
         if need_x and grad_x is None:
             grad_x = _ops.pathway_grad_x(dz, weight, plan.paths, plan.csr, layout, S, x.shape[1])
-        x_next = m._next_x if ctx.own_plan and ctx.step_weight else None
-        m._next_x, m._next = None, None
-        if x_next is not None and x_next.is_cuda and torch.cuda.is_current_stream_capturing():
+        static_out = None
+        if ctx.static_next is not None:  # forward_lookahead: y_next into the caller's buffer
+            (x_next, static_out), ctx.static_next = ctx.static_next, None
+        else:
+            x_next = m._next_x if ctx.own_plan and ctx.step_weight else None
+            m._next_x, m._next = None, None
+        if (static_out is None and x_next is not None and x_next.is_cuda
+                and torch.cuda.is_current_stream_capturing()):
             raise RuntimeError("lookahead: announced before a CUDA-graph capture of its backward; "
                                "not capturable (a replay would reuse one stale output)")
         with torch.no_grad():
@@ -349,10 +452,9 @@ class _FusedSGDPathway(torch.autograd.Function):
                                        cfg.weight_decay, cfg.nesterov,
                                        seed if seed < 0 else (seed + 1) & 0x7FFFFFFF)
             if z_next is not None:
-                # the next forward's output, y = Z + bias, as its epilogue would compute it
-                y_next = z_next.view(plan.num_dst, x_next.shape[1], weight.shape[1])
-                if bias is not None:  # output block dst[p] takes bias[wgt[p]]
-                    wgt_of_dst = torch.empty_like(plan.wgt).index_copy_(0, plan.dst, plan.wgt)
-                    y_next += bias.index_select(0, wgt_of_dst).unsqueeze(1)
-                m._next = (x_next, y_next, m._versions(x_next))
-        return grad_x, None, None, grad_gate, None, None, None
+                # the next forward's output, y = Z + bias (the stepped bias), as its epilogue
+                # would compute it
+                y_next = m._lookahead_output(z_next, x_next.shape[1], out=static_out)
+                if static_out is None:
+                    m._next = (x_next, y_next, m._versions(x_next))
+        return grad_x, None, None, grad_gate, None, None, None, None

@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -138,41 +139,53 @@ def test_replicas_equal_separate_runs(data_root, tmp_path):
 
 
 def test_lookahead_does_not_change_the_run(data_root, tmp_path):
-    """lookahead true (the default: each step's encoder update computes the next batch's
-    encoder forward) and false train the same weights and write the same metrics, bit for bit;
-    with it on, the precomputed forwards are used (all steps of an epoch but its first)."""
+    """--lookahead auto (the default: on the CPU each step's encoder update computes the next
+    batch's encoder forward) and false train the same weights and write the same metrics, bit
+    for bit, in the eager step and in the static-buffer step that --cuda-graph captures (run
+    eagerly here). Eager: the precomputed forwards are used (all steps of an epoch but its
+    first); static: every step's encoder output comes from the buffer, primed at each epoch's
+    first step."""
     base = dataclasses.replace(smoke(), data_dir=str(data_root), verify_data=False, epochs=2,
                                max_steps_per_epoch=4, Ns=[], gains=[], checkpoint_every=0, N=2,
                                gain=0.5, seed=1)
     data = E.load_task_data(base, torch.device("cpu"))
-    states, used = [], []
-    for on in (False, True):
-        tr = E.GroupTrainer([dataclasses.replace(base, lookahead=on)], data, torch.device("cpu"),
-                            tmp_path / str(on), [None])
-        enc, n = tr.model.encoder, [0]
-        take = enc._take_lookahead
+    states, counts = {}, {}
+    for graph in (False, True):
+        for ahead in ("false", "auto"):
+            key = f"{'graph' if graph else 'eager'}-{ahead}"
+            tr = E.GroupTrainer([dataclasses.replace(base, lookahead=ahead, cuda_graph=graph)],
+                                data, torch.device("cpu"), tmp_path / key, [None])
+            enc, n = tr.model.encoder, Counter()
 
-        def counting(x, gate, take=take, n=n):
-            y = take(x, gate)
-            n[0] += y is not None
-            return y
-        enc._take_lookahead = counting
-        tr.train()
-        states.append(tr.model.state_dict())
-        used.append(n[0])
-    assert used == [0, 2 * 3]
-    assert read_metrics(tmp_path / "False") == read_metrics(tmp_path / "True")
-    for name in states[0]:
-        assert torch.equal(states[0][name], states[1][name]), name
+            def counting(name, fn, n=n, used=lambda out: True):
+                def wrapped(*args, **kw):
+                    out = fn(*args, **kw)
+                    n[name] += used(out)
+                    return out
+                return wrapped
+            enc._take_lookahead = counting("eager", enc._take_lookahead,
+                                           used=lambda y: y is not None)
+            enc.forward_lookahead = counting("static", enc.forward_lookahead)
+            enc.prime_lookahead = counting("prime", enc.prime_lookahead)
+            tr.train()
+            states[key], counts[key] = tr.model.state_dict(), dict(n)
+    assert counts == {"eager-false": {}, "eager-auto": {"eager": 2 * 3}, "graph-false": {},
+                      "graph-auto": {"static": 2 * 4, "prime": 2}}
+    for key in states:
+        assert read_metrics(tmp_path / key) == read_metrics(tmp_path / "eager-false"), key
+        for name in states[key]:
+            assert torch.equal(states[key][name], states["eager-false"][name]), (key, name)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_resume_after_kills_is_bit_identical(data_root, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,graph", [("float32", "false"), ("bfloat16", "false"),
+                                         ("float32", "true")])
+def test_resume_after_kills_is_bit_identical(data_root, tmp_path, dtype, graph):
     """Killed twice (mid-epoch and at an epoch's end, with a stale line appended to a metrics
     file as if written after the last checkpoint) and resumed: the same weights, momentum and
     metrics lines as an uninterrupted run, no line lost or duplicated. bfloat16: with stochastic
-    rounding, whose step counter is saved with the weights."""
-    extra = ("--dtype", dtype)
+    rounding, whose step counter is saved with the weights. graph: the static-buffer step of
+    --cuda-graph with the lookahead (eager on the CPU), primed again on resume."""
+    extra = ("--dtype", dtype, "--cuda-graph", graph, "--lookahead", "true")
     E.main(smoke_argv(data_root, tmp_path / "whole", *extra))
     broken = tmp_path / "broken"
     with pytest.raises(E.SimulatedKill):  # checkpoint at step 4

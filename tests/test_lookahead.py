@@ -5,7 +5,9 @@ On the CPU kernels it must be bit for bit the update of ``pathway_sgd_`` followe
 forward, at both vector widths, for float32 and bfloat16 (stochastic rounding too), with D in
 pieces (D > 1024) and with tails; elsewhere (other dtypes, batch sizes, plans, the emulated CUDA
 kernels) the same two ops in turn. A layer uses the precomputed output only when nothing
-changed since the update.
+changed since the update. The captured form (``forward_lookahead`` / ``prime_lookahead``,
+``KPathNet.loss(..., lookahead=)``) keeps the output in a static buffer: the same training, and
+a chain primed anew (a resume) continues with the same bits.
 """
 from __future__ import annotations
 
@@ -208,16 +210,24 @@ def test_lookahead_rejects_bad_input():
 
 
 # ----------------------------------------------------------------------------------- modules
+def _batches(K, D, steps, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(2 * K, 8, D, generator=g).to(device, dtype),
+             torch.randint(0, 10, (2, K * K, 8), generator=g).to(device)) for _ in range(steps)]
+
+
+def _net(K, D, H, dtype=torch.float32, backend="auto", sr=False, device="cpu"):
+    torch.manual_seed(0)
+    return KPathNet(K, D, H, 10, replicas=2, dtype=dtype, backend=backend, device=device
+                    ).fuse_sgd(SGDConfig(lr=0.05, momentum=0.9, weight_decay=1e-3,
+                                         stochastic_rounding=sr))
+
+
 def _train(lookahead, dtype=torch.float32, backend="auto", steps=5, sr=False, K=4, D=40, H=16):
     """KPathNet (R=2) trained for `steps` steps; returns losses, parameters and buffers, and
     how many encoder forwards came precomputed."""
-    torch.manual_seed(0)
-    net = KPathNet(K, D, H, 10, replicas=2, dtype=dtype, backend=backend)
-    net.fuse_sgd(SGDConfig(lr=0.05, momentum=0.9, stochastic_rounding=sr))
+    net, batches = _net(K, D, H, dtype, backend, sr), _batches(K, D, steps, dtype)
     gate = kpath_gate(K, 2).reshape(1, -1).repeat(2, 1).to(dtype)
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(2 * K, 8, D, generator=g).to(dtype),
-                torch.randint(0, 10, (2, K * K, 8), generator=g)) for _ in range(steps)]
     losses, used = [], 0
     for t, (xk, y) in enumerate(batches):
         if lookahead and t + 1 < steps:
@@ -327,3 +337,152 @@ def test_kpath_training_with_lookahead_on_cuda():
         return [p.detach().cpu() for p in net.parameters()]
     for a, b in zip(train(True), train(False)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- the captured form (static buffer)
+def _train_static(dtype=torch.float32, backend="auto", steps=5, sr=False, K=4, D=40, H=16,
+                  resume_at=None):
+    """As _train(True), with the encoder output in a static buffer (the form a CUDA graph
+    captures). resume_at=t: after step t the state goes to a fresh model (as from a
+    checkpoint), which primes its own buffer and trains on."""
+    net, batches = _net(K, D, H, dtype, backend, sr), _batches(K, D, steps, dtype)
+    gate = kpath_gate(K, 2).reshape(1, -1).repeat(2, 1).to(dtype)
+    enc = net.prime_lookahead(batches[0][0])
+    losses = []
+    for t, (xk, y) in enumerate(batches):
+        if t == resume_at:
+            state = net.state_dict()
+            net = _net(K, D, H, dtype, backend, sr)
+            net.load_state_dict(state)
+            enc = net.prime_lookahead(xk)
+        nxt = batches[min(t + 1, steps - 1)][0]
+        loss, _, _ = net.loss(xk, y, gate, lookahead=(nxt, enc))
+        loss.sum().backward()
+        losses.append(loss.detach())
+    return torch.stack(losses), [t.clone() for t in net.state_dict().values()], enc
+
+
+@pytest.mark.parametrize("dtype,sr", [(torch.float32, False), (torch.bfloat16, True),
+                                      (torch.bfloat16, False), (torch.float64, False)])
+def test_kpath_training_with_static_lookahead_is_bit_identical(dtype, sr):
+    l0, s0, _ = _train(False, dtype, sr=sr)
+    l1, s1, enc = _train_static(dtype, sr=sr)
+    l2, s2, _ = _train_static(dtype, sr=sr, resume_at=2)
+    assert torch.equal(l0, l1) and torch.equal(l0, l2)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(s0, s1, s2))
+
+
+def test_kpath_training_with_static_lookahead_on_the_emulated_cuda_kernels():
+    """The CUDA kernels (emulated): the same training to float32 rounding; and a chain primed
+    anew mid-run (a resume) continues with exactly the bits of the uninterrupted chain, because
+    priming runs the update kernel's own lookahead (dZ = 0, lr = 0), not the forward kernel."""
+    l0, s0, _ = _train(False, backend="cuda_emu", D=300, H=64)
+    l1, s1, enc1 = _train_static(backend="cuda_emu", D=300, H=64)
+    l2, s2, enc2 = _train_static(backend="cuda_emu", D=300, H=64, resume_at=3)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(s1, s0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(s1, s0))  # (another summation order)
+    assert torch.equal(l1, l2) and torch.equal(enc1, enc2)
+    assert all(torch.equal(a, b) for a, b in zip(s1, s2))
+
+
+@pytest.mark.parametrize("kind", ["batched", "shared"])
+def test_forward_lookahead_returns_the_buffer_and_refreshes_it(kind):
+    """The output is the buffer's content, autograd-connected (x gets its gradient); after the
+    backward the buffer holds forward(x_next) from the stepped weight and bias (a shared layer:
+    every destination takes the one bias), bit for bit a fresh forward on the CPU kernels."""
+    torch.manual_seed(0)
+    make = getattr(GatedPathwayLinear, kind)
+    layer = make(3, 20, 6).fuse_sgd(SGDConfig(lr=0.1, momentum=0.9))
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(3, 8, 20, requires_grad=True)
+    x_next = torch.randn(3, 8, 20)
+    y = layer.prime_lookahead(x.detach())
+    assert torch.equal(y, gated_ops.pathway_matmul(x.detach(), layer.weight.detach(),
+                                                   layer.plan, layer.bias.detach()))
+    w0 = layer.weight.detach().clone()
+    out = layer.forward_lookahead(x, x_next, y)
+    assert out.grad_fn is not None and out.data_ptr() == y.data_ptr()
+    out.square().sum().backward()
+    assert x.grad is not None and not torch.equal(layer.weight.detach(), w0)
+    fresh = gated_ops.pathway_matmul(x_next, layer.weight.detach(), layer.plan,
+                                     layer.bias.detach())
+    assert torch.equal(y, fresh)
+
+
+def test_static_lookahead_rejects_bad_input():
+    layer = GatedPathwayLinear.batched(3, 20, 6)
+    x, y = torch.randn(3, 8, 20), torch.empty(3, 8, 6)
+    with pytest.raises(ValueError, match="needs the fused SGD"):
+        layer.forward_lookahead(x, x, y)
+    with pytest.raises(ValueError, match="needs the fused SGD"):
+        layer.prime_lookahead(x)
+    layer.fuse_sgd(SGDConfig(lr=0.1))
+    with pytest.raises(ValueError, match=r"y: expected a contiguous torch.float32 tensor of "
+                                         r"shape \(3, 8, 6\)"):
+        layer.forward_lookahead(x, x, torch.empty(3, 4, 6))
+    with pytest.raises(ValueError, match="y: expected .* got torch.float64"):
+        layer.prime_lookahead(x, torch.empty(3, 8, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not contiguous"):
+        layer.prime_lookahead(x, torch.empty(3, 6, 8).transpose(1, 2))
+    with pytest.raises(ValueError, match=r"x_next: expected \(S, B, D_in\) = \(3, B, 20\)"):
+        layer.forward_lookahead(x, torch.randn(2, 8, 20), y)
+    with pytest.raises(ValueError, match=r"x: expected \(S, B, D_in\) = \(3, B, 20\)"):
+        layer.forward_lookahead(torch.randn(3, 8, 21), x, y)
+    with torch.no_grad(), pytest.raises(ValueError, match="needs autograd on"):
+        layer.forward_lookahead(x, x, y)
+    layer.lookahead(x)
+    with pytest.raises(ValueError, match="an eager lookahead"):
+        layer.forward_lookahead(x, x, y)
+    moe = GatedPathwayLinear.mixture_of_experts(3, 20, 6).fuse_sgd(SGDConfig(lr=0.1))
+    with pytest.raises(ValueError, match="z_is_y"):
+        moe.prime_lookahead(torch.randn(1, 8, 20))
+
+
+@pytest.mark.gpu
+def test_kpath_static_lookahead_captured_equals_eager():
+    """The step with the static lookahead captured in a CUDA graph and replayed = the same
+    steps run eagerly, bit for bit; and the same training as without the lookahead to float32
+    rounding."""
+    K, D, H, steps = 4, 40, 16, 8
+    batches = _batches(K, D, steps + 1, device="cuda")
+    gate = kpath_gate(K, 2).reshape(1, -1).repeat(2, 1).cuda()
+    nets = {k: _net(K, D, H, device="cuda") for k in ("eager", "graph", "plain")}
+    for xk, y in batches[:steps]:
+        nets["plain"].loss(xk, y, gate)[0].sum().backward()
+    enc = nets["eager"].prime_lookahead(batches[0][0])
+    for t in range(steps):
+        nets["eager"].loss(*batches[t], gate, lookahead=(batches[t + 1][0], enc))[0].sum(
+            ).backward()
+    net = nets["graph"]
+    sx, sy, sn = (torch.zeros_like(t) for t in (*batches[0], batches[0][0]))
+    genc = torch.empty_like(enc)
+    state = [t.clone() for t in net.state_dict().values()]
+    net.prime_lookahead(sx, genc)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (it trains: the state is put back after capture)
+        for _ in range(2):
+            net.loss(sx, sy, gate, lookahead=(sn, genc))[0].sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        net.loss(sx, sy, gate, lookahead=(sn, genc))[0].sum().backward()
+    with torch.no_grad():
+        for t, v in zip(net.state_dict().values(), state):
+            t.copy_(v)
+    sx.copy_(batches[0][0])
+    net.prime_lookahead(sx, genc)
+    for t in range(steps):
+        sx.copy_(batches[t][0])
+        sy.copy_(batches[t][1])
+        sn.copy_(batches[t + 1][0])
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(genc, enc)
+    for (name, a), b, c in zip(net.state_dict().items(), nets["eager"].state_dict().values(),
+                               nets["plain"].state_dict().values()):
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
