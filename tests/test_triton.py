@@ -476,6 +476,40 @@ def test_kpath_lookahead_on_the_triton_backend():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_kpath_static_lookahead_on_the_triton_backend():
+    """The captured form of the lookahead (the encoder output in a buffer, KPathNet.loss(...,
+    lookahead=)) on the Triton kernels: the same training as without it, to float32 rounding,
+    and a chain primed anew mid-run (a resume) continues with the uninterrupted chain's bits."""
+    from gated_ops import SGDConfig
+    from gated_ops.kpath import KPathNet, kpath_gate
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 4, 16, generator=g).to(DEVICE),
+                torch.randint(0, 10, (1, 4, 4), generator=g).to(DEVICE)) for _ in range(4)]
+    gate = kpath_gate(2, 1).reshape(1, -1).to(DEVICE)
+
+    def make():
+        torch.manual_seed(0)
+        return KPathNet(2, 16, 8, 10, device=DEVICE, backend="triton").fuse_sgd(
+            SGDConfig(lr=0.05, momentum=0.9, weight_decay=1e-3))
+
+    def train(static, resume_at=None):
+        net = make()
+        enc = net.prime_lookahead(batches[0][0]) if static else None
+        for t, (xk, y) in enumerate(batches):
+            if t == resume_at:
+                state, net = net.state_dict(), make()
+                net.load_state_dict(state)
+                enc = net.prime_lookahead(xk)
+            ahead = (batches[min(t + 1, 3)][0], enc) if static else None
+            net.loss(xk, y, gate, lookahead=ahead)[0].sum().backward()
+        return [t.detach().cpu() for t in net.state_dict().values()]
+    plain, chain, resumed = train(False), train(True), train(True, resume_at=2)
+    for a, b, c in zip(chain, plain, resumed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a, c)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,Bn,D,H", [(8, 8, 40, 6), (5, 3, 70, 20), (8, 8, 16, 33)])
 def test_sgd_lookahead_kernel(dtype, B, Bn, D, H):
