@@ -236,8 +236,9 @@ class KPathData:
         ]).to(device, dt)  # (R, K*K): the authors' gate, N = K/2 trained paths per encoder
         self.xk, self.target = self.transform(self.x, self.y)
 
-    def transform(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(R, B, ...) batch -> xk (R*K, B, D), target (R, K*K, B); on device, no host sync."""
+    def transform(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(R, B, ...) batch -> xk (R*K, B, D), target (R, K*K, B) (None if y is None); on
+        device, no host sync."""
         if self.perms is not None:
             return transform_batch(x, y, self.perms, self.maps)
         R, B, K = x.shape[0], x.shape[1], self.case.K
@@ -583,9 +584,9 @@ class FusedGraphKPath(GraphMixin, FusedKPath):
             return super().step()
         d = self.data
         if self._enc is None:  # primed once, before warm-up and capture (eagerly)
-            self._enc = self.model.prime_lookahead(d.transform(d.x, d.y)[0])
+            self._enc = self.model.prime_lookahead(d.transform(d.x, None)[0])
         xk, target = d.transform(d.x, d.y)
-        xk_next = d.transform(d.x, d.y)[0]  # (the benchmark's batch is the same every step)
+        xk_next = d.transform(d.x, None)[0]  # (the benchmark's batch is the same every step)
         self.model.loss(xk, target, d.gate, lookahead=(xk_next, self._enc))[0].sum().backward()
 
 

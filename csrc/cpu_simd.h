@@ -739,6 +739,68 @@ GATED_TARGET_CLONES inline double ce_rows(const float* l, int64_t sb, const int6
   }
   return nll;
 }
+
+// The cross-entropy backward of one path, as ce_rows: B rows of C float logits (rows sb floats
+// apart), 8 rows at a time in vector lanes, d[b, c] = w * (softmax(l[b])[c] - [c == y[b]]) into
+// rows dsb floats apart. With lse (the forward's row log-sum-exp) softmax = exp(l - lse), as
+// the scalar path computes it; with lse null (16-bit logits, whose stored lse is too coarse)
+// it is recomputed in float from the row max: exp(l - max) * (w / sum). (Row by row with
+// scalar exps, gathers and scatters the k-path's 10-class backward took ~2x longer.)
+GATED_TARGET_CLONES inline void ce_grad_rows(const float* l, int64_t sb, const float* lse,
+                                             const int64_t* y, float w, int64_t B, int64_t C,
+                                             float* d, int64_t dsb) {
+  float t[64 * 8];  // the transposed group: t[c * 8 + lane]
+  const int64_t chunk = std::min<int64_t>(C, 64);  // (C > 64: the classes in chunks)
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    const int nb = int(std::min<int64_t>(8, B - b0));
+    auto load = [&](int64_t c0, int64_t nc) {
+      for (int i = 0; i < 8; ++i)
+        for (int64_t c = 0; c < nc; ++c)
+          t[c * 8 + i] = i < nb ? l[(b0 + i) * sb + c0 + c] : 0.0f;
+    };
+    v8f shift{}, scale{};
+    v8i target{};
+    for (int i = 0; i < nb; ++i) target[i] = int32_t(y[b0 + i]);
+    if (lse != nullptr) {
+      for (int i = 0; i < nb; ++i) shift[i] = lse[b0 + i];
+      scale += w;
+    } else {  // the row max (NaN once a NaN is seen, as max_pass), then the sum of exp
+      v8f best{}, sum{};
+      for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+        const int64_t nc = std::min(chunk, C - c0);
+        load(c0, nc);
+        for (int64_t c = 0; c < nc; ++c) {
+          const v8f v = *reinterpret_cast<const v8f*>(t + c * 8);
+          best = c0 + c == 0 ? v : (best != best ? best : (v > best || v != v ? v : best));
+        }
+      }
+      for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+        const int64_t nc = std::min(chunk, C - c0);
+        if (C > chunk) load(c0, nc);
+        for (int64_t c = 0; c < nc; ++c) {  // (one chunk: t keeps exp(l - max))
+          v8f& v = *reinterpret_cast<v8f*>(t + c * 8);
+          const v8f e = exp8(v - best);
+          sum += e;
+          if (C <= chunk) v = e;
+        }
+      }
+      shift = best;
+      scale = w / sum;
+    }
+    const bool have_e = lse == nullptr && C <= chunk;
+    for (int64_t c0 = 0; c0 < C; c0 += chunk) {
+      const int64_t nc = std::min(chunk, C - c0);
+      if (!have_e) load(c0, nc);
+      for (int64_t c = 0; c < nc; ++c) {
+        v8f& v = *reinterpret_cast<v8f*>(t + c * 8);
+        const v8f e = (have_e ? v : exp8(v - shift)) * scale;
+        v = target == int32_t(c0 + c) ? e - w : e;
+      }
+      for (int i = 0; i < nb; ++i)
+        for (int64_t c = 0; c < nc; ++c) d[(b0 + i) * dsb + c0 + c] = t[c * 8 + i];
+    }
+  }
+}
 #endif  // GATED_HAVE_VECTOR_EXT
 
 }  // namespace simd

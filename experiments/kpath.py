@@ -93,11 +93,14 @@ class TaskData:
     def d_in(self) -> int:
         return self.x["train"].shape[-1]
 
-    def batch(self, split: str, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """idx (R, B): one batch per replica -> xk (R*K, B, D), target (R, K*K, B)."""
-        x, y = self.x[split], self.y[split]
+    def batch(self, split: str, idx: Tensor, targets: bool = True
+              ) -> tuple[Tensor, Tensor | None]:
+        """idx (R, B): one batch per replica -> xk (R*K, B, D), target (R, K*K, B) (None
+        without ``targets``: the lookahead's next inputs, a few kernels fewer)."""
+        x = self.x[split]
+        y = self.y[split][idx] if targets else None
         if self.pixel_perms is not None:
-            return transform_batch(x[idx], y[idx], self.pixel_perms, self.label_maps)
+            return transform_batch(x[idx], y, self.pixel_perms, self.label_maps)
         if self.angles is None:
             xb = x[:, idx].transpose(0, 1)  # (R, K, B, D)
         else:
@@ -105,7 +108,7 @@ class TaskData:
             img = x[idx.flatten()].view(R * B, *self.image_shape)
             xb = torch.stack([rotate_images(img, a).flatten(1) for a in self.angles])
             xb = xb.view(K, R, B, -1).transpose(0, 1)
-        return transform_batch(xb, y[idx], None, self.label_maps)
+        return transform_batch(xb, y, None, self.label_maps)
 
 
 def load_task_data(cfg: KPathConfig, device: torch.device) -> TaskData:
@@ -438,14 +441,16 @@ class GroupTrainer:
 
         def body() -> None:
             xk, target = self.data.batch("train", static_idx)
-            ahead = None if enc is None else (self.data.batch("train", static_next)[0], enc)
+            ahead = None if enc is None else (
+                self.data.batch("train", static_next, targets=False)[0], enc)
             loss, path_loss, correct = net.loss(xk, target, self.gate, lookahead=ahead)
             loss.sum().backward()  # the fused SGD steps every layer
             self.acc_loss += path_loss.detach()
             self.acc_correct += correct
 
         def prime() -> None:
-            net.prime_lookahead(self.data.batch("train", static_idx)[0], out=enc)
+            net.prime_lookahead(self.data.batch("train", static_idx, targets=False)[0],
+                                out=enc)
 
         run = body
         if capture:

@@ -44,14 +44,14 @@ def kpath_gate(K: int, N: int, mode: str = "N_plus_mod", seed: int = 0) -> Tenso
                      f"got {mode!r}")
 
 
-def transform_batch(x: Tensor, y: Tensor, pixel_perms: Tensor | None, label_maps: Tensor
-                    ) -> tuple[Tensor, Tensor]:
+def transform_batch(x: Tensor, y: Tensor | None, pixel_perms: Tensor | None,
+                    label_maps: Tensor) -> tuple[Tensor, Tensor | None]:
     """Inputs and targets of every path, on the data's device, without host synchronisation.
 
     Args:
         x: (R, B, D) one batch per replica (flattened images); or (R, K, B, D) already
             transformed per encoder (rotations), then ``pixel_perms`` is None.
-        y: (R, B) int64 labels.
+        y: (R, B) int64 labels, or None (the inputs only: target None).
         pixel_perms: (K, D) int64 input permutations, or None.
         label_maps: (K, C) int64: label y becomes label_maps[j, y] on decoder j.
     Returns:
@@ -71,6 +71,8 @@ def transform_batch(x: Tensor, y: Tensor, pixel_perms: Tensor | None, label_maps
     else:
         xk = x
     R, _, B, D = xk.shape
+    if y is None:
+        return xk.reshape(R * K, B, D), None
     target = label_maps[:, y].permute(1, 0, 2)  # (R, K_j, B)
     target = target.unsqueeze(1).expand(R, K, K, B).reshape(R, K * K, B)
     return xk.reshape(R * K, B, D), target

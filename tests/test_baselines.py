@@ -76,6 +76,8 @@ def test_transform_batch_inputs_are_the_permuted_pixels(dtype):
     for r in range(R):
         for k in range(K):
             assert torch.equal(xk[r * K + k], x[r][:, perms[k]])
+    inputs_only, no_target = transform_batch(x, None, perms, maps)  # (the lookahead's next)
+    assert no_target is None and torch.equal(inputs_only, xk)
 
 
 def test_kpath_gate_modes():
