@@ -21,6 +21,9 @@ from gated_ops.kpath import KPathNet, kpath_gate
 from gated_ops.testing import assert_close
 
 LANES = pytest.mark.parametrize("lanes", ["8", "16"])
+# storage dtypes of the k-path trainings, bfloat16 with and without stochastic rounding
+STORAGE = pytest.mark.parametrize("dtype,sr", [(torch.float32, False), (torch.bfloat16, True),
+                                               (torch.bfloat16, False), (torch.float64, False)])
 
 
 def _batched(K):
@@ -223,27 +226,37 @@ def _net(K, D, H, dtype=torch.float32, backend="auto", sr=False, device="cpu"):
                                          stochastic_rounding=sr))
 
 
-def _train(lookahead, dtype=torch.float32, backend="auto", steps=5, sr=False, K=4, D=40, H=16):
-    """KPathNet (R=2) trained for `steps` steps; returns losses, parameters and buffers, and
-    how many encoder forwards came precomputed."""
+def _train(lookahead, dtype=torch.float32, backend="auto", steps=5, sr=False, K=4, D=40, H=16,
+           resume_at=None):
+    """KPathNet (R=2) trained for `steps` steps, lookahead None, "eager" (KPathNet.lookahead)
+    or "static" (the encoder output in a buffer, the form a CUDA graph captures); returns
+    losses, parameters and buffers, how many encoder forwards came precomputed (eager), and
+    the buffer (static). resume_at=t (static): before step t the state goes to a fresh model,
+    as from a checkpoint, which primes its own buffer and trains on."""
     net, batches = _net(K, D, H, dtype, backend, sr), _batches(K, D, steps, dtype)
     gate = kpath_gate(K, 2).reshape(1, -1).repeat(2, 1).to(dtype)
+    enc = net.prime_lookahead(batches[0][0]) if lookahead == "static" else None
     losses, used = [], 0
     for t, (xk, y) in enumerate(batches):
-        if lookahead and t + 1 < steps:
+        if t == resume_at:
+            state = net.state_dict()
+            net = _net(K, D, H, dtype, backend, sr)
+            net.load_state_dict(state)
+            enc = net.prime_lookahead(xk)
+        if lookahead == "eager" and t + 1 < steps:
             net.lookahead(batches[t + 1][0])
         used += net.encoder._next is not None and net.encoder._next[0] is xk
-        loss, _, _ = net.loss(xk, y, gate)
+        ahead = (batches[min(t + 1, steps - 1)][0], enc) if enc is not None else None
+        loss, _, _ = net.loss(xk, y, gate, lookahead=ahead)
         loss.sum().backward()
         losses.append(loss.detach())
-    return torch.stack(losses), [t.clone() for t in net.state_dict().values()], used
+    return torch.stack(losses), [t.clone() for t in net.state_dict().values()], used, enc
 
 
-@pytest.mark.parametrize("dtype,sr", [(torch.float32, False), (torch.bfloat16, True),
-                                      (torch.bfloat16, False), (torch.float64, False)])
+@STORAGE
 def test_kpath_training_with_lookahead_is_bit_identical(dtype, sr):
-    l0, s0, used0 = _train(False, dtype, sr=sr)
-    l1, s1, used1 = _train(True, dtype, sr=sr)
+    l0, s0, used0, _ = _train(None, dtype, sr=sr)
+    l1, s1, used1, _ = _train("eager", dtype, sr=sr)
     assert used0 == 0 and used1 == 4  # every step but the first
     assert torch.equal(l0, l1)
     assert all(torch.equal(a, b) for a, b in zip(s0, s1))
@@ -252,8 +265,8 @@ def test_kpath_training_with_lookahead_is_bit_identical(dtype, sr):
 def test_kpath_training_with_lookahead_on_the_emulated_cuda_kernels():
     """The CUDA kernels (emulated): the same training to float32 rounding (Z_next is summed
     in another order than the forward kernel's)."""
-    l0, s0, _ = _train(False, backend="cuda_emu")
-    l1, s1, used = _train(True, backend="cuda_emu")
+    l0, s0, _, _ = _train(None, backend="cuda_emu")
+    l1, s1, used, _ = _train("eager", backend="cuda_emu")
     assert used == 4
     # (two float32 trainings that differ only in how Z_next is summed: float32 rounding apart)
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
@@ -340,34 +353,11 @@ def test_kpath_training_with_lookahead_on_cuda():
 
 
 # ------------------------------------------------------------- the captured form (static buffer)
-def _train_static(dtype=torch.float32, backend="auto", steps=5, sr=False, K=4, D=40, H=16,
-                  resume_at=None):
-    """As _train(True), with the encoder output in a static buffer (the form a CUDA graph
-    captures). resume_at=t: after step t the state goes to a fresh model (as from a
-    checkpoint), which primes its own buffer and trains on."""
-    net, batches = _net(K, D, H, dtype, backend, sr), _batches(K, D, steps, dtype)
-    gate = kpath_gate(K, 2).reshape(1, -1).repeat(2, 1).to(dtype)
-    enc = net.prime_lookahead(batches[0][0])
-    losses = []
-    for t, (xk, y) in enumerate(batches):
-        if t == resume_at:
-            state = net.state_dict()
-            net = _net(K, D, H, dtype, backend, sr)
-            net.load_state_dict(state)
-            enc = net.prime_lookahead(xk)
-        nxt = batches[min(t + 1, steps - 1)][0]
-        loss, _, _ = net.loss(xk, y, gate, lookahead=(nxt, enc))
-        loss.sum().backward()
-        losses.append(loss.detach())
-    return torch.stack(losses), [t.clone() for t in net.state_dict().values()], enc
-
-
-@pytest.mark.parametrize("dtype,sr", [(torch.float32, False), (torch.bfloat16, True),
-                                      (torch.bfloat16, False), (torch.float64, False)])
+@STORAGE
 def test_kpath_training_with_static_lookahead_is_bit_identical(dtype, sr):
-    l0, s0, _ = _train(False, dtype, sr=sr)
-    l1, s1, enc = _train_static(dtype, sr=sr)
-    l2, s2, _ = _train_static(dtype, sr=sr, resume_at=2)
+    l0, s0, _, _ = _train(None, dtype, sr=sr)
+    l1, s1, _, _ = _train("static", dtype, sr=sr)
+    l2, s2, _, _ = _train("static", dtype, sr=sr, resume_at=2)
     assert torch.equal(l0, l1) and torch.equal(l0, l2)
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(s0, s1, s2))
 
@@ -376,9 +366,9 @@ def test_kpath_training_with_static_lookahead_on_the_emulated_cuda_kernels():
     """The CUDA kernels (emulated): the same training to float32 rounding; and a chain primed
     anew mid-run (a resume) continues with exactly the bits of the uninterrupted chain, because
     priming runs the update kernel's own lookahead (dZ = 0, lr = 0), not the forward kernel."""
-    l0, s0, _ = _train(False, backend="cuda_emu", D=300, H=64)
-    l1, s1, enc1 = _train_static(backend="cuda_emu", D=300, H=64)
-    l2, s2, enc2 = _train_static(backend="cuda_emu", D=300, H=64, resume_at=3)
+    l0, s0, _, _ = _train(None, backend="cuda_emu", D=300, H=64)
+    l1, s1, _, enc1 = _train("static", backend="cuda_emu", D=300, H=64)
+    l2, s2, _, enc2 = _train("static", backend="cuda_emu", D=300, H=64, resume_at=3)
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     for a, b in zip(s1, s0):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
