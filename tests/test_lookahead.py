@@ -20,7 +20,6 @@ from gated_ops import GatedPathwayLinear, SGDConfig, make_plan
 from gated_ops.kpath import KPathNet, kpath_gate
 from gated_ops.testing import assert_close
 
-LANES = pytest.mark.parametrize("lanes", ["8", "16"])
 # storage dtypes of the k-path trainings, bfloat16 with and without stochastic rounding
 STORAGE = pytest.mark.parametrize("dtype,sr", [(torch.float32, False), (torch.bfloat16, True),
                                                (torch.bfloat16, False), (torch.float64, False)])
@@ -56,16 +55,27 @@ def _both(plan, s, lr=0.1, momentum=0.9, wd=1e-3, nesterov=False, seed=-1):
     return out
 
 
-@LANES
+# the fused lookahead's CPU kernels: 8 lanes; 16 lanes in groups of rows, or in one pass
+KERNELS = pytest.mark.parametrize("kernel", ["8", "16-grouped", "16-onepass"])
+
+
+def _kernel(monkeypatch, kernel: str) -> None:
+    lanes, _, mode = kernel.partition("-")
+    monkeypatch.setenv("GATED_OPS_CPU_LANES", lanes)
+    monkeypatch.setenv("GATED_OPS_CPU_LOOKAHEAD", mode or "grouped")
+    monkeypatch.setenv("GATED_OPS_CPU_SKINNY", "1")
+
+
+@KERNELS
 @pytest.mark.parametrize("D", [784, 2100, 37])
 @pytest.mark.parametrize("dtype,seed", [(torch.float32, -1), (torch.bfloat16, -1),
                                         (torch.bfloat16, 7)])
-def test_fused_lookahead_is_the_update_then_the_forward_bit_for_bit(D, dtype, seed, lanes,
+def test_fused_lookahead_is_the_update_then_the_forward_bit_for_bit(D, dtype, seed, kernel,
                                                                     monkeypatch):
     """The skinny kernels' fused pass (8 rows per weight; D = 2100 takes the 8-lane forward's
-    pieces of 512 and a tail; D = 37 a tail only)."""
-    monkeypatch.setenv("GATED_OPS_CPU_LANES", lanes)
-    monkeypatch.setenv("GATED_OPS_CPU_SKINNY", "1")
+    pieces of 512 and a tail; D = 37 a tail only; 19 weight rows: the one pass's tiles of 2
+    and a last row alone)."""
+    _kernel(monkeypatch, kernel)
     plan = _batched(5)
     s = _state(5, 8, 8, D, 19, dtype)
     (w1, b1, z1), (w2, b2, z2) = _both(plan, s, seed=seed)
@@ -73,11 +83,12 @@ def test_fused_lookahead_is_the_update_then_the_forward_bit_for_bit(D, dtype, se
     assert not torch.equal(w1, s["w"])  # (it did step)
 
 
+@KERNELS
 @pytest.mark.parametrize("kw", [dict(momentum=0.0, wd=0.0), dict(nesterov=True),
                                 dict(lr=0.0)])
 @pytest.mark.parametrize("rows", [1, 3])  # fewer rows per weight than 8
-def test_fused_lookahead_options_and_row_counts(kw, rows, monkeypatch):
-    monkeypatch.setenv("GATED_OPS_CPU_SKINNY", "1")
+def test_fused_lookahead_options_and_row_counts(kw, rows, kernel, monkeypatch):
+    _kernel(monkeypatch, kernel)
     plan = _batched(4)
     s = _state(4, rows, rows, 50, 21, torch.float32, seed=1)
     (w1, b1, z1), (w2, b2, z2) = _both(plan, s, **kw)
