@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gzip
+import importlib.util
 import json
 import os
 import pickle
@@ -26,7 +27,7 @@ from experiments.data import class_label_maps, pixel_permutations
 from gated_ops.baselines import LoopKPath
 from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
 from gated_ops.nn import SGDConfig
-from gated_ops.testing import assert_close
+from gated_ops.testing import assert_close, cuda_emulation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,6 +73,15 @@ def smoke_out(data_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smoke")
     E.main(smoke_argv(data_root, out))
     return out
+
+
+@pytest.fixture
+def _on_emulated_cuda():
+    """The test inside gated_ops.testing.cuda_emulation: the CUDA kernels, emulated, for every
+    registered op it calls."""
+    with cuda_emulation() as calls:
+        yield calls
+    assert calls["pathway_sgd_lookahead_"] > 0
 
 
 def read_metrics(out: Path) -> dict[str, list[dict]]:
@@ -178,13 +188,22 @@ def test_lookahead_does_not_change_the_run(data_root, tmp_path):
 
 
 @pytest.mark.parametrize("dtype,graph", [("float32", "false"), ("bfloat16", "false"),
-                                         ("float32", "true")])
-def test_resume_after_kills_is_bit_identical(data_root, tmp_path, dtype, graph):
+                                         ("float32", "true"), ("float32", "emu")])
+def test_resume_after_kills_is_bit_identical(data_root, tmp_path, dtype, graph, request):
     """Killed twice (mid-epoch and at an epoch's end, with a stale line appended to a metrics
     file as if written after the last checkpoint) and resumed: the same weights, momentum and
     metrics lines as an uninterrupted run, no line lost or duplicated. bfloat16: with stochastic
     rounding, whose step counter is saved with the weights. graph: the static-buffer step of
-    --cuda-graph with the lookahead (eager on the CPU), primed again on resume."""
+    --cuda-graph with the lookahead (eager on the CPU), primed again on resume; emu: the same on
+    the CUDA kernels (emulated), whose lookahead sums Z in another order than their forward, so
+    the resume keeps the bits only because priming runs the update kernel's lookahead."""
+    if graph == "emu":
+        if importlib.util.find_spec("gated_ops._cuda_emu") is None:
+            if os.environ.get("GATED_OPS_REQUIRE_CUDA_EMU") == "1":
+                pytest.fail("gated_ops._cuda_emu is not built")
+            pytest.skip("gated_ops._cuda_emu is not built (GATED_OPS_CUDA_EMU=1 pip install ...)")
+        request.getfixturevalue("_on_emulated_cuda")
+        graph = "true"
     extra = ("--dtype", dtype, "--cuda-graph", graph, "--lookahead", "true")
     E.main(smoke_argv(data_root, tmp_path / "whole", *extra))
     broken = tmp_path / "broken"
