@@ -14,9 +14,10 @@
 #   tests       pytest -m "gpu or triton": the CUDA and Triton backends against the float64
 #               reference, opcheck, graph capture, determinism, the fused SGD (pytest-xdist
 #               workers share the GPU)
-#   profile     benchmarks/profile_kpath.py: GPU time per kernel of the fused step and of the
-#               plain PyTorch step, H = 128 and 1024; the fused bf16 step; the fused steps again
-#               with GATED_OPS_CUDA_PREFETCH=1 (L2 prefetch in the encoder kernels: an A/B)
+#   profile     benchmarks/profile_kpath.py: GPU time per kernel of the fused step (and with
+#               the lookahead: the update kernel's epilogue and tile sums instead of the encoder
+#               forward) and of the plain PyTorch step, H = 128 and 1024; the fused bf16 step;
+#               the fused steps again with GATED_OPS_CUDA_PREFETCH=1 (L2 prefetch: an A/B)
 #   ncu         Nsight Compute on the encoder's forward and fused-SGD kernels (H = 1024, 128):
 #               throughput, occupancy, registers, waves, warp stall reasons
 #   bench       the benchmark suite at the paper's MNIST shapes (forward, backward, step) and
@@ -158,8 +159,10 @@ fi
 
 # --- where the step's GPU time goes ----------------------------------------------------------
 if want profile; then
-  stage profile 80 env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" bash -c "'$py' benchmarks/profile_kpath.py --provider cuda --hidden 128 1024 \
-    --steps 10 && '$py' benchmarks/profile_kpath.py --provider torch --device cuda \
+  stage profile 100 env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" bash -c "'$py' benchmarks/profile_kpath.py --provider cuda --hidden 128 1024 \
+    --steps 10 && echo '## GATED_OPS_BENCH_LOOKAHEAD=1' && GATED_OPS_BENCH_LOOKAHEAD=1 \
+    '$py' benchmarks/profile_kpath.py --provider cuda --hidden 128 1024 --steps 10 && \
+    '$py' benchmarks/profile_kpath.py --provider torch --device cuda \
     --hidden 128 1024 --steps 10 && '$py' benchmarks/profile_kpath.py --provider cuda \
     --hidden 128 1024 --steps 10 --dtype bfloat16 && echo '## GATED_OPS_CUDA_PREFETCH=1' && \
     GATED_OPS_CUDA_PREFETCH=1 '$py' benchmarks/profile_kpath.py --provider cuda \
