@@ -202,6 +202,21 @@ GATED_INLINE float hsum(vf v) {
   return s[0];
 }
 
+// z[i * ldz + r] = hsum(acc[r][i]) + the columns d..D-1 of <x[i, :], w[r, :]>: the end of the
+// dot products of dot_tile and of the lookahead's one pass (shared: the same sums, the same bits).
+template <int NX, int RW, typename W_t>
+GATED_INLINE void dot_finish(const vf (&acc)[RW][NX], const float* x, const W_t* w, int64_t d,
+                             int64_t D, float* z, int64_t ldz) {
+#pragma GCC unroll 8
+  for (int r = 0; r < RW; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < NX; ++i) {
+      float s = hsum(acc[r][i]);
+      for (int64_t t = d; t < D; ++t) s += x[i * D + t] * load1(w + r * D + t);
+      z[i * ldz + r] = s;
+    }
+}
+
 // z[i * ldz + r] = <x[i, :], w[r, :]> for i < NX activation rows and r < RW weight rows
 // (W_t: float, or uint16_t for bfloat16 weights).
 template <int NX, int RW, typename W_t>
@@ -223,14 +238,7 @@ GATED_INLINE void dot_tile(const float* x, const W_t* w, int64_t D, float* z, in
       for (int i = 0; i < NX; ++i) acc[r][i] += wv * load(x + i * D + d);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < RW; ++r)
-#pragma GCC unroll 8
-    for (int i = 0; i < NX; ++i) {
-      float s = hsum(acc[r][i]);
-      for (int64_t t = d; t < D; ++t) s += x[i * D + t] * load1(w + r * D + t);
-      z[i * ldz + r] = s;
-    }
+  dot_finish<NX, RW>(acc, x, w, d, D, z, ldz);
 }
 
 template <int RW, typename W_t>
@@ -341,33 +349,51 @@ GATED_TARGET_CLONES inline void sgd_stream(uint16_t* w, uint16_t* buf, const flo
 // RW rows of W (row stride D) and buf updated with gradient row r = sum_k a[k * lda + r] *
 // x[k, :] over nr activation rows, formed 16 columns at a time in registers: W and buf are read
 // and written once, x comes from L1, and the gradient never goes to memory.
-template <int RW, typename W_t>
-GATED_INLINE void grad_sgd_tile(W_t* w, W_t* buf, int64_t idx, const float* a, int64_t lda,
-                                const float* x, int64_t nr, int64_t D, const SgdArgs& s) {
+// g[r] = sum_k a[k * lda + r] * x[k, d:d+16] for the RW rows, over k in order (the fused
+// update's gradient, shared by grad_sgd_tile and the lookahead's one pass: the same bits).
+template <int RW>
+GATED_INLINE void grad_cols(const float* a, int64_t lda, const float* x, int64_t nr, int64_t D,
+                            int64_t d, vf (&g)[RW]) {
+#pragma GCC unroll 4
+  for (int r = 0; r < RW; ++r) g[r] = vf{};
+#pragma GCC unroll 8
+  for (int64_t k = 0; k < nr; ++k) {
+    const vf xv = load(x + k * D + d);
+#pragma GCC unroll 4
+    for (int r = 0; r < RW; ++r) g[r] += a[k * lda + r] * xv;
+  }
+}
+
+// after(r, d): called once row r's columns d..d+15 are stored (the lookahead's one pass dots
+// them there); returns where the vector columns ended (the scalar tail follows them).
+struct NoAfter {
+  GATED_INLINE void operator()(int, int64_t) const {}
+};
+template <int RW, typename W_t, typename After = NoAfter>
+GATED_INLINE int64_t grad_sgd_tile(W_t* w, W_t* buf, int64_t idx, const float* a, int64_t lda,
+                                   const float* x, int64_t nr, int64_t D, const SgdArgs& s,
+                                   After after = {}) {
   constexpr int64_t kAhead = kPrefetch * sizeof(float) / sizeof(W_t);
   int64_t d = 0;
   for (; d + kLanes <= D; d += kLanes) {
     vf g[RW];
-#pragma GCC unroll 4
-    for (int r = 0; r < RW; ++r) g[r] = vf{};
-    for (int64_t k = 0; k < nr; ++k) {
-      const vf xv = load(x + k * D + d);
-#pragma GCC unroll 4
-      for (int r = 0; r < RW; ++r) g[r] += a[k * lda + r] * xv;
-    }
+    grad_cols<RW>(a, lda, x, nr, D, d, g);
 #pragma GCC unroll 4
     for (int r = 0; r < RW; ++r) {
       __builtin_prefetch(w + r * D + d + kAhead, 1);
       if (buf) __builtin_prefetch(buf + r * D + d + kAhead, 1);
       sgd_apply(g[r], w + r * D + d, buf ? buf + r * D + d : nullptr, idx + r * D + d, s);
+      after(r, d);
     }
   }
+  const int64_t tail = d;
   for (; d < D; ++d)
     for (int r = 0; r < RW; ++r) {
       float g = 0;
       for (int64_t k = 0; k < nr; ++k) g += a[k * lda + r] * x[k * D + d];
       sgd_apply(g, w + r * D + d, buf ? buf + r * D + d : nullptr, idx + r * D + d, s);
     }
+  return tail;
 }
 
 // All `rows` rows of one weight (rows x D): W[o] -= lr * step(sum_k a[k * lda + o] * x[k, :]).
@@ -600,52 +626,24 @@ GATED_INLINE void grad_sgd_fwd_rows16(W_t* w, W_t* buf, int64_t idx, const float
 // at a time, and the new values, reloaded as stored (a bfloat16 weight rounded), dotted at once
 // with the NX rows of xn: 2 x 8 accumulators, the two rows' gradients and the loads fit in the
 // register file, and each weight line is read and written once with no second pass from L2.
-// The sums are grad_sgd_tile's and dot_tile's, in their order (bit for bit the same results).
+// The update is grad_sgd_tile itself and the dot products end as dot_tile's (dot_finish), so
+// the results are bit for bit those of the update and then the forward.
 template <int NX, int RW, typename W_t>
 GATED_INLINE void grad_sgd_fwd_tile(W_t* w, W_t* buf, int64_t idx, const float* a, int64_t lda,
                                     const float* x, int64_t D, const SgdArgs& s,
                                     const float* xn, float* zn, int64_t ldzn) {
-  constexpr int64_t kAhead = kPrefetch * sizeof(float) / sizeof(W_t);
   vf acc[RW][NX];
 #pragma GCC unroll 8
   for (int r = 0; r < RW; ++r)
 #pragma GCC unroll 8
     for (int i = 0; i < NX; ++i) acc[r][i] = vf{};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) {
-    vf g[RW];
-#pragma GCC unroll 4
-    for (int r = 0; r < RW; ++r) g[r] = vf{};
+  auto dot = [&](int r, int64_t d) {
+    const vf wv = load(w + r * D + d);  // as stored
 #pragma GCC unroll 8
-    for (int k = 0; k < NX; ++k) {
-      const vf xv = load(x + k * D + d);
-#pragma GCC unroll 4
-      for (int r = 0; r < RW; ++r) g[r] += a[k * lda + r] * xv;
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < RW; ++r) {
-      __builtin_prefetch(w + r * D + d + kAhead, 1);
-      if (buf) __builtin_prefetch(buf + r * D + d + kAhead, 1);
-      sgd_apply(g[r], w + r * D + d, buf ? buf + r * D + d : nullptr, idx + r * D + d, s);
-      const vf wv = load(w + r * D + d);
-#pragma GCC unroll 8
-      for (int i = 0; i < NX; ++i) acc[r][i] += wv * load(xn + i * D + d);
-    }
-  }
-  for (int64_t t = d; t < D; ++t)
-    for (int r = 0; r < RW; ++r) {
-      float g = 0;
-      for (int k = 0; k < NX; ++k) g += a[k * lda + r] * x[k * D + t];
-      sgd_apply(g, w + r * D + t, buf ? buf + r * D + t : nullptr, idx + r * D + t, s);
-    }
-#pragma GCC unroll 4
-  for (int r = 0; r < RW; ++r)
-#pragma GCC unroll 8
-    for (int i = 0; i < NX; ++i) {
-      float sum = hsum(acc[r][i]);
-      for (int64_t t = d; t < D; ++t) sum += xn[i * D + t] * load1(w + r * D + t);
-      zn[i * ldzn + r] = sum;
-    }
+    for (int i = 0; i < NX; ++i) acc[r][i] += wv * load(xn + i * D + d);
+  };
+  const int64_t tail = grad_sgd_tile<RW>(w, buf, idx, a, lda, x, NX, D, s, dot);
+  dot_finish<NX, RW>(acc, xn, w, tail, D, zn, ldzn);
 }
 // (nr = NX <= N rows of x and of xn)
 template <int N, typename W_t>
