@@ -645,7 +645,8 @@ GATED_INLINE void grad_sgd_fwd_tile(W_t* w, W_t* buf, int64_t idx, const float* 
   const int64_t tail = grad_sgd_tile<RW>(w, buf, idx, a, lda, x, NX, D, s, dot);
   dot_finish<NX, RW>(acc, xn, w, tail, D, zn, ldzn);
 }
-// (nr = NX <= N rows of x and of xn)
+// Dispatches nr (the rows of x and of xn, at most N) to the tile compiled for exactly that
+// many rows, then runs the weight's rows two at a time and an odd last row alone.
 template <int N, typename W_t>
 GATED_INLINE void grad_sgd_fwd_onepass16(W_t* w, W_t* buf, int64_t idx, const float* a,
                                          int64_t lda, const float* x, int nr, int64_t rows,

@@ -514,7 +514,8 @@ class GroupTrainer:
                            self.step_in_epoch, c.progress)
             t0, first = time.perf_counter(), self.step_in_epoch
             for s in range(self.step_in_epoch, steps):
-                # (the lookahead not across epochs: the next order is not drawn yet)
+                # The lookahead stops at the epoch's last step: the next epoch's order is
+                # drawn only when that epoch starts, so its first batch is not known yet.
                 step(order[:, s * B:(s + 1) * B],
                      order[:, (s + 1) * B:(s + 2) * B] if lookahead and s + 1 < steps else None)
                 self.step_in_epoch += 1

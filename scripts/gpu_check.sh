@@ -226,8 +226,8 @@ if want compile; then
     cat "$logs/bench_compile.md"
 fi
 
-# the other cases (bf16, MoE, CIFAR-10, B=512) after torch.compile's rows, which the CUDA/Triton
-# issue needs: a run that hits the global deadline loses these first
+# The other cases (bf16, MoE, CIFAR-10, B=512) run after torch.compile's rows, which the
+# CUDA/Triton issue needs, so that a run reaching the global deadline loses these first.
 if want bench; then
   stage bench_extra 180 "$py" -m pytest benchmarks "${bench_args[@]}" \
     -m "(bf16 and not tiny) or moe or (paper and cifar) or large_batch" \

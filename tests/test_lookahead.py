@@ -20,7 +20,8 @@ from gated_ops import GatedPathwayLinear, SGDConfig, make_plan
 from gated_ops.kpath import KPathNet, kpath_gate
 from gated_ops.testing import assert_close
 
-# storage dtypes of the k-path trainings, bfloat16 with and without stochastic rounding
+# The storage dtypes the k-path trainings are checked in (bfloat16 both with and without
+# stochastic rounding).
 STORAGE = pytest.mark.parametrize("dtype,sr", [(torch.float32, False), (torch.bfloat16, True),
                                                (torch.bfloat16, False), (torch.float64, False)])
 
@@ -55,11 +56,14 @@ def _both(plan, s, lr=0.1, momentum=0.9, wd=1e-3, nesterov=False, seed=-1):
     return out
 
 
-# the fused lookahead's CPU kernels: 8 lanes; 16 lanes in groups of rows, or in one pass
+# Every CPU kernel of the fused lookahead is tested: the 8-lane one, and the 16-lane one in
+# both its forms (rows updated in groups and then dotted, or updated and dotted in one pass).
 KERNELS = pytest.mark.parametrize("kernel", ["8", "16-grouped", "16-onepass"])
 
 
 def _kernel(monkeypatch, kernel: str) -> None:
+    """Forces the kernel named by a KERNELS id ("8", "16-grouped", "16-onepass") through the
+    environment variables the C++ dispatch reads at each call, on the skinny path."""
     lanes, _, mode = kernel.partition("-")
     monkeypatch.setenv("GATED_OPS_CPU_LANES", lanes)
     monkeypatch.setenv("GATED_OPS_CPU_LOOKAHEAD", mode or "grouped")
