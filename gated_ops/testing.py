@@ -241,6 +241,34 @@ def check_strided_ce_logits(device: str, dtype: torch.dtype, C: int = 6,
     torch.library.opcheck(ns.gated_cross_entropy, (l5.detach().requires_grad_(), target, gate))
 
 
+def check_ce_backward_missing_grads(ns, device: str, dtype: torch.dtype,
+                                    opcheck_context=contextlib.nullcontext) -> None:
+    """``ns.gated_cross_entropy_backward`` with grad_loss or grad_path_loss None (an output
+    nobody differentiates, as autograd hands it) equals the call with zeros in its place, bit for
+    bit; both None give an exactly zero gradient; opcheck passes with the Nones (run inside
+    ``opcheck_context()``)."""
+    R, P, B, C = 2, 7, 3, 5
+    g = torch.Generator().manual_seed(6)
+    logits = (3 * torch.randn(R, P, B, C, generator=g)).to(device, dtype)
+    target = torch.randint(0, C, (R, P, B), generator=g).to(device)
+    gate = (torch.rand(R, P, generator=g) < 0.5).to(device, dtype)
+    gate[:, 0] = 1
+    gl = torch.randn(R, generator=g).to(device, dtype)
+    gp = torch.randn(R, P, generator=g).to(device, dtype)
+    _, _, _, lse = ns.gated_cross_entropy(logits, target, gate)
+
+    def bwd(a, b):
+        return ns.gated_cross_entropy_backward(a, b, logits, target, gate, lse)
+    assert torch.equal(bwd(gl, None), bwd(gl, torch.zeros_like(gp)))
+    assert torch.equal(bwd(None, gp), bwd(torch.zeros_like(gl), gp))
+    none = bwd(None, None)
+    assert torch.equal(none, torch.zeros_like(none))
+    assert not torch.equal(bwd(gl, None), none)  # (the gradients above are not all zero)
+    with opcheck_context():
+        torch.library.opcheck(ns.gated_cross_entropy_backward,
+                              (None, gp, logits, target, gate, lse))
+
+
 def autocast_kpath_step(backend: str = "auto", fused: bool = False):
     """One k-path step (K=3, R=2, CPU) in a bfloat16 autocast region and the same step without
     it, from the same weights and batch, each followed by its backward (and, with ``fused``, its
@@ -265,6 +293,65 @@ def autocast_kpath_step(backend: str = "auto", fused: bool = False):
     loss_ref, _, _ = ref.loss(xk, target, gate)
     loss_ref.sum().backward()
     return net, ref, loss, loss_ref
+
+
+# ATen operations that launch no kernel on a GPU (views, metadata, allocation, host-side work),
+# and composites whose work their children do (for kernel_census).
+_NO_KERNEL = frozenset(
+    "aten::" + n for n in (
+        "empty", "empty_like", "empty_strided", "view", "reshape", "_reshape_alias",
+        "as_strided", "permute", "expand", "unsqueeze", "squeeze", "select", "slice", "t",
+        "transpose", "detach", "detach_", "alias", "lift_fresh", "resize_", "resolve_conj",
+        "resolve_neg", "_unsafe_view", "result_type", "item", "_local_scalar_dense",
+        "is_nonzero", "set_", "contiguous", "flatten", "unflatten", "split", "chunk", "narrow",
+        "expand_as", "view_as", "unbind", "to", "_to_copy", "ones_like", "zeros_like", "zeros",
+        "ones", "full", "new_empty", "new_empty_strided", "new_zeros", "clone", "matmul",
+        "linear", "_has_compatible_shallow_copy_type", "record_stream", "scalar_tensor"))
+EMULATED_KERNEL = "cuda_emu_kernel: "
+
+
+def kernel_census(fn) -> list[tuple[str, str]]:
+    """The kernels a GPU would launch for ``fn()`` run on the emulated CUDA kernels (inside
+    :func:`cuda_emulation`, or a model with ``backend="cuda_emu"``), in launch order, without a
+    GPU: each emulated launch (csrc/cuda_emu/cuda_emu.h makes every ``GATED_LAUNCH`` a profiler
+    event) and each ATen operation that launches a kernel (the cuBLAS GEMMs, elementwise ops,
+    fills, copies; an operation counts only where none of its children does). Returns (kernel,
+    the nearest enclosing gated_ops op or autograd node, or "") pairs. Counts, not times: the
+    emulation says nothing about speed (benchmarks/kernel_census.py prints a step's list)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+
+    def launches(e) -> bool:
+        return e.name.startswith(EMULATED_KERNEL) or (
+            e.name.startswith("aten::") and e.name not in _NO_KERNEL)
+
+    def context(e) -> str:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith(("gated_ops", "autograd::engine::evaluate_function: ")):
+                return p.name.removeprefix("autograd::engine::evaluate_function: ")
+            p = p.cpu_parent
+        return ""
+
+    out = []
+    for e in events:
+        if not launches(e):
+            continue
+        if e.name.startswith(EMULATED_KERNEL):
+            out.append((e.name[len(EMULATED_KERNEL):], context(e)))
+            continue
+        if any(launches(c) for c in e.cpu_children):
+            continue
+        p, inside_kernel = e.cpu_parent, False
+        while p is not None and not inside_kernel:  # host work of an emulated launch
+            inside_kernel = p.name.startswith(EMULATED_KERNEL)
+            p = p.cpu_parent
+        if not inside_kernel:
+            out.append((e.name, context(e)))
+    return out
 
 
 class _CudaEmulation(TorchDispatchMode):

@@ -33,6 +33,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <ATen/record_function.h>
 #include <c10/core/Device.h>
 #include <cstdlib>
 #include <c10/util/Exception.h>
@@ -292,21 +293,41 @@ void run_grid(dim3 grid, dim3 block, const F& body) {
 // kernel<<<grid, block>>>(args...) as launch(kernel, grid, block)(args...): the arguments are
 // converted to the kernel's parameter types once, and every thread calls the kernel with them
 // (by-value parameters: each thread gets its own copy, as on a GPU).
+// Each launch is also a torch.profiler event, "cuda_emu_kernel: <the kernel expression> in
+// <the launching function> (line <the launch's line in gated_ops_cuda.cu>)", so a profile of an
+// emulated step lists the kernels a GPU would run, in order (gated_ops.testing.kernel_census).
 template <typename... P>
 struct Launch {
   void (*kernel)(P...);
+  std::string name;
   dim3 grid, block;
   template <typename... A>
   void operator()(A&&... args) const {
+    RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{});
     const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
     const auto body = [&] { std::apply(kernel, params); };
     run_grid(grid, block, body);
   }
 };
 
+// The launching function's name from the compiler's __PRETTY_FUNCTION__ at the launch (inside
+// a lambda it still begins with the enclosing function): the identifier before the first '('.
+inline std::string launcher_name(const char* pretty) {
+  std::string f(pretty);
+  f = f.substr(0, f.find('('));
+  const size_t colons = f.rfind("::");
+  f = colons == std::string::npos ? f : f.substr(colons + 2);
+  const size_t space = f.rfind(' ');
+  return space == std::string::npos ? f : f.substr(space + 1);
+}
+
 template <typename... P>
-Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block) {
-  return Launch<P...>{kernel, grid, block};
+Launch<P...> launch(void (*kernel)(P...), const char* expr, const char* pretty, int line,
+                    dim3 grid, dim3 block) {
+  return Launch<P...>{kernel,
+                      std::string("cuda_emu_kernel: ") + expr + " in " + launcher_name(pretty) +
+                          " (line " + std::to_string(line) + ")",
+                      grid, block};
 }
 
 }  // namespace gated_ops_emu
@@ -332,7 +353,8 @@ Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block) {
     if (!(cond)) ::gated_ops_emu::device_assert_failed(#cond, __FILE__, __LINE__); \
   } while (0)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
-#define GATED_LAUNCH(kernel, grid, block) ::gated_ops_emu::launch(kernel, (grid), (block))
+#define GATED_LAUNCH(kernel, grid, block)                                             \
+  ::gated_ops_emu::launch(kernel, #kernel, __PRETTY_FUNCTION__, __LINE__, (grid), (block))
 // Launchers register for CPU tensors under their own namespace (module.cpp defines its schemas).
 #define GATED_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(gated_ops_cudaemu, CPU, m)
 
