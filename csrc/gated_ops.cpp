@@ -1247,21 +1247,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
 // d/dlogits of sum_r grad_loss[r] * loss[r] + sum_{r,p} grad_path_loss[r,p] * path_loss[r,p]
 //   = w[r,p] * (softmax(logits) - onehot(target)),
 //   w[r,p] = (grad_loss[r] * gate[r,p] / sum_p gate[r,p] + grad_path_loss[r,p]) / B,
-// one pass over the logits: softmax = exp(logits - lse) with the forward's lse.
-Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& grad_pl_,
+// one pass over the logits: softmax = exp(logits - lse) with the forward's lse. A missing
+// grad_loss or grad_path_loss (an output nobody differentiates) counts as zeros.
+Tensor gated_cross_entropy_backward_cpu(const c10::optional<Tensor>& grad_loss_,
+                                        const c10::optional<Tensor>& grad_pl_,
                                         const Tensor& logits_, const Tensor& target_,
                                         const Tensor& gate_, const Tensor& lse_) {
   const Tensor logits = logits_view(logits_);
   const LogitBlocks lb(logits);
   const int64_t R = lb.R, P = lb.P, B = lb.B, C = lb.C;
-  GATED_CHECK_SHAPE("grad_loss", grad_loss_, R);
-  GATED_CHECK_SHAPE("grad_path_loss", grad_pl_, R, P);
+  if (grad_loss_) {
+    GATED_CHECK_SHAPE("grad_loss", *grad_loss_, R);
+  }
+  if (grad_pl_) {
+    GATED_CHECK_SHAPE("grad_path_loss", *grad_pl_, R, P);
+  }
   GATED_CHECK_SHAPE("target", target_, R, P, B);
   GATED_CHECK_SHAPE("gate", gate_, R, P);
   GATED_CHECK_SHAPE("lse", lse_, R, P, B);
   check_cpu_dtype(logits_, "logits");
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&grad_loss_, "grad_loss"},
-                                {&grad_pl_, "grad_path_loss"}, {&gate_, "gate"}, {&lse_, "lse"}}) {
+  const Tensor none;
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{
+                                    grad_loss_ ? &*grad_loss_ : &none, "grad_loss"},
+                                {grad_pl_ ? &*grad_pl_ : &none, "grad_path_loss"},
+                                {&gate_, "gate"}, {&lse_, "lse"}}) {
+    if (!t->defined()) continue;
     check_float(*t, name, logits_.scalar_type());
     check_same_device(*t, name, logits_);
   }
@@ -1269,8 +1279,9 @@ Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& 
               target_.scalar_type());
   check_same_device(target_, "target", logits_);
   const Tensor target = target_.contiguous(), lse = lse_.contiguous(),
-               gate = gate_.contiguous(), grad_loss = grad_loss_.contiguous(),
-               grad_pl = grad_pl_.contiguous();
+               gate = gate_.contiguous(),
+               grad_loss = grad_loss_ ? grad_loss_->contiguous() : Tensor(),
+               grad_pl = grad_pl_ ? grad_pl_->contiguous() : Tensor();
   Tensor grad = at::empty_like(logits);  // the logits' strides (a strided view stays one)
   const LogitBlocks gb(grad);
   GATED_CPU_DISPATCH(logits.scalar_type(), "gated_cross_entropy_backward_cpu", [&] {
@@ -1279,14 +1290,16 @@ Tensor gated_cross_entropy_backward_cpu(const Tensor& grad_loss_, const Tensor& 
     // opmath (float for 16-bit logits); a plain loop: (R, P) is small, and ATen ops on it cost
     // more in dispatch than in arithmetic (tens of microseconds a step).
     std::vector<opmath_t> w(R * P);
-    const scalar_t *G = gate.data_ptr<scalar_t>(), *GL = grad_loss.data_ptr<scalar_t>(),
-                   *GP = grad_pl.data_ptr<scalar_t>();
+    const scalar_t *G = gate.data_ptr<scalar_t>(),
+                   *GL = grad_loss.defined() ? grad_loss.data_ptr<scalar_t>() : nullptr,
+                   *GP = grad_pl.defined() ? grad_pl.data_ptr<scalar_t>() : nullptr;
     for (int64_t r = 0; r < R; ++r) {
       opmath_t den = 0;
       for (int64_t p = 0; p < P; ++p) den += opmath_t(G[r * P + p]);
+      const opmath_t gl = GL ? opmath_t(GL[r]) : opmath_t(0);
       for (int64_t p = 0; p < P; ++p) {
-        w[r * P + p] = (opmath_t(GL[r]) * opmath_t(G[r * P + p]) / den +
-                        opmath_t(GP[r * P + p])) / opmath_t(B);
+        w[r * P + p] = (gl * opmath_t(G[r * P + p]) / den +
+                        (GP ? opmath_t(GP[r * P + p]) : opmath_t(0))) / opmath_t(B);
       }
     }
     const scalar_t *L = logits.data_ptr<scalar_t>(), *LSE = lse.data_ptr<scalar_t>();

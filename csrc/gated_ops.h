@@ -39,7 +39,7 @@ inline void define_schemas(torch::Library& m) {
         "float momentum, float weight_decay, bool nesterov, int rounding_seed=-1) -> ()");
   m.def("gated_cross_entropy(Tensor logits, Tensor target, Tensor gate) "
         "-> (Tensor loss, Tensor path_loss, Tensor correct, Tensor lse)");
-  m.def("gated_cross_entropy_backward(Tensor grad_loss, Tensor grad_path_loss, Tensor logits, "
+  m.def("gated_cross_entropy_backward(Tensor? grad_loss, Tensor? grad_path_loss, Tensor logits, "
         "Tensor target, Tensor gate, Tensor lse) -> Tensor");
 }
 

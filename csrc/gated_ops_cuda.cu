@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #include "gated_ops.h"
@@ -939,6 +940,53 @@ __global__ void ce_forward_thread_kernel(const scalar_t* __restrict__ logits, co
   }
 }
 
+// The few-class forward with one thread per row (C <= kCeThreadClasses, B <= kCeRowsMaxB): a
+// block takes 32 paths (lane l: path blockIdx.x * 32 + l) and all their rows (warp b: row b), so
+// R*P*B threads work at once instead of R*P. At K = 100 that is 80,000 rows in 313 blocks of 256
+// threads, where ce_forward_thread_kernel runs 10,000 threads (79 blocks for 132 SMs) each
+// walking its 8 rows in a chain of dependent loads (15 us in H100 run b for 3.2 MB of logits).
+// The lanes of a warp read adjacent paths (in the k-path's strided view the J paths of a sample
+// row are adjacent in memory). Each row's statistics as row_stats_serial computes them, and the
+// path's B rows are summed in row order from shared memory: bit for bit ce_forward_thread_kernel
+// (tests/test_cuda.py compares the two; GATED_OPS_CUDA_CE=thread forces that one).
+constexpr int64_t kCeRowsMaxB = 32;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kCeRowsMaxB * kWarp)
+ce_forward_rows_kernel(const scalar_t* __restrict__ logits, const LogitBlocks lb,
+                       const int64_t* __restrict__ target, scalar_t* __restrict__ path_loss,
+                       int64_t* __restrict__ correct, scalar_t* __restrict__ lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t nll_s[kCeRowsMaxB][kWarp];
+  __shared__ int hit_s[kCeRowsMaxB][kWarp];
+  const int64_t B = lb.B, C = lb.C, paths = lb.R * lb.P;
+  const int lane = threadIdx.x % kWarp, b = threadIdx.x / kWarp;
+  const int64_t q = blockIdx.x * int64_t(kWarp) + lane;
+  if (q < paths) {
+    const scalar_t* l = logits + lb.offset(q) + b * lb.sb;
+    acc_t lse_b;
+    int64_t arg;
+    row_stats_serial(l, C, lse_b, arg);
+    const int64_t row = q * B + b;
+    const int64_t y = target[row];
+    CUDA_KERNEL_ASSERT(y >= 0 && y < C && "target: class index out of range [0, C)");
+    lse[row] = static_cast<scalar_t>(lse_b);
+    nll_s[b][lane] = lse_b - static_cast<acc_t>(l[y]);
+    hit_s[b][lane] = arg == y;
+  }
+  __syncthreads();
+  if (b == 0 && q < paths) {
+    acc_t nll_sum = 0;
+    int64_t hits = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      nll_sum += nll_s[i][lane];
+      hits += hit_s[i][lane];
+    }
+    path_loss[q] = static_cast<scalar_t>(nll_sum / static_cast<acc_t>(B));
+    correct[q] = hits;
+  }
+}
+
 // loss[r] = sum_p gate * path_loss / sum_p gate. A gate row summing to zero gives NaN: the CPU
 // kernel raises instead, which here would need a host synchronisation (documented in ops.py).
 template <typename scalar_t>
@@ -962,7 +1010,8 @@ __global__ void ce_loss_kernel(const scalar_t* __restrict__ gate,
   }
 }
 
-// w[r, p] = (grad_loss[r] * gate[r, p] / sum_p gate[r, p] + grad_path_loss[r, p]) / B
+// w[r, p] = (grad_loss[r] * gate[r, p] / sum_p gate[r, p] + grad_path_loss[r, p]) / B; a null
+// grad_loss or grad_pl counts as zeros.
 template <typename scalar_t>
 __global__ void ce_weights_kernel(const scalar_t* __restrict__ grad_loss,
                                   const scalar_t* __restrict__ grad_pl,
@@ -979,10 +1028,11 @@ __global__ void ce_weights_kernel(const scalar_t* __restrict__ grad_loss,
   if (threadIdx.x == 0) den_s = den;
   __syncthreads();
   den = den_s;
-  const acc_t gl = static_cast<acc_t>(grad_loss[r]);
+  const acc_t gl = grad_loss ? static_cast<acc_t>(grad_loss[r]) : acc_t(0);
   for (int64_t j = threadIdx.x; j < P; j += blockDim.x) {
-    wout[r * P + j] = (gl * static_cast<acc_t>(gate[r * P + j]) / den +
-                       static_cast<acc_t>(grad_pl[r * P + j])) / static_cast<acc_t>(B);
+    const acc_t gp = grad_pl ? static_cast<acc_t>(grad_pl[r * P + j]) : acc_t(0);
+    wout[r * P + j] = (gl * static_cast<acc_t>(gate[r * P + j]) / den + gp) /
+                      static_cast<acc_t>(B);
   }
 }
 
@@ -1035,6 +1085,14 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ logits, const Lo
 bool prefetch_on() {
   const char* v = std::getenv("GATED_OPS_CUDA_PREFETCH");
   return v != nullptr && v[0] == '1';
+}
+
+// GATED_OPS_CUDA_CE=thread: the few-class cross-entropy forward on ce_forward_thread_kernel (a
+// thread per path) instead of ce_forward_rows_kernel (a thread per row), for tests and A/Bs;
+// read at each launch, as above.
+bool ce_thread_forced() {
+  const char* v = std::getenv("GATED_OPS_CUDA_CE");
+  return v != nullptr && std::string(v) == "thread";
 }
 
 // Warps per block for a tile of `rows` rows at kRowsPerWarp per warp (at least 1, at most 8).
@@ -1485,7 +1543,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cuda(const Tensor
   Tensor lse = at::empty({R, P, B}, logits.options());
   if (R == 0) return {loss, path_loss, correct, lse};
   GATED_DISPATCH(logits.scalar_type(), "gated_cross_entropy_cuda", [&] {
-    if (P > 0 && C <= kCeThreadClasses) {
+    if (P > 0 && C <= kCeThreadClasses && B <= kCeRowsMaxB && !ce_thread_forced()) {
+      const int64_t blocks = (R * P + kWarp - 1) / kWarp;
+      TORCH_CHECK(blocks < std::numeric_limits<int>::max(), "gated_cross_entropy: too many paths");
+      GATED_LAUNCH(ce_forward_rows_kernel<scalar_t>, (unsigned)blocks, (unsigned)(B * kWarp))(
+          logits.data_ptr<scalar_t>(), lb, target.data_ptr<int64_t>(),
+          path_loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>(), lse.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (P > 0 && C <= kCeThreadClasses) {
       GATED_LAUNCH(ce_forward_thread_kernel<scalar_t>, flat_blocks(R * P, 128), 128)(
           logits.data_ptr<scalar_t>(), lb, target.data_ptr<int64_t>(),
           path_loss.data_ptr<scalar_t>(), correct.data_ptr<int64_t>(), lse.data_ptr<scalar_t>());
@@ -1503,14 +1568,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cuda(const Tensor
   return {loss, path_loss, correct, lse};
 }
 
-Tensor gated_cross_entropy_backward_cuda(const Tensor& grad_loss_, const Tensor& grad_pl_,
+Tensor gated_cross_entropy_backward_cuda(const c10::optional<Tensor>& grad_loss_,
+                                         const c10::optional<Tensor>& grad_pl_,
                                          const Tensor& logits_, const Tensor& target_,
                                          const Tensor& gate_, const Tensor& lse_) {
   const Tensor logits = logits_view(logits_);  // 4-D, or the k-path's strided 5-D view
   const LogitBlocks lb(logits);
   const int64_t R = lb.R, P = lb.P, B = lb.B, C = lb.C;
-  GATED_CHECK_SHAPE("grad_loss", grad_loss_, R);
-  GATED_CHECK_SHAPE("grad_path_loss", grad_pl_, R, P);
+  if (grad_loss_) {
+    GATED_CHECK_SHAPE("grad_loss", *grad_loss_, R);
+  }
+  if (grad_pl_) {
+    GATED_CHECK_SHAPE("grad_path_loss", *grad_pl_, R, P);
+  }
   GATED_CHECK_SHAPE("target", target_, R, P, B);
   GATED_CHECK_SHAPE("gate", gate_, R, P);
   GATED_CHECK_SHAPE("lse", lse_, R, P, B);
@@ -1518,13 +1588,16 @@ Tensor gated_cross_entropy_backward_cuda(const Tensor& grad_loss_, const Tensor&
     check_float(t, name, logits_.scalar_type());
     check_same_device(t, name, logits_);
   };
-  check_like_logits(grad_loss_, "grad_loss");
-  check_like_logits(grad_pl_, "grad_path_loss");
+  if (grad_loss_) check_like_logits(*grad_loss_, "grad_loss");
+  if (grad_pl_) check_like_logits(*grad_pl_, "grad_path_loss");
   check_like_logits(gate_, "gate");
   check_like_logits(lse_, "lse");
   const c10::cuda::CUDAGuard guard(logits_.device());
+  // A missing grad_loss / grad_path_loss (an output nobody differentiates) counts as zeros:
+  // no zero-filled tensor (and no fill kernel) for it.
   const Tensor target = target_.contiguous(), gate = gate_.contiguous(), lse = lse_.contiguous(),
-               grad_loss = grad_loss_.contiguous(), grad_pl = grad_pl_.contiguous();
+               grad_loss = grad_loss_ ? grad_loss_->contiguous() : Tensor(),
+               grad_pl = grad_pl_ ? grad_pl_->contiguous() : Tensor();
   Tensor grad = at::empty_like(logits);  // the logits' strides (a strided view stays one)
   if (grad.numel() == 0) return grad;
   const LogitBlocks gb(grad);
@@ -1533,7 +1606,8 @@ Tensor gated_cross_entropy_backward_cuda(const Tensor& grad_loss_, const Tensor&
   GATED_DISPATCH(logits.scalar_type(), "gated_cross_entropy_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     GATED_LAUNCH(ce_weights_kernel<scalar_t>, (unsigned)R, 1024)(
-        grad_loss.data_ptr<scalar_t>(), grad_pl.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(),
+        grad_loss.defined() ? grad_loss.data_ptr<scalar_t>() : nullptr,
+        grad_pl.defined() ? grad_pl.data_ptr<scalar_t>() : nullptr, gate.data_ptr<scalar_t>(),
         wts.data_ptr<acc_t>(), P, B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     constexpr bool kRecompute = sizeof(scalar_t) == 2;

@@ -302,15 +302,13 @@ def ce_backward(ns):
     """The backward of ``ns.gated_cross_entropy`` (shared by the compiled and Triton backends)."""
     def backward(ctx, grad_loss, grad_path_loss, _grad_correct, _grad_lse):
         logits, target, gate, lse, loss, path_loss = ctx.saved_tensors
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(loss)
-        if grad_path_loss is None:
-            grad_path_loss = torch.zeros_like(path_loss)
         grad_logits = grad_gate = None
         if ctx.needs_input_grad[0]:
+            # a None gradient (an output nobody differentiates: path_loss in training) goes to
+            # the kernel as None, read as zeros there: no zero-filled tensor, no fill kernel
             grad_logits = ns.gated_cross_entropy_backward(
                 grad_loss, grad_path_loss, logits, target, gate, lse)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] and grad_loss is not None:
             # d loss_r / d gate[r, p] = (path_loss[r, p] - loss[r]) / sum_p gate[r, p]
             grad_gate = grad_loss.unsqueeze(-1) * (path_loss - loss.unsqueeze(-1)) / gate.sum(
                 -1, keepdim=True)

@@ -413,20 +413,26 @@ def _ce_loss_kernel(gate_ptr, path_loss_ptr, loss_ptr, P, BLOCK_P: tl.constexpr)
 
 
 @triton.jit
-def _ce_weights_kernel(grad_loss_ptr, grad_pl_ptr, gate_ptr, w_ptr, P, B, BLOCK_P: tl.constexpr):
-    """w[r, p] = (grad_loss[r] * gate[r, p] / sum_p gate[r, p] + grad_path_loss[r, p]) / B."""
+def _ce_weights_kernel(grad_loss_ptr, grad_pl_ptr, gate_ptr, w_ptr, P, B, HAS_GL: tl.constexpr,
+                       HAS_GP: tl.constexpr, BLOCK_P: tl.constexpr):
+    """w[r, p] = (grad_loss[r] * gate[r, p] / sum_p gate[r, p] + grad_path_loss[r, p]) / B; a
+    missing grad_loss / grad_path_loss (HAS_GL / HAS_GP false) counts as zeros."""
     r = tl.program_id(0).to(tl.int64)
     den = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
         den += tl.load(gate_ptr + r * P + ps, mask=ps < P, other=0.0).to(tl.float32)
     d = tl.sum(den, axis=0)
-    gl = tl.load(grad_loss_ptr + r).to(tl.float32)
+    gl = 0.0
+    if HAS_GL:
+        gl = tl.load(grad_loss_ptr + r).to(tl.float32)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
         pm = ps < P
         g = tl.load(gate_ptr + r * P + ps, mask=pm, other=0.0).to(tl.float32)
-        gp = tl.load(grad_pl_ptr + r * P + ps, mask=pm, other=0.0).to(tl.float32)
+        gp = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        if HAS_GP:
+            gp = tl.load(grad_pl_ptr + r * P + ps, mask=pm, other=0.0).to(tl.float32)
         tl.store(w_ptr + r * P + ps, (gl * g / d + gp) / B, mask=pm)
 
 
@@ -886,13 +892,18 @@ def _ce_backward_impl(grad_loss, grad_path_loss, logits, target, gate, lse):
                                                                 logits, target, gate, lse)
     logits = _ce_logits(logits)
     target, gate, lse = (t.contiguous() for t in (target, gate, lse))
-    grad_loss, grad_path_loss = grad_loss.contiguous(), grad_path_loss.contiguous()
+    # a missing gradient (an output nobody differentiates) counts as zeros; the kernel then
+    # reads the gate in its place, unused
+    has_gl, has_gp = grad_loss is not None, grad_path_loss is not None
+    grad_loss = grad_loss.contiguous() if has_gl else gate
+    grad_path_loss = grad_path_loss.contiguous() if has_gp else gate
     (R, P, B, C, J), strides = _ce_layout(logits)
     grad = torch.empty_like(logits)  # the logits' strides (a strided view stays one)
     if grad.numel() == 0:
         return grad
     w = torch.empty(R, P, dtype=torch.float32, device=logits.device)
-    _ce_weights_kernel[(R,)](grad_loss, grad_path_loss, gate, w, P, B, BLOCK_P=_pow2(P, 16, 1024))
+    _ce_weights_kernel[(R,)](grad_loss, grad_path_loss, gate, w, P, B, HAS_GL=has_gl,
+                             HAS_GP=has_gp, BLOCK_P=_pow2(P, 16, 1024))
     BB, BC = _ce_blocks(B, C)
     _ce_backward_kernel[(R * P,)](logits, target, lse, w, grad, B, C, P, J, *strides,
                                   *_ce_layout(grad)[1], RECOMPUTE=logits.element_size() == 2,
@@ -983,8 +994,8 @@ def _ce_op(logits: Tensor, target: Tensor, gate: Tensor) -> tuple[Tensor, Tensor
 
 
 @torch.library.custom_op(f"{_LIB}::gated_cross_entropy_backward", mutates_args=())
-def _ce_backward_op(grad_loss: Tensor, grad_path_loss: Tensor, logits: Tensor, target: Tensor,
-                    gate: Tensor, lse: Tensor) -> Tensor:
+def _ce_backward_op(grad_loss: Optional[Tensor], grad_path_loss: Optional[Tensor],
+                    logits: Tensor, target: Tensor, gate: Tensor, lse: Tensor) -> Tensor:
     return _ce_backward_impl(grad_loss, grad_path_loss, logits, target, gate, lse)
 
 

@@ -27,9 +27,10 @@ import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
 from gated_ops.kpath import KPathNet, kpath_gate
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref, sgd_momentum_ref
-from gated_ops.testing import (SHAPES, Case, Table, assert_close, check_ce_special_values,
+from gated_ops.testing import (SHAPES, Case, Table, assert_close,
+                               check_ce_backward_missing_grads, check_ce_special_values,
                                check_strided_ce_logits, cuda_emulation, gradcheck_pathway,
-                               kpath_tables, make_inputs, replicate)
+                               kernel_census, kpath_tables, make_inputs, replicate)
 
 # Set per test by the `target` fixture: the device, the namespace holding the CUDA kernels, and
 # the layers' backend that reaches them.
@@ -267,6 +268,80 @@ def test_opcheck_cross_entropy():
         torch.library.opcheck(OPS.gated_cross_entropy_backward,
                               (torch.ones(2, device=DEVICE), torch.randn(2, 5, device=DEVICE),
                                logits.detach(), target, gate, lse.detach()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["f32", "f64", "bf16"])
+def test_cross_entropy_backward_takes_missing_gradients(dtype):
+    check_ce_backward_missing_grads(OPS, DEVICE, dtype, opcheck_context=_modes_off)
+
+
+# (R, P, B, C), or (R, I, J, B, C) for the k-path's strided view: B = 32 is the row kernel's
+# largest batch (a block of 32 x 32 threads), B = 33 takes the thread kernel on both sides; path
+# counts off multiples of 32 leave lanes of the last block idle.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
+@pytest.mark.parametrize("shape", [(2, 100, 8, 10), (1, 37, 32, 3), (3, 5, 33, 4),
+                                   (2, 3, 50, 8, 10)], ids=str)
+def test_cross_entropy_row_kernel_is_bitwise_the_thread_kernel(shape, dtype, monkeypatch):
+    """The few-class forward's thread-per-row kernel (the default) gives the bits of the
+    thread-per-path kernel (GATED_OPS_CUDA_CE=thread): loss, path losses, counts and lse,
+    including NaN rows."""
+    g = torch.Generator().manual_seed(3)
+    R, B, C = shape[0], shape[-2], shape[-1]
+    P = shape[1] * (shape[2] if len(shape) == 5 else 1)
+    if len(shape) == 5:  # the decoder output (R*I, B, J*C) viewed as (R, I, J, B, C)
+        out = 3 * torch.randn(R * shape[1], B, shape[2] * C, generator=g)
+        logits = out.to(DEVICE, dtype).view(R, shape[1], B, shape[2], C).permute(0, 1, 3, 2, 4)
+    else:
+        logits = (3 * torch.randn(*shape, generator=g)).to(DEVICE, dtype)
+        logits[0, 1, 0, 0] = float("nan")
+    target = torch.randint(0, C, (R, P, B), generator=g).to(DEVICE)
+    gate = (torch.rand(R, P, generator=g) < 0.5).to(DEVICE, dtype)
+    gate[:, 0] = 1
+    monkeypatch.delenv("GATED_OPS_CUDA_CE", raising=False)
+    rows = OPS.gated_cross_entropy(logits, target, gate)
+    monkeypatch.setenv("GATED_OPS_CUDA_CE", "thread")
+    thread = OPS.gated_cross_entropy(logits, target, gate)
+    if DEVICE == "cpu":  # the emulation names its launches: each side ran its kernel
+        def names():
+            return [n for n, _ in kernel_census(lambda: OPS.gated_cross_entropy(logits, target,
+                                                                                gate))]
+        assert any(n.startswith("ce_forward_thread_kernel") for n in names())
+        monkeypatch.delenv("GATED_OPS_CUDA_CE")
+        kernel = "ce_forward_thread_kernel" if B > 32 else "ce_forward_rows_kernel"
+        assert any(n.startswith(kernel) for n in names()), names()
+    for name, a, b in zip(("loss", "path_loss", "correct", "lse"), rows, thread):
+        assert torch.equal(a.isnan(), b.isnan()), name
+        assert torch.equal(a[~a.isnan()], b[~b.isnan()]), name
+
+
+def test_kpath_step_kernel_census():
+    """What a GPU would launch for one fused k-path training step (gated_ops.testing.
+    kernel_census over the emulated kernels; counts, not times): the cross-entropy's few-class
+    forward on the row kernel, no zero-filled gradient in its backward (path_loss is not
+    differentiated), and no more kernels than benchmarks/NOTES.md's census (25)."""
+    if DEVICE != "cpu":
+        pytest.skip("the census reads the emulated kernels' launch events")
+    K, B, D, H = 10, 8, 32, 16  # K * B > 64: the shared layers take cuBLAS, as at K = 100
+    torch.manual_seed(0)
+    net = KPathNet(K, D, H, backend=BACKEND).fuse_sgd(SGDConfig(lr=0.01, momentum=0.9))
+    xk = torch.randn(K, B, D)
+    target = torch.randint(0, 10, (1, K * K, B))
+    gate = kpath_gate(K, 3).flatten().unsqueeze(0)
+
+    def step():
+        net.loss(xk, target, gate)[0].sum().backward()
+    step()
+    census = kernel_census(step)
+    names = [n for n, _ in census]
+    assert sum(n.startswith("ce_forward_rows_kernel") for n in names) == 1, census
+    fills = [(n, where) for n, where in census
+             if n in ("aten::fill_", "aten::zero_") and "cross_entropy" in where]
+    assert not fills, census
+    # the fused encoder update: one launch, no weight gradient in memory (no bmm inside it)
+    assert sum(n.startswith("kernel in launch_wgrad") for n in names) == 1, census
+    assert len(census) <= 25, census
 
 
 @pytest.mark.parametrize("name", ["odd_decoder", "moe", "tiny_grouped"])

@@ -8,7 +8,8 @@ import torch
 
 import gated_ops
 from gated_ops.reference import gated_cross_entropy_ref
-from gated_ops.testing import assert_close, check_strided_ce_logits
+from gated_ops.testing import (assert_close, check_ce_backward_missing_grads,
+                               check_strided_ce_logits)
 
 # (R, P, B, C): float32 takes rows 8 at a time in vector lanes (B = 5, 9: partial groups) and
 # C > 64 classes in chunks
@@ -129,6 +130,14 @@ def test_backward_op_refuses_a_bad_target():
     with pytest.raises(RuntimeError, match=r"target: class index 5 out of range \[0, 5\)"):
         torch.ops.gated_ops.gated_cross_entropy_backward(
             torch.ones(2, dtype=l.dtype), torch.zeros_like(pl), l.detach(), bad, g.detach(), lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
+def test_backward_op_takes_missing_gradients(dtype):
+    """autograd hands None for the outputs nobody differentiates (path_loss in training): the
+    backward op reads a None as zeros, so the step allocates and fills no zero tensor."""
+    check_ce_backward_missing_grads(torch.ops.gated_ops, "cpu", dtype)
 
 
 def test_backward_of_ungated_paths_is_zero_and_still_propagates_nan():

@@ -26,7 +26,8 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import gated_ops  # noqa: E402
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref  # noqa: E402
-from gated_ops.testing import (SHAPES, Case, assert_close, check_ce_special_values,  # noqa: E402
+from gated_ops.testing import (SHAPES, Case, assert_close,  # noqa: E402
+                               check_ce_backward_missing_grads, check_ce_special_values,
                                make_inputs)
 
 if not ON_GPU and not isinstance(triton_ops._ztile_kernel, InterpretedFunction):
@@ -154,6 +155,11 @@ def test_gated_cross_entropy_matches_reference(shape, dtype):
 
 def test_gated_cross_entropy_nan_inf_ties_and_zero_gate():
     check_ce_special_values(triton_ops.gated_cross_entropy, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cross_entropy_backward_takes_missing_gradients(dtype):
+    check_ce_backward_missing_grads(torch.ops.gated_ops_triton, DEVICE, dtype)
 
 
 def test_opcheck_gated_cross_entropy():
