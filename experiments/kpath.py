@@ -438,13 +438,19 @@ class GroupTrainer:
         static_next = torch.zeros_like(static_idx)
         enc = (torch.empty(self.R * self.K, c.batch_size, c.hidden, device=self.device,
                            dtype=net.encoder.weight.dtype) if lookahead else None)
+        seed: Tensor | None = None  # d(sum of the replicas' losses)/d loss, allocated once
 
         def body() -> None:
+            nonlocal seed
             xk, target = self.data.batch("train", static_idx)
             ahead = None if enc is None else (
                 self.data.batch("train", static_next, targets=False)[0], enc)
             loss, path_loss, correct = net.loss(xk, target, self.gate, lookahead=ahead)
-            loss.sum().backward()  # the fused SGD steps every layer
+            if seed is None:  # (first called eagerly: before any capture)
+                seed = torch.ones_like(loss)
+            # the fused SGD steps every layer; loss.sum().backward() to the bit, without the
+            # sum's kernel and the fill of its gradient's seed
+            loss.backward(seed)
             self.acc_loss += path_loss.detach()
             self.acc_correct += correct
 
