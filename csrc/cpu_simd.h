@@ -56,7 +56,8 @@ namespace simd {
 // smaller than the spacing of bfloat16 still moves the weight on average. The random bits are
 // a hash of (seed, element index): deterministic, independent of the thread count, and
 // reproduced by gated_ops.reference.round_stochastic_bf16.
-// (U: uint32_t, or a vector of them.) "lowbias32", from C. Wellons' integer hash prospector.
+// (U: uint32_t, or a vector of them: gated_ops::hash32 in gated_ops.h, lane by lane; the seed's
+// mix is gated_ops::seed_mix there.)
 template <typename U>
 GATED_INLINE U hash32(U x) {
   x ^= x >> 16;
@@ -66,7 +67,6 @@ GATED_INLINE U hash32(U x) {
   x ^= x >> 16;
   return x;
 }
-inline uint32_t seed_mix(int64_t seed) { return hash32<uint32_t>(uint32_t(seed) ^ 0x5bd1e995u); }
 // The body of the float exp of the cross-entropy (gated_ops.cpp expf_poly, and exp8 below):
 // with n = floor(x / ln 2 + 1/2) for the clamped x, exp(x) = 2^n * exp_core(x, n), from Cephes'
 // range reduction by ln 2 in two parts and its degree-6 polynomial (T: float or a vector).

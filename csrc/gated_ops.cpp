@@ -671,20 +671,6 @@ std::tuple<Tensor, Tensor> pathway_grad_x_gate_cpu(const Tensor& grad_y_, const 
 // The hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time
 // (GATED_TARGET_CLONES, cpu_simd.h), since the rest of the build targets baseline x86-64.
 
-// How an updated weight is stored: rounded to nearest, or (bfloat16 weights, rounding_seed >= 0)
-// stochastically with the random bits of (seed, element index); see simd::bf16_stochastic.
-struct Rounding {
-  bool stochastic = false;
-  uint32_t mix = 0;
-};
-// The rounding of a step with this seed; stochastic rounding is for bfloat16 parameters only.
-Rounding rounding_for(int64_t rounding_seed, const Tensor& param, const char* what) {
-  TORCH_CHECK(rounding_seed < 0 || param.scalar_type() == at::kBFloat16,
-              "rounding_seed: stochastic rounding (rounding_seed >= 0) is for bfloat16 ", what,
-              ", got ", param.scalar_type(), " (pass -1: round to nearest)");
-  return {rounding_seed >= 0, simd::seed_mix(rounding_seed)};
-}
-
 template <typename scalar_t, typename opmath_t>
 inline void store_weight(scalar_t* w, opmath_t v, int64_t index, const Rounding& rd) {
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {

@@ -248,4 +248,33 @@ inline void check_grad_z(const at::Tensor& dz, const Plan& p, int64_t B, int64_t
               ") for this plan, batch and D_out, got ", dz.sizes());
 }
 
+// Stochastic rounding of a bfloat16 parameter's update (rounding_seed >= 0): the random bits of
+// element i are hash32(uint32(i) + mix) mod 2^16, mix = seed_mix(seed), added below the kept
+// mantissa before truncation (cpu_simd.h bf16_stochastic, the CUDA kernels' round_param,
+// triton_ops.py and reference.round_stochastic_bf16 compute the same bits). "lowbias32", from
+// C. Wellons' integer hash prospector.
+C10_HOST_DEVICE inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+inline uint32_t seed_mix(int64_t seed) { return hash32(uint32_t(seed) ^ 0x5bd1e995u); }
+
+// How an updated parameter is stored: rounded to nearest, or (bfloat16 parameters,
+// rounding_seed >= 0) stochastically with the random bits of (seed, element index).
+struct Rounding {
+  bool stochastic = false;
+  uint32_t mix = 0;
+};
+// The rounding of a step with this seed; what: "weights" or "biases", for the error.
+inline Rounding rounding_for(int64_t rounding_seed, const at::Tensor& param, const char* what) {
+  TORCH_CHECK(rounding_seed < 0 || param.scalar_type() == at::kBFloat16,
+              "rounding_seed: stochastic rounding (rounding_seed >= 0) is for bfloat16 ", what,
+              ", got ", param.scalar_type(), " (pass -1: round to nearest)");
+  return {rounding_seed >= 0, seed_mix(rounding_seed)};
+}
+
 }  // namespace gated_ops

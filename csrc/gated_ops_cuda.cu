@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -188,6 +189,7 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int la
 struct SgdArgs {
   double lr, momentum, weight_decay;
   bool nesterov;
+  Rounding rounding;  // bfloat16 parameters: stochastic rounding of the stored value
 };
 
 template <typename acc_t>
@@ -200,6 +202,25 @@ __device__ __forceinline__ acc_t sgd_value(acc_t w, acc_t g, acc_t& mb, bool has
     g = s.nesterov ? g + mom * mb : mb;
   }
   return w - acc_t(s.lr) * g;
+}
+
+// The stored value of an updated parameter element (flat index `index` in the parameter):
+// rounded to nearest, or for bfloat16 with stochastic rounding, the float's bits plus 16 random
+// bits of (seed, index), truncated: bit for bit simd::bf16_stochastic (the CPU kernels) and
+// reference.round_stochastic_bf16. (The momentum buffer is always rounded to nearest.)
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t round_param(acc_t v, int64_t index, const Rounding& r) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (r.stochastic) {
+      const float f = static_cast<float>(v);
+      uint32_t u;
+      memcpy(&u, &f, sizeof(u));
+      const uint32_t bits = hash32(uint32_t(index) + r.mix) & 0xffffu;
+      return at::BFloat16(f != f ? uint16_t(0x7fc0) : uint16_t((u + bits) >> 16),
+                          at::BFloat16::from_bits());
+    }
+  }
+  return static_cast<scalar_t>(v);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -688,7 +709,18 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4
         w[i][v] = sgd_value(w[i][v], acc[i][v], mb[i][v], a.buf != nullptr, a.sgd);
       }
       const int64_t off = (m * a.Do + o0 + i) * a.Di + d;
-      store_vec<VEC>(a.out + off, w[i]);
+      if (std::is_same_v<scalar_t, at::BFloat16> && a.sgd.rounding.stochastic) {
+        // w[i] becomes the stored values (the lookahead below dots what was stored)
+        Pack<scalar_t, VEC> pk;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          pk.v[v] = round_param<scalar_t>(w[i][v], off + v, a.sgd.rounding);
+          w[i][v] = static_cast<acc_t>(pk.v[v]);
+        }
+        *reinterpret_cast<Pack<scalar_t, VEC>*>(a.out + off) = pk;
+      } else {
+        store_vec<VEC>(a.out + off, w[i]);
+      }
       if (a.buf) store_vec<VEC>(a.buf + off, mb[i]);
     }
     if constexpr (kLook) {
@@ -751,8 +783,9 @@ __global__ void sgd_kernel(scalar_t* __restrict__ w, scalar_t* __restrict__ buf,
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     acc_t mb = buf ? static_cast<acc_t>(buf[i]) : acc_t(0);
-    w[i] = static_cast<scalar_t>(
-        sgd_value(static_cast<acc_t>(w[i]), static_cast<acc_t>(g[i]), mb, buf != nullptr, sgd));
+    w[i] = round_param<scalar_t>(
+        sgd_value(static_cast<acc_t>(w[i]), static_cast<acc_t>(g[i]), mb, buf != nullptr, sgd),
+        i, sgd.rounding);
     if (buf) buf[i] = static_cast<scalar_t>(mb);
   }
 }
@@ -804,7 +837,7 @@ grad_bias_kernel(const Plan p, const scalar_t* __restrict__ dz, scalar_t* __rest
     if constexpr (kSGD) {  // gb is the bias
       acc_t mb = buf ? static_cast<acc_t>(buf[i]) : acc_t(0);
       const acc_t b = static_cast<acc_t>(gb[i]);
-      gb[i] = static_cast<scalar_t>(sgd_value(b, sum, mb, buf != nullptr, sgd));
+      gb[i] = round_param<scalar_t>(sgd_value(b, sum, mb, buf != nullptr, sgd), i, sgd.rounding);
       if (buf) buf[i] = static_cast<scalar_t>(mb);
     } else {
       gb[i] = static_cast<scalar_t>(sum);
@@ -1375,9 +1408,8 @@ void pathway_bias_sgd_cuda(const Tensor& dz_, const Tensor& bias,
                            const Tensor& csr, at::IntArrayRef layout, int64_t num_sources,
                            int64_t num_weights, double lr, double momentum, double weight_decay,
                            bool nesterov, int64_t rounding_seed) {
-  TORCH_CHECK(rounding_seed < 0, "rounding_seed: stochastic rounding of bfloat16 biases is "
-              "implemented in the CPU and Triton kernels; on CUDA pass -1 (round to nearest)");
   check_bias_sgd(bias, num_weights);
+  const Rounding rd = rounding_for(rounding_seed, bias, "biases");
   check_sgd_state(bias, "bias", buf, momentum, dz_);
   const c10::cuda::CUDAGuard guard(dz_.device());
   const Tensor dz = dz_.contiguous();
@@ -1387,7 +1419,7 @@ void pathway_bias_sgd_cuda(const Tensor& dz_, const Tensor& bias,
   GATED_DISPATCH(dz.scalar_type(), "pathway_bias_sgd_cuda", [&] {
     // (B == 0 or no pathway: zero gradients; decay and momentum still apply, as on the CPU)
     launch_grad_bias<scalar_t>(p, dz, bias, buf ? *buf : Tensor(), B, Do, true,
-                               SgdArgs{lr, momentum, weight_decay, nesterov});
+                               SgdArgs{lr, momentum, weight_decay, nesterov, rd});
   });
 }
 
@@ -1435,9 +1467,8 @@ void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
                       bool nesterov, int64_t rounding_seed) {
   const NoAutocast no_autocast;
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
-  TORCH_CHECK(rounding_seed < 0, "rounding_seed: stochastic rounding of bfloat16 weights is "
-              "implemented in the CPU kernels only; on CUDA pass -1 (round to nearest)");
   check_sgd_state(w, "weight", buf, momentum, x_);
+  const Rounding rd = rounding_for(rounding_seed, w, "weights");
   check_float(dz_, "grad_z", x_.scalar_type());
   check_same_device(dz_, "grad_z", x_);
   const c10::cuda::CUDAGuard guard(x_.device());
@@ -1447,7 +1478,7 @@ void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
   check_grad_z(dz, p, B, Do);
   if (w.numel() == 0) return;
   const Tensor bufv = buf ? *buf : Tensor();
-  const SgdArgs sgd{lr, momentum, weight_decay, nesterov};
+  const SgdArgs sgd{lr, momentum, weight_decay, nesterov, rd};
   GATED_DISPATCH(w.scalar_type(), "pathway_sgd_cuda", [&] {
     if (p.blocked() && p.ns * B > kSkinnyRows) {
       // cuBLAS gradient (a scratch of the weight's size), then the elementwise update.
@@ -1496,20 +1527,20 @@ Tensor pathway_sgd_lookahead_cuda(const Tensor& dz_, const Tensor& x_, const Ten
   const Tensor xn = x_next_.contiguous();
   const Plan p = dev_plan(paths, csr, layout, x_.size(0), w.size(0), x_);
   const int64_t B = x_.size(1);
-  const bool fuse = p.blocked() && p.ns * B <= kBT && xn.size(1) == B && w.numel() > 0 &&
-                    rounding_seed < 0;
+  const bool fuse = p.blocked() && p.ns * B <= kBT && xn.size(1) == B && w.numel() > 0;
   if (!fuse) {
     pathway_sgd_cuda(dz_, x_, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov,
                      rounding_seed);
     return compute_z_cublas(p, paths, xn, w);
   }
   check_sgd_state(w, "weight", buf, momentum, x_);
+  const Rounding rd = rounding_for(rounding_seed, w, "weights");
   check_float(dz_, "grad_z", x_.scalar_type());
   check_same_device(dz_, "grad_z", x_);
   const Tensor dz = dz_.contiguous(), x = x_.contiguous();
   check_grad_z(dz, p, B, w.size(1));
   const Tensor bufv = buf ? *buf : Tensor();
-  const SgdArgs sgd{lr, momentum, weight_decay, nesterov};
+  const SgdArgs sgd{lr, momentum, weight_decay, nesterov, rd};
   Tensor z;
   GATED_DISPATCH(w.scalar_type(), "pathway_sgd_lookahead_cuda", [&] {
     z = launch_wgrad<scalar_t>(p, dz, x, w, bufv, w.size(1), true, sgd, &xn);

@@ -597,13 +597,6 @@ def _distributed() -> tuple[int, int, int]:
 
 def check_device_support(cfg: KPathConfig, device: torch.device) -> None:
     """Refuse, before any data is loaded, a setting the device's kernels do not have."""
-    if (device.type != "cpu" and cfg.dtype == "bfloat16" and cfg.model == "fused"
-            and cfg.fused_sgd and cfg.rounding == "stochastic" and cfg.backend != "triton"):
-        raise ValueError("--rounding stochastic: stochastic rounding of bfloat16 weights is "
-                         "implemented in the CPU kernels and the Triton backend, not in the "
-                         "CUDA kernels; on CUDA pass --backend triton, or --rounding nearest "
-                         "(and mind experiments/README.md: small-init runs then stall), or "
-                         "--dtype float32")
     if (device.type == "cuda" and cfg.cuda_graph and cfg.dtype == "bfloat16"
             and cfg.model == "fused" and cfg.fused_sgd and cfg.rounding == "stochastic"):
         raise ValueError("--rounding stochastic with --cuda-graph true: the rounding seed of a "

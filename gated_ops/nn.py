@@ -24,9 +24,10 @@ class SGDConfig:
     in bfloat16, 3 of the 4 gain-0.03 runs of the quick k-path preset never left chance
     (experiments/README.md). The random bits hash (a per-layer seed, the step count, the element
     index): deterministic and resumable (the count is the buffer ``sgd_step``), but replicas are
-    then not bitwise equal to separate runs. In the CPU kernels and the Triton backend
-    (``backend="triton"``, bit for bit the same); a layer on the CUDA kernels raises in its first
-    backward, before any update. No effect on float32 / float64 weights.
+    then not bitwise equal to separate runs. The CPU, CUDA and Triton kernels store the same
+    bits for the same float32 step. The seed is read on the host, so a step with it cannot be
+    captured in a CUDA graph (the layer raises under capture). No effect on float32 / float64
+    weights.
     """
 
     lr: float
@@ -188,12 +189,6 @@ class GatedPathwayLinear(nn.Module):
                              "this layer's are float16")
         if self.weight.dtype != torch.bfloat16:
             return -1
-        on_cuda_kernels = self.backend == "cuda_emu" or (self.weight.device.type != "cpu"
-                                                         and self.backend != "triton")
-        if on_cuda_kernels:  # before any step
-            raise ValueError("SGDConfig.stochastic_rounding: implemented in the CPU kernels "
-                             f"and the Triton backend (backend='triton'); this layer is on "
-                             f"{self.weight.device} with backend={self.backend!r}")
         if self.weight.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("SGDConfig.stochastic_rounding: the seed of a step comes from the "
                                "step counter read on the host, so a captured CUDA graph would "

@@ -153,7 +153,7 @@ def pathway_sgd_(
     computing grad_W with ``pathway_grad_weight`` and stepping torch.optim.SGD (dampening 0)
     whose momentum buffer starts at zero (``reference.sgd_momentum_ref``). 16-bit weights and
     buffers: the step is computed in float32 and rounded once when stored; with
-    ``rounding_seed >= 0`` (bfloat16 weights, CPU) the weight is rounded stochastically
+    ``rounding_seed >= 0`` (bfloat16 weights; CPU, CUDA and Triton, the same bits) the weight is rounded stochastically
     (``reference.round_stochastic_bf16``: the seed should change every step), the buffer to
     nearest.
     """
@@ -236,8 +236,7 @@ def pathway_bias_sgd_(
     """The bias's share of the fused SGD step, in place: ``pathway_grad_bias`` (accumulated in
     float32 for 16-bit storage, not rounded) then torch.optim.SGD's step (dampening 0), one
     kernel on CUDA. Equal to ``sgd_momentum_ref(bias, grad_bias, momentum_buffer, ...)``;
-    16-bit biases and ``rounding_seed`` as in :func:`pathway_sgd_` (stochastic rounding on the
-    CPU and in Triton)."""
+    16-bit biases and ``rounding_seed`` as in :func:`pathway_sgd_`."""
     _ops.pathway_bias_sgd_(grad_z, bias, momentum_buffer, plan.paths, plan.csr,
                            list(plan.layout), plan.num_sources, plan.num_weights, lr, momentum,
                            weight_decay, nesterov, rounding_seed)

@@ -620,28 +620,96 @@ def test_triton_stochastic_rounding_trains_eagerly_and_refuses_graph_capture():
             m(x).sum().backward()
 
 
-def test_cuda_refuses_stochastic_rounding_before_any_layer_steps():
-    """Stochastic rounding of bfloat16 weights exists in the CPU kernels and the Triton backend,
-    not in the CUDA kernels: a module on them raises in the first backward, before it or any
-    other layer has stepped, and the raw op refuses rounding_seed >= 0."""
-    m = GatedPathwayLinear.batched(2, 8, 4, device=DEVICE, dtype=torch.bfloat16, backend=BACKEND)
-    m.fuse_sgd(SGDConfig(lr=0.1, momentum=0.9, stochastic_rounding=True))
-    w0 = m.weight.detach().clone()
-    with pytest.raises(ValueError, match="implemented in the CPU kernels and the Triton backend"):
-        m(torch.randn(2, 3, 8, device=DEVICE, dtype=torch.bfloat16)).sum().backward()
-    assert torch.equal(m.weight, w0)
-    plan = m.plan
-    with pytest.raises(RuntimeError, match="rounding_seed: stochastic rounding"):
-        gated_ops.pathway_sgd_(torch.zeros(plan.z_shape(3, 4), device=DEVICE,
-                                           dtype=torch.bfloat16),
-                               torch.zeros(2, 3, 8, device=DEVICE, dtype=torch.bfloat16),
-                               m.weight.detach(), m.weight_momentum, plan, lr=0.1, momentum=0.9,
-                               rounding_seed=0)
-    with pytest.raises(RuntimeError, match="rounding_seed: stochastic rounding"):
-        gated_ops.pathway_bias_sgd_(torch.zeros(plan.z_shape(3, 4), device=DEVICE,
-                                                dtype=torch.bfloat16),
-                                    m.bias.detach(), m.bias_momentum, plan, lr=0.1, momentum=0.9,
-                                    rounding_seed=0)
+def _sr_plan(kind: str):
+    """(plan, B) for the stochastic-rounding tests: each kind takes another path of the update."""
+    mk = gated_ops.make_plan
+    if kind == "skinny":  # encoders: 5 rows per weight, the fused kernel with one chunk
+        return mk(range(3), range(3), range(3), num_sources=3, num_weights=3, num_dst=3), 5
+    if kind == "chunked":  # fan-out, 2 sources x 3 weights: 10 rows per weight, chunked sums
+        return mk([0, 0, 0, 1, 1, 1], [0, 1, 2, 0, 1, 2], range(6), num_sources=2,
+                  num_weights=3, num_dst=6), 5
+    if kind == "grouped":
+        return mk([0, 0, 1], [0, 1, 1], [0, 1, 0], num_sources=2, num_weights=2, num_dst=2), 5
+    # wide: one weight shared by 12 sources of 8 rows (96 > 64: cuBLAS, then the update kernel)
+    return mk(range(12), [0] * 12, range(12), num_sources=12, num_weights=1, num_dst=12), 8
+
+
+@pytest.mark.parametrize("kind", ["skinny", "chunked", "grouped", "wide"])
+def test_stochastic_rounding_is_bitwise_the_cpu_kernels(kind):
+    """bfloat16 weights and biases with rounding_seed >= 0: the CUDA kernels (the fused
+    skinny update, one chunk or chunked, grouped, the cuBLAS gradient then the update kernel of
+    wide blocks, the bias sum's step, the lookahead's update) store bit for bit the CPU kernels'
+    bits: the exact float32 step rounded by reference.round_stochastic_bf16, the momentum
+    rounded to nearest. Integer dZ and x and weights on a 2^-6 grid make the gradient and the
+    step exact in any summation order, so every comparison of parameters is bitwise."""
+    from gated_ops.reference import round_stochastic_bf16
+
+    plan, B = _sr_plan(kind)
+    S, M, Di, Do = plan.num_sources, plan.num_weights, 37, 6
+    lay, g = list(plan.layout), torch.Generator().manual_seed(3)
+    bf = torch.bfloat16
+    x = torch.randint(-1, 2, (S, B, Di), generator=g).to(bf)
+    xn = torch.randint(-1, 2, (S, B, Di), generator=g).to(bf)
+    dz = torch.randint(-1, 2, plan.z_shape(B, Do), generator=g).to(bf)
+    w0 = (torch.randint(-64, 65, (M, Do, Di), generator=g) / 64).to(bf)
+    b0 = (torch.randint(-64, 65, (M, Do), generator=g) / 64).to(bf)
+    lr, mom, seed = 2.0 ** -10, 0.5, 1234
+    with _modes_off():
+        gw = torch.ops.gated_ops.pathway_grad_weight(dz.float(), x.float(), plan.paths,
+                                                     plan.csr, lay, M, Do)
+        gb = torch.ops.gated_ops.pathway_grad_bias(dz.float(), plan.paths, plan.csr, lay, S, M,
+                                                   Do)
+    expect_w = round_stochastic_bf16(w0.float() - lr * gw, seed)
+    expect_b = round_stochastic_bf16(b0.float() - lr * gb, seed + 1)
+    assert not torch.equal(expect_w, (w0.float() - lr * gw).to(bf))  # rounding matters here
+    dev = plan.to(DEVICE)
+    results = {}
+    ops = torch.ops.gated_ops  # the target's kernels inside the emulation's mode, else the CPU's
+    for name, mode, d, p in (("target", contextlib.nullcontext, DEVICE, dev),
+                             ("cpu", _modes_off, "cpu", plan)):
+        with mode():
+            w, wbuf = w0.clone().to(d), torch.zeros(M, Do, Di, dtype=bf, device=d)
+            b, bbuf = b0.clone().to(d), torch.zeros(M, Do, dtype=bf, device=d)
+            ops.pathway_sgd_(dz.to(d), x.to(d), w, wbuf, p.paths, p.csr, lay, lr, mom, 0.0,
+                             False, seed)
+            ops.pathway_bias_sgd_(dz.to(d), b, bbuf, p.paths, p.csr, lay, S, M, lr, mom, 0.0,
+                                  False, seed + 1)
+            wl, wlbuf = w0.clone().to(d), torch.zeros(M, Do, Di, dtype=bf, device=d)
+            zn = ops.pathway_sgd_lookahead_(dz.to(d), x.to(d), wl, wlbuf, p.paths, p.csr, lay,
+                                            lr, mom, 0.0, False, seed, xn.to(d))
+        results[name] = [t.cpu() for t in (w, wbuf, b, bbuf, wl, wlbuf, zn)]
+        assert torch.equal(results[name][0].view(torch.int16), expect_w.view(torch.int16)), name
+        assert torch.equal(results[name][2].view(torch.int16), expect_b.view(torch.int16)), name
+        assert torch.equal(results[name][1], gw.to(bf)) and torch.equal(results[name][3],
+                                                                       gb.to(bf)), name
+        assert torch.equal(results[name][4].view(torch.int16), expect_w.view(torch.int16)), name
+        assert torch.equal(results[name][5], gw.to(bf)), name
+    # The lookahead's Z is the forward of the stored (stochastically rounded) weights. Those are
+    # multiples of 2^-10 below 2 and x is in {-1, 0, 1}, so Z's float32 sums are exact in any
+    # order and rounded once: bitwise comparisons again.
+    z_ref = pathway_matmul_ref(xn.double(), expect_w.double(), None, None, plan.src, plan.wgt,
+                               plan.dst, plan.num_dst).to(bf)
+    if plan.z_is_y:  # Z is y without the bias
+        assert torch.equal(results["target"][6].view_as(z_ref), z_ref)
+    assert torch.equal(results["target"][6], results["cpu"][6])
+
+
+def test_stochastic_rounding_is_for_bfloat16_parameters_on_cuda():
+    """rounding_seed >= 0 on float32 / float16 parameters is refused with the CPU op's words."""
+    plan, B = _sr_plan("skinny")
+    dev = plan.to(DEVICE)
+    lay = list(plan.layout)
+    for dt in (torch.float32, torch.float16):
+        x = torch.zeros(3, B, 8, device=DEVICE, dtype=dt)
+        dz = torch.zeros(plan.z_shape(B, 4), device=DEVICE, dtype=dt)
+        w, b = torch.zeros(3, 4, 8, device=DEVICE, dtype=dt), torch.zeros(3, 4, device=DEVICE,
+                                                                         dtype=dt)
+        with pytest.raises(RuntimeError, match="stochastic rounding .* is for bfloat16 weights"):
+            torch.ops.gated_ops.pathway_sgd_(dz, x, w, None, dev.paths, dev.csr, lay, 0.1, 0.0,
+                                             0.0, False, 0)
+        with pytest.raises(RuntimeError, match="stochastic rounding .* is for bfloat16 biases"):
+            torch.ops.gated_ops.pathway_bias_sgd_(dz, b, None, dev.paths, dev.csr, lay, 3, 3, 0.1,
+                                                  0.0, 0.0, False, 0)
 
 
 @pytest.mark.gpu
