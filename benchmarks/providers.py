@@ -116,7 +116,7 @@ KPATH_CASES = [
               group="replicas", modes=("step",)),
     KPathCase("mnist-K100-B8-H1024-R6", "mnist", 100, 8, 784, 1024, R=6, size="large",
               group="replicas", modes=("step",)),
-    # bfloat16 storage (fp32 arithmetic; ours: stochastic rounding of the update on the CPU),
+    # bfloat16 storage (fp32 arithmetic; ours: stochastic rounding of the update),
     # reported apart from float32, never in its place
     KPathCase("tiny-K4-B2-D16-H8-bf16", "mnist", 4, 2, 16, 8, size="tiny", group="tiny",
               modes=("step",), dtype="bfloat16"),
@@ -469,9 +469,8 @@ class FusedKPath(KPathProvider):
                  lookahead: bool | None = None):
         super().__init__(data, net)
         self.name = name
-        if mode == "step":  # bfloat16: stochastic rounding where the kernels have it (CPU, Triton)
-            sr = net.encoder.weight.dtype == torch.bfloat16 and (
-                data.device.type == "cpu" or net.backend == "triton")
+        if mode == "step":  # bfloat16: stochastic rounding (every backend has it)
+            sr = net.encoder.weight.dtype == torch.bfloat16
             net.fuse_sgd(SGDConfig(lr=LR, momentum=MOMENTUM, stochastic_rounding=sr))
         # The next batch's encoder forward inside this step's update (KPathNet.lookahead):
         # where the fused kernel is (CPU); elsewhere it would be the same two ops. The batch is

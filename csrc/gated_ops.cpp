@@ -805,12 +805,13 @@ constexpr int64_t kSkinnyRows = 64;
 Tensor sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
                const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
                at::IntArrayRef layout, double lr, double momentum, double weight_decay,
-               bool nesterov, int64_t rounding_seed, const Tensor* x_next_) {
+               bool nesterov, int64_t rounding_seed, const c10::optional<Tensor>& rounding_step,
+               const Tensor* x_next_) {
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
   const NoAutocast no_autocast;
   check_sgd_state(w, "weight", buf, momentum, x_);
   if (x_next_) check_x_next(*x_next_, x_);
-  const Rounding rd = rounding_for(rounding_seed, w, "weights");
+  const Rounding rd = rounding_for(rounding_seed, rounding_step, w, "weights").resolved();
   check_float(dz_, "grad_z", x_.scalar_type());
   const Tensor dz = dz_.contiguous(), x = x_.contiguous();
   const Plan p = cpu_plan(paths, csr, layout, x.size(0), w.size(0), x);
@@ -966,9 +967,10 @@ Tensor sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
 void pathway_sgd_cpu(const Tensor& dz, const Tensor& x, const Tensor& w,
                      const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
                      at::IntArrayRef layout, double lr, double momentum, double weight_decay,
-                     bool nesterov, int64_t rounding_seed) {
+                     bool nesterov, int64_t rounding_seed,
+                     const c10::optional<Tensor>& rounding_step) {
   sgd_cpu(dz, x, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov, rounding_seed,
-          nullptr);
+          rounding_step, nullptr);
 }
 
 // pathway_sgd_ and then Z_next = every pathway's pre-gate output for x_next from the updated
@@ -978,9 +980,10 @@ Tensor pathway_sgd_lookahead_cpu(const Tensor& dz, const Tensor& x, const Tensor
                                  const c10::optional<Tensor>& buf, const Tensor& paths,
                                  const Tensor& csr, at::IntArrayRef layout, double lr,
                                  double momentum, double weight_decay, bool nesterov,
-                                 int64_t rounding_seed, const Tensor& x_next) {
+                                 int64_t rounding_seed, const Tensor& x_next,
+                                 const c10::optional<Tensor>& rounding_step) {
   return sgd_cpu(dz, x, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov,
-                 rounding_seed, &x_next);
+                 rounding_seed, rounding_step, &x_next);
 }
 
 // The bias's share of the fused SGD step: grad_bias (pathway_grad_bias, accumulated in float for
@@ -988,10 +991,11 @@ Tensor pathway_sgd_lookahead_cpu(const Tensor& dz, const Tensor& x, const Tensor
 void pathway_bias_sgd_cpu(const Tensor& dz_, const Tensor& bias, const c10::optional<Tensor>& buf,
                           const Tensor& paths, const Tensor& csr, at::IntArrayRef layout,
                           int64_t num_sources, int64_t num_weights, double lr, double momentum,
-                          double weight_decay, bool nesterov, int64_t rounding_seed) {
+                          double weight_decay, bool nesterov, int64_t rounding_seed,
+                          const c10::optional<Tensor>& rounding_step) {
   check_bias_sgd(bias, num_weights);
   check_sgd_state(bias, "bias", buf, momentum, dz_);
-  const Rounding rd = rounding_for(rounding_seed, bias, "biases");
+  const Rounding rd = rounding_for(rounding_seed, rounding_step, bias, "biases").resolved();
   const auto op_type = at::isReducedFloatingType(dz_.scalar_type()) ? at::kFloat
                                                                      : dz_.scalar_type();
   const Tensor gb = grad_bias_sums(dz_, paths, csr, layout, num_sources, num_weights,

@@ -29,14 +29,15 @@ inline void define_schemas(torch::Library& m) {
         "Tensor paths, Tensor csr, int[] layout) -> (Tensor grad_x, Tensor grad_gate)");
   m.def("pathway_sgd_(Tensor grad_z, Tensor x, Tensor(a!) weight, Tensor(b!)? momentum_buffer, "
         "Tensor paths, Tensor csr, int[] layout, float lr, float momentum, float weight_decay, "
-        "bool nesterov, int rounding_seed=-1) -> ()");
+        "bool nesterov, int rounding_seed=-1, Tensor? rounding_step=None) -> ()");
   m.def("pathway_sgd_lookahead_(Tensor grad_z, Tensor x, Tensor(a!) weight, "
         "Tensor(b!)? momentum_buffer, Tensor paths, Tensor csr, int[] layout, float lr, "
-        "float momentum, float weight_decay, bool nesterov, int rounding_seed, Tensor x_next) "
-        "-> Tensor");
+        "float momentum, float weight_decay, bool nesterov, int rounding_seed, Tensor x_next, "
+        "Tensor? rounding_step=None) -> Tensor");
   m.def("pathway_bias_sgd_(Tensor grad_z, Tensor(a!) bias, Tensor(b!)? momentum_buffer, "
         "Tensor paths, Tensor csr, int[] layout, int num_sources, int num_weights, float lr, "
-        "float momentum, float weight_decay, bool nesterov, int rounding_seed=-1) -> ()");
+        "float momentum, float weight_decay, bool nesterov, int rounding_seed=-1, "
+        "Tensor? rounding_step=None) -> ()");
   m.def("gated_cross_entropy(Tensor logits, Tensor target, Tensor gate) "
         "-> (Tensor loss, Tensor path_loss, Tensor correct, Tensor lse)");
   m.def("gated_cross_entropy_backward(Tensor? grad_loss, Tensor? grad_path_loss, Tensor logits, "
@@ -261,20 +262,57 @@ C10_HOST_DEVICE inline uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
   return x;
 }
-inline uint32_t seed_mix(int64_t seed) { return hash32(uint32_t(seed) ^ 0x5bd1e995u); }
+C10_HOST_DEVICE inline uint32_t seed_mix(int64_t seed) {
+  return hash32(uint32_t(seed) ^ 0x5bd1e995u);
+}
+// The seed of step `step` of a stream of seeds (the ops' rounding_step): (step * 0x9E3779B1 +
+// seed) mod 2^31, as reference.rounding_seed_at computes it. (Modulo 2^31, only the low 32 bits
+// of step and seed matter.)
+C10_HOST_DEVICE inline uint32_t seed_at(int64_t seed, int64_t step) {
+  return (uint32_t(step) * 0x9E3779B1u + uint32_t(seed)) & 0x7FFFFFFFu;
+}
 
 // How an updated parameter is stored: rounded to nearest, or (bfloat16 parameters,
-// rounding_seed >= 0) stochastically with the random bits of (seed, element index).
+// rounding_seed >= 0) stochastically with the random bits of (seed, element index). With a
+// rounding_step tensor, the seed is seed_at(seed, step), the step read where the kernel runs
+// (`step` points to it: device memory for the CUDA kernels), so that a captured CUDA graph
+// draws new bits at every replay as the caller's counter advances.
 struct Rounding {
   bool stochastic = false;
-  uint32_t mix = 0;
+  uint32_t mix = 0;               // seed_mix(seed) when step is null
+  const int64_t* step = nullptr;  // else the mix is seed_mix(seed_at(seed, *step))
+  int64_t seed = 0;
+  // The rounding with the step read: mix set, step null.
+  C10_HOST_DEVICE Rounding resolved() const {
+    Rounding r = *this;
+    if (stochastic && step != nullptr) {
+      r.mix = seed_mix(seed_at(seed, *step));
+      r.step = nullptr;
+    }
+    return r;
+  }
 };
-// The rounding of a step with this seed; what: "weights" or "biases", for the error.
-inline Rounding rounding_for(int64_t rounding_seed, const at::Tensor& param, const char* what) {
+// The rounding of a step with this seed (and step tensor); what: "weights" or "biases", for the
+// error. The step stays a pointer to read where the kernel runs: on the CPU, the caller
+// resolves it at once.
+inline Rounding rounding_for(int64_t rounding_seed, const c10::optional<at::Tensor>& step,
+                             const at::Tensor& param, const char* what) {
   TORCH_CHECK(rounding_seed < 0 || param.scalar_type() == at::kBFloat16,
               "rounding_seed: stochastic rounding (rounding_seed >= 0) is for bfloat16 ", what,
               ", got ", param.scalar_type(), " (pass -1: round to nearest)");
-  return {rounding_seed >= 0, seed_mix(rounding_seed)};
+  if (step) {
+    TORCH_CHECK(step->scalar_type() == at::kLong && step->numel() == 1,
+                "rounding_step: expected an int64 tensor of one element (the step count), got ",
+                step->scalar_type(), " of shape ", step->sizes());
+    TORCH_CHECK(step->device() == param.device(), "rounding_step: expected a tensor on the ",
+                what, "' device, ", param.device(), ", got ", step->device());
+  }
+  Rounding r{rounding_seed >= 0, seed_mix(rounding_seed)};
+  if (r.stochastic && step) {
+    r.step = step->const_data_ptr<int64_t>();
+    r.seed = rounding_seed;
+  }
+  return r;
 }
 
 }  // namespace gated_ops

@@ -207,7 +207,8 @@ __device__ __forceinline__ acc_t sgd_value(acc_t w, acc_t g, acc_t& mb, bool has
 // The stored value of an updated parameter element (flat index `index` in the parameter):
 // rounded to nearest, or for bfloat16 with stochastic rounding, the float's bits plus 16 random
 // bits of (seed, index), truncated: bit for bit simd::bf16_stochastic (the CPU kernels) and
-// reference.round_stochastic_bf16. (The momentum buffer is always rounded to nearest.)
+// reference.round_stochastic_bf16. (The momentum buffer is always rounded to nearest.) `r` is
+// resolved (Rounding::resolved: the step tensor read once per thread, not per element).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ scalar_t round_param(acc_t v, int64_t index, const Rounding& r) {
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -711,10 +712,11 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4
       const int64_t off = (m * a.Do + o0 + i) * a.Di + d;
       if (std::is_same_v<scalar_t, at::BFloat16> && a.sgd.rounding.stochastic) {
         // w[i] becomes the stored values (the lookahead below dots what was stored)
+        const Rounding rd = a.sgd.rounding.resolved();
         Pack<scalar_t, VEC> pk;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          pk.v[v] = round_param<scalar_t>(w[i][v], off + v, a.sgd.rounding);
+          pk.v[v] = round_param<scalar_t>(w[i][v], off + v, rd);
           w[i][v] = static_cast<acc_t>(pk.v[v]);
         }
         *reinterpret_cast<Pack<scalar_t, VEC>*>(a.out + off) = pk;
@@ -780,12 +782,13 @@ template <typename scalar_t>
 __global__ void sgd_kernel(scalar_t* __restrict__ w, scalar_t* __restrict__ buf,
                            const scalar_t* __restrict__ g, int64_t n, const SgdArgs sgd) {
   using acc_t = at::opmath_type<scalar_t>;
+  const Rounding rd = sgd.rounding.resolved();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     acc_t mb = buf ? static_cast<acc_t>(buf[i]) : acc_t(0);
     w[i] = round_param<scalar_t>(
         sgd_value(static_cast<acc_t>(w[i]), static_cast<acc_t>(g[i]), mb, buf != nullptr, sgd),
-        i, sgd.rounding);
+        i, rd);
     if (buf) buf[i] = static_cast<scalar_t>(mb);
   }
 }
@@ -837,7 +840,8 @@ grad_bias_kernel(const Plan p, const scalar_t* __restrict__ dz, scalar_t* __rest
     if constexpr (kSGD) {  // gb is the bias
       acc_t mb = buf ? static_cast<acc_t>(buf[i]) : acc_t(0);
       const acc_t b = static_cast<acc_t>(gb[i]);
-      gb[i] = round_param<scalar_t>(sgd_value(b, sum, mb, buf != nullptr, sgd), i, sgd.rounding);
+      gb[i] = round_param<scalar_t>(sgd_value(b, sum, mb, buf != nullptr, sgd), i,
+                                    sgd.rounding.resolved());
       if (buf) buf[i] = static_cast<scalar_t>(mb);
     } else {
       gb[i] = static_cast<scalar_t>(sum);
@@ -1407,9 +1411,10 @@ void pathway_bias_sgd_cuda(const Tensor& dz_, const Tensor& bias,
                            const c10::optional<Tensor>& buf, const Tensor& paths,
                            const Tensor& csr, at::IntArrayRef layout, int64_t num_sources,
                            int64_t num_weights, double lr, double momentum, double weight_decay,
-                           bool nesterov, int64_t rounding_seed) {
+                           bool nesterov, int64_t rounding_seed,
+                           const c10::optional<Tensor>& rounding_step) {
   check_bias_sgd(bias, num_weights);
-  const Rounding rd = rounding_for(rounding_seed, bias, "biases");
+  const Rounding rd = rounding_for(rounding_seed, rounding_step, bias, "biases");
   check_sgd_state(bias, "bias", buf, momentum, dz_);
   const c10::cuda::CUDAGuard guard(dz_.device());
   const Tensor dz = dz_.contiguous();
@@ -1464,11 +1469,12 @@ Tensor pathway_grad_gate_cuda(const Tensor& grad_y_, const Tensor& x_, const Ten
 void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
                       const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
                       at::IntArrayRef layout, double lr, double momentum, double weight_decay,
-                      bool nesterov, int64_t rounding_seed) {
+                      bool nesterov, int64_t rounding_seed,
+                      const c10::optional<Tensor>& rounding_step) {
   const NoAutocast no_autocast;
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
   check_sgd_state(w, "weight", buf, momentum, x_);
-  const Rounding rd = rounding_for(rounding_seed, w, "weights");
+  const Rounding rd = rounding_for(rounding_seed, rounding_step, w, "weights");
   check_float(dz_, "grad_z", x_.scalar_type());
   check_same_device(dz_, "grad_z", x_);
   const c10::cuda::CUDAGuard guard(x_.device());
@@ -1519,7 +1525,8 @@ Tensor pathway_sgd_lookahead_cuda(const Tensor& dz_, const Tensor& x_, const Ten
                                   const c10::optional<Tensor>& buf, const Tensor& paths,
                                   const Tensor& csr, at::IntArrayRef layout, double lr,
                                   double momentum, double weight_decay, bool nesterov,
-                                  int64_t rounding_seed, const Tensor& x_next_) {
+                                  int64_t rounding_seed, const Tensor& x_next_,
+                                  const c10::optional<Tensor>& rounding_step) {
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
   check_x_next(x_next_, x_);
   const NoAutocast no_autocast;
@@ -1530,11 +1537,11 @@ Tensor pathway_sgd_lookahead_cuda(const Tensor& dz_, const Tensor& x_, const Ten
   const bool fuse = p.blocked() && p.ns * B <= kBT && xn.size(1) == B && w.numel() > 0;
   if (!fuse) {
     pathway_sgd_cuda(dz_, x_, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov,
-                     rounding_seed);
+                     rounding_seed, rounding_step);
     return compute_z_cublas(p, paths, xn, w);
   }
   check_sgd_state(w, "weight", buf, momentum, x_);
-  const Rounding rd = rounding_for(rounding_seed, w, "weights");
+  const Rounding rd = rounding_for(rounding_seed, rounding_step, w, "weights");
   check_float(dz_, "grad_z", x_.scalar_type());
   check_same_device(dz_, "grad_z", x_);
   const Tensor dz = dz_.contiguous(), x = x_.contiguous();

@@ -595,16 +595,6 @@ def _distributed() -> tuple[int, int, int]:
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
 
 
-def check_device_support(cfg: KPathConfig, device: torch.device) -> None:
-    """Refuse, before any data is loaded, a setting the device's kernels do not have."""
-    if (device.type == "cuda" and cfg.cuda_graph and cfg.dtype == "bfloat16"
-            and cfg.model == "fused" and cfg.fused_sgd and cfg.rounding == "stochastic"):
-        raise ValueError("--rounding stochastic with --cuda-graph true: the rounding seed of a "
-                         "step is derived on the host from the layer's step counter, so a "
-                         "captured graph would replay one seed forever; pass --cuda-graph false "
-                         "(eager) or --rounding nearest")
-
-
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -624,7 +614,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         torch.set_num_threads(cfg.threads)
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device, local_rank)
-    check_device_support(cfg, device)
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)

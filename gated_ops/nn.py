@@ -25,8 +25,9 @@ class SGDConfig:
     (experiments/README.md). The random bits hash (a per-layer seed, the step count, the element
     index): deterministic and resumable (the count is the buffer ``sgd_step``), but replicas are
     then not bitwise equal to separate runs. The CPU, CUDA and Triton kernels store the same
-    bits for the same float32 step. The seed is read on the host, so a step with it cannot be
-    captured in a CUDA graph (the layer raises under capture). No effect on float32 / float64
+    bits for the same float32 step. The kernels read the count on the device (the ops'
+    ``rounding_step``) and the layer advances it there: no host sync per step, and a step
+    captured in a CUDA graph draws new bits at every replay. No effect on float32 / float64
     weights.
     """
 
@@ -181,7 +182,11 @@ class GatedPathwayLinear(nn.Module):
         return self
 
     def _rounding_seed(self) -> int:
-        """The seed of this step's stochastic rounding (-1: round to nearest), and count it."""
+        """The seed of this layer's stream of stochastic rounding seeds (-1: round to
+        nearest). The kernels draw step s's bits from reference.rounding_seed_at(seed, s), s
+        read from the device counter ``sgd_step`` as they run (the ops' rounding_step): no
+        host read, so eager steps never synchronise and captured CUDA graphs draw new bits at
+        every replay."""
         if self.sgd is None or not self.sgd.stochastic_rounding:
             return -1
         if self.weight.dtype == torch.float16:
@@ -189,17 +194,9 @@ class GatedPathwayLinear(nn.Module):
                              "this layer's are float16")
         if self.weight.dtype != torch.bfloat16:
             return -1
-        if self.weight.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("SGDConfig.stochastic_rounding: the seed of a step comes from the "
-                               "step counter read on the host, so a captured CUDA graph would "
-                               "replay one seed forever; train this layer eagerly, or round to "
-                               "nearest under capture")
-        step = int(self.sgd_step)
-        self.sgd_step += 1
-        # a seed per (layer shape, step): layers of other shapes draw other bits
+        # a stream per layer shape: layers of other shapes draw other bits
         M, Do, Di = self.weight.shape
-        salt = (M * 1_000_003 + Do * 1_009 + Di) & 0x7FFFFFFF
-        return (step * 0x9E3779B1 + salt) & 0x7FFFFFFF
+        return (M * 1_000_003 + Do * 1_009 + Di) & 0x7FFFFFFF
 
     def lookahead(self, x_next: Tensor) -> None:
         """Announce the input of the next forward, so that the fused SGD update (in the coming
@@ -427,6 +424,7 @@ class _FusedSGDPathway(torch.autograd.Function):
                                "not capturable (a replay would reuse one stale output)")
         with torch.no_grad():
             seed = m._rounding_seed() if ctx.step_weight or ctx.step_bias else -1
+            step = m.sgd_step if seed >= 0 else None  # the device counter, read by the kernels
             if ctx.step_weight or ctx.step_bias:
                 m._updates += 1
             z_next = None
@@ -436,16 +434,18 @@ class _FusedSGDPathway(torch.autograd.Function):
                 z_next = pathway_sgd_lookahead_(
                     dz, x, weight, buffer("weight_momentum", weight), plan, cfg.lr,
                     cfg.momentum, cfg.weight_decay, cfg.nesterov, seed,
-                    x_next=x_next.to(weight.dtype), backend=m.backend)
+                    x_next=x_next.to(weight.dtype), backend=m.backend, rounding_step=step)
             elif ctx.step_weight:
                 _ops.pathway_sgd_(dz, x, weight, buffer("weight_momentum", weight),
                                   plan.paths, plan.csr, layout, cfg.lr, cfg.momentum,
-                                  cfg.weight_decay, cfg.nesterov, seed)
+                                  cfg.weight_decay, cfg.nesterov, seed, step)
             if ctx.step_bias:  # grad_bias and the step in one op (one kernel on CUDA)
                 _ops.pathway_bias_sgd_(dz, bias, buffer("bias_momentum", bias), plan.paths,
                                        plan.csr, layout, S, M, cfg.lr, cfg.momentum,
                                        cfg.weight_decay, cfg.nesterov,
-                                       seed if seed < 0 else (seed + 1) & 0x7FFFFFFF)
+                                       seed if seed < 0 else (seed + 1) & 0x7FFFFFFF, step)
+            if step is not None:
+                step.add_(1)  # on the counter's device, after the kernels that read it
             if z_next is not None:
                 # the next forward's output, y = Z + bias (the stepped bias), as its epilogue
                 # would compute it

@@ -146,6 +146,7 @@ def pathway_sgd_(
     weight_decay: float = 0.0,
     nesterov: bool = False,
     rounding_seed: int = -1,
+    rounding_step: Tensor | None = None,
 ) -> None:
     """Fused weight gradient + SGD step, in place (grad_W never stored for skinny blocks).
 
@@ -156,9 +157,16 @@ def pathway_sgd_(
     ``rounding_seed >= 0`` (bfloat16 weights; CPU, CUDA and Triton, the same bits) the weight is rounded stochastically
     (``reference.round_stochastic_bf16``: the seed should change every step), the buffer to
     nearest.
+
+    ``rounding_step`` (an int64 tensor of one element on the weight's device) makes the seed of
+    this step ``reference.rounding_seed_at(rounding_seed, step)``, the step read by the kernel
+    when it runs, not on the host: the caller advances the counter on the device
+    (``step.add_(1)``), so eager steps never synchronise and a step captured in a CUDA graph
+    draws new bits at every replay.
     """
     _ops.pathway_sgd_(grad_z, x, weight, momentum_buffer, plan.paths, plan.csr,
-                      list(plan.layout), lr, momentum, weight_decay, nesterov, rounding_seed)
+                      list(plan.layout), lr, momentum, weight_decay, nesterov, rounding_seed,
+                      rounding_step)
 
 
 def pathway_sgd_lookahead_(
@@ -175,6 +183,7 @@ def pathway_sgd_lookahead_(
     *,
     x_next: Tensor,
     backend: str = "auto",
+    rounding_step: Tensor | None = None,
 ) -> Tensor:
     """:func:`pathway_sgd_`, then the next step's forward from the updated weight: returns
     Z_next, every pathway's pre-gate output ``x_next[src_p] @ weight[wgt_p]^T`` without bias,
@@ -193,7 +202,7 @@ def pathway_sgd_lookahead_(
     """
     return _op_namespace(backend).pathway_sgd_lookahead_(
         grad_z, x, weight, momentum_buffer, plan.paths, plan.csr, list(plan.layout), lr,
-        momentum, weight_decay, nesterov, rounding_seed, x_next)
+        momentum, weight_decay, nesterov, rounding_seed, x_next, rounding_step)
 
 
 def _compute_z(ns, x: Tensor, weight: Tensor, paths: Tensor, layout) -> Tensor:
@@ -215,9 +224,9 @@ def _compute_z(ns, x: Tensor, weight: Tensor, paths: Tensor, layout) -> Tensor:
 
 def _sgd_lookahead_composite(ns):
     def impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-             nesterov, rounding_seed, x_next):
+             nesterov, rounding_seed, x_next, rounding_step=None):
         ns.pathway_sgd_(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
-                        weight_decay, nesterov, rounding_seed)
+                        weight_decay, nesterov, rounding_seed, rounding_step)
         return _compute_z(ns, x_next, weight, paths, layout)
     return impl
 
@@ -232,14 +241,15 @@ def pathway_bias_sgd_(
     weight_decay: float = 0.0,
     nesterov: bool = False,
     rounding_seed: int = -1,
+    rounding_step: Tensor | None = None,
 ) -> None:
     """The bias's share of the fused SGD step, in place: ``pathway_grad_bias`` (accumulated in
     float32 for 16-bit storage, not rounded) then torch.optim.SGD's step (dampening 0), one
     kernel on CUDA. Equal to ``sgd_momentum_ref(bias, grad_bias, momentum_buffer, ...)``;
-    16-bit biases and ``rounding_seed`` as in :func:`pathway_sgd_`."""
+    16-bit biases, ``rounding_seed`` and ``rounding_step`` as in :func:`pathway_sgd_`."""
     _ops.pathway_bias_sgd_(grad_z, bias, momentum_buffer, plan.paths, plan.csr,
                            list(plan.layout), plan.num_sources, plan.num_weights, lr, momentum,
-                           weight_decay, nesterov, rounding_seed)
+                           weight_decay, nesterov, rounding_seed, rounding_step)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,12 +376,12 @@ def register_python_parts(ns: str) -> None:
 
     @fake("pathway_sgd_")
     def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-          nesterov, rounding_seed=-1):
+          nesterov, rounding_seed=-1, rounding_step=None):
         return None
 
     @fake("pathway_sgd_lookahead_")
     def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-          nesterov, rounding_seed, x_next):
+          nesterov, rounding_seed, x_next, rounding_step=None):
         return x_next.new_empty(z_shape(layout, paths.shape[1], x_next.shape[1],
                                         weight.shape[1]))
 
@@ -381,7 +391,7 @@ def register_python_parts(ns: str) -> None:
 
     @fake("pathway_bias_sgd_")
     def _(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights, lr,
-          momentum, weight_decay, nesterov, rounding_seed=-1):
+          momentum, weight_decay, nesterov, rounding_seed=-1, rounding_step=None):
         return None
 
     @fake("gated_cross_entropy")

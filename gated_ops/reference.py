@@ -108,6 +108,13 @@ def _hash32(v: Tensor) -> Tensor:
     return v ^ (v >> 16)
 
 
+def rounding_seed_at(seed: int, step: int) -> int:
+    """The rounding seed of step ``step`` in the stream that starts at ``seed``, as the fused
+    SGD ops derive it when given ``rounding_step`` (csrc/gated_ops.h ``seed_at``):
+    (step * 0x9E3779B1 + seed) mod 2^31."""
+    return (step * 0x9E3779B1 + seed) & 0x7FFFFFFF
+
+
 def round_stochastic_bf16(x: Tensor, seed: int, index0: int = 0) -> Tensor:
     """float32 -> bfloat16 by stochastic rounding, bit for bit as the fused update stores a
     bfloat16 weight with ``rounding_seed=seed`` (csrc/cpu_simd.h, ``bf16_stochastic``).

@@ -195,14 +195,16 @@ def _hash32(v):
 
 
 @triton.jit
-def _sgd_store(p_ptr, buf_ptr, off, mask, g, lr, momentum, weight_decay, mix,
+def _sgd_store(p_ptr, buf_ptr, off, mask, g, lr, momentum, weight_decay, mix, step_ptr,
                HAS_BUF: tl.constexpr, HAS_WD: tl.constexpr, NESTEROV: tl.constexpr,
-               STOCHASTIC: tl.constexpr):
+               STOCHASTIC: tl.constexpr, HAS_STEP: tl.constexpr):
     """torch.optim.SGD's step (dampening 0) on the parameter elements p[off] (and their momentum
     buf[off]) from their float32 gradient g, computed in float32 and rounded once when stored.
     STOCHASTIC (bfloat16 parameters): rounded stochastically, bit for bit as
     reference.round_stochastic_bf16 with the seed whose hash is ``mix``, the element index being
-    the flat offset ``off``."""
+    the flat offset ``off``. HAS_STEP: ``mix`` is the seed itself, and the seed of the rounding
+    reference.rounding_seed_at(seed, step), the step read from step_ptr as the kernel runs (the
+    ops' rounding_step: a captured graph draws new bits as the counter advances)."""
     w = tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32)
     d = g
     if HAS_WD:
@@ -216,6 +218,10 @@ def _sgd_store(p_ptr, buf_ptr, off, mask, g, lr, momentum, weight_decay, mix,
             d = buf
     w = w - lr * d
     if STOCHASTIC:
+        if HAS_STEP:
+            # (step * 0x9E3779B1 + seed) mod 2^31, from 31-bit factors: no int64 overflow
+            st = tl.load(step_ptr) & 0x7FFFFFFF
+            mix = _hash32(((st * 0x1E3779B1 + mix) & 0x7FFFFFFF) ^ 0x5BD1E995)
         r = _hash32(((off & 0xFFFFFFFF) + mix) & 0xFFFFFFFF) & 0xFFFF
         u = w.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
         bits = (((u + r) & 0xFFFFFFFF) >> 16).to(tl.int32)
@@ -228,13 +234,14 @@ def _sgd_store(p_ptr, buf_ptr, off, mask, g, lr, momentum, weight_decay, mix,
 @triton.jit
 def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
                        a_off, a_bs, a_sm, a_sk, b_off, b_bs, b_sk, b_sn, c_off, c_bs, c_sm,
-                       tiles_n, tiles, lr, momentum, weight_decay, mix,
+                       tiles_n, tiles, lr, momentum, weight_decay, mix, step_ptr,
                        xn_ptr, zp_ptr, xn_off, xn_bs, NB, zp_rows,
                        DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        CHUNK_TILES: tl.constexpr, SGD: tl.constexpr, HAS_BUF: tl.constexpr,
                        HAS_WD: tl.constexpr, NESTEROV: tl.constexpr, STOCHASTIC: tl.constexpr,
-                       LOOK: tl.constexpr = False, BLOCK_B: tl.constexpr = 16):
+                       HAS_STEP: tl.constexpr, LOOK: tl.constexpr = False,
+                       BLOCK_B: tl.constexpr = 16):
     """C_i (M, N) = A_i (M, K) @ B_i (K, N) for block i of a blocked plan, one tile. Operand X's
     element (r, c) of block i is at x_off + i * x_bs + r * x_s<row> + c * x_s<col> (C's columns
     contiguous): the backward GEMMs dZ_i @ W_i and dZ_i^T @ X_i are this with other strides.
@@ -276,8 +283,8 @@ def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
     off = c_off + i * c_bs + rows[:, None] * c_sm + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if SGD:
-        _sgd_store(c_ptr, buf_ptr, off, omask, acc, lr, momentum, weight_decay, mix,
-                   HAS_BUF, HAS_WD, NESTEROV, STOCHASTIC)
+        _sgd_store(c_ptr, buf_ptr, off, omask, acc, lr, momentum, weight_decay, mix, step_ptr,
+                   HAS_BUF, HAS_WD, NESTEROV, STOCHASTIC, HAS_STEP)
         if LOOK:
             w_new = tl.load(c_ptr + off, mask=omask, other=0.0)  # as stored (rounded)
             bs = tl.arange(0, BLOCK_B)
@@ -295,10 +302,10 @@ def _block_gemm_kernel(a_ptr, b_ptr, c_ptr, buf_ptr, M, N, K,
 
 @triton.jit
 def _grad_bias_kernel(dz_ptr, gb_ptr, buf_ptr, B, Do, ns, nm, m0, tiles,
-                      lr, momentum, weight_decay, mix,
+                      lr, momentum, weight_decay, mix, step_ptr,
                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SGD: tl.constexpr,
                       HAS_BUF: tl.constexpr, HAS_WD: tl.constexpr, NESTEROV: tl.constexpr,
-                      STOCHASTIC: tl.constexpr):
+                      STOCHASTIC: tl.constexpr, HAS_STEP: tl.constexpr):
     """grad bias of block i's weights: the column sums of dZ_i (ns*B, nm*Do), one column tile.
     SGD (pathway_bias_sgd_): gb is the bias, stepped by _sgd_store from the float32 sums."""
     i = (tl.program_id(0) // tiles).to(tl.int64)
@@ -315,8 +322,8 @@ def _grad_bias_kernel(dz_ptr, gb_ptr, buf_ptr, B, Do, ns, nm, m0, tiles,
         acc += tl.sum(tile.to(tl.float32), axis=0)
     off = (m0 + i * nm) * Do + cols
     if SGD:
-        _sgd_store(gb_ptr, buf_ptr, off, cmask, acc, lr, momentum, weight_decay, mix,
-                   HAS_BUF, HAS_WD, NESTEROV, STOCHASTIC)
+        _sgd_store(gb_ptr, buf_ptr, off, cmask, acc, lr, momentum, weight_decay, mix, step_ptr,
+                   HAS_BUF, HAS_WD, NESTEROV, STOCHASTIC, HAS_STEP)
     else:
         tl.store(gb_ptr + off, acc.to(gb_ptr.dtype.element_ty), mask=cmask)
 
@@ -550,8 +557,9 @@ def _launch_block_gemm(A: Tensor, Bm: Tensor, C: Tensor, n: int, M: int, N: int,
                        look: tuple | None = None) -> Tensor | None:
     """_block_gemm_kernel over the n blocks; a, b = (offset, block stride, row stride, column
     stride), c = (offset, block stride, row stride), in elements. ``sgd`` = (momentum buffer or
-    None, lr, momentum, weight_decay, nesterov, rounding_seed): step C (a weight) by the product
-    instead of storing it (rounding_seed >= 0: stochastic rounding of a bfloat16 C).
+    None, lr, momentum, weight_decay, nesterov, rounding_seed, rounding_step or None): step C (a
+    weight) by the product instead of storing it (rounding_seed >= 0: stochastic rounding of a
+    bfloat16 C).
     ``look`` = (x_next, offset, block stride, NB), with sgd: the lookahead; returns the column
     tiles' float32 shares of Z_next^T, (tiles_n, n * NB, M)."""
     BM, BN, BK = _gemm_blocks(M, N, K)
@@ -588,23 +596,35 @@ def _launch_grad_bias(grad_z: Tensor, gb: Tensor, layout: list[int], B: int, Do:
 
 def _sgd_args(sgd: tuple | None, out: Tensor) -> tuple[Tensor, tuple, dict]:
     """A _sgd_store epilogue's arguments from ``sgd`` = (momentum buffer or None, lr, momentum,
-    weight_decay, nesterov, rounding_seed) or None (no step): the buffer (``out`` in its place
-    when there is none), the runtime scalars (lr, momentum, weight_decay, mix) and the constexpr
-    flags."""
-    buf, lr, momentum, weight_decay, nesterov, seed = (
-        sgd if sgd is not None else (None, 0., 0., 0., 0, -1))
+    weight_decay, nesterov, rounding_seed, rounding_step or None) or None (no step): the buffer
+    (``out`` in its place when there is none), the runtime arguments (lr, momentum,
+    weight_decay, mix or with a step tensor the seed, the step tensor or ``out`` in its place)
+    and the constexpr flags."""
+    buf, lr, momentum, weight_decay, nesterov, seed, step = (
+        sgd if sgd is not None else (None, 0., 0., 0., 0, -1, None))
     stochastic = seed >= 0
+    has_step = stochastic and step is not None
     return (buf if buf is not None else out,
             (float(lr), float(momentum), float(weight_decay),
-             _seed_mix(seed) if stochastic else 0),
+             seed if has_step else _seed_mix(seed) if stochastic else 0,
+             step if has_step else out),
             dict(SGD=sgd is not None, HAS_BUF=buf is not None, HAS_WD=weight_decay != 0,
-                 NESTEROV=bool(nesterov), STOCHASTIC=stochastic))
+                 NESTEROV=bool(nesterov), STOCHASTIC=stochastic, HAS_STEP=has_step))
 
 
-def _check_rounding(rounding_seed: int, param: Tensor, what: str) -> None:
+def _check_rounding(rounding_seed: int, param: Tensor, what: str,
+                    rounding_step: Optional[Tensor] = None) -> None:
     if rounding_seed >= 0 and param.dtype != torch.bfloat16:
         raise RuntimeError(f"rounding_seed: stochastic rounding (rounding_seed >= 0) is for "
                            f"bfloat16 {what}, got {param.dtype}")
+    if rounding_step is not None:
+        if rounding_step.dtype != torch.int64 or rounding_step.numel() != 1:
+            raise RuntimeError(f"rounding_step: expected an int64 tensor of one element (the "
+                               f"step count), got {rounding_step.dtype} of shape "
+                               f"{tuple(rounding_step.shape)}")
+        if rounding_step.device != param.device:
+            raise RuntimeError(f"rounding_step: expected a tensor on the {what}' device, "
+                               f"{param.device}, got {rounding_step.device}")
 
 
 def _uses_triton_sgd(layout: list[int], param: Tensor, buf: Optional[Tensor], num_weights: int,
@@ -728,15 +748,16 @@ def _grad_weight_impl(grad_z, x, paths, csr, layout, num_weights, d_out):
 
 
 def _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-              nesterov, rounding_seed) -> None:
+              nesterov, rounding_seed, rounding_step=None) -> None:
     T, n, s0, ns, m0, nm = layout
     B, Di = x.shape[1], x.shape[2]
     Do = weight.shape[1]
     buf = momentum_buffer
-    _check_rounding(rounding_seed, weight, "weights")
+    _check_rounding(rounding_seed, weight, "weights", rounding_step)
     if not _uses_triton_sgd(layout, weight, buf, weight.shape[0], B):
         torch.ops.gated_ops.pathway_sgd_(grad_z, x, weight, buf, paths, csr, layout, lr,
-                                         momentum, weight_decay, nesterov, rounding_seed)
+                                         momentum, weight_decay, nesterov, rounding_seed,
+                                         rounding_step)
         return
     if weight.numel() == 0:
         return
@@ -745,11 +766,13 @@ def _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, moment
     # W_i (nm*Do, Di) -= lr * step(dZ_i^T (nm*Do, ns*B) @ X_i (ns*B, Di))
     _launch_block_gemm(grad_z, x, weight, n, Kz, Di, R, a=(0, R * Kz, 1, Kz),
                        b=(s0 * B * Di, R * Di, Di, 1), c=(m0 * Do * Di, Kz * Di, Di),
-                       sgd=(buf, lr, momentum, weight_decay, nesterov, rounding_seed))
+                       sgd=(buf, lr, momentum, weight_decay, nesterov, rounding_seed,
+                            rounding_step))
 
 
 def _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
-                        weight_decay, nesterov, rounding_seed, x_next) -> Tensor:
+                        weight_decay, nesterov, rounding_seed, x_next,
+                        rounding_step=None) -> Tensor:
     """pathway_sgd_ and Z_next (pathway_sgd_lookahead_): for blocked plans with at most 64
     rows per block of x_next, in the update kernel (each new weight tile times the next batch,
     the column tiles' shares summed by torch.sum, a fixed order); else the two ops in turn."""
@@ -763,18 +786,19 @@ def _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, 
         raise RuntimeError(f"x_next: expected (S, B_next, D_in) = ({x.shape[0]}, B_next, {Di}) "
                            f"of x's dtype {x.dtype} and device, got {tuple(x_next.shape)} "
                            f"{x_next.dtype} on {x_next.device}")
-    _check_rounding(rounding_seed, weight, "weights")
+    _check_rounding(rounding_seed, weight, "weights", rounding_step)
     if (not _uses_triton_sgd(layout, weight, buf, weight.shape[0], B) or ns * Bn > 64
             or Bn == 0 or weight.numel() == 0):
         _sgd_impl(grad_z, x, weight, buf, paths, csr, layout, lr, momentum, weight_decay,
-                  nesterov, rounding_seed)
+                  nesterov, rounding_seed, rounding_step)
         from .ops import _compute_z
         return _compute_z(torch.ops.gated_ops_triton, x_next, weight, paths, layout)
     grad_z, x, x_next = grad_z.contiguous(), x.contiguous(), x_next.contiguous()
     R, Kz = ns * B, nm * Do
     zp = _launch_block_gemm(grad_z, x, weight, n, Kz, Di, R, a=(0, R * Kz, 1, Kz),
                             b=(s0 * B * Di, R * Di, Di, 1), c=(m0 * Do * Di, Kz * Di, Di),
-                            sgd=(buf, lr, momentum, weight_decay, nesterov, rounding_seed),
+                            sgd=(buf, lr, momentum, weight_decay, nesterov, rounding_seed,
+                                 rounding_step),
                             look=(x_next, s0 * Bn * Di, ns * Bn * Di, ns * Bn))
     return zp.sum(0).to(weight.dtype)  # (n * ns * Bn, nm * Do): Z_next
 
@@ -796,19 +820,22 @@ def _grad_bias_impl(grad_z, paths, csr, layout, num_sources, num_weights, d_out)
 
 
 def _bias_sgd_impl(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights,
-                   lr, momentum, weight_decay, nesterov, rounding_seed) -> None:
+                   lr, momentum, weight_decay, nesterov, rounding_seed,
+                   rounding_step=None) -> None:
     _, n, _, ns, _, _ = layout
-    _check_rounding(rounding_seed, bias, "biases")
+    _check_rounding(rounding_seed, bias, "biases", rounding_step)
     B = grad_z.shape[0] // (n * ns) if n else 0
     if bias.dim() != 2 or not _uses_triton_sgd(layout, bias, momentum_buffer, num_weights, B):
         torch.ops.gated_ops.pathway_bias_sgd_(grad_z, bias, momentum_buffer, paths, csr, layout,
                                               num_sources, num_weights, lr, momentum,
-                                              weight_decay, nesterov, rounding_seed)
+                                              weight_decay, nesterov, rounding_seed,
+                                              rounding_step)
         return
     if bias.numel() == 0:
         return
     _launch_grad_bias(grad_z.contiguous(), bias, layout, B, bias.shape[1],
-                      sgd=(momentum_buffer, lr, momentum, weight_decay, nesterov, rounding_seed))
+                      sgd=(momentum_buffer, lr, momentum, weight_decay, nesterov, rounding_seed,
+                           rounding_step))
 
 
 def _grad_gate_impl(grad_y, x, weight, bias, gate, paths, csr, layout):
@@ -956,9 +983,10 @@ def _grad_gate_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
 @torch.library.custom_op(f"{_LIB}::pathway_sgd_", mutates_args=("weight", "momentum_buffer"))
 def _sgd_op(grad_z: Tensor, x: Tensor, weight: Tensor, momentum_buffer: Optional[Tensor],
             paths: Tensor, csr: Tensor, layout: list[int], lr: float, momentum: float,
-            weight_decay: float, nesterov: bool, rounding_seed: int = -1) -> None:
+            weight_decay: float, nesterov: bool, rounding_seed: int = -1,
+            rounding_step: Optional[Tensor] = None) -> None:
     _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
-              weight_decay, nesterov, rounding_seed)
+              weight_decay, nesterov, rounding_seed, rounding_step)
 
 
 @torch.library.custom_op(f"{_LIB}::pathway_sgd_lookahead_",
@@ -966,14 +994,16 @@ def _sgd_op(grad_z: Tensor, x: Tensor, weight: Tensor, momentum_buffer: Optional
 def _sgd_lookahead_op(grad_z: Tensor, x: Tensor, weight: Tensor,
                       momentum_buffer: Optional[Tensor], paths: Tensor, csr: Tensor,
                       layout: list[int], lr: float, momentum: float, weight_decay: float,
-                      nesterov: bool, rounding_seed: int, x_next: Tensor) -> Tensor:
+                      nesterov: bool, rounding_seed: int, x_next: Tensor,
+                      rounding_step: Optional[Tensor] = None) -> Tensor:
     return _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr,
-                               momentum, weight_decay, nesterov, rounding_seed, x_next)
+                               momentum, weight_decay, nesterov, rounding_seed, x_next,
+                               rounding_step)
 
 
 @_sgd_lookahead_op.register_fake
 def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-      nesterov, rounding_seed, x_next):
+      nesterov, rounding_seed, x_next, rounding_step=None):
     _, n, _, ns, _, nm = layout
     rows = n * ns * x_next.shape[1] if n > 0 else paths.shape[1] * x_next.shape[1]
     return x_next.new_empty(rows, nm * weight.shape[1] if n > 0 else weight.shape[1])
@@ -983,9 +1013,9 @@ def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weig
 def _bias_sgd_op(grad_z: Tensor, bias: Tensor, momentum_buffer: Optional[Tensor], paths: Tensor,
                  csr: Tensor, layout: list[int], num_sources: int, num_weights: int, lr: float,
                  momentum: float, weight_decay: float, nesterov: bool,
-                 rounding_seed: int = -1) -> None:
+                 rounding_seed: int = -1, rounding_step: Optional[Tensor] = None) -> None:
     _bias_sgd_impl(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights,
-                   lr, momentum, weight_decay, nesterov, rounding_seed)
+                   lr, momentum, weight_decay, nesterov, rounding_seed, rounding_step)
 
 
 @torch.library.custom_op(f"{_LIB}::gated_cross_entropy", mutates_args=())

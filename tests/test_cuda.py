@@ -603,21 +603,58 @@ def test_triton_cross_entropy_matches_reference(dtype):
 
 
 @pytest.mark.gpu
-def test_triton_stochastic_rounding_trains_eagerly_and_refuses_graph_capture():
-    """backend="triton" gives bfloat16 stochastic rounding on the GPU: an eager step moves the
-    weights; under CUDA-graph capture the layer refuses (its seed is read on the host)."""
-    pytest.importorskip("gated_ops.triton_ops")
-    m = GatedPathwayLinear.batched(2, 16, 16, device=DEVICE, dtype=torch.bfloat16,
-                                   backend="triton")
-    m.fuse_sgd(SGDConfig(lr=0.1, momentum=0.9, stochastic_rounding=True))
-    w0 = m.weight.detach().clone()
-    x = torch.randn(2, 4, 16, device=DEVICE, dtype=torch.bfloat16)
-    m(x).sum().backward()
-    assert not torch.equal(m.weight, w0) and int(m.sgd_step) == 1
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("lookahead", [False, True], ids=["plain", "lookahead"])
+def test_stochastic_rounding_step_captured_in_a_cuda_graph_equals_eager(backend, lookahead):
+    """A bfloat16 layer with stochastic rounding, its step (forward, backward, fused SGD with
+    the bias's, and with the lookahead's forward) captured once and replayed: bit for bit the
+    eager steps. The kernels read the step counter on the device (rounding_step) and the layer
+    advances it there, so each replay draws the bits of its own step; a graph that replayed one
+    seed would leave other weights than the eager steps after the second replay."""
+    if backend == "triton":
+        pytest.importorskip("gated_ops.triton_ops")
+
+    def make() -> GatedPathwayLinear:
+        torch.manual_seed(0)
+        m = GatedPathwayLinear.batched(3, 40, 24, device=DEVICE, dtype=torch.bfloat16,
+                                       backend=backend)
+        return m.fuse_sgd(SGDConfig(lr=2.0 ** -9, momentum=0.9, stochastic_rounding=True))
+
+    def step(m, x, x_next, y) -> None:
+        if lookahead:
+            m.forward_lookahead(x, x_next, y).float().square().sum().backward()
+        else:
+            m(x).float().square().sum().backward()
+
+    eager, graphed = make(), make()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3, 8, 40, generator=g).to(DEVICE, torch.bfloat16) for _ in range(7)]
+    static_x, static_n = torch.zeros_like(xs[0]), torch.zeros_like(xs[0])
+    static_y = torch.empty(3, 8, 24, device=DEVICE, dtype=torch.bfloat16)
+    y_eager = torch.empty_like(static_y)
+    if lookahead:
+        graphed.prime_lookahead(xs[0], static_y)
+        eager.prime_lookahead(xs[0], y_eager)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # a warm-up step (it trains), mirrored by the eager model
+        static_x.copy_(xs[0])
+        static_n.copy_(xs[1])
+        step(graphed, static_x, static_n, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    step(eager, xs[0], xs[1], y_eager)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        with pytest.raises(RuntimeError, match="captured CUDA graph would replay one seed"):
-            m(x).sum().backward()
+        step(graphed, static_x, static_n, static_y)
+    for i in range(1, 5):
+        static_x.copy_(xs[i])
+        static_n.copy_(xs[i + 1])
+        graph.replay()
+        step(eager, xs[i], xs[i + 1], y_eager)
+        torch.cuda.synchronize()
+        for (name, a), (_, b) in zip(graphed.state_dict().items(), eager.state_dict().items()):
+            assert torch.equal(a, b), f"{name} after replay {i}"
+    assert int(graphed.sgd_step) == int(eager.sgd_step) == 5
 
 
 def _sr_plan(kind: str):
@@ -642,7 +679,7 @@ def test_stochastic_rounding_is_bitwise_the_cpu_kernels(kind):
     bits: the exact float32 step rounded by reference.round_stochastic_bf16, the momentum
     rounded to nearest. Integer dZ and x and weights on a 2^-6 grid make the gradient and the
     step exact in any summation order, so every comparison of parameters is bitwise."""
-    from gated_ops.reference import round_stochastic_bf16
+    from gated_ops.reference import round_stochastic_bf16, rounding_seed_at
 
     plan, B = _sr_plan(kind)
     S, M, Di, Do = plan.num_sources, plan.num_weights, 37, 6
@@ -665,18 +702,29 @@ def test_stochastic_rounding_is_bitwise_the_cpu_kernels(kind):
     dev = plan.to(DEVICE)
     results = {}
     ops = torch.ops.gated_ops  # the target's kernels inside the emulation's mode, else the CPU's
+    # The same seeds from a stream and a step counter (rounding_step, read where the kernel
+    # runs): rounding_seed_at(base, step) = seed, with a step beyond 32 bits.
+    step_value = 2 ** 33 + 12345
+    base = (seed - step_value * 0x9E3779B1) % 2 ** 31
+    assert rounding_seed_at(base, step_value) == seed
+    assert rounding_seed_at(base + 1, step_value) == seed + 1
     for name, mode, d, p in (("target", contextlib.nullcontext, DEVICE, dev),
-                             ("cpu", _modes_off, "cpu", plan)):
+                             ("target_step", contextlib.nullcontext, DEVICE, dev),
+                             ("cpu", _modes_off, "cpu", plan),
+                             ("cpu_step", _modes_off, "cpu", plan)):
         with mode():
+            st = torch.tensor(step_value, device=d) if name.endswith("_step") else None
+            s0 = seed if st is None else base
             w, wbuf = w0.clone().to(d), torch.zeros(M, Do, Di, dtype=bf, device=d)
             b, bbuf = b0.clone().to(d), torch.zeros(M, Do, dtype=bf, device=d)
             ops.pathway_sgd_(dz.to(d), x.to(d), w, wbuf, p.paths, p.csr, lay, lr, mom, 0.0,
-                             False, seed)
+                             False, s0, st)
             ops.pathway_bias_sgd_(dz.to(d), b, bbuf, p.paths, p.csr, lay, S, M, lr, mom, 0.0,
-                                  False, seed + 1)
+                                  False, s0 + 1, st)
             wl, wlbuf = w0.clone().to(d), torch.zeros(M, Do, Di, dtype=bf, device=d)
             zn = ops.pathway_sgd_lookahead_(dz.to(d), x.to(d), wl, wlbuf, p.paths, p.csr, lay,
-                                            lr, mom, 0.0, False, seed, xn.to(d))
+                                            lr, mom, 0.0, False, s0, xn.to(d), st)
+            assert st is None or int(st) == step_value  # read, not advanced
         results[name] = [t.cpu() for t in (w, wbuf, b, bbuf, wl, wlbuf, zn)]
         assert torch.equal(results[name][0].view(torch.int16), expect_w.view(torch.int16)), name
         assert torch.equal(results[name][2].view(torch.int16), expect_b.view(torch.int16)), name
@@ -692,10 +740,14 @@ def test_stochastic_rounding_is_bitwise_the_cpu_kernels(kind):
     if plan.z_is_y:  # Z is y without the bias
         assert torch.equal(results["target"][6].view_as(z_ref), z_ref)
     assert torch.equal(results["target"][6], results["cpu"][6])
+    for name in ("target", "cpu"):
+        for i, (a, b) in enumerate(zip(results[name], results[name + "_step"])):
+            assert torch.equal(a, b), (name, i)
 
 
 def test_stochastic_rounding_is_for_bfloat16_parameters_on_cuda():
-    """rounding_seed >= 0 on float32 / float16 parameters is refused with the CPU op's words."""
+    """rounding_seed >= 0 on float32 / float16 parameters is refused with the CPU op's words,
+    and on the GPU a rounding_step on another device than the parameter."""
     plan, B = _sr_plan("skinny")
     dev = plan.to(DEVICE)
     lay = list(plan.layout)
@@ -710,6 +762,17 @@ def test_stochastic_rounding_is_for_bfloat16_parameters_on_cuda():
         with pytest.raises(RuntimeError, match="stochastic rounding .* is for bfloat16 biases"):
             torch.ops.gated_ops.pathway_bias_sgd_(dz, b, None, dev.paths, dev.csr, lay, 3, 3, 0.1,
                                                   0.0, 0.0, False, 0)
+    if DEVICE == "cuda":  # (the emulation's tensors are all on the CPU)
+        x, dz = (t.to(torch.bfloat16) for t in (x, dz))
+        w, b = w.to(torch.bfloat16), b.to(torch.bfloat16)
+        with pytest.raises(RuntimeError, match="rounding_step: expected a tensor on the "
+                                               "weights' device"):
+            torch.ops.gated_ops.pathway_sgd_(dz, x, w, None, dev.paths, dev.csr, lay, 0.1, 0.0,
+                                             0.0, False, 0, torch.tensor(1))
+        with pytest.raises(RuntimeError, match="rounding_step: expected a tensor on the "
+                                               "biases' device"):
+            torch.ops.gated_ops.pathway_bias_sgd_(dz, b, None, dev.paths, dev.csr, lay, 3, 3, 0.1,
+                                                  0.0, 0.0, False, 0, torch.tensor(1))
 
 
 @pytest.mark.gpu

@@ -226,20 +226,6 @@ def test_resume_after_kills_is_bit_identical(data_root, tmp_path, dtype, graph, 
     assert sa["global_step"] == sb["global_step"] == 12 and sb["finished"]
 
 
-def test_stochastic_rounding_is_refused_only_under_cuda_graph_capture():
-    """Every backend rounds stochastically, but the seed of a step is read on the host, so a
-    captured graph cannot take it."""
-    cfg = dataclasses.replace(smoke(), dtype="bfloat16")
-    E.check_device_support(cfg, torch.device("cpu"))
-    E.check_device_support(cfg, torch.device("cuda"))
-    E.check_device_support(dataclasses.replace(cfg, rounding="nearest", cuda_graph=True),
-                           torch.device("cuda"))
-    for backend in ("auto", "triton"):
-        with pytest.raises(ValueError, match="--cuda-graph true: the rounding seed"):
-            E.check_device_support(dataclasses.replace(cfg, backend=backend, cuda_graph=True),
-                                   torch.device("cuda"))
-
-
 def test_tiny_run_learns(data_root, tmp_path):
     """K=4, N=2, 300 SGD steps on learnable data: trained paths far above chance (0.1)."""
     summary = E.main(smoke_argv(data_root, tmp_path, "--K", "4", "--Ns", "2", "--gains", "1.0",

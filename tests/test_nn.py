@@ -285,6 +285,120 @@ def test_bias_sgd_stochastic_rounding_is_bitwise_the_reference(kind):
     assert torch.equal(b.view(torch.int16), expect.view(torch.int16))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_rounding_step_draws_the_seed_of_that_step(kind):
+    """rounding_step (the step counter as a tensor, read by the kernel) gives the bits of
+    rounding_seed = reference.rounding_seed_at(seed, step), for the weight, its lookahead and the
+    bias, with steps beyond 32 bits; the op reads the counter and leaves it as it was."""
+    from gated_ops.reference import rounding_seed_at
+
+    m, B = _sgd_module(kind, 37, torch.bfloat16)
+    plan, g = m.plan, torch.Generator().manual_seed(3)
+    x = torch.randint(-1, 2, (m.num_sources, B, 37), generator=g).to(torch.bfloat16)
+    xn = torch.randint(-1, 2, (m.num_sources, B, 37), generator=g).to(torch.bfloat16)
+    dz = torch.randint(-1, 2, plan.z_shape(B, 6), generator=g).to(torch.bfloat16)
+    w0, b0, seed = m.weight.detach().clone(), m.bias.detach().clone(), 4321
+    seen = set()
+    for step in (0, 1, 7, 2 ** 31 + 3, 2 ** 40 + 11):
+        st = torch.tensor(step)
+        out = {}
+        for name, kw in (("counter", dict(rounding_seed=seed, rounding_step=st)),
+                         ("seed", dict(rounding_seed=rounding_seed_at(seed, step)))):
+            w, b, wl = w0.clone(), b0.clone(), w0.clone()
+            gated_ops.pathway_sgd_(dz, x, w, None, plan, lr=2.0 ** -10, **kw)
+            zn = gated_ops.pathway_sgd_lookahead_(dz, x, wl, None, plan, 2.0 ** -10, x_next=xn,
+                                                  **kw)
+            kb = dict(kw, rounding_seed=kw["rounding_seed"] + 1)
+            gated_ops.pathway_bias_sgd_(dz, b, None, plan, lr=2.0 ** -10, **kb)
+            out[name] = (w, b, wl, zn)
+        assert int(st) == step
+        for a, c, what in zip(out["counter"], out["seed"], ("weight", "bias", "wl", "zn")):
+            assert torch.equal(a.view(torch.int16), c.view(torch.int16)), (what, step)
+        seen.add(out["counter"][0].view(torch.int16).numpy().tobytes())
+    assert len(seen) == 5  # every step drew other bits
+
+
+def test_stochastic_rounding_steps_read_the_counter_without_a_host_sync(monkeypatch):
+    """The layer hands its counter to the kernels and advances it in place (add_): no int() or
+    .item() of it per step (on CUDA that would synchronise, and a captured graph would replay
+    one seed); the counter's bits then give the seeds of reference.rounding_seed_at."""
+    from gated_ops.reference import rounding_seed_at
+
+    torch.manual_seed(0)
+    m = GatedPathwayLinear.batched(2, 16, 8, dtype=torch.bfloat16)
+    m.fuse_sgd(SGDConfig(lr=2.0 ** -9, stochastic_rounding=True))
+    counter = m.sgd_step
+    calls = []
+    real = torch.ops.gated_ops.pathway_sgd_
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append((args[11], args[12]))
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.gated_ops, "pathway_sgd_", Spy(), raising=False)
+    for name in ("item", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda t: pytest.fail("host read of a tensor"))
+    x = torch.randn(2, 3, 16).to(torch.bfloat16)
+    for _ in range(3):
+        m(x).float().square().sum().backward()
+    monkeypatch.undo()
+    assert m.sgd_step is counter and int(counter) == 3
+    assert [c[1] is counter for c in calls] == [True] * 3
+    salt = calls[0][0]
+    assert {c[0] for c in calls} == {salt} and 0 <= salt < 2 ** 31
+    # the same steps from explicit seeds (weight: the stream's seed, bias: the next stream's)
+    torch.manual_seed(0)
+    ref = GatedPathwayLinear.batched(2, 16, 8, dtype=torch.bfloat16)
+    w, b = ref.weight.detach().clone(), ref.bias.detach().clone()
+    for step in range(3):
+        with torch.no_grad():
+            ref.weight.copy_(w)
+            ref.bias.copy_(b)
+        y = ref(x)  # ref has no fused SGD: this is only the forward and dL/dy
+        (gy,) = torch.autograd.grad(y.float().square().sum(), y)
+        dz = gy.reshape(ref.plan.z_shape(3, 8)).contiguous()
+        gated_ops.pathway_sgd_(dz, x, w, None, ref.plan, lr=2.0 ** -9,
+                               rounding_seed=rounding_seed_at(salt, step))
+        gated_ops.pathway_bias_sgd_(dz, b, None, ref.plan, lr=2.0 ** -9,
+                                    rounding_seed=rounding_seed_at(salt + 1, step))
+    assert torch.equal(m.weight.view(torch.int16), w.view(torch.int16))
+    assert torch.equal(m.bias.view(torch.int16), b.view(torch.int16))
+
+
+def test_rounding_step_rejects_bad_input():
+    m = GatedPathwayLinear.batched(2, 4, 3, dtype=torch.bfloat16)
+    plan, dz, x = m.plan, torch.zeros(m.plan.z_shape(2, 3), dtype=torch.bfloat16), torch.zeros(
+        2, 2, 4, dtype=torch.bfloat16)
+    w, b = m.weight.detach(), m.bias.detach()
+    for bad, words in ((torch.tensor(3.0), "expected an int64 tensor of one element"),
+                       (torch.tensor([1, 2]), "expected an int64 tensor of one element")):
+        with pytest.raises(RuntimeError, match=f"rounding_step: {words}"):
+            gated_ops.pathway_sgd_(dz, x, w, None, plan, lr=0.1, rounding_seed=0,
+                                   rounding_step=bad)
+    with pytest.raises(RuntimeError, match="rounding_step: expected an int64 tensor"):
+        gated_ops.pathway_bias_sgd_(dz, b, None, plan, lr=0.1, rounding_seed=0,
+                                    rounding_step=torch.tensor(1, dtype=torch.int32))
+
+
+def test_opcheck_sgd_ops_with_a_rounding_step():
+    m = GatedPathwayLinear.fanout(3, 2, 5, 4, replicas=2, dtype=torch.bfloat16)
+    plan, lay, st = m.plan, list(m.plan.layout), torch.tensor(5)
+    g = torch.Generator().manual_seed(0)
+    dz = torch.randn(plan.z_shape(3, 4), generator=g).to(torch.bfloat16)
+    x = torch.randn(plan.num_sources, 3, 5, generator=g).to(torch.bfloat16)
+    w = m.weight.detach().clone()
+    torch.library.opcheck(torch.ops.gated_ops.pathway_sgd_,
+                          (dz, x, w, torch.zeros_like(w), plan.paths, plan.csr, lay, 0.1, 0.9,
+                           0.0, False, 11, st))
+    torch.library.opcheck(torch.ops.gated_ops.pathway_bias_sgd_,
+                          (dz, m.bias.detach().clone(), None, plan.paths, plan.csr, lay,
+                           plan.num_sources, plan.num_weights, 0.1, 0.0, 0.0, False, 12, st))
+    torch.library.opcheck(torch.ops.gated_ops.pathway_sgd_lookahead_.default,
+                          (dz, x, w, None, plan.paths, plan.csr, lay, 0.1, 0.0, 0.0, False, 11,
+                           x, st))
+
+
 def test_bias_sgd_rejects_bad_input():
     m = GatedPathwayLinear.batched(2, 4, 3)
     plan, dz = m.plan, torch.zeros(m.plan.z_shape(2, 3))

@@ -271,6 +271,17 @@ def test_opcheck_fused_sgd():
                           (dz, x, w, buf, plan.paths, plan.csr, lay, 0.1, 0.9, 0.0, False))
 
 
+def _stream_for(seed: int, device) -> tuple[torch.Tensor, int]:
+    """(rounding_step, rounding_seed) whose seed is ``seed`` (reference.rounding_seed_at), with
+    a step beyond 32 bits: the kernels' 31-bit arithmetic against Python's integers."""
+    from gated_ops.reference import rounding_seed_at
+
+    step = 2 ** 35 + 777
+    base = (seed - step * 0x9E3779B1) % 2 ** 31
+    assert rounding_seed_at(base, step) == seed
+    return torch.tensor(step, device=device), base
+
+
 def test_bias_sgd_stochastic_rounding_is_bitwise_the_cpu_kernels():
     """bfloat16 biases with rounding_seed >= 0 (no tl.dot here, so the interpreter runs it):
     bit for bit the CPU op and reference.round_stochastic_bf16 of the exact float32 step."""
@@ -288,15 +299,18 @@ def test_bias_sgd_stochastic_rounding_is_bitwise_the_cpu_kernels():
     b0, lr, seed = m.bias.detach().cpu().clone(), 2.0 ** -9, 99
     results = {}
     for name, ops, dev, p in (("triton", torch.ops.gated_ops_triton, DEVICE, plan),
+                              ("triton_step", torch.ops.gated_ops_triton, DEVICE, plan),
                               ("cpu", torch.ops.gated_ops, "cpu", pc)):
+        # triton_step: the same seed from a stream and a step counter read by the kernel
+        st, s0 = _stream_for(seed, DEVICE) if name.endswith("_step") else (None, seed)
         b, buf = b0.clone().to(dev), torch.zeros_like(b0, device=dev)
         ops.pathway_bias_sgd_(dz.to(dev), b, buf, p.paths, p.csr, lay, m.num_sources,
-                              m.num_weights, lr, 0.5, 0.0, False, seed)
+                              m.num_weights, lr, 0.5, 0.0, False, s0, st)
         results[name] = b.cpu()
         assert torch.equal(buf.cpu(), gb.to(torch.bfloat16)), name
     expect = round_stochastic_bf16(b0.float() - lr * gb, seed)
-    assert torch.equal(results["triton"].view(torch.int16), expect.view(torch.int16))
-    assert torch.equal(results["cpu"].view(torch.int16), expect.view(torch.int16))
+    for name in results:
+        assert torch.equal(results[name].view(torch.int16), expect.view(torch.int16)), name
     with pytest.raises(RuntimeError, match="stochastic rounding .* is for bfloat16 biases"):
         torch.ops.gated_ops_triton.pathway_bias_sgd_(
             dz.float().to(DEVICE), b0.float().to(DEVICE), None, plan.paths, plan.csr, lay,
@@ -394,15 +408,18 @@ def test_fused_sgd_stochastic_rounding_is_bitwise_the_reference(kind):
     expect = round_stochastic_bf16(w0.cpu().float() - lr * gw, seed)
     results = {}
     for name, ops, dev in (("triton", torch.ops.gated_ops_triton, DEVICE),
+                           ("triton_step", torch.ops.gated_ops_triton, DEVICE),
                            ("cpu", torch.ops.gated_ops, "cpu")):
+        # triton_step: the same seed from a stream and a step counter read by the kernel
+        st, s0 = _stream_for(seed, dev) if name.endswith("_step") else (None, seed)
         w, buf = w0.clone().to(dev), torch.zeros_like(w0, device=dev)
         p = plan if dev == DEVICE else plan.to("cpu")
         ops.pathway_sgd_(dz.to(dev), x.to(dev), w, buf, p.paths, p.csr, lay, lr, 0.5, 0.0,
-                         False, seed)
+                         False, s0, st)
         results[name] = w.cpu()
         assert torch.equal(buf.cpu(), gw.to(torch.bfloat16)), name
-    assert torch.equal(results["triton"].view(torch.int16), expect.view(torch.int16))
-    assert torch.equal(results["triton"].view(torch.int16), results["cpu"].view(torch.int16))
+    for name in results:
+        assert torch.equal(results[name].view(torch.int16), expect.view(torch.int16)), name
     # round to nearest gives other bits
     nearest = w0.clone()
     torch.ops.gated_ops_triton.pathway_sgd_(dz, x, nearest, None, plan.paths, plan.csr, lay, lr,
