@@ -613,6 +613,13 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4
   const bool active = d < a.Di;
   if (o0 >= a.Do || (!kLook && !active)) return;
   const int nr = (int)min(int64_t(kRowsPerWarp), a.Do - o0);
+  // bfloat16 stochastic rounding: the seed's mix, read and hashed here, before the sum, when
+  // few registers are live (per stored row it cost 5 registers and a spill in the lookahead
+  // variant's 80-register budget)
+  uint32_t sr_mix = 0;
+  if constexpr (kSGD && std::is_same_v<scalar_t, at::BFloat16>) {
+    if (a.sgd.rounding.stochastic) sr_mix = a.sgd.rounding.resolved().mix;
+  }
   if (kSGD && a.prefetch) {  // the W and momentum rows the epilogue reads, while the sum runs
     const int64_t c0 = dt * kCols;
     const int64_t span = min(int64_t(kCols), a.Di - c0) * int64_t(sizeof(scalar_t));
@@ -712,11 +719,10 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4
       const int64_t off = (m * a.Do + o0 + i) * a.Di + d;
       if (std::is_same_v<scalar_t, at::BFloat16> && a.sgd.rounding.stochastic) {
         // w[i] becomes the stored values (the lookahead below dots what was stored)
-        const Rounding rd = a.sgd.rounding.resolved();
         Pack<scalar_t, VEC> pk;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          pk.v[v] = round_param<scalar_t>(w[i][v], off + v, rd);
+          pk.v[v] = round_param<scalar_t>(w[i][v], off + v, Rounding{true, sr_mix});
           w[i][v] = static_cast<acc_t>(pk.v[v]);
         }
         *reinterpret_cast<Pack<scalar_t, VEC>*>(a.out + off) = pk;

@@ -61,6 +61,25 @@ def test_transform_batch_targets():
     assert torch.equal(target[0, 0 * 3 + 2], target[0, 1 * 3 + 2])
 
 
+def test_transform_batch_targets_are_the_mapped_labels_of_every_path():
+    """target[r, i*K + j, b] = label_maps[j, y[r, b]], for every replica, path and row (an
+    int64 tensor, contiguous as the cross-entropy kernels read it)."""
+    g = torch.Generator().manual_seed(0)
+    R, K, B, C, D = 2, 3, 5, 4, 6
+    y = torch.randint(0, C, (R, B), generator=g)
+    maps = torch.stack([torch.randperm(C, generator=g) for _ in range(K)])
+    x = torch.randn(R, B, D, generator=g)
+    perms = torch.stack([torch.randperm(D, generator=g) for _ in range(K)])
+    _, target = transform_batch(x, y, perms, maps)
+    assert target.shape == (R, K * K, B) and target.dtype == torch.int64
+    assert target.is_contiguous()
+    for r in range(R):
+        for i in range(K):
+            for j in range(K):
+                for b in range(B):
+                    assert target[r, i * K + j, b] == maps[j, y[r, b]], (r, i, j, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_transform_batch_inputs_are_the_permuted_pixels(dtype):
     """xk[r*K + k, b] = x[r, b, perms[k]] (encoder k sees permutation k of replica r's batch),

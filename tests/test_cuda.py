@@ -524,6 +524,37 @@ def test_kpath_training_step_cuda_graph_equals_eager():
             assert torch.equal(a, b), name
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_eager_kpath_step_never_synchronises_with_the_host(dtype, backend):
+    """An eager fused k-path step (forward, fused loss, backward, fused SGD; in bfloat16 with
+    stochastic rounding, whose step counter the kernels read on the device) makes no
+    synchronising CUDA call: under torch.cuda.set_sync_debug_mode("error") one would raise.
+    So the host queues steps ahead of the GPU, as a captured graph needs too."""
+    if backend == "triton":
+        pytest.importorskip("gated_ops.triton_ops")
+    K, R, B, D, H, C = 4, 2, 8, 20, 12, 5
+    torch.manual_seed(0)
+    net = KPathNet(K, D, H, C, replicas=R, device=DEVICE, dtype=dtype, backend=backend)
+    net.fuse_sgd(SGDConfig(lr=0.05, momentum=0.9,
+                           stochastic_rounding=dtype == torch.bfloat16))
+    g = torch.Generator().manual_seed(1)
+    xk = torch.randn(R * K, B, D, generator=g).to(DEVICE, dtype)
+    target = torch.randint(0, C, (R, K * K, B), generator=g).to(DEVICE)
+    gate = kpath_gate(K, 2).reshape(1, K * K).expand(R, -1).contiguous().to(DEVICE, dtype)
+    _kpath_step(net, xk, target, gate)  # warm-up: compilation, workspaces, handles
+    torch.cuda.synchronize()
+    before = net.encoder.weight.detach().clone()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            _kpath_step(net, xk, target, gate)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not torch.equal(net.encoder.weight, before)  # the steps trained
+
+
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", list(LOW.values()), ids=list(LOW))
 @pytest.mark.parametrize("shape", [(1, 1, 1, 2), (3, 16, 5, 7), (2, 100, 8, 10),

@@ -172,3 +172,29 @@ def test_a_fused_sgd_kpath_step_under_autocast_runs_the_cuda_kernels_in_float32(
     assert torch.equal(loss_a, loss_b)
     for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_fused_kpath_step_reads_no_tensor_on_the_host(dtype, monkeypatch):
+    """The CPU-side proxy of the GPU's sync-debug test: a fused k-path step on the (emulated)
+    CUDA kernels, bfloat16 with stochastic rounding included, converts no tensor to a Python
+    number or bool (item, int, float, bool, tolist: each a device-to-host sync on a GPU)."""
+    K, R, B, D, H, C = 4, 2, 8, 20, 12, 5
+    torch.manual_seed(0)
+    net = KPathNet(K, D, H, C, replicas=R, dtype=dtype, backend="cuda_emu")
+    net.fuse_sgd(SGDConfig(lr=0.05, momentum=0.9, stochastic_rounding=dtype == torch.bfloat16))
+    g = torch.Generator().manual_seed(1)
+    xk = torch.randn(R * K, B, D, generator=g).to(dtype)
+    target = torch.randint(0, C, (R, K * K, B), generator=g)
+    gate = kpath_gate(K, 2).reshape(1, K * K).expand(R, -1).contiguous().to(dtype)
+    before = net.encoder.weight.detach().clone()
+
+    def host_read(t, *args):
+        pytest.fail("a tensor was read on the host during the step")
+
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    loss, _, _ = net.loss(xk, target, gate)
+    loss.sum().backward()
+    monkeypatch.undo()
+    assert not torch.equal(net.encoder.weight, before)
