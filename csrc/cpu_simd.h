@@ -16,6 +16,8 @@
 #include <cstring>
 #include <cstdlib>
 
+#include "hash32.h"
+
 // (GCC 11+ knows the x86-64-v3/v4 levels; other compilers build the baseline loops only.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define GATED_TARGET_CLONES \
@@ -56,17 +58,8 @@ namespace simd {
 // smaller than the spacing of bfloat16 still moves the weight on average. The random bits are
 // a hash of (seed, element index): deterministic, independent of the thread count, and
 // reproduced by gated_ops.reference.round_stochastic_bf16.
-// (U: uint32_t, or a vector of them: gated_ops::hash32 in gated_ops.h, lane by lane; the seed's
-// mix is gated_ops::seed_mix there.)
-template <typename U>
-GATED_INLINE U hash32(U x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
+// (The hash is gated_ops::hash32 of hash32.h, lane by lane on vectors; the seed's mix is
+// gated_ops::seed_mix in gated_ops.h.)
 // The body of the float exp of the cross-entropy (gated_ops.cpp expf_poly, and exp8 below):
 // with n = floor(x / ln 2 + 1/2) for the clamped x, exp(x) = 2^n * exp_core(x, n), from Cephes'
 // range reduction by ln 2 in two parts and its degree-6 polynomial (T: float or a vector).

@@ -7,6 +7,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "hash32.h"
+
 namespace gated_ops {
 
 // The op schemas, declared once: TORCH_LIBRARY(gated_ops) in gated_ops.cpp, and the CUDA
@@ -253,15 +255,7 @@ inline void check_grad_z(const at::Tensor& dz, const Plan& p, int64_t B, int64_t
 // element i are hash32(uint32(i) + mix) mod 2^16, mix = seed_mix(seed), added below the kept
 // mantissa before truncation (cpu_simd.h bf16_stochastic, the CUDA kernels' round_param,
 // triton_ops.py and reference.round_stochastic_bf16 compute the same bits). "lowbias32", from
-// C. Wellons' integer hash prospector.
-C10_HOST_DEVICE inline uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
+// C. Wellons' integer hash prospector (hash32.h).
 C10_HOST_DEVICE inline uint32_t seed_mix(int64_t seed) {
   return hash32(uint32_t(seed) ^ 0x5bd1e995u);
 }

@@ -328,6 +328,36 @@ def test_opcheck_bias_sgd():
                            S, M, 0.1, 0.9, 0.01, False))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_fused_kpath_step_on_triton_reads_no_tensor_on_the_host(dtype, monkeypatch):
+    """A fused k-path step with backend="triton" (bfloat16: with stochastic rounding, the
+    counter read by the kernels) converts no tensor to a Python number or bool (each a
+    device-to-host sync on a GPU; tests/test_cuda.py checks the GPU's sync debug mode). Values
+    are not compared here: the interpreter's bfloat16 dots are wrong."""
+    from gated_ops import SGDConfig
+    from gated_ops.kpath import KPathNet, kpath_gate
+
+    K, R, B, D, H, C = 3, 2, 4, 16, 16, 5
+    torch.manual_seed(0)
+    net = KPathNet(K, D, H, C, replicas=R, device=DEVICE, dtype=dtype, backend="triton")
+    net.fuse_sgd(SGDConfig(lr=0.05, momentum=0.9, stochastic_rounding=dtype == torch.bfloat16))
+    gate = kpath_gate(K, 2).reshape(1, K * K).expand(R, -1).contiguous().to(DEVICE, dtype)
+    g = torch.Generator().manual_seed(1)
+    xk = torch.randn(R * K, B, D, generator=g).to(DEVICE, dtype)
+    target = torch.randint(0, C, (R, K * K, B), generator=g).to(DEVICE)
+    net.loss(xk, target, gate)[0].sum().backward()  # first call: compilation
+
+    def host_read(t, *args):
+        pytest.fail("a tensor was read on the host during the step")
+
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    net.loss(xk, target, gate)[0].sum().backward()
+    monkeypatch.undo()
+    if dtype == torch.bfloat16:
+        assert int(net.encoder.sgd_step) == 2
+
+
 def test_kpath_fused_step_on_triton_equals_compiled_kernels():
     """A whole k-path training step (forward, fused loss, backward, fused SGD in every layer) with
     backend="triton" equals the same step on the compiled kernels, to float32 tolerance: the
