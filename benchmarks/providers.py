@@ -469,8 +469,10 @@ class FusedKPath(KPathProvider):
                  lookahead: bool | None = None):
         super().__init__(data, net)
         self.name = name
-        if mode == "step":  # bfloat16: stochastic rounding (every backend has it)
-            sr = net.encoder.weight.dtype == torch.bfloat16
+        if mode == "step":  # bfloat16: stochastic rounding (every backend has it; its cost:
+            # GATED_OPS_BENCH_ROUNDING=nearest rounds to nearest instead, an A/B)
+            sr = (net.encoder.weight.dtype == torch.bfloat16
+                  and os.environ.get("GATED_OPS_BENCH_ROUNDING", "stochastic") != "nearest")
             net.fuse_sgd(SGDConfig(lr=LR, momentum=MOMENTUM, stochastic_rounding=sr))
         # The next batch's encoder forward inside this step's update (KPathNet.lookahead):
         # where the fused kernel is (CPU); elsewhere it would be the same two ops. The batch is

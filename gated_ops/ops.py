@@ -154,9 +154,9 @@ def pathway_sgd_(
     computing grad_W with ``pathway_grad_weight`` and stepping torch.optim.SGD (dampening 0)
     whose momentum buffer starts at zero (``reference.sgd_momentum_ref``). 16-bit weights and
     buffers: the step is computed in float32 and rounded once when stored; with
-    ``rounding_seed >= 0`` (bfloat16 weights; CPU, CUDA and Triton, the same bits) the weight is rounded stochastically
-    (``reference.round_stochastic_bf16``: the seed should change every step), the buffer to
-    nearest.
+    ``rounding_seed >= 0`` (bfloat16 weights; CPU, CUDA and Triton, the same bits) the weight
+    is rounded stochastically (``reference.round_stochastic_bf16``: the seed should change
+    every step), the buffer to nearest.
 
     ``rounding_step`` (an int64 tensor of one element on the weight's device) makes the seed of
     this step ``reference.rounding_seed_at(rounding_seed, step)``, the step read by the kernel
