@@ -16,8 +16,6 @@
 #include <cstring>
 #include <cstdlib>
 
-#include "hash32.h"
-
 // (GCC 11+ knows the x86-64-v3/v4 levels; other compilers build the baseline loops only.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define GATED_TARGET_CLONES \
@@ -44,6 +42,9 @@
 // emits the note at the end of the translation unit, where it instantiates the clones.)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
+
+// (After the pragma above: hash32 is instantiated on vectors here.)
+#include "hash32.h"
 
 #ifndef GATED_PREFETCH
 #define GATED_PREFETCH 512
