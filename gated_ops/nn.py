@@ -26,8 +26,8 @@ class SGDConfig:
     index): deterministic and resumable (the count is the buffer ``sgd_step``), but replicas are
     then not bitwise equal to separate runs. The CPU, CUDA and Triton kernels store the same
     bits for the same float32 step. The kernels read the count on the device (the ops'
-    ``rounding_step``) and the layer advances it there: no host sync per step, and a step
-    captured in a CUDA graph draws new bits at every replay. No effect on float32 / float64
+    ``rounding_step``) and the layer advances it there: the seed costs no host sync, and a
+    step captured in a CUDA graph draws new bits at every replay. No effect on float32 / float64
     weights.
     """
 
@@ -185,8 +185,7 @@ class GatedPathwayLinear(nn.Module):
         """The seed of this layer's stream of stochastic rounding seeds (-1: round to
         nearest). The kernels draw step s's bits from reference.rounding_seed_at(seed, s), s
         read from the device counter ``sgd_step`` as they run (the ops' rounding_step): no
-        host read, so eager steps never synchronise and captured CUDA graphs draw new bits at
-        every replay."""
+        host read of it, and captured CUDA graphs draw new bits at every replay."""
         if self.sgd is None or not self.sgd.stochastic_rounding:
             return -1
         if self.weight.dtype == torch.float16:

@@ -161,8 +161,8 @@ def pathway_sgd_(
     ``rounding_step`` (an int64 tensor of one element on the weight's device) makes the seed of
     this step ``reference.rounding_seed_at(rounding_seed, step)``, the step read by the kernel
     when it runs, not on the host: the caller advances the counter on the device
-    (``step.add_(1)``), so eager steps never synchronise and a step captured in a CUDA graph
-    draws new bits at every replay.
+    (``step.add_(1)``), so the seed costs no host synchronisation and a step captured in a
+    CUDA graph draws new bits at every replay.
     """
     _ops.pathway_sgd_(grad_z, x, weight, momentum_buffer, plan.paths, plan.csr,
                       list(plan.layout), lr, momentum, weight_decay, nesterov, rounding_seed,
