@@ -1181,15 +1181,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cpu(const Tensor&
   const Tensor logits = logits_view(logits_);
   const LogitBlocks lb(logits);
   const int64_t R = lb.R, P = lb.P, B = lb.B, C = lb.C;
-  TORCH_CHECK(target_.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
-              target_.scalar_type());
-  GATED_CHECK_SHAPE("target", target_, R, P, B);
-  check_float(gate_, "gate", logits_.scalar_type());
-  GATED_CHECK_SHAPE("gate", gate_, R, P);
-  check_same_device(target_, "target", logits_);
-  check_same_device(gate_, "gate", logits_);
-  TORCH_CHECK(B > 0, "logits: expected a batch of B > 0 samples (the loss is a mean over B)");
-  TORCH_CHECK(C > 0, "logits: expected C > 0 classes");
+  check_ce_forward(logits, lb, target_, gate_);
   const Tensor target = target_.contiguous(), gate = gate_.contiguous();
   Tensor loss = at::empty({R}, logits.options());
   Tensor path_loss = at::empty({R, P}, logits.options());
@@ -1246,28 +1238,8 @@ Tensor gated_cross_entropy_backward_cpu(const c10::optional<Tensor>& grad_loss_,
   const Tensor logits = logits_view(logits_);
   const LogitBlocks lb(logits);
   const int64_t R = lb.R, P = lb.P, B = lb.B, C = lb.C;
-  if (grad_loss_) {
-    GATED_CHECK_SHAPE("grad_loss", *grad_loss_, R);
-  }
-  if (grad_pl_) {
-    GATED_CHECK_SHAPE("grad_path_loss", *grad_pl_, R, P);
-  }
-  GATED_CHECK_SHAPE("target", target_, R, P, B);
-  GATED_CHECK_SHAPE("gate", gate_, R, P);
-  GATED_CHECK_SHAPE("lse", lse_, R, P, B);
   check_cpu_dtype(logits_, "logits");
-  const Tensor none;
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{
-                                    grad_loss_ ? &*grad_loss_ : &none, "grad_loss"},
-                                {grad_pl_ ? &*grad_pl_ : &none, "grad_path_loss"},
-                                {&gate_, "gate"}, {&lse_, "lse"}}) {
-    if (!t->defined()) continue;
-    check_float(*t, name, logits_.scalar_type());
-    check_same_device(*t, name, logits_);
-  }
-  TORCH_CHECK(target_.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
-              target_.scalar_type());
-  check_same_device(target_, "target", logits_);
+  check_ce_backward(grad_loss_, grad_pl_, logits, lb, target_, gate_, lse_);
   const Tensor target = target_.contiguous(), lse = lse_.contiguous(),
                gate = gate_.contiguous(),
                grad_loss = grad_loss_ ? grad_loss_->contiguous() : Tensor(),

@@ -233,6 +233,50 @@ inline at::Tensor logits_view(const at::Tensor& logits) {
   return logits.size(-1) > 1 && logits.stride(-1) != 1 ? logits.contiguous() : logits;
 }
 
+// The gated cross-entropy's other inputs, checked against its logits (lb: their blocks):
+// target (R, P, B) int64 class indices and gate (R, P) in the logits' dtype, on their device.
+inline void check_ce_target_gate(const at::Tensor& logits, const LogitBlocks& lb,
+                                 const at::Tensor& target, const at::Tensor& gate) {
+  TORCH_CHECK(target.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
+              target.scalar_type());
+  GATED_CHECK_SHAPE("target", target, lb.R, lb.P, lb.B);
+  check_same_device(target, "target", logits);
+  check_float(gate, "gate", logits.scalar_type());
+  GATED_CHECK_SHAPE("gate", gate, lb.R, lb.P);
+  check_same_device(gate, "gate", logits);
+}
+
+// The forward's: as above, and a loss that is defined (a mean over B > 0 rows of C > 0 classes).
+inline void check_ce_forward(const at::Tensor& logits, const LogitBlocks& lb,
+                             const at::Tensor& target, const at::Tensor& gate) {
+  check_ce_target_gate(logits, lb, target, gate);
+  TORCH_CHECK(lb.B > 0, "logits: expected a batch of B > 0 samples (the loss is a mean over B)");
+  TORCH_CHECK(lb.C > 0, "logits: expected C > 0 classes");
+}
+
+// The backward's: as above, the forward's lse (R, P, B), and the incoming gradients (R,) and
+// (R, P), each optional (an output nobody differentiates), all in the logits' dtype and device.
+inline void check_ce_backward(const c10::optional<at::Tensor>& grad_loss,
+                              const c10::optional<at::Tensor>& grad_path_loss,
+                              const at::Tensor& logits, const LogitBlocks& lb,
+                              const at::Tensor& target, const at::Tensor& gate,
+                              const at::Tensor& lse) {
+  if (grad_loss) {
+    GATED_CHECK_SHAPE("grad_loss", *grad_loss, lb.R);
+    check_float(*grad_loss, "grad_loss", logits.scalar_type());
+    check_same_device(*grad_loss, "grad_loss", logits);
+  }
+  if (grad_path_loss) {
+    GATED_CHECK_SHAPE("grad_path_loss", *grad_path_loss, lb.R, lb.P);
+    check_float(*grad_path_loss, "grad_path_loss", logits.scalar_type());
+    check_same_device(*grad_path_loss, "grad_path_loss", logits);
+  }
+  check_ce_target_gate(logits, lb, target, gate);
+  GATED_CHECK_SHAPE("lse", lse, lb.R, lb.P, lb.B);
+  check_float(lse, "lse", logits.scalar_type());
+  check_same_device(lse, "lse", logits);
+}
+
 // The batch B of a dZ laid out for this plan and D_out (B rows per pathway; 0 without any),
 // checked: z_cols(D_out) columns and a whole batch of rows per pathway.
 inline int64_t grad_z_batch(const at::Tensor& dz, const Plan& p, int64_t Do) {

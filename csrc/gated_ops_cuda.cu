@@ -1565,20 +1565,11 @@ Tensor pathway_sgd_lookahead_cuda(const Tensor& dz_, const Tensor& x_, const Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_cross_entropy_cuda(const Tensor& logits_,
                                                                     const Tensor& target_,
                                                                     const Tensor& gate_) {
-  TORCH_CHECK(at::isFloatingType(logits_.scalar_type()),
-              "logits: expected a floating-point tensor, got ", logits_.scalar_type());
+  check_cuda_dtype(logits_, "logits");
   const Tensor logits = logits_view(logits_);  // 4-D, or the k-path's strided 5-D view
   const LogitBlocks lb(logits);
   const int64_t R = lb.R, P = lb.P, B = lb.B, C = lb.C;
-  TORCH_CHECK(target_.scalar_type() == at::kLong, "target: expected int64 class indices, got ",
-              target_.scalar_type());
-  GATED_CHECK_SHAPE("target", target_, R, P, B);
-  check_float(gate_, "gate", logits_.scalar_type());
-  GATED_CHECK_SHAPE("gate", gate_, R, P);
-  check_same_device(target_, "target", logits_);
-  check_same_device(gate_, "gate", logits_);
-  TORCH_CHECK(B > 0, "logits: expected a batch of B > 0 samples (the loss is a mean over B)");
-  TORCH_CHECK(C > 0, "logits: expected C > 0 classes");
+  check_ce_forward(logits, lb, target_, gate_);
   const c10::cuda::CUDAGuard guard(logits_.device());
   const Tensor target = target_.contiguous(), gate = gate_.contiguous();
   Tensor loss = at::empty({R}, logits.options());
@@ -1619,23 +1610,8 @@ Tensor gated_cross_entropy_backward_cuda(const c10::optional<Tensor>& grad_loss_
   const Tensor logits = logits_view(logits_);  // 4-D, or the k-path's strided 5-D view
   const LogitBlocks lb(logits);
   const int64_t R = lb.R, P = lb.P, B = lb.B, C = lb.C;
-  if (grad_loss_) {
-    GATED_CHECK_SHAPE("grad_loss", *grad_loss_, R);
-  }
-  if (grad_pl_) {
-    GATED_CHECK_SHAPE("grad_path_loss", *grad_pl_, R, P);
-  }
-  GATED_CHECK_SHAPE("target", target_, R, P, B);
-  GATED_CHECK_SHAPE("gate", gate_, R, P);
-  GATED_CHECK_SHAPE("lse", lse_, R, P, B);
-  auto check_like_logits = [&](const Tensor& t, const char* name) {
-    check_float(t, name, logits_.scalar_type());
-    check_same_device(t, name, logits_);
-  };
-  if (grad_loss_) check_like_logits(*grad_loss_, "grad_loss");
-  if (grad_pl_) check_like_logits(*grad_pl_, "grad_path_loss");
-  check_like_logits(gate_, "gate");
-  check_like_logits(lse_, "lse");
+  check_cuda_dtype(logits_, "logits");
+  check_ce_backward(grad_loss_, grad_pl_, logits, lb, target_, gate_, lse_);
   const c10::cuda::CUDAGuard guard(logits_.device());
   // A missing grad_loss / grad_path_loss (an output nobody differentiates) counts as zeros:
   // no zero-filled tensor (and no fill kernel) for it.

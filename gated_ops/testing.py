@@ -269,6 +269,39 @@ def check_ce_backward_missing_grads(ns, device: str, dtype: torch.dtype,
                               (None, gp, logits, target, gate, lse))
 
 
+def check_ce_backward_rejects_bad_input(ns, device: str) -> None:
+    """``ns.gated_cross_entropy_backward`` called directly (not after its forward, which checks
+    target and gate) with one bad argument raises, naming it: every backend checks the backward's
+    arguments as its forward's, since it reads them through raw pointers."""
+    R, P, B, C = 2, 3, 4, 5
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(R, P, B, C, generator=g).to(device)
+    target = torch.randint(0, C, (R, P, B), generator=g).to(device)
+    gate = torch.ones(R, P, device=device)
+    _, _, _, lse = ns.gated_cross_entropy(logits, target, gate)
+    good = dict(grad_loss=torch.ones(R, device=device), grad_path_loss=None, target=target,
+                gate=gate, lse=lse)
+    bad = [("target", target.int()), ("target", target[:, :2]), ("gate", gate.double()),
+           ("gate", gate[:, :2]), ("lse", lse.double()), ("lse", lse[..., :2]),
+           ("grad_loss", torch.ones(R + 1, device=device)),
+           ("grad_loss", torch.ones(R, device=device, dtype=torch.float64)),
+           ("grad_path_loss", torch.ones(R, P + 1, device=device)),
+           ("grad_path_loss", torch.ones(R, P, device=device, dtype=torch.float16))]
+    if device != "cpu":
+        bad += [(name, good[name].cpu()) for name in ("target", "gate", "lse", "grad_loss")]
+    for name, value in bad:
+        a = dict(good, **{name: value})
+        try:
+            ns.gated_cross_entropy_backward(a["grad_loss"], a["grad_path_loss"], logits,
+                                            a["target"], a["gate"], a["lse"])
+        except (RuntimeError, ValueError) as e:
+            assert str(e).startswith(f"{name}: expected") or f"\n{name}: expected" in str(e), \
+                f"{name} {tuple(value.shape)} {value.dtype} {value.device}: {e}"
+        else:
+            raise AssertionError(f"{name} {tuple(value.shape)} {value.dtype} {value.device}: "
+                                 "accepted")
+
+
 def autocast_kpath_step(backend: str = "auto", fused: bool = False):
     """One k-path step (K=3, R=2, CPU) in a bfloat16 autocast region and the same step without
     it, from the same weights and batch, each followed by its backward (and, with ``fused``, its

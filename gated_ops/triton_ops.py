@@ -874,7 +874,9 @@ def _ce_logits(logits: Tensor) -> Tensor:
     return logits.contiguous() if logits.shape[-1] > 1 and logits.stride(-1) != 1 else logits
 
 
-def _ce_check(logits: Tensor, target: Tensor, gate: Tensor) -> None:
+def _ce_check(logits: Tensor, target: Tensor, gate: Tensor, forward: bool = True) -> None:
+    """The logits, target and gate of the forward (which needs B > 0 and C > 0: the loss is a
+    mean over B rows of C classes) or the backward."""
     if logits.dim() not in (4, 5):
         raise ValueError(f"logits: expected (R, P, B, C) or (R, I, J, B, C), got shape "
                          f"{tuple(logits.shape)}")
@@ -885,8 +887,34 @@ def _ce_check(logits: Tensor, target: Tensor, gate: Tensor) -> None:
     if gate.dtype != logits.dtype or tuple(gate.shape) != (R, P):
         raise ValueError(f"gate: expected {logits.dtype} of shape {(R, P)}, got {gate.dtype} "
                          f"{tuple(gate.shape)}")
-    if B == 0 or C == 0:
+    _check_devices(logits, target=target, gate=gate)
+    if forward and (B == 0 or C == 0):
         raise ValueError("logits: expected a batch of B > 0 samples and C > 0 classes")
+
+
+def _check_devices(logits: Tensor, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name}: expected device {logits.device} (the device of the "
+                             f"logits), got {t.device}")
+
+
+def _ce_backward_check(grad_loss: Optional[Tensor], grad_path_loss: Optional[Tensor],
+                       logits: Tensor, target: Tensor, gate: Tensor, lse: Tensor) -> None:
+    """The backward's arguments, as the C++ backends check them: the forward's target and gate,
+    its lse (R, P, B) and the optional incoming gradients (R,) and (R, P), all in the logits'
+    dtype and on their device."""
+    _ce_check(logits, target, gate, forward=False)
+    (R, P, B, _, _), _ = _ce_layout(logits)
+    for name, t, shape in (("grad_loss", grad_loss, (R,)),
+                           ("grad_path_loss", grad_path_loss, (R, P)),
+                           ("lse", lse, (R, P, B))):
+        if t is None:
+            continue
+        if t.dtype != logits.dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected {logits.dtype} of shape {shape}, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    _check_devices(logits, lse=lse, grad_loss=grad_loss, grad_path_loss=grad_path_loss)
 
 
 def _ce_blocks(B: int, C: int) -> tuple[int, int]:
@@ -917,6 +945,7 @@ def _ce_backward_impl(grad_loss, grad_path_loss, logits, target, gate, lse):
     if logits.dtype not in TRITON_DTYPES:
         return torch.ops.gated_ops.gated_cross_entropy_backward(grad_loss, grad_path_loss,
                                                                 logits, target, gate, lse)
+    _ce_backward_check(grad_loss, grad_path_loss, logits, target, gate, lse)
     logits = _ce_logits(logits)
     target, gate, lse = (t.contiguous() for t in (target, gate, lse))
     # a missing gradient (an output nobody differentiates) counts as zeros; the kernel then

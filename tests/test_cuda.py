@@ -28,7 +28,8 @@ from gated_ops import GatedPathwayLinear, SGDConfig
 from gated_ops.kpath import KPathNet, kpath_gate
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref, sgd_momentum_ref
 from gated_ops.testing import (SHAPES, Case, Table, assert_close,
-                               check_ce_backward_missing_grads, check_ce_special_values,
+                               check_ce_backward_missing_grads,
+                               check_ce_backward_rejects_bad_input, check_ce_special_values,
                                check_strided_ce_logits, cuda_emulation, gradcheck_pathway,
                                kernel_census, kpath_tables, make_inputs, replicate)
 
@@ -274,6 +275,10 @@ def test_opcheck_cross_entropy():
                          ids=["f32", "f64", "bf16"])
 def test_cross_entropy_backward_takes_missing_gradients(dtype):
     check_ce_backward_missing_grads(OPS, DEVICE, dtype, opcheck_context=_modes_off)
+
+
+def test_cross_entropy_backward_rejects_bad_input():
+    check_ce_backward_rejects_bad_input(OPS, DEVICE)
 
 
 # (R, P, B, C), or (R, I, J, B, C) for the k-path's strided view: B = 32 is the row kernel's

@@ -9,7 +9,7 @@ import torch
 import gated_ops
 from gated_ops.reference import gated_cross_entropy_ref
 from gated_ops.testing import (assert_close, check_ce_backward_missing_grads,
-                               check_strided_ce_logits)
+                               check_ce_backward_rejects_bad_input, check_strided_ce_logits)
 
 # (R, P, B, C): float32 takes rows 8 at a time in vector lanes (B = 5, 9: partial groups) and
 # C > 64 classes in chunks
@@ -130,6 +130,10 @@ def test_backward_op_refuses_a_bad_target():
     with pytest.raises(RuntimeError, match=r"target: class index 5 out of range \[0, 5\)"):
         torch.ops.gated_ops.gated_cross_entropy_backward(
             torch.ones(2, dtype=l.dtype), torch.zeros_like(pl), l.detach(), bad, g.detach(), lse)
+
+
+def test_backward_op_rejects_bad_input():
+    check_ce_backward_rejects_bad_input(torch.ops.gated_ops, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],

@@ -27,7 +27,8 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 import gated_ops  # noqa: E402
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref  # noqa: E402
 from gated_ops.testing import (SHAPES, Case, assert_close,  # noqa: E402
-                               check_ce_backward_missing_grads, check_ce_special_values,
+                               check_ce_backward_missing_grads,
+                               check_ce_backward_rejects_bad_input, check_ce_special_values,
                                make_inputs)
 
 if not ON_GPU and not isinstance(triton_ops._ztile_kernel, InterpretedFunction):
@@ -160,6 +161,10 @@ def test_gated_cross_entropy_nan_inf_ties_and_zero_gate():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cross_entropy_backward_takes_missing_gradients(dtype):
     check_ce_backward_missing_grads(torch.ops.gated_ops_triton, DEVICE, dtype)
+
+
+def test_cross_entropy_backward_rejects_bad_input():
+    check_ce_backward_rejects_bad_input(torch.ops.gated_ops_triton, DEVICE)
 
 
 def test_opcheck_gated_cross_entropy():
