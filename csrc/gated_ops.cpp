@@ -58,6 +58,14 @@ Plan cpu_plan(const Tensor& paths, const Tensor& csr, at::IntArrayRef layout, in
   }
   TORCH_CHECK(p.dst_ptr[p.T] == p.P && p.src_ptr[S] == p.P && p.wgt_ptr[M] == p.P,
               "csr: corrupt plan (CSR totals differ from P); rebuild it with make_plan");
+  // The flags, against the tables (the GPU backends take them on trust).
+  bool one = p.T == p.P, zy = p.blocked() && p.nm == 1;
+  for (int64_t t = 0; one && t < p.T; ++t) one = p.dst_ptr[t + 1] - p.dst_ptr[t] == 1;
+  zy = zy && one;
+  for (int64_t q = 0; zy && q < p.P; ++q) zy = p.dst[q] == p.zrow[q];
+  TORCH_CHECK(p.one_per_dst() == one && p.z_is_y() == zy, "layout: flags ", p.flags,
+              " do not match the pathway table (expected ", (one ? kOnePerDst : 0) |
+              (zy ? kZIsY : 0), "); rebuild the plan with make_plan");
   return p;
 }
 
@@ -256,8 +264,7 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
   // Z is y itself when each destination is exactly one pathway's Z block, in Z's order
   // (blocked, nm = 1: the k-path encoders, the hidden layer, the wide decoder): the epilogue
   // then works in place, and an ungated layer without bias does no pass at all.
-  bool in_place = *p.one_per_dst && p.blocked() && p.nm == 1 && p.T == p.P;
-  for (int64_t q = 0; in_place && q < p.P; ++q) in_place = p.dst[q] == p.zrow[q];
+  const bool in_place = p.z_is_y();
   const Tensor z = compute_z(p, x, w);
   // (otherwise every row of y is written below: no zero fill)
   Tensor y = in_place ? z.view({p.T, B, Do}) : at::empty({p.T, B, Do}, x.options());
@@ -271,7 +278,7 @@ Tensor pathway_matmul_cpu(const Tensor& x_, const Tensor& w_, const c10::optiona
     const scalar_t* bi = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     const scalar_t* g = gate.defined() ? gate.data_ptr<scalar_t>() : nullptr;
     scalar_t* Y = y.data_ptr<scalar_t>();
-    if (*p.one_per_dst) {  // every k-path layer: y is a gated, biased copy of Z, in Z order
+    if (p.one_per_dst()) {  // every k-path layer: y is a gated, biased copy of Z, in Z order
       // One task item per pathway (Z's row block rb, column block cb): its B rows of D_out
       // floats, with the bias / gate cases compiled separately (the decoder's 10-float rows
       // made the per-row branches and lookups cost several times the copy itself).

@@ -53,18 +53,25 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
+// The layout's flags (gated_ops/plan.py: ONE_PER_DST, Z_IS_Y): what the host knows of the
+// table without reading it from the device.
+constexpr int64_t kOnePerDst = 1;  // every destination has exactly one pathway
+constexpr int64_t kZIsY = 2;  // blocked, nm = 1, pathway p is destination p and Z's row block p
+
 // Read-only view of a PathwayPlan (gated_ops/plan.py documents the layout): its sizes and raw
 // pointers into paths / csr, on the plan's device. Passed by value to CUDA kernels.
 struct Plan {
-  int64_t T = 0, n = 0, s0 = 0, ns = 0, m0 = 0, nm = 0;  // layout
+  int64_t T = 0, n = 0, s0 = 0, ns = 0, m0 = 0, nm = 0, flags = 0;  // layout
   int64_t P = 0, S = 0, M = 0;
   const int64_t *src = nullptr, *wgt = nullptr, *dst = nullptr, *zrow = nullptr, *zcol = nullptr;
   const int64_t *dst_ptr = nullptr, *dst_perm = nullptr, *src_ptr = nullptr,
                 *src_perm = nullptr, *wgt_ptr = nullptr, *wgt_perm = nullptr;
-  // owner[rb * (blocked ? nm : 1) + cb]: the pathway of Z's row block rb, column block cb;
-  // one_per_dst[0] == 1 when every destination has exactly one pathway (host-readable on CPU).
-  const int64_t *owner = nullptr, *one_per_dst = nullptr;
+  // owner[rb * (blocked ? nm : 1) + cb]: the pathway of Z's row block rb, column block cb
+  const int64_t* owner = nullptr;
   C10_HOST_DEVICE bool blocked() const { return n > 0; }
+  C10_HOST_DEVICE bool one_per_dst() const { return (flags & kOnePerDst) != 0; }
+  // Z (n*ns*B, D_out) is y (T, B, D_out) itself, row for row.
+  C10_HOST_DEVICE bool z_is_y() const { return (flags & kZIsY) != 0; }
   // Row/column counts of the intermediate Z for a batch of B rows and D_out outputs.
   C10_HOST_DEVICE int64_t z_rows(int64_t B) const { return blocked() ? n * ns * B : P * B; }
   C10_HOST_DEVICE int64_t z_cols(int64_t D_out) const { return blocked() ? nm * D_out : D_out; }
@@ -88,11 +95,11 @@ inline void check_float(const at::Tensor& t, const char* name, at::ScalarType dt
 // Validates the plan tensors against S sources and M weights and returns the view.
 inline Plan make_plan_view(const at::Tensor& paths, const at::Tensor& csr, at::IntArrayRef layout,
                            int64_t S, int64_t M, const at::Tensor& ref) {
-  TORCH_CHECK(layout.size() == 6, "layout: expected 6 ints (T, n, s0, ns, m0, nm), got ",
-              layout.size());
+  TORCH_CHECK(layout.size() == 7, "layout: expected 7 ints (T, n, s0, ns, m0, nm, flags), got ",
+              layout.size(), " (build the plan with gated_ops.make_plan)");
   Plan p;
   p.T = layout[0]; p.n = layout[1]; p.s0 = layout[2]; p.ns = layout[3]; p.m0 = layout[4];
-  p.nm = layout[5];
+  p.nm = layout[5]; p.flags = layout[6];
   p.S = S; p.M = M;
   TORCH_CHECK(paths.scalar_type() == at::kLong && csr.scalar_type() == at::kLong,
               "paths, csr: expected int64 plan tensors (build them with gated_ops.make_plan)");
@@ -101,7 +108,7 @@ inline Plan make_plan_view(const at::Tensor& paths, const at::Tensor& csr, at::I
   p.P = paths.size(1);
   check_same_device(paths, "paths (plan)", ref);
   check_same_device(csr, "csr (plan)", ref);
-  const int64_t csr_len = (p.T + 1) + (S + 1) + (M + 1) + 4 * p.P + 1;
+  const int64_t csr_len = (p.T + 1) + (S + 1) + (M + 1) + 4 * p.P;
   TORCH_CHECK(csr.dim() == 1 && csr.numel() == csr_len && csr.is_contiguous(),
               "csr: expected ", csr_len, " entries for T=", p.T, ", S=", S, ", M=", M, ", P=", p.P,
               " (a plan built for other sizes?), got shape ", csr.sizes());
@@ -113,13 +120,21 @@ inline Plan make_plan_view(const at::Tensor& paths, const at::Tensor& csr, at::I
                 ", nm=", p.nm, ") does not fit P=", p.P, ", S=", S, ", M=", M,
                 " (a plan built for other sizes?)");
   }
+  // The flags' shape facts, which the kernels rely on for their index ranges (the tables
+  // themselves are checked against the flags by the CPU backend: cpu_plan).
+  TORCH_CHECK(p.flags >= 0 && p.flags <= (kOnePerDst | kZIsY), "layout: unknown flags ", p.flags);
+  TORCH_CHECK(!p.one_per_dst() || p.T == p.P, "layout: flags say one pathway per destination, "
+              "but T=", p.T, " and P=", p.P, " (a plan built for other sizes?)");
+  TORCH_CHECK(!p.z_is_y() || (p.one_per_dst() && p.blocked() && p.nm == 1),
+              "layout: flags say Z is y, which needs one pathway per destination and a blocked "
+              "plan with nm = 1 (build the plan with gated_ops.make_plan)");
   const int64_t* pa = paths.data_ptr<int64_t>();
   p.src = pa; p.wgt = pa + p.P; p.dst = pa + 2 * p.P; p.zrow = pa + 3 * p.P; p.zcol = pa + 4 * p.P;
   const int64_t* c = csr.data_ptr<int64_t>();
   p.dst_ptr = c; c += p.T + 1; p.dst_perm = c; c += p.P;
   p.src_ptr = c; c += S + 1;   p.src_perm = c; c += p.P;
   p.wgt_ptr = c; c += M + 1;   p.wgt_perm = c; c += p.P;
-  p.owner = c; c += p.P;       p.one_per_dst = c;
+  p.owner = c;
   return p;
 }
 

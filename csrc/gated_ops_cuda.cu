@@ -276,12 +276,14 @@ __device__ __forceinline__ acc_t gate_of(const scalar_t* gate, bool per_sample, 
 //
 // Shared weights (blocked plans whose ns * B rows exceed kSkinnyRows: the k-path hidden layer and
 // the decoders) do not come here: one cuBLAS GEMM per block reads each weight once, where these
-// tiles would re-read it from L2 for every source.
+// tiles would re-read it from L2 for every source. (Where Z is y, ungated, with one block or no
+// bias, that GEMM writes y itself: pathway_matmul_cuda.)
 //
 // Epilogue kFused (forward): the lane's pathway p owns its Z value; when p is the only pathway
 // of its destination t (the decoders, the encoders: every k-path layer) the lane writes
 // y[t, b, o] = gate * (z + bias) directly; otherwise (a summing destination) it stores z into the
-// Z scratch and gather_epilogue_kernel sums the destination in CSR order.
+// Z scratch and gather_epilogue_kernel sums the destination in CSR order (not launched at all
+// when the plan's flags say every destination has one pathway).
 // Otherwise (grad_gate) every z goes to the Z scratch.
 template <typename scalar_t>
 struct ZTileArgs {
@@ -1202,11 +1204,26 @@ Tensor pathway_matmul_cuda(const Tensor& x_, const Tensor& w_, const c10::option
   const Tensor gate = gate_ ? gate_->contiguous() : Tensor();
   Tensor y = at::empty({p.T, B, Do}, x.options());
   const bool skinny = !p.blocked() || (B <= kSkinnyBatch && p.ns * B <= kSkinnyRows);
+  if (!skinny && p.z_is_y() && !gate.defined() && (p.n == 1 || !bias.defined())) {
+    // Z is y (the k-path's hidden layer and wide decoder, R = 1): the GEMM writes y itself,
+    // the bias added in cuBLASLt's epilogue (addmm with a 1-D bias): one kernel, no Z.
+    const NoAutocast no_autocast;
+    const Tensor xb = x_blocks(p, x), wb = w_blocks(p, w);
+    if (bias.defined()) {
+      Tensor y2 = y.view({p.ns * B, Do});
+      at::addmm_out(y2, bias[p.m0], xb[0], wb[0].t());
+    } else {
+      Tensor y3 = y.view({p.n, p.ns * B, Do});
+      at::bmm_out(y3, xb, wb.transpose(1, 2));
+    }
+    return y;
+  }
   GATED_DISPATCH(x.scalar_type(), "pathway_matmul_cuda", [&] {
     Tensor z;
     if (skinny) {
       z = at::empty({p.z_rows(B), p.z_cols(Do)}, x.options());
       launch_ztile<scalar_t>(p, x, w, bias, gate, &y, z, /*fused=*/true);
+      if (p.one_per_dst()) return;  // the tiles wrote every destination
     } else {
       z = cublas_z(p, x, w);
     }

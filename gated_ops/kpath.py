@@ -104,7 +104,7 @@ class KPathNet(nn.Module):
                          num_weights=replicas, num_dst=RK)
         self.register_buffer("_wide_paths", wide.paths.to(device), persistent=False)
         self.register_buffer("_wide_csr", wide.csr.to(device), persistent=False)
-        self._wide_layout, self._wide_z_is_y = wide.layout, wide.z_is_y
+        self._wide_layout = wide.layout
 
     @property
     def layers(self) -> tuple[GatedPathwayLinear, ...]:
@@ -161,8 +161,7 @@ class KPathNet(nn.Module):
             z = self.encoder.forward_lookahead(xk, *lookahead)
         h = self.hidden(z)  # (R*K, B, H)
         d = self.decoder
-        plan = PathwayPlan(R * K, R, R * K, self._wide_paths, self._wide_csr, self._wide_layout,
-                           self._wide_z_is_y)
+        plan = PathwayPlan(R * K, R, R * K, self._wide_paths, self._wide_csr, self._wide_layout)
         weight = d.weight.view(R, K * C, d.in_features)
         bias = None if d.bias is None else d.bias.view(R, K * C)
         out = d.forward_as(h, plan, weight, bias)  # (R*K_i, B, K_j*C)

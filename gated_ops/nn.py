@@ -89,7 +89,7 @@ class GatedPathwayLinear(nn.Module):
                          num_dst=num_dst)
         self.in_features, self.out_features = in_features, out_features
         self.num_sources, self.num_dst = num_sources, num_dst
-        self.layout, self._z_is_y = plan.layout, plan.z_is_y
+        self.layout = plan.layout
         self.register_buffer("paths", plan.paths.to(device), persistent=False)
         self.register_buffer("csr", plan.csr.to(device), persistent=False)
         # z_is_y plans (each destination one pathway's output): the weight whose bias
@@ -151,7 +151,7 @@ class GatedPathwayLinear(nn.Module):
     @property
     def plan(self) -> PathwayPlan:
         return PathwayPlan(self.num_sources, self.num_weights, self.num_dst, self.paths,
-                           self.csr, self.layout, self._z_is_y)
+                           self.csr, self.layout)
 
     @property
     def num_weights(self) -> int:
@@ -284,7 +284,7 @@ class GatedPathwayLinear(nn.Module):
     def _check_lookahead(self, what: str, x_next: Tensor) -> None:
         if self.sgd is None:
             raise ValueError(f"{what}: needs the fused SGD update (call fuse_sgd first)")
-        if not self._z_is_y:
+        if not self.plan.z_is_y:
             raise ValueError(f"{what}: implemented for layers whose pathways are their "
                              "outputs (plan.z_is_y: batched, shared, k-path layers); this "
                              f"layer's plan is {self.plan.kind}")
@@ -348,7 +348,7 @@ class GatedPathwayLinear(nn.Module):
         return pathway_matmul(x, weight, plan, bias, gate, backend=self.backend)
 
     def extra_repr(self) -> str:
-        _, n, s0, ns, m0, nm = self.layout
+        _, n, s0, ns, m0, nm, _ = self.layout
         structure = f"blocked(n={n}, ns={ns}, nm={nm})" if n else "grouped"
         s = (f"in_features={self.in_features}, out_features={self.out_features}, "
              f"sources={self.num_sources}, weights={self.num_weights}, "

@@ -209,7 +209,7 @@ def _compute_z(ns, x: Tensor, weight: Tensor, paths: Tensor, layout) -> Tensor:
     """Z (the pre-gate pathway outputs, without bias) from a namespace's ops and PyTorch:
     blocked plans as one bmm over views, grouped ones per pathway (the fallback of
     pathway_sgd_lookahead_ on devices without its fused kernel)."""
-    _, n, s0, ns_, m0, nm = layout
+    _, n, s0, ns_, m0, nm, _ = layout
     B, D_out = x.shape[1], weight.shape[1]
     if n > 0:
         xb = x[s0:s0 + n * ns_].reshape(n, ns_ * B, x.shape[2])

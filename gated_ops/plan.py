@@ -8,11 +8,16 @@ without any host synchronisation:
 
 * ``paths`` (5, P) int64: rows src, wgt, dst, zrow, zcol. ``zrow``/``zcol`` place pathway p's
   pre-gate output Z_p (B, D_out) inside the intermediate matrix Z (see below).
-* ``csr`` (T+1 + P + S+1 + P + M+1 + P + P + 1,) int64: three CSR indexes of the pathways, by
+* ``csr`` (T+1 + P + S+1 + P + M+1 + P + P,) int64: three CSR indexes of the pathways, by
   destination (deterministic forward sum), by source (grad_x sum) and by weight (grad_W sum),
   each ``ptr`` then ``perm`` (stable, so ties keep the table order); then ``owner`` (the pathway
-  of each Z block in memory order) and a flag, 1 when every destination has one pathway.
-* ``layout`` [T, n, s0, ns, m0, nm]: the GEMM structure.
+  of each Z block in memory order).
+* ``layout`` [T, n, s0, ns, m0, nm, flags]: the GEMM structure, and what the host must know of
+  the table without reading it from the device: ``ONE_PER_DST`` (every destination has exactly
+  one pathway: a forward writes y without a summing pass) and ``Z_IS_Y`` (blocked, nm = 1, and
+  pathway p is destination p and Z's row block p: Z is y itself, so a forward's GEMM can write
+  y, and an ungated layer's dZ is grad_y). The CPU kernels check the flags against the tables;
+  the GPU kernels take them on trust, as they take the tables.
 
 Two layouts cover every table:
 
@@ -35,13 +40,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PathwayPlan", "make_plan", "z_shape"]
+__all__ = ["PathwayPlan", "make_plan", "z_shape", "ONE_PER_DST", "Z_IS_Y"]
+
+# layout[6]'s flags (csrc/gated_ops.h: kOnePerDst, kZIsY)
+ONE_PER_DST = 1
+Z_IS_Y = 2
 
 
 def z_shape(layout, num_paths: int, batch, d_out) -> tuple:
     """Shape of the intermediate Z (and of its gradient) for a plan layout, a batch of ``batch``
     rows and ``d_out`` outputs (ints or SymInts, for fake kernels)."""
-    _, n, _, ns, _, nm = layout
+    _, n, _, ns, _, nm, _ = layout
     return (n * ns * batch, nm * d_out) if n > 0 else (num_paths * batch, d_out)
 
 
@@ -54,11 +63,19 @@ class PathwayPlan:
     num_dst: int  # T
     paths: Tensor  # (5, P) int64: src, wgt, dst, zrow, zcol
     csr: Tensor  # int64, see module docstring
-    layout: tuple[int, ...]  # (T, n, s0, ns, m0, nm); n == 0 means grouped
-    # Z is y's layout: blocked, nm = 1, pathway p is destination p and Z's row block p (every
-    # k-path layer). Then an ungated layer's dZ is grad_y itself (read on the host, not from the
-    # device tensors: see GatedPathwayLinear's fused backward).
-    z_is_y: bool = False
+    layout: tuple[int, ...]  # (T, n, s0, ns, m0, nm, flags); n == 0 means grouped
+
+    @property
+    def one_per_dst(self) -> bool:
+        """Every destination has exactly one pathway."""
+        return bool(self.layout[6] & ONE_PER_DST)
+
+    @property
+    def z_is_y(self) -> bool:
+        """Z is y's layout: blocked, nm = 1, pathway p is destination p and Z's row block p
+        (every k-path layer). Then an ungated layer's dZ is grad_y itself (known on the host,
+        not read from the device tensors: see GatedPathwayLinear's fused backward)."""
+        return bool(self.layout[6] & Z_IS_Y)
 
     @property
     def num_paths(self) -> int:
@@ -87,7 +104,7 @@ class PathwayPlan:
     def to(self, device: torch.device | str) -> "PathwayPlan":
         return PathwayPlan(
             self.num_sources, self.num_weights, self.num_dst,
-            self.paths.to(device), self.csr.to(device), self.layout, self.z_is_y,
+            self.paths.to(device), self.csr.to(device), self.layout,
         )
 
     def z_shape(self, batch: int, d_out: int) -> tuple[int, int]:
@@ -95,7 +112,7 @@ class PathwayPlan:
         return z_shape(self.layout, self.num_paths, batch, d_out)
 
     def __repr__(self) -> str:
-        _, n, s0, ns, m0, nm = self.layout
+        _, n, s0, ns, m0, nm, _ = self.layout
         structure = f"blocked(n={n}, s0={s0}, ns={ns}, m0={m0}, nm={nm})" if n else "grouped"
         return (
             f"PathwayPlan(P={self.num_paths}, S={self.num_sources}, M={self.num_weights}, "
@@ -192,14 +209,13 @@ def make_plan(
         zrow[wgt_perm] = torch.arange(P)
         zcol = torch.zeros(P, dtype=torch.int64)
     paths = torch.stack([src, wgt, dst, zrow, zcol]) if P else torch.zeros(5, 0, dtype=torch.int64)
-    # owner: the pathway of each Z block in memory order (row block, column block), and whether
-    # every destination has exactly one pathway: the forward epilogue then walks Z in order.
+    # owner: the pathway of each Z block in memory order (row block, column block)
     owner = torch.empty(P, dtype=torch.int64)
     owner[zrow * (nm if block is not None else 1) + zcol] = torch.arange(P)
+    csr = torch.cat([dst_ptr, dst_perm, src_ptr, src_perm, wgt_ptr, wgt_perm, owner])
     one_per_dst = bool(P == num_dst and torch.equal(dst_ptr, torch.arange(num_dst + 1)))
-    csr = torch.cat([dst_ptr, dst_perm, src_ptr, src_perm, wgt_ptr, wgt_perm, owner,
-                     torch.tensor([int(one_per_dst)])])
     z_is_y = bool(block is not None and nm == 1 and one_per_dst and torch.equal(dst, zrow))
+    flags = (ONE_PER_DST if one_per_dst else 0) | (Z_IS_Y if z_is_y else 0)
     plan = PathwayPlan(num_sources, num_weights, num_dst, paths, csr,
-                       (num_dst, n, s0, ns, m0, nm), z_is_y)
+                       (num_dst, n, s0, ns, m0, nm, flags))
     return plan.to(device) if device is not None else plan

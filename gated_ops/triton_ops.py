@@ -44,7 +44,7 @@ from torch import Tensor
 
 from . import ops
 from .ops import ce_backward, ce_setup_context, pathway_backward, pathway_setup_context
-from .plan import PathwayPlan, z_shape
+from .plan import ONE_PER_DST, PathwayPlan, z_shape
 
 __all__ = ["pathway_matmul", "gated_cross_entropy", "TRITON_DTYPES"]
 
@@ -585,7 +585,7 @@ def _launch_grad_bias(grad_z: Tensor, gb: Tensor, layout: list[int], B: int, Do:
                       sgd: tuple | None = None) -> None:
     """_grad_bias_kernel over the n blocks: the bias gradient into gb, or (``sgd`` as for
     _launch_block_gemm) the step of the bias gb."""
-    _, n, _, ns, m0, nm = layout
+    _, n, _, ns, m0, nm, _ = layout
     BN = _pow2(nm * Do, 16, 128)
     tiles = triton.cdiv(nm * Do, BN)
     buf, scalars, flags = _sgd_args(sgd, gb)
@@ -632,7 +632,7 @@ def _uses_triton_sgd(layout: list[int], param: Tensor, buf: Optional[Tensor], nu
     """Whether a fused step runs here; the compiled op takes the rest: grouped plans and
     float64; weights the plan does not cover (they still decay); an empty batch; non-contiguous
     parameters or buffers (updated in place through their own strides there)."""
-    _, n, _, _, _, nm = layout
+    _, n, _, _, _, nm, _ = layout
     return (_uses_triton(layout, param.dtype) and n * nm == num_weights and B > 0
             and param.is_contiguous() and (buf is None or buf.is_contiguous()))
 
@@ -649,7 +649,7 @@ def _seed_mix(seed: int) -> int:
 
 
 def _launch_ztile(x, weight, bias, gate, paths, csr, layout, y, z, fused) -> None:
-    T, n, s0, ns, m0, nm = layout
+    T, n, s0, ns, m0, nm, _ = layout
     P = paths.shape[1]
     B, Di = x.shape[1], x.shape[2]
     Do = weight.shape[1]
@@ -673,7 +673,7 @@ def _pathway_matmul_impl(x, weight, bias, gate, paths, csr, layout):
         return torch.ops.gated_ops.pathway_matmul(x, weight, bias, gate, paths, csr, layout)
     P = paths.shape[1]
     _check_data(x, weight, bias, gate, P)
-    T, n, s0, ns, m0, nm = layout
+    T, n, s0, ns, m0, nm, _ = layout
     x, weight = x.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     gate = gate.contiguous() if gate is not None else None
@@ -683,6 +683,8 @@ def _pathway_matmul_impl(x, weight, bias, gate, paths, csr, layout):
     y = x.new_empty(T, B, Do)
     z = x.new_empty(n * ns * B, nm * Do)
     _launch_ztile(x, weight, bias, gate, paths, csr, layout, y, z, fused=True)
+    if layout[6] & ONE_PER_DST:
+        return y  # the tiles wrote every destination
     dummy = z
     _gather_kernel[(T * B,)](
         z, bias if bias is not None else dummy, gate if gate is not None else dummy, y, paths,
@@ -696,7 +698,7 @@ def _grad_z_impl(grad_y, gate, paths, csr, layout, num_sources, num_weights):
     if not _uses_triton(layout, grad_y.dtype):
         return torch.ops.gated_ops.pathway_grad_z(grad_y, gate, paths, csr, layout, num_sources,
                                                   num_weights)
-    T, n, s0, ns, m0, nm = layout
+    T, n, s0, ns, m0, nm, _ = layout
     P = paths.shape[1]
     grad_y = grad_y.contiguous()
     gate = gate.contiguous() if gate is not None else None
@@ -713,7 +715,7 @@ def _grad_x_impl(grad_z, weight, paths, csr, layout, num_sources, batch):
     if not _uses_triton(layout, weight.dtype):
         return torch.ops.gated_ops.pathway_grad_x(grad_z, weight, paths, csr, layout,
                                                   num_sources, batch)
-    T, n, s0, ns, m0, nm = layout
+    T, n, s0, ns, m0, nm, _ = layout
     grad_z, weight = grad_z.contiguous(), weight.contiguous()
     B, Do, Di = batch, weight.shape[1], weight.shape[2]
     covers = n * ns == num_sources
@@ -731,7 +733,7 @@ def _grad_weight_impl(grad_z, x, paths, csr, layout, num_weights, d_out):
     if not _uses_triton(layout, x.dtype):
         return torch.ops.gated_ops.pathway_grad_weight(grad_z, x, paths, csr, layout,
                                                        num_weights, d_out)
-    T, n, s0, ns, m0, nm = layout
+    T, n, s0, ns, m0, nm, _ = layout
     grad_z, x = grad_z.contiguous(), x.contiguous()
     B, Di, Do = x.shape[1], x.shape[2], d_out
     if B == 0:
@@ -749,7 +751,7 @@ def _grad_weight_impl(grad_z, x, paths, csr, layout, num_weights, d_out):
 
 def _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
               nesterov, rounding_seed, rounding_step=None) -> None:
-    T, n, s0, ns, m0, nm = layout
+    T, n, s0, ns, m0, nm, _ = layout
     B, Di = x.shape[1], x.shape[2]
     Do = weight.shape[1]
     buf = momentum_buffer
@@ -776,7 +778,7 @@ def _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, 
     """pathway_sgd_ and Z_next (pathway_sgd_lookahead_): for blocked plans with at most 64
     rows per block of x_next, in the update kernel (each new weight tile times the next batch,
     the column tiles' shares summed by torch.sum, a fixed order); else the two ops in turn."""
-    T, n, s0, ns, m0, nm = layout
+    T, n, s0, ns, m0, nm, _ = layout
     B, Di = x.shape[1], x.shape[2]
     Do = weight.shape[1]
     Bn = x_next.shape[1]
@@ -807,7 +809,7 @@ def _grad_bias_impl(grad_z, paths, csr, layout, num_sources, num_weights, d_out)
     if not _uses_triton(layout, grad_z.dtype):
         return torch.ops.gated_ops.pathway_grad_bias(grad_z, paths, csr, layout, num_sources,
                                                      num_weights, d_out)
-    T, n, s0, ns, m0, nm = layout
+    T, n, s0, ns, m0, nm, _ = layout
     grad_z = grad_z.contiguous()
     Do = d_out
     B = grad_z.shape[0] // (n * ns)
@@ -822,7 +824,7 @@ def _grad_bias_impl(grad_z, paths, csr, layout, num_sources, num_weights, d_out)
 def _bias_sgd_impl(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights,
                    lr, momentum, weight_decay, nesterov, rounding_seed,
                    rounding_step=None) -> None:
-    _, n, _, ns, _, _ = layout
+    _, n, _, ns, _, _, _ = layout
     _check_rounding(rounding_seed, bias, "biases", rounding_step)
     B = grad_z.shape[0] // (n * ns) if n else 0
     if bias.dim() != 2 or not _uses_triton_sgd(layout, bias, momentum_buffer, num_weights, B):
@@ -842,7 +844,7 @@ def _grad_gate_impl(grad_y, x, weight, bias, gate, paths, csr, layout):
     if not _uses_triton(layout, x.dtype):
         return torch.ops.gated_ops.pathway_grad_gate(grad_y, x, weight, bias, gate, paths, csr,
                                                      layout)
-    T, n, s0, ns, m0, nm = layout
+    T, n, s0, ns, m0, nm, _ = layout
     P = paths.shape[1]
     _check_data(x, weight, bias, gate, P)
     x, weight, grad_y = x.contiguous(), weight.contiguous(), grad_y.contiguous()
@@ -1033,7 +1035,7 @@ def _sgd_lookahead_op(grad_z: Tensor, x: Tensor, weight: Tensor,
 @_sgd_lookahead_op.register_fake
 def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
       nesterov, rounding_seed, x_next, rounding_step=None):
-    _, n, _, ns, _, nm = layout
+    _, n, _, ns, _, nm, _ = layout
     rows = n * ns * x_next.shape[1] if n > 0 else paths.shape[1] * x_next.shape[1]
     return x_next.new_empty(rows, nm * weight.shape[1] if n > 0 else weight.shape[1])
 

@@ -75,6 +75,34 @@ def test_raw_op_rejects_plan_for_other_sizes():
                                            plan.csr, list(plan.layout))
 
 
+@pytest.mark.parametrize("flags, match", [
+    (0, r"layout: flags 0 do not match the pathway table \(expected 3\)"),
+    (1, r"layout: flags 1 do not match the pathway table \(expected 3\)"),
+    (2, "flags say Z is y, which needs one pathway per destination"),
+    (4, "layout: unknown flags 4"),
+    (None, "layout: expected 7 ints"),
+])
+def test_raw_op_rejects_flags_that_do_not_match_the_table(flags, match):
+    """The layout's flags (what the GPU backends take on trust to skip a pass) are checked
+    against the tables by the CPU kernels."""
+    plan = gated_ops.make_plan([0, 1, 2], [0, 1, 2], [0, 1, 2], num_sources=3, num_weights=3,
+                               num_dst=3)
+    assert plan.one_per_dst and plan.z_is_y
+    layout = list(plan.layout[:6]) + ([] if flags is None else [flags])
+    x, w = torch.randn(3, 2, 4, dtype=F64), torch.randn(3, 5, 4, dtype=F64)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.gated_ops.pathway_matmul(x, w, None, None, plan.paths, plan.csr, layout)
+
+
+def test_raw_op_rejects_one_per_dst_flags_on_a_summing_table():
+    plan, x, w = _good()  # destination 1 sums two pathways
+    assert not plan.one_per_dst and not plan.z_is_y
+    layout = list(plan.layout[:6]) + [1]
+    with pytest.raises(RuntimeError, match="flags say one pathway per destination, but T=2 and "
+                                           "P=3"):
+        torch.ops.gated_ops.pathway_matmul(x, w, None, None, plan.paths, plan.csr, layout)
+
+
 def test_empty_batch_and_no_pathways():
     plan, x, w = _good()
     x0 = x[:, :0].requires_grad_()
