@@ -131,17 +131,23 @@ def _gather_kernel(z_ptr, bias_ptr, gate_ptr, y_ptr, paths_ptr, dst_rowptr, dst_
                    BLOCK_O: tl.constexpr):
     """y[t, b] = sum_{p in dst CSR(t)} gate * (Z_p[b] + bias[m_p]), in CSR order, for one (t, b).
 
-    ONLY_MULTI: destinations with exactly one pathway were written by _ztile_kernel."""
+    ONLY_MULTI: destinations with exactly one pathway were written by _ztile_kernel, which
+    left their Z unwritten: they read nothing here (their program only runs the empty loop)."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid // B
     b = pid % B
     k0 = tl.load(dst_rowptr + t)
     k1 = tl.load(dst_rowptr + t + 1)
+    k_end = k1
+    if ONLY_MULTI:
+        # (reading that unwritten Z made the interpreter warn of overflows in its casts, in
+        # whichever test first met garbage there)
+        k_end = tl.where(k1 - k0 == 1, k0, k1)
     for o0 in range(0, Do, BLOCK_O):
         offs = o0 + tl.arange(0, BLOCK_O)
         omask = offs < Do
         acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        for kk in range(k0, k1):
+        for kk in range(k0, k_end):
             q = tl.load(dst_perm + kk)
             zr = tl.load(paths_ptr + 3 * P + q)
             zc = tl.load(paths_ptr + 4 * P + q)

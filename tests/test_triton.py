@@ -102,6 +102,36 @@ def test_grouped_plans_fall_back_to_the_compiled_op(case):
     _check(case, torch.float32)
 
 
+def test_summing_epilogue_reads_only_the_z_it_sums():
+    """In a plan where some destinations have one pathway (written by the fused tiles, their Z
+    left unwritten) and others several, the summing kernel reads the Z of the summed ones only:
+    with the single pathway's Z rows poisoned, nothing overflows (the interpreter warned of
+    overflowing casts when it read them) and its destination keeps the tiles' values."""
+    import warnings
+
+    plan = gated_ops.make_plan([0, 1, 2], [0, 1, 2], [0, 1, 1], num_sources=3, num_weights=3,
+                               num_dst=2, device=DEVICE)  # destination 0: one pathway
+    assert plan.kind == "blocked" and not plan.one_per_dst
+    T, B, Do = 2, 4, 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, B, 8, generator=g).to(DEVICE, torch.float16)
+    w = torch.randn(3, Do, 8, generator=g).to(DEVICE, torch.float16)
+    gate = torch.full((3, B), 8.0, dtype=torch.float16, device=DEVICE)
+    layout = list(plan.layout)
+    z = x.new_empty(plan.z_shape(B, Do))
+    triton_ops._launch_ztile(x, w, None, gate, plan.paths, plan.csr, layout, None, z, fused=False)
+    z[:B] = 6e4  # pathway 0's rows: garbage in the fused forward, never summed
+    y = torch.full((T, B, Do), 7.0, dtype=torch.float16, device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        triton_ops._gather_kernel[(T * B,)](
+            z, z, gate, y, plan.paths, plan.csr, plan.csr[T + 1:], 3, B, Do, Do,
+            HAS_BIAS=False, GATE=triton_ops._gate_kind(gate), ONLY_MULTI=True, BLOCK_O=16)
+    assert torch.equal(y[0], torch.full_like(y[0], 7.0))
+    ref = (8.0 * (z[B:2 * B].float() + z[2 * B:].float())).half()
+    torch.testing.assert_close(y[1], ref, rtol=2e-3, atol=1e-2)
+
+
 def test_deterministic_bitwise():
     case = next(c for c in SHAPES if c.name == "replicas_decoder")
     runs = [_forward_and_grads(_triton, case, torch.float32, DEVICE) for _ in range(2)]
