@@ -971,13 +971,40 @@ Tensor sgd_cpu(const Tensor& dz_, const Tensor& x_, const Tensor& w,
   return w.scalar_type() == at::kFloat ? zn : zn.to(w.scalar_type());
 }
 
+void pathway_bias_sgd_cpu(const Tensor& dz_, const Tensor& bias, const c10::optional<Tensor>& buf,
+                          const Tensor& paths, const Tensor& csr, at::IntArrayRef layout,
+                          int64_t num_sources, int64_t num_weights, double lr, double momentum,
+                          double weight_decay, bool nesterov, int64_t rounding_seed,
+                          const c10::optional<Tensor>& rounding_step);
+
+// The weight's step, and with a bias the bias's (pathway_bias_sgd_'s bits; checked first).
+Tensor layer_sgd_cpu(const Tensor& dz, const Tensor& x, const Tensor& w,
+                     const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
+                     at::IntArrayRef layout, double lr, double momentum, double weight_decay,
+                     bool nesterov, int64_t rounding_seed,
+                     const c10::optional<Tensor>& rounding_step, const Tensor* x_next,
+                     const c10::optional<Tensor>& bias, const c10::optional<Tensor>& bias_buf,
+                     int64_t bias_rounding_seed) {
+  TORCH_CHECK(w.dim() == 3, "weight: expected (M, D_out, D_in), got shape ", w.sizes());
+  check_layer_bias(bias, bias_buf, w, momentum, bias_rounding_seed, rounding_step, x);
+  Tensor z = sgd_cpu(dz, x, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov,
+                     rounding_seed, rounding_step, x_next);
+  if (bias) {
+    pathway_bias_sgd_cpu(dz, *bias, bias_buf, paths, csr, layout, x.size(0), w.size(0), lr,
+                         momentum, weight_decay, nesterov, bias_rounding_seed, rounding_step);
+  }
+  return z;
+}
+
 void pathway_sgd_cpu(const Tensor& dz, const Tensor& x, const Tensor& w,
                      const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
                      at::IntArrayRef layout, double lr, double momentum, double weight_decay,
                      bool nesterov, int64_t rounding_seed,
-                     const c10::optional<Tensor>& rounding_step) {
-  sgd_cpu(dz, x, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov, rounding_seed,
-          rounding_step, nullptr);
+                     const c10::optional<Tensor>& rounding_step,
+                     const c10::optional<Tensor>& bias, const c10::optional<Tensor>& bias_buf,
+                     int64_t bias_rounding_seed) {
+  layer_sgd_cpu(dz, x, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov,
+                rounding_seed, rounding_step, nullptr, bias, bias_buf, bias_rounding_seed);
 }
 
 // pathway_sgd_ and then Z_next = every pathway's pre-gate output for x_next from the updated
@@ -988,9 +1015,13 @@ Tensor pathway_sgd_lookahead_cpu(const Tensor& dz, const Tensor& x, const Tensor
                                  const Tensor& csr, at::IntArrayRef layout, double lr,
                                  double momentum, double weight_decay, bool nesterov,
                                  int64_t rounding_seed, const Tensor& x_next,
-                                 const c10::optional<Tensor>& rounding_step) {
-  return sgd_cpu(dz, x, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov,
-                 rounding_seed, rounding_step, &x_next);
+                                 const c10::optional<Tensor>& rounding_step,
+                                 const c10::optional<Tensor>& bias,
+                                 const c10::optional<Tensor>& bias_buf,
+                                 int64_t bias_rounding_seed) {
+  return layer_sgd_cpu(dz, x, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov,
+                       rounding_seed, rounding_step, &x_next, bias, bias_buf,
+                       bias_rounding_seed);
 }
 
 // The bias's share of the fused SGD step: grad_bias (pathway_grad_bias, accumulated in float for

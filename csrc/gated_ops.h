@@ -31,11 +31,14 @@ inline void define_schemas(torch::Library& m) {
         "Tensor paths, Tensor csr, int[] layout) -> (Tensor grad_x, Tensor grad_gate)");
   m.def("pathway_sgd_(Tensor grad_z, Tensor x, Tensor(a!) weight, Tensor(b!)? momentum_buffer, "
         "Tensor paths, Tensor csr, int[] layout, float lr, float momentum, float weight_decay, "
-        "bool nesterov, int rounding_seed=-1, Tensor? rounding_step=None) -> ()");
+        "bool nesterov, int rounding_seed=-1, Tensor? rounding_step=None, "
+        "Tensor(c!)? bias=None, Tensor(d!)? bias_momentum_buffer=None, "
+        "int bias_rounding_seed=-1) -> ()");
   m.def("pathway_sgd_lookahead_(Tensor grad_z, Tensor x, Tensor(a!) weight, "
         "Tensor(b!)? momentum_buffer, Tensor paths, Tensor csr, int[] layout, float lr, "
         "float momentum, float weight_decay, bool nesterov, int rounding_seed, Tensor x_next, "
-        "Tensor? rounding_step=None) -> Tensor");
+        "Tensor? rounding_step=None, Tensor(c!)? bias=None, "
+        "Tensor(d!)? bias_momentum_buffer=None, int bias_rounding_seed=-1) -> Tensor");
   m.def("pathway_bias_sgd_(Tensor grad_z, Tensor(a!) bias, Tensor(b!)? momentum_buffer, "
         "Tensor paths, Tensor csr, int[] layout, int num_sources, int num_weights, float lr, "
         "float momentum, float weight_decay, bool nesterov, int rounding_seed=-1, "
@@ -366,6 +369,25 @@ inline Rounding rounding_for(int64_t rounding_seed, const c10::optional<at::Tens
     r.seed = rounding_seed;
   }
   return r;
+}
+
+// The bias a weight update also steps (pathway_sgd_'s bias, bias_momentum_buffer): (M, D_out)
+// like the weight's rows, its buffer as check_sgd_state asks. Checked before either is touched.
+inline void check_layer_bias(const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& bias_buf, const at::Tensor& weight,
+                             double momentum, int64_t bias_rounding_seed,
+                             const c10::optional<at::Tensor>& rounding_step,
+                             const at::Tensor& ref) {
+  if (!bias) {
+    TORCH_CHECK(!bias_buf, "bias_momentum_buffer: given without a bias");
+    return;
+  }
+  TORCH_CHECK(bias->dim() == 2 && bias->size(0) == weight.size(0) &&
+                  bias->size(1) == weight.size(1),
+              "bias: expected (M, D_out) = (", weight.size(0), ", ", weight.size(1),
+              ") like the weight's rows, got shape ", bias->sizes());
+  check_sgd_state(*bias, "bias", bias_buf, momentum, ref);
+  rounding_for(bias_rounding_seed, rounding_step, *bias, "biases");  // (its checks)
 }
 
 }  // namespace gated_ops

@@ -560,6 +560,85 @@ __global__ void __launch_bounds__(kGxWarps * kWarp) grad_x_kernel(const GradXArg
 }
 
 // =============================================================================================
+// The bias gradient (grad_bias_kernel, and the bias step folded into a weight update's launch).
+// A block owns 32 consecutive (m, o) columns and 8 row lanes: lane row j sums rows j, j + 8, ...
+// of the column's rows (blocked: the ns * B rows of m's block; grouped: the B rows of each of
+// m's pathways, wgt CSR order), then row lane 0 adds the 8 partial sums in order: deterministic,
+// coalesced (32 columns of a dZ row per load), and 8 times the parallelism of a thread per column
+// on the k-path's long shared-weight columns (800 rows). Blocks of fewer than 8 warps (a weight
+// update's launch) take several row lanes per thread: the same sums, bit for bit.
+constexpr int kBiasRows = 8;
+
+// kSGD (pathway_bias_sgd_, or a weight update's launch): the column sum is the bias gradient, in
+// the accumulation type (not rounded to a 16-bit bias's type), and steps the bias and its
+// momentum in place. blk: the block's index among the bias blocks.
+template <typename scalar_t, bool kSGD>
+__device__ void grad_bias_block(const Plan& p, const scalar_t* __restrict__ dz,
+                                scalar_t* __restrict__ gb, scalar_t* __restrict__ buf, int64_t B,
+                                int64_t Do, int64_t ldz, const SgdArgs& sgd, int64_t blk) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t red[kBiasRows][kWarp];
+  const int tx = threadIdx.x % kWarp;
+  const int64_t i = blk * int64_t(kWarp) + tx;
+  for (int ty = threadIdx.x / kWarp; ty < kBiasRows; ty += blockDim.x / kWarp) {
+    acc_t acc = 0;
+    if (i < p.M * Do) {
+      const int64_t m = i / Do, o = i - m * Do;
+      if (p.blocked()) {
+        if (m >= p.m0 && m < p.m0 + p.n * p.nm) {
+          const int64_t j = m - p.m0, ii = j / p.nm;
+          const scalar_t* col = dz + ii * p.ns * B * ldz + (j - ii * p.nm) * Do + o;
+          const int64_t n = p.ns * B;
+#pragma unroll 4
+          for (int64_t r = ty; r < n; r += kBiasRows) acc += static_cast<acc_t>(col[r * ldz]);
+        }
+      } else {
+        for (int64_t e = p.wgt_ptr[m]; e < p.wgt_ptr[m + 1]; ++e) {
+          const int64_t q = checked(p.wgt_perm[e], p.P);
+          const scalar_t* col = dz + p.zrow[q] * B * ldz + p.zcol[q] * Do + o;
+          for (int64_t b = ty; b < B; b += kBiasRows) acc += static_cast<acc_t>(col[b * ldz]);
+        }
+      }
+    }
+    red[ty][tx] = acc;
+  }
+  __syncthreads();
+  if (threadIdx.x < kWarp && i < p.M * Do) {
+    acc_t sum = red[0][tx];
+#pragma unroll
+    for (int j = 1; j < kBiasRows; ++j) sum += red[j][tx];
+    if constexpr (kSGD) {  // gb is the bias
+      acc_t mb = buf ? static_cast<acc_t>(buf[i]) : acc_t(0);
+      const acc_t b = static_cast<acc_t>(gb[i]);
+      gb[i] = round_param<scalar_t>(sgd_value(b, sum, mb, buf != nullptr, sgd), i,
+                                    sgd.rounding.resolved());
+      if (buf) buf[i] = static_cast<scalar_t>(mb);
+    } else {
+      gb[i] = static_cast<scalar_t>(sum);
+    }
+  }
+}
+
+// A layer's bias step riding on its weight update's launch (pathway_sgd_ with a bias): the
+// launch's blocks from `first` on are bias blocks (grad_bias_block with kSGD), the earlier ones
+// update the weight. bias null: no bias step in the launch.
+template <typename scalar_t>
+struct BiasStep {
+  Plan p;
+  const scalar_t* dz = nullptr;
+  scalar_t* bias = nullptr;
+  scalar_t* buf = nullptr;
+  int64_t B = 0, Do = 0, ldz = 0, first = 0;
+  SgdArgs sgd{};
+  // Runs the block's share of the bias step and returns true when this is a bias block.
+  __device__ bool run_block() const {
+    if (bias == nullptr || blockIdx.x < first) return false;
+    grad_bias_block<scalar_t, true>(p, dz, bias, buf, B, Do, ldz, sgd, blockIdx.x - first);
+    return true;
+  }
+};
+
+// =============================================================================================
 // Kernel 4: weight gradient, skinny, with the fused SGD epilogue (pathway_sgd_).
 //
 // gW[m] (Do, Di) = sum over the rows r feeding weight m of dZ[r, col0 + o] * x[r', d]. A block
@@ -586,6 +665,7 @@ struct WGradArgs {
   const scalar_t* xn = nullptr;
   at::opmath_type<scalar_t>* zpart = nullptr;
   int64_t zrows = 0, ldzn = 0;
+  BiasStep<scalar_t> bias;  // the layer's bias step, in blocks after the weight's (kSGD only)
 };
 
 // kChunked: a weight's rows are summed in chunks of kBT (one pathway's batch when grouped), each
@@ -603,6 +683,9 @@ __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4
     wgrad_kernel(const WGradArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kCols = kWarp * VEC;
+  if constexpr (kSGD) {
+    if (a.bias.run_block()) return;  // (uniform over the block)
+  }
   const Plan& p = a.p;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t dt = blockIdx.x % a.ndt;
@@ -786,13 +869,17 @@ __global__ void lookahead_sum_kernel(const at::opmath_type<scalar_t>* __restrict
 }
 
 // SGD with a materialised gradient (the cuBLAS path of pathway_sgd_), elementwise.
+// (The layer's bias step, if any, in the blocks from bias.first on.)
 template <typename scalar_t>
 __global__ void sgd_kernel(scalar_t* __restrict__ w, scalar_t* __restrict__ buf,
-                           const scalar_t* __restrict__ g, int64_t n, const SgdArgs sgd) {
+                           const scalar_t* __restrict__ g, int64_t n, const SgdArgs sgd,
+                           const BiasStep<scalar_t> bias) {
   using acc_t = at::opmath_type<scalar_t>;
+  if (bias.run_block()) return;
+  const int64_t blocks = bias.bias != nullptr ? bias.first : int64_t(gridDim.x);
   const Rounding rd = sgd.rounding.resolved();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
+       i += blocks * blockDim.x) {
     acc_t mb = buf ? static_cast<acc_t>(buf[i]) : acc_t(0);
     w[i] = round_param<scalar_t>(
         sgd_value(static_cast<acc_t>(w[i]), static_cast<acc_t>(g[i]), mb, buf != nullptr, sgd),
@@ -802,59 +889,13 @@ __global__ void sgd_kernel(scalar_t* __restrict__ w, scalar_t* __restrict__ buf,
 }
 
 // =============================================================================================
-// Kernel 5: grad_bias. A block owns 32 consecutive (m, o) columns and 8 row lanes: lane row j
-// sums rows j, j + 8, ... of the column's rows (blocked: the ns * B rows of m's block; grouped:
-// the B rows of each of m's pathways, wgt CSR order), then row lane 0 adds the 8 partial sums in
-// order: deterministic, coalesced (32 columns of a dZ row per load), and 8 times the parallelism
-// of a thread per column on the k-path's long shared-weight columns (800 rows).
-constexpr int kBiasRows = 8;
-
-// kSGD (pathway_bias_sgd_): the column sum is the bias gradient, in the accumulation type (not
-// rounded to a 16-bit bias's type), and steps the bias and its momentum in place.
+// Kernel 5: grad_bias (grad_bias_block above), and the bias step in its own launch.
 template <typename scalar_t, bool kSGD>
 __global__ void __launch_bounds__(kWarp * kBiasRows)
 grad_bias_kernel(const Plan p, const scalar_t* __restrict__ dz, scalar_t* __restrict__ gb,
                  scalar_t* __restrict__ buf, int64_t B, int64_t Do, int64_t ldz,
                  const SgdArgs sgd) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t red[kBiasRows][kWarp];
-  const int tx = threadIdx.x % kWarp, ty = threadIdx.x / kWarp;
-  const int64_t i = blockIdx.x * int64_t(kWarp) + tx;
-  acc_t acc = 0;
-  if (i < p.M * Do) {
-    const int64_t m = i / Do, o = i - m * Do;
-    if (p.blocked()) {
-      if (m >= p.m0 && m < p.m0 + p.n * p.nm) {
-        const int64_t j = m - p.m0, ii = j / p.nm;
-        const scalar_t* col = dz + ii * p.ns * B * ldz + (j - ii * p.nm) * Do + o;
-        const int64_t n = p.ns * B;
-#pragma unroll 4
-        for (int64_t r = ty; r < n; r += kBiasRows) acc += static_cast<acc_t>(col[r * ldz]);
-      }
-    } else {
-      for (int64_t e = p.wgt_ptr[m]; e < p.wgt_ptr[m + 1]; ++e) {
-        const int64_t q = checked(p.wgt_perm[e], p.P);
-        const scalar_t* col = dz + p.zrow[q] * B * ldz + p.zcol[q] * Do + o;
-        for (int64_t b = ty; b < B; b += kBiasRows) acc += static_cast<acc_t>(col[b * ldz]);
-      }
-    }
-  }
-  red[ty][tx] = acc;
-  __syncthreads();
-  if (ty == 0 && i < p.M * Do) {
-    acc_t sum = red[0][tx];
-#pragma unroll
-    for (int j = 1; j < kBiasRows; ++j) sum += red[j][tx];
-    if constexpr (kSGD) {  // gb is the bias
-      acc_t mb = buf ? static_cast<acc_t>(buf[i]) : acc_t(0);
-      const acc_t b = static_cast<acc_t>(gb[i]);
-      gb[i] = round_param<scalar_t>(sgd_value(b, sum, mb, buf != nullptr, sgd), i,
-                                    sgd.rounding.resolved());
-      if (buf) buf[i] = static_cast<scalar_t>(mb);
-    } else {
-      gb[i] = static_cast<scalar_t>(sum);
-    }
-  }
+  grad_bias_block<scalar_t, kSGD>(p, dz, gb, buf, B, Do, ldz, sgd, blockIdx.x);
 }
 
 // =============================================================================================
@@ -1302,12 +1343,26 @@ Tensor pathway_grad_x_cuda(const Tensor& dz_, const Tensor& w_, const Tensor& pa
 }
 
 // The skinny weight-gradient kernel: into `out` (grad) or onto the weight (SGD).
+// Blocks of a bias step over M * D_out columns (32 per block), and the step's arguments.
+int64_t bias_blocks(const Plan& p, int64_t Do) { return (p.M * Do + kWarp - 1) / kWarp; }
+
 template <typename scalar_t>
+BiasStep<scalar_t> bias_step(const Plan& p, const Tensor& dz, const Tensor& bias,
+                             const Tensor& buf, int64_t B, int64_t Do, const SgdArgs& sgd) {
+  BiasStep<scalar_t> s;
+  s.p = p; s.dz = dz.data_ptr<scalar_t>(); s.bias = bias.data_ptr<scalar_t>();
+  s.buf = buf.defined() ? buf.data_ptr<scalar_t>() : nullptr;
+  s.B = B; s.Do = Do; s.ldz = dz.size(1); s.sgd = sgd;
+  return s;
+}
+
 // (x_next: the lookahead, with sgd, for blocked plans of ns * B <= kBT rows per block in both
-// batches: returns Z_next; else an undefined tensor)
+// batches: returns Z_next; else an undefined tensor. bias: the layer's bias step, with sgd, in
+// blocks of the same launch.)
+template <typename scalar_t>
 Tensor launch_wgrad(const Plan& p, const Tensor& dz, const Tensor& x, const Tensor& out,
                     const Tensor& buf, int64_t Do, bool sgd, const SgdArgs& sgd_args,
-                    const Tensor* x_next = nullptr) {
+                    const Tensor* x_next = nullptr, const BiasStep<scalar_t>* bias = nullptr) {
   constexpr int V = wgrad_vec_of<scalar_t>();
   const int64_t Di = x.size(2);
   WGradArgs<scalar_t> a;
@@ -1339,9 +1394,16 @@ Tensor launch_wgrad(const Plan& p, const Tensor& dz, const Tensor& x, const Tens
     a.zpart = zpart.data_ptr<acc_t>();
   }
   if (grid == 0) return zn;
-  TORCH_CHECK(grid < std::numeric_limits<int>::max(), "pathway weight gradient: too large");
+  int64_t blocks = grid;
+  if (bias != nullptr) {  // the bias step's blocks after the weight's
+    TORCH_INTERNAL_ASSERT(sgd);
+    a.bias = *bias;
+    a.bias.first = grid;
+    blocks += bias_blocks(p, Do);
+  }
+  TORCH_CHECK(blocks < std::numeric_limits<int>::max(), "pathway weight gradient: too large");
   auto go = [&](auto kernel) {
-    GATED_LAUNCH(kernel, (unsigned)grid, warps * kWarp)(a);
+    GATED_LAUNCH(kernel, (unsigned)blocks, warps * kWarp)(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (x_next) {
@@ -1489,15 +1551,36 @@ Tensor pathway_grad_gate_cuda(const Tensor& grad_y_, const Tensor& x_, const Ten
   return (gate.dim() == 2 ? gg : gg.sum(1)).to(x.scalar_type());
 }
 
+// The layer's bias step of a weight update (pathway_sgd_ with a bias): its arguments, or none.
+struct LayerBias {
+  Tensor bias, buf;
+  SgdArgs sgd{};
+  bool defined() const { return bias.defined(); }
+};
+LayerBias layer_bias(const c10::optional<Tensor>& bias, const c10::optional<Tensor>& bias_buf,
+                     const Tensor& w, const Tensor& x, double lr, double momentum,
+                     double weight_decay, bool nesterov, int64_t bias_rounding_seed,
+                     const c10::optional<Tensor>& rounding_step) {
+  check_layer_bias(bias, bias_buf, w, momentum, bias_rounding_seed, rounding_step, x);
+  if (!bias) return LayerBias{};
+  return LayerBias{*bias, bias_buf ? *bias_buf : Tensor(),
+                   SgdArgs{lr, momentum, weight_decay, nesterov,
+                           rounding_for(bias_rounding_seed, rounding_step, *bias, "biases")}};
+}
+
 void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
                       const c10::optional<Tensor>& buf, const Tensor& paths, const Tensor& csr,
                       at::IntArrayRef layout, double lr, double momentum, double weight_decay,
                       bool nesterov, int64_t rounding_seed,
-                      const c10::optional<Tensor>& rounding_step) {
+                      const c10::optional<Tensor>& rounding_step,
+                      const c10::optional<Tensor>& bias_, const c10::optional<Tensor>& bias_buf,
+                      int64_t bias_rounding_seed) {
   const NoAutocast no_autocast;
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
   check_sgd_state(w, "weight", buf, momentum, x_);
   const Rounding rd = rounding_for(rounding_seed, rounding_step, w, "weights");
+  const LayerBias lbias = layer_bias(bias_, bias_buf, w, x_, lr, momentum, weight_decay,
+                                     nesterov, bias_rounding_seed, rounding_step);
   check_float(dz_, "grad_z", x_.scalar_type());
   check_same_device(dz_, "grad_z", x_);
   const c10::cuda::CUDAGuard guard(x_.device());
@@ -1505,22 +1588,34 @@ void pathway_sgd_cuda(const Tensor& dz_, const Tensor& x_, const Tensor& w,
   const Plan p = dev_plan(paths, csr, layout, x.size(0), w.size(0), x);
   const int64_t B = x.size(1), Do = w.size(1);
   check_grad_z(dz, p, B, Do);
-  if (w.numel() == 0) return;
   const Tensor bufv = buf ? *buf : Tensor();
   const SgdArgs sgd{lr, momentum, weight_decay, nesterov, rd};
   GATED_DISPATCH(w.scalar_type(), "pathway_sgd_cuda", [&] {
+    if (w.numel() == 0) {  // (no weight to update: the bias step, if any, alone)
+      if (lbias.defined())
+        launch_grad_bias<scalar_t>(p, dz, lbias.bias, lbias.buf, B, Do, true, lbias.sgd);
+      return;
+    }
+    BiasStep<scalar_t> bstep;
+    if (lbias.defined())
+      bstep = bias_step<scalar_t>(p, dz, lbias.bias, lbias.buf, B, Do, lbias.sgd);
     if (p.blocked() && p.ns * B > kSkinnyRows) {
-      // cuBLAS gradient (a scratch of the weight's size), then the elementwise update.
+      // cuBLAS gradient (a scratch of the weight's size), then the elementwise update (and the
+      // bias step, in blocks of the same launch).
       const bool covers = p.n * p.nm == p.M;
       Tensor g = covers ? at::empty_like(w) : at::zeros_like(w);
       Tensor out = w_blocks(p, g);
       at::bmm_out(out, dz.view({p.n, p.ns * B, p.nm * Do}).transpose(1, 2), x_blocks(p, x));
-      GATED_LAUNCH(sgd_kernel<scalar_t>, flat_blocks(w.numel(), 256), 256)(
+      const int64_t blocks = flat_blocks(w.numel(), 256);
+      bstep.first = blocks;
+      GATED_LAUNCH(sgd_kernel<scalar_t>,
+                   (unsigned)(blocks + (lbias.defined() ? bias_blocks(p, Do) : 0)), 256)(
           w.data_ptr<scalar_t>(), bufv.defined() ? bufv.data_ptr<scalar_t>() : nullptr,
-          g.data_ptr<scalar_t>(), w.numel(), sgd);
+          g.data_ptr<scalar_t>(), w.numel(), sgd, bstep);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      launch_wgrad<scalar_t>(p, dz, x, w, bufv, Do, true, sgd);
+      launch_wgrad<scalar_t>(p, dz, x, w, bufv, Do, true, sgd, nullptr,
+                             lbias.defined() ? &bstep : nullptr);
     }
   });
 }
@@ -1549,7 +1644,10 @@ Tensor pathway_sgd_lookahead_cuda(const Tensor& dz_, const Tensor& x_, const Ten
                                   const Tensor& csr, at::IntArrayRef layout, double lr,
                                   double momentum, double weight_decay, bool nesterov,
                                   int64_t rounding_seed, const Tensor& x_next_,
-                                  const c10::optional<Tensor>& rounding_step) {
+                                  const c10::optional<Tensor>& rounding_step,
+                                  const c10::optional<Tensor>& bias_,
+                                  const c10::optional<Tensor>& bias_buf,
+                                  int64_t bias_rounding_seed) {
   TORCH_CHECK(x_.dim() == 3 && w.dim() == 3, "x, weight: expected 3-D tensors");
   check_x_next(x_next_, x_);
   const NoAutocast no_autocast;
@@ -1560,11 +1658,13 @@ Tensor pathway_sgd_lookahead_cuda(const Tensor& dz_, const Tensor& x_, const Ten
   const bool fuse = p.blocked() && p.ns * B <= kBT && xn.size(1) == B && w.numel() > 0;
   if (!fuse) {
     pathway_sgd_cuda(dz_, x_, w, buf, paths, csr, layout, lr, momentum, weight_decay, nesterov,
-                     rounding_seed, rounding_step);
+                     rounding_seed, rounding_step, bias_, bias_buf, bias_rounding_seed);
     return compute_z_cublas(p, paths, xn, w);
   }
   check_sgd_state(w, "weight", buf, momentum, x_);
   const Rounding rd = rounding_for(rounding_seed, rounding_step, w, "weights");
+  const LayerBias lbias = layer_bias(bias_, bias_buf, w, x_, lr, momentum, weight_decay,
+                                     nesterov, bias_rounding_seed, rounding_step);
   check_float(dz_, "grad_z", x_.scalar_type());
   check_same_device(dz_, "grad_z", x_);
   const Tensor dz = dz_.contiguous(), x = x_.contiguous();
@@ -1573,7 +1673,11 @@ Tensor pathway_sgd_lookahead_cuda(const Tensor& dz_, const Tensor& x_, const Ten
   const SgdArgs sgd{lr, momentum, weight_decay, nesterov, rd};
   Tensor z;
   GATED_DISPATCH(w.scalar_type(), "pathway_sgd_lookahead_cuda", [&] {
-    z = launch_wgrad<scalar_t>(p, dz, x, w, bufv, w.size(1), true, sgd, &xn);
+    BiasStep<scalar_t> bstep;
+    if (lbias.defined())
+      bstep = bias_step<scalar_t>(p, dz, lbias.bias, lbias.buf, B, w.size(1), lbias.sgd);
+    z = launch_wgrad<scalar_t>(p, dz, x, w, bufv, w.size(1), true, sgd, &xn,
+                               lbias.defined() ? &bstep : nullptr);
   });
   return z;
 }

@@ -427,22 +427,28 @@ class _FusedSGDPathway(torch.autograd.Function):
             if ctx.step_weight or ctx.step_bias:
                 m._updates += 1
             z_next = None
+            bias_seed = seed if seed < 0 else (seed + 1) & 0x7FFFFFFF
+            # the bias's step rides on the weight's op when both step (on CUDA in the same
+            # launch); alone, grad_bias and the step in one op (one kernel on CUDA)
+            step_bias = ctx.step_bias and (ctx.step_weight or x_next is not None)
+            b_args = ((bias, buffer("bias_momentum", bias), bias_seed) if step_bias
+                      else (None, None, -1))
             if x_next is not None:
                 # the weight's step, and Z of the announced next forward from the new weight
                 # (one pass over the weight where the kernels fuse it: pathway_sgd_lookahead_)
                 z_next = pathway_sgd_lookahead_(
                     dz, x, weight, buffer("weight_momentum", weight), plan, cfg.lr,
                     cfg.momentum, cfg.weight_decay, cfg.nesterov, seed,
-                    x_next=x_next.to(weight.dtype), backend=m.backend, rounding_step=step)
+                    x_next=x_next.to(weight.dtype), backend=m.backend, rounding_step=step,
+                    bias=b_args[0], bias_momentum_buffer=b_args[1], bias_rounding_seed=b_args[2])
             elif ctx.step_weight:
                 _ops.pathway_sgd_(dz, x, weight, buffer("weight_momentum", weight),
                                   plan.paths, plan.csr, layout, cfg.lr, cfg.momentum,
-                                  cfg.weight_decay, cfg.nesterov, seed, step)
-            if ctx.step_bias:  # grad_bias and the step in one op (one kernel on CUDA)
+                                  cfg.weight_decay, cfg.nesterov, seed, step, *b_args)
+            if ctx.step_bias and not step_bias:
                 _ops.pathway_bias_sgd_(dz, bias, buffer("bias_momentum", bias), plan.paths,
                                        plan.csr, layout, S, M, cfg.lr, cfg.momentum,
-                                       cfg.weight_decay, cfg.nesterov,
-                                       seed if seed < 0 else (seed + 1) & 0x7FFFFFFF, step)
+                                       cfg.weight_decay, cfg.nesterov, bias_seed, step)
             if step is not None:
                 step.add_(1)  # on the counter's device, after the kernels that read it
             if z_next is not None:

@@ -147,6 +147,10 @@ def pathway_sgd_(
     nesterov: bool = False,
     rounding_seed: int = -1,
     rounding_step: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    bias_momentum_buffer: Tensor | None = None,
+    bias_rounding_seed: int = -1,
 ) -> None:
     """Fused weight gradient + SGD step, in place (grad_W never stored for skinny blocks).
 
@@ -163,10 +167,16 @@ def pathway_sgd_(
     when it runs, not on the host: the caller advances the counter on the device
     (``step.add_(1)``), so the seed costs no host synchronisation and a step captured in a
     CUDA graph draws new bits at every replay.
+
+    ``bias`` (M, D_out), with ``bias_momentum_buffer`` and ``bias_rounding_seed``: the layer's
+    bias is stepped too, bit for bit as :func:`pathway_bias_sgd_` would step it (same ``lr``,
+    ``momentum``, ``weight_decay``, ``nesterov`` and ``rounding_step``). On CUDA its blocks run
+    in the weight update's launch: a layer's whole SGD step is one kernel (two with cuBLAS's
+    weight gradient).
     """
     _ops.pathway_sgd_(grad_z, x, weight, momentum_buffer, plan.paths, plan.csr,
                       list(plan.layout), lr, momentum, weight_decay, nesterov, rounding_seed,
-                      rounding_step)
+                      rounding_step, bias, bias_momentum_buffer, bias_rounding_seed)
 
 
 def pathway_sgd_lookahead_(
@@ -184,6 +194,9 @@ def pathway_sgd_lookahead_(
     x_next: Tensor,
     backend: str = "auto",
     rounding_step: Tensor | None = None,
+    bias: Tensor | None = None,
+    bias_momentum_buffer: Tensor | None = None,
+    bias_rounding_seed: int = -1,
 ) -> Tensor:
     """:func:`pathway_sgd_`, then the next step's forward from the updated weight: returns
     Z_next, every pathway's pre-gate output ``x_next[src_p] @ weight[wgt_p]^T`` without bias,
@@ -199,10 +212,12 @@ def pathway_sgd_lookahead_(
     The Triton backend (``backend="triton"``) fuses it in its update kernel too (each new
     weight tile times the next batch, the column tiles' shares summed in a fixed order).
     Elsewhere (other plans, dtypes and batch sizes) it is those two ops one after the other.
+    ``bias``: stepped too, as in :func:`pathway_sgd_` (Z_next stays without bias).
     """
     return _op_namespace(backend).pathway_sgd_lookahead_(
         grad_z, x, weight, momentum_buffer, plan.paths, plan.csr, list(plan.layout), lr,
-        momentum, weight_decay, nesterov, rounding_seed, x_next, rounding_step)
+        momentum, weight_decay, nesterov, rounding_seed, x_next, rounding_step, bias,
+        bias_momentum_buffer, bias_rounding_seed)
 
 
 def _compute_z(ns, x: Tensor, weight: Tensor, paths: Tensor, layout) -> Tensor:
@@ -224,9 +239,11 @@ def _compute_z(ns, x: Tensor, weight: Tensor, paths: Tensor, layout) -> Tensor:
 
 def _sgd_lookahead_composite(ns):
     def impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-             nesterov, rounding_seed, x_next, rounding_step=None):
+             nesterov, rounding_seed, x_next, rounding_step=None, bias=None,
+             bias_momentum_buffer=None, bias_rounding_seed=-1):
         ns.pathway_sgd_(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
-                        weight_decay, nesterov, rounding_seed, rounding_step)
+                        weight_decay, nesterov, rounding_seed, rounding_step, bias,
+                        bias_momentum_buffer, bias_rounding_seed)
         return _compute_z(ns, x_next, weight, paths, layout)
     return impl
 
@@ -376,12 +393,14 @@ def register_python_parts(ns: str) -> None:
 
     @fake("pathway_sgd_")
     def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-          nesterov, rounding_seed=-1, rounding_step=None):
+          nesterov, rounding_seed=-1, rounding_step=None, bias=None, bias_momentum_buffer=None,
+          bias_rounding_seed=-1):
         return None
 
     @fake("pathway_sgd_lookahead_")
     def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-          nesterov, rounding_seed, x_next, rounding_step=None):
+          nesterov, rounding_seed, x_next, rounding_step=None, bias=None,
+          bias_momentum_buffer=None, bias_rounding_seed=-1):
         return x_next.new_empty(z_shape(layout, paths.shape[1], x_next.shape[1],
                                         weight.shape[1]))
 

@@ -307,6 +307,72 @@ def check_ce_backward_rejects_bad_input(ns, device: str) -> None:
                                  "accepted")
 
 
+def check_layer_sgd_with_bias(ns, device: str, dtype: torch.dtype = torch.float32,
+                              opcheck_context=contextlib.nullcontext) -> None:
+    """``ns.pathway_sgd_`` / ``ns.pathway_sgd_lookahead_`` given the layer's bias step the
+    weight, its momentum, the bias and its momentum bit for bit as the weight op followed by
+    ``ns.pathway_bias_sgd_`` (with their own rounding seeds, the same step counter), for a
+    skinny blocked plan (the k-path encoders), a wide one (K * B rows past the skinny kernels:
+    the cuBLAS gradient on CUDA) and a grouped one; opcheck passes with the bias arguments
+    (inside ``opcheck_context()``). A refused bias leaves the weight untouched."""
+    from .plan import make_plan
+
+    g = torch.Generator().manual_seed(11)
+    bf16 = dtype == torch.bfloat16
+    tables = {"skinny": (kpath_tables(3)["encoder"], 4, "auto"),
+              "wide": (kpath_tables(10)["hidden"], 8, "auto"),
+              "grouped": (_random_table(7, 3, 3, 4, seed=2), 3, "grouped")}
+    for name, (tab, B, layout) in tables.items():
+        plan = make_plan(tab.src, tab.wgt, tab.dst, num_sources=tab.num_sources,
+                         num_weights=tab.num_weights, num_dst=tab.num_dst, layout=layout,
+                         device=device)
+        S, M, Di, Do = tab.num_sources, tab.num_weights, 6, 5
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g).to(device, dtype)
+        x, x_next, dz = rnd(S, B, Di), rnd(S, B, Di), rnd(*plan.z_shape(B, Do))
+        w0, wb0, b0, bb0 = rnd(M, Do, Di), rnd(M, Do, Di), rnd(M, Do), rnd(M, Do)
+        step = torch.tensor([5], device=device)
+        seeds = (3, 4) if bf16 else (-1, -1)
+        lay = list(plan.layout)
+        common = (0.05, 0.9, 0.01, False, seeds[0])
+        for lookahead in (False, True):
+            w1, wb1, b1, bb1 = w0.clone(), wb0.clone(), b0.clone(), bb0.clone()
+            w2, wb2, b2, bb2 = w0.clone(), wb0.clone(), b0.clone(), bb0.clone()
+            if lookahead:
+                z1 = ns.pathway_sgd_lookahead_(dz, x, w1, wb1, plan.paths, plan.csr, lay,
+                                               *common, x_next, step, b1, bb1, seeds[1])
+                z2 = ns.pathway_sgd_lookahead_(dz, x, w2, wb2, plan.paths, plan.csr, lay,
+                                               *common, x_next, step)
+                assert torch.equal(z1, z2), (name, "Z_next")
+            else:
+                ns.pathway_sgd_(dz, x, w1, wb1, plan.paths, plan.csr, lay, *common, step, b1, bb1,
+                                seeds[1])
+                ns.pathway_sgd_(dz, x, w2, wb2, plan.paths, plan.csr, lay, *common, step)
+            ns.pathway_bias_sgd_(dz, b2, bb2, plan.paths, plan.csr, lay, S, M, *common[:4],
+                                 seeds[1], step)
+            for what, a, b in (("weight", w1, w2), ("momentum", wb1, wb2), ("bias", b1, b2),
+                               ("bias momentum", bb1, bb2)):
+                assert torch.equal(a, b), (name, lookahead, what)
+            assert not torch.equal(b1, b0), (name, "the bias did not move")
+        # a bad bias is refused before the weight moves
+        w1 = w0.clone()
+        for bad, bbuf in ((rnd(M, Do + 1), bb0.clone()), (b0.clone(), None)):
+            try:
+                ns.pathway_sgd_(dz, x, w1, wb0.clone(), plan.paths, plan.csr, lay, *common, step,
+                                bad, bbuf, seeds[1])
+            except (RuntimeError, ValueError) as e:
+                assert "bias: expected" in str(e) or "momentum_buffer: expected" in str(e), e
+            else:
+                raise AssertionError(f"{name}: a bad bias was accepted")
+            assert torch.equal(w1, w0), (name, "the weight moved on a refused call")
+        if name == "skinny":
+            with opcheck_context():
+                torch.library.opcheck(ns.pathway_sgd_, (
+                    dz, x, w0.clone(), wb0.clone(), plan.paths, plan.csr, lay, *common, step,
+                    b0.clone(), bb0.clone(), seeds[1]))
+
+
 def autocast_kpath_step(backend: str = "auto", fused: bool = False):
     """One k-path step (K=3, R=2, CPU) in a bfloat16 autocast region and the same step without
     it, from the same weights and batch, each followed by its backward (and, with ``fused``, its

@@ -755,8 +755,39 @@ def _grad_weight_impl(grad_z, x, paths, csr, layout, num_weights, d_out):
     return gw
 
 
+def _check_layer_bias(bias, bias_buf, weight, momentum, bias_rounding_seed, rounding_step):
+    """The bias a weight update also steps, checked before either is touched (the words of
+    csrc/gated_ops.h's check_layer_bias)."""
+    if bias is None:
+        if bias_buf is not None:
+            raise RuntimeError("bias_momentum_buffer: given without a bias")
+        return
+    M, Do = weight.shape[0], weight.shape[1]
+    if bias.dim() != 2 or tuple(bias.shape) != (M, Do):
+        raise RuntimeError(f"bias: expected (M, D_out) = ({M}, {Do}) like the weight's rows, got "
+                           f"shape {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype or bias.device != weight.device:
+        raise RuntimeError(f"bias: expected {weight.dtype} on {weight.device} (the weight's), got "
+                           f"{bias.dtype} on {bias.device}")
+    if (momentum != 0) != (bias_buf is not None):
+        raise RuntimeError("momentum_buffer: expected a buffer exactly when momentum != 0")
+    if bias_buf is not None and (bias_buf.shape != bias.shape or bias_buf.dtype != bias.dtype
+                                 or bias_buf.device != bias.device):
+        raise RuntimeError(f"momentum_buffer: expected a tensor like bias {tuple(bias.shape)}, "
+                           f"got {tuple(bias_buf.shape)}")
+    _check_rounding(bias_rounding_seed, bias, "biases", rounding_step)
+
+
+def _step_layer_bias(grad_z, x, weight, paths, csr, layout, lr, momentum, weight_decay,
+                     nesterov, rounding_step, bias, bias_buf, bias_rounding_seed) -> None:
+    if bias is not None:
+        _bias_sgd_impl(grad_z, bias, bias_buf, paths, csr, layout, x.shape[0], weight.shape[0],
+                       lr, momentum, weight_decay, nesterov, bias_rounding_seed, rounding_step)
+
+
 def _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-              nesterov, rounding_seed, rounding_step=None) -> None:
+              nesterov, rounding_seed, rounding_step=None, bias=None, bias_momentum_buffer=None,
+              bias_rounding_seed=-1) -> None:
     T, n, s0, ns, m0, nm, _ = layout
     B, Di = x.shape[1], x.shape[2]
     Do = weight.shape[1]
@@ -765,22 +796,26 @@ def _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, moment
     if not _uses_triton_sgd(layout, weight, buf, weight.shape[0], B):
         torch.ops.gated_ops.pathway_sgd_(grad_z, x, weight, buf, paths, csr, layout, lr,
                                          momentum, weight_decay, nesterov, rounding_seed,
-                                         rounding_step)
+                                         rounding_step, bias, bias_momentum_buffer,
+                                         bias_rounding_seed)
         return
-    if weight.numel() == 0:
-        return
-    grad_z, x = grad_z.contiguous(), x.contiguous()
-    R, Kz = ns * B, nm * Do
-    # W_i (nm*Do, Di) -= lr * step(dZ_i^T (nm*Do, ns*B) @ X_i (ns*B, Di))
-    _launch_block_gemm(grad_z, x, weight, n, Kz, Di, R, a=(0, R * Kz, 1, Kz),
-                       b=(s0 * B * Di, R * Di, Di, 1), c=(m0 * Do * Di, Kz * Di, Di),
-                       sgd=(buf, lr, momentum, weight_decay, nesterov, rounding_seed,
-                            rounding_step))
+    _check_layer_bias(bias, bias_momentum_buffer, weight, momentum, bias_rounding_seed,
+                      rounding_step)
+    if weight.numel() > 0:
+        grad_z, x = grad_z.contiguous(), x.contiguous()
+        R, Kz = ns * B, nm * Do
+        # W_i (nm*Do, Di) -= lr * step(dZ_i^T (nm*Do, ns*B) @ X_i (ns*B, Di))
+        _launch_block_gemm(grad_z, x, weight, n, Kz, Di, R, a=(0, R * Kz, 1, Kz),
+                           b=(s0 * B * Di, R * Di, Di, 1), c=(m0 * Do * Di, Kz * Di, Di),
+                           sgd=(buf, lr, momentum, weight_decay, nesterov, rounding_seed,
+                                rounding_step))
+    _step_layer_bias(grad_z, x, weight, paths, csr, layout, lr, momentum, weight_decay,
+                     nesterov, rounding_step, bias, bias_momentum_buffer, bias_rounding_seed)
 
 
 def _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
-                        weight_decay, nesterov, rounding_seed, x_next,
-                        rounding_step=None) -> Tensor:
+                        weight_decay, nesterov, rounding_seed, x_next, rounding_step=None,
+                        bias=None, bias_momentum_buffer=None, bias_rounding_seed=-1) -> Tensor:
     """pathway_sgd_ and Z_next (pathway_sgd_lookahead_): for blocked plans with at most 64
     rows per block of x_next, in the update kernel (each new weight tile times the next batch,
     the column tiles' shares summed by torch.sum, a fixed order); else the two ops in turn."""
@@ -798,9 +833,12 @@ def _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, 
     if (not _uses_triton_sgd(layout, weight, buf, weight.shape[0], B) or ns * Bn > 64
             or Bn == 0 or weight.numel() == 0):
         _sgd_impl(grad_z, x, weight, buf, paths, csr, layout, lr, momentum, weight_decay,
-                  nesterov, rounding_seed, rounding_step)
+                  nesterov, rounding_seed, rounding_step, bias, bias_momentum_buffer,
+                  bias_rounding_seed)
         from .ops import _compute_z
         return _compute_z(torch.ops.gated_ops_triton, x_next, weight, paths, layout)
+    _check_layer_bias(bias, bias_momentum_buffer, weight, momentum, bias_rounding_seed,
+                      rounding_step)
     grad_z, x, x_next = grad_z.contiguous(), x.contiguous(), x_next.contiguous()
     R, Kz = ns * B, nm * Do
     zp = _launch_block_gemm(grad_z, x, weight, n, Kz, Di, R, a=(0, R * Kz, 1, Kz),
@@ -808,6 +846,8 @@ def _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, 
                             sgd=(buf, lr, momentum, weight_decay, nesterov, rounding_seed,
                                  rounding_step),
                             look=(x_next, s0 * Bn * Di, ns * Bn * Di, ns * Bn))
+    _step_layer_bias(grad_z, x, weight, paths, csr, layout, lr, momentum, weight_decay,
+                     nesterov, rounding_step, bias, bias_momentum_buffer, bias_rounding_seed)
     return zp.sum(0).to(weight.dtype)  # (n * ns * Bn, nm * Do): Z_next
 
 
@@ -1017,30 +1057,37 @@ def _grad_gate_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
     return _grad_gate_impl(grad_y, x, weight, bias, gate, paths, csr, layout)
 
 
-@torch.library.custom_op(f"{_LIB}::pathway_sgd_", mutates_args=("weight", "momentum_buffer"))
+_SGD_MUTATES = ("weight", "momentum_buffer", "bias", "bias_momentum_buffer")
+
+
+@torch.library.custom_op(f"{_LIB}::pathway_sgd_", mutates_args=_SGD_MUTATES)
 def _sgd_op(grad_z: Tensor, x: Tensor, weight: Tensor, momentum_buffer: Optional[Tensor],
             paths: Tensor, csr: Tensor, layout: list[int], lr: float, momentum: float,
             weight_decay: float, nesterov: bool, rounding_seed: int = -1,
-            rounding_step: Optional[Tensor] = None) -> None:
+            rounding_step: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+            bias_momentum_buffer: Optional[Tensor] = None, bias_rounding_seed: int = -1) -> None:
     _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
-              weight_decay, nesterov, rounding_seed, rounding_step)
+              weight_decay, nesterov, rounding_seed, rounding_step, bias, bias_momentum_buffer,
+              bias_rounding_seed)
 
 
-@torch.library.custom_op(f"{_LIB}::pathway_sgd_lookahead_",
-                         mutates_args=("weight", "momentum_buffer"))
+@torch.library.custom_op(f"{_LIB}::pathway_sgd_lookahead_", mutates_args=_SGD_MUTATES)
 def _sgd_lookahead_op(grad_z: Tensor, x: Tensor, weight: Tensor,
                       momentum_buffer: Optional[Tensor], paths: Tensor, csr: Tensor,
                       layout: list[int], lr: float, momentum: float, weight_decay: float,
                       nesterov: bool, rounding_seed: int, x_next: Tensor,
-                      rounding_step: Optional[Tensor] = None) -> Tensor:
+                      rounding_step: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                      bias_momentum_buffer: Optional[Tensor] = None,
+                      bias_rounding_seed: int = -1) -> Tensor:
     return _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr,
                                momentum, weight_decay, nesterov, rounding_seed, x_next,
-                               rounding_step)
+                               rounding_step, bias, bias_momentum_buffer, bias_rounding_seed)
 
 
 @_sgd_lookahead_op.register_fake
 def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-      nesterov, rounding_seed, x_next, rounding_step=None):
+      nesterov, rounding_seed, x_next, rounding_step=None, bias=None, bias_momentum_buffer=None,
+      bias_rounding_seed=-1):
     _, n, _, ns, _, nm, _ = layout
     rows = n * ns * x_next.shape[1] if n > 0 else paths.shape[1] * x_next.shape[1]
     return x_next.new_empty(rows, nm * weight.shape[1] if n > 0 else weight.shape[1])

@@ -30,6 +30,7 @@ from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref, sgd
 from gated_ops.testing import (SHAPES, Case, Table, assert_close,
                                check_ce_backward_missing_grads,
                                check_ce_backward_rejects_bad_input, check_ce_special_values,
+                               check_layer_sgd_with_bias,
                                check_strided_ce_logits, cuda_emulation, gradcheck_pathway,
                                kernel_census, kpath_tables, make_inputs, replicate)
 
@@ -277,6 +278,14 @@ def test_cross_entropy_backward_takes_missing_gradients(dtype):
     check_ce_backward_missing_grads(OPS, DEVICE, dtype, opcheck_context=_modes_off)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_weight_update_steps_the_layer_bias_in_its_launch(dtype):
+    """The bias blocks of the weight update's launch (wgrad_kernel, sgd_kernel): the bits of
+    pathway_bias_sgd_'s own kernel, skinny, wide (cuBLAS gradient) and grouped plans, with the
+    lookahead too."""
+    check_layer_sgd_with_bias(OPS, DEVICE, dtype, opcheck_context=_modes_off)
+
+
 def test_cross_entropy_backward_rejects_bad_input():
     check_ce_backward_rejects_bad_input(OPS, DEVICE)
 
@@ -325,7 +334,7 @@ def test_kpath_step_kernel_census():
     """What a GPU would launch for one fused k-path training step (gated_ops.testing.
     kernel_census over the emulated kernels; counts, not times): the cross-entropy's few-class
     forward on the row kernel, no zero-filled gradient in its backward (path_loss is not
-    differentiated), and no more kernels than benchmarks/NOTES.md's census (22)."""
+    differentiated), and no more kernels than benchmarks/NOTES.md's census (19)."""
     if DEVICE != "cpu":
         pytest.skip("the census reads the emulated kernels' launch events")
     K, B, D, H = 10, 8, 32, 16  # K * B > 64: the shared layers take cuBLAS, as at K = 100
@@ -350,7 +359,9 @@ def test_kpath_step_kernel_census():
     # and the hidden layer and the wide decoder are one GEMM each, into y, with their bias
     forward = [n for n, where in census if where.endswith("pathway_matmul")]
     assert len(forward) == 3 and forward[1:] == ["aten::addmm"] * 2, census
-    assert len(census) <= 22, census
+    # each layer's bias steps in its weight update's launch: no launch of its own
+    assert not any(n.startswith("kernel in launch_grad_bias") for n in names), census
+    assert len(census) <= 19, census
 
 
 @pytest.mark.parametrize("name", ["odd_decoder", "moe", "tiny_grouped"])

@@ -9,7 +9,7 @@ import torch
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
 from gated_ops.reference import round_stochastic_bf16, sgd_momentum_ref
-from gated_ops.testing import autocast_kpath_step
+from gated_ops.testing import autocast_kpath_step, check_layer_sgd_with_bias
 
 
 def test_repr_names_the_structure():
@@ -397,6 +397,14 @@ def test_opcheck_sgd_ops_with_a_rounding_step():
     torch.library.opcheck(torch.ops.gated_ops.pathway_sgd_lookahead_.default,
                           (dz, x, w, None, plan.paths, plan.csr, lay, 0.1, 0.0, 0.0, False, 11,
                            x, st))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=["f32", "bf16", "f64"])
+def test_weight_update_steps_the_layer_bias(dtype):
+    """pathway_sgd_ (and the lookahead) with the layer's bias = the weight op, then
+    pathway_bias_sgd_, bit for bit (the CPU kernels)."""
+    check_layer_sgd_with_bias(torch.ops.gated_ops, "cpu", dtype)
 
 
 def test_bias_sgd_rejects_bad_input():

@@ -29,7 +29,7 @@ from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref  # n
 from gated_ops.testing import (SHAPES, Case, assert_close,  # noqa: E402
                                check_ce_backward_missing_grads,
                                check_ce_backward_rejects_bad_input, check_ce_special_values,
-                               make_inputs)
+                               check_layer_sgd_with_bias, make_inputs)
 
 if not ON_GPU and not isinstance(triton_ops._ztile_kernel, InterpretedFunction):
     pytest.skip("gated_ops.triton_ops was imported before TRITON_INTERPRET=1 was set and there is "
@@ -191,6 +191,10 @@ def test_gated_cross_entropy_nan_inf_ties_and_zero_gate():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cross_entropy_backward_takes_missing_gradients(dtype):
     check_ce_backward_missing_grads(torch.ops.gated_ops_triton, DEVICE, dtype)
+
+
+def test_weight_update_steps_the_layer_bias():
+    check_layer_sgd_with_bias(torch.ops.gated_ops_triton, DEVICE, torch.float32)
 
 
 def test_cross_entropy_backward_rejects_bad_input():
