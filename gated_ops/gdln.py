@@ -153,11 +153,10 @@ class GDLN(nn.Module):
                              [self.weight_slot[self.edges[i].weight][1] for i in eids],
                              [dsts.index(node_idx[self.edges[i].dst]) for i in eids],
                              num_sources=len(srcs), num_weights=bank_sizes[key][0],
-                             num_dst=len(dsts), device=device)
+                             num_dst=len(dsts))
             self._layers.append(_Layer(key, plan, tuple(srcs), tuple(dsts),
-                                       torch.tensor(eids, device=device),
-                                       torch.tensor([node_idx[self.edges[i].dst] for i in eids],
-                                                    device=device)))
+                                       torch.tensor(eids),
+                                       torch.tensor([node_idx[self.edges[i].dst] for i in eids])))
 
         # Pathways, enumerated once; index tables for gathering their gates in one op each:
         # path_nodes[p] = nodes visited (source first), path_edges[p] = edges, both padded with
@@ -173,10 +172,12 @@ class GDLN(nn.Module):
         out_cols = torch.tensor([node_idx[n] for n in self.outputs for _ in range(nodes[n])],
                                 dtype=torch.long)  # node of every column of the stacked outputs
         path_targets = torch.tensor([node_idx[p.dst] for p in self._pathways], dtype=torch.long)
-        self._index = {k: v.to(device) for k, v in (("path_nodes", path_nodes),
-                                                    ("path_edges", path_edges),
-                                                    ("path_targets", path_targets),
-                                                    ("out_cols", out_cols))}
+        # The plans and index tables on the host; _apply places them on the parameters'
+        # device (so a graph built on meta then to_empty() gets real tables).
+        self._layers_host = self._layers
+        self._index_host = {"path_nodes": path_nodes, "path_edges": path_edges,
+                            "path_targets": path_targets, "out_cols": out_cols}
+        self._place_tables()
 
     # -- structure ---------------------------------------------------------------------------
     def _depths(self) -> dict[str, int]:
@@ -320,12 +321,16 @@ class GDLN(nn.Module):
             for w in self.banks.values():
                 w.normal_(0.0, init_std if init_std is not None else 1 / math.sqrt(w.shape[2]))
 
-    def _apply(self, fn, recurse=True):  # keep the plans and index tables on the parameters' device
-        out = super()._apply(fn, recurse)
+    def _place_tables(self) -> None:
         dev = self._device
         self._layers = [_Layer(l.bank, l.plan.to(dev), l.src_nodes, l.dst_nodes,
-                               l.edge_idx.to(dev), l.dst_of_path.to(dev)) for l in self._layers]
-        self._index = {k: v.to(dev) for k, v in self._index.items()}
+                               l.edge_idx.to(dev), l.dst_of_path.to(dev))
+                        for l in self._layers_host]
+        self._index = {k: v.to(dev) for k, v in self._index_host.items()}
+
+    def _apply(self, fn, recurse=True):  # keep the plans and index tables on the parameters' device
+        out = super()._apply(fn, recurse)
+        self._place_tables()
         return out
 
     # -- computation -------------------------------------------------------------------------

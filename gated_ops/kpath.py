@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .nn import GatedPathwayLinear, SGDConfig
 from .ops import gated_cross_entropy
-from .plan import PathwayPlan, make_plan
+from .plan import make_plan
 
 __all__ = ["KPathNet", "kpath_gate", "transform_batch"]
 
@@ -102,9 +102,12 @@ class KPathNet(nn.Module):
         RK = replicas * K
         wide = make_plan(range(RK), [i // K for i in range(RK)], range(RK), num_sources=RK,
                          num_weights=replicas, num_dst=RK)
-        self.register_buffer("_wide_paths", wide.paths.to(device), persistent=False)
-        self.register_buffer("_wide_csr", wide.csr.to(device), persistent=False)
-        self._wide_layout = wide.layout
+        self._wide_plan = wide.to(device) if device is not None else wide
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._wide_plan = self._wide_plan.to(self.decoder.weight.device)  # from its host tables
+        return out
 
     @property
     def layers(self) -> tuple[GatedPathwayLinear, ...]:
@@ -161,7 +164,7 @@ class KPathNet(nn.Module):
             z = self.encoder.forward_lookahead(xk, *lookahead)
         h = self.hidden(z)  # (R*K, B, H)
         d = self.decoder
-        plan = PathwayPlan(R * K, R, R * K, self._wide_paths, self._wide_csr, self._wide_layout)
+        plan = self._wide_plan
         weight = d.weight.view(R, K * C, d.in_features)
         bias = None if d.bias is None else d.bias.view(R, K * C)
         out = d.forward_as(h, plan, weight, bias)  # (R*K_i, B, K_j*C)

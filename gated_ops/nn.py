@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from torch.autograd import Variable
+
 from .ops import _op_namespace, autocast_dtype, pathway_matmul, pathway_sgd_lookahead_
 from .plan import PathwayPlan, make_plan
+from .reference import round_stochastic_bf16, rounding_seed_at, sgd_momentum_ref
 
 __all__ = ["GatedPathwayLinear", "SGDConfig"]
 
@@ -90,8 +94,10 @@ class GatedPathwayLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.num_sources, self.num_dst = num_sources, num_dst
         self.layout = plan.layout
-        self.register_buffer("paths", plan.paths.to(device), persistent=False)
-        self.register_buffer("csr", plan.csr.to(device), persistent=False)
+        # The plan is not a buffer: it keeps its tables on the host and is re-placed on the
+        # parameters' device by _apply (to(), cuda(), to_empty() after a build on meta), so
+        # nothing a module method does to buffers can leave it inconsistent.
+        self._plan = plan
         # z_is_y plans (each destination one pathway's output): the weight whose bias
         # destination t takes, for the lookahead's epilogue; None where it is weight t
         # (batched layers, the k-path encoders: the bias is added as it is stored)
@@ -100,16 +106,20 @@ class GatedPathwayLinear(nn.Module):
             bias_index = torch.empty_like(plan.wgt).index_copy_(0, plan.dst, plan.wgt)
             if torch.equal(bias_index, torch.arange(len(bias_index))):
                 bias_index = None
-        self.register_buffer("_bias_index", None if bias_index is None else
-                             bias_index.to(device), persistent=False)
+        self._bias_index_host = bias_index
+        self._bias_index = bias_index
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_weights, out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(num_weights, out_features, **kw)) if bias else None
         self.sgd: SGDConfig | None = None
+        self._pending: list[_Contribution] = []  # fused SGD: this backward's contributions
+        self._pending_task = -1  # ... and the autograd graph task they belong to
+        self._grad_hooks: list = []  # post-accumulate-grad hooks of the fused parameters
         self._next_x: Tensor | None = None  # lookahead: the next forward's input, announced
         self._next: tuple | None = None  # ... and its output, computed by the fused update
         self._updates = 0  # fused updates so far (a lookahead is valid until the next one)
         self.reset_parameters()
+        self._place_plan()
 
     # -- constructors --------------------------------------------------------------------------
     @classmethod
@@ -150,8 +160,19 @@ class GatedPathwayLinear(nn.Module):
     # -- state -----------------------------------------------------------------------------------
     @property
     def plan(self) -> PathwayPlan:
-        return PathwayPlan(self.num_sources, self.num_weights, self.num_dst, self.paths,
-                           self.csr, self.layout)
+        """The compiled pathway table, on the parameters' device."""
+        return self._plan
+
+    def _place_plan(self) -> None:
+        dev = self.weight.device
+        self._plan = self._plan.to(dev)
+        self._bias_index = (None if self._bias_index_host is None
+                            else self._bias_index_host.to(dev))
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._place_plan()  # the plan follows the parameters (built from its host tables)
+        return out
 
     @property
     def num_weights(self) -> int:
@@ -167,7 +188,33 @@ class GatedPathwayLinear(nn.Module):
                 self.bias.uniform_(-bound, bound)
 
     def fuse_sgd(self, config: SGDConfig | None) -> "GatedPathwayLinear":
-        """Apply SGD inside backward (None switches it off). Momentum buffers start at zero."""
+        """Apply SGD inside backward (None switches it off). Momentum buffers start at zero.
+
+        The contract (docs/design.md, "The fused SGD"): every backward pass that reaches this
+        layer's parameters (one whose engine would accumulate their ``.grad``: ``backward()``,
+        ``backward(inputs=[..., weight])``) is one SGD step of each of them, with the gradient a
+        plain layer would have accumulated in that pass: the sum over every use of the layer
+        in the graph and over anything else that reaches the parameter (a regulariser on
+        ``layer.weight`` lands in ``.grad`` and is consumed by the step). The step runs when the
+        pass ends, after every node that reads the parameters, so the input and gate gradients
+        are those of the parameters before the step. With one use and nothing else reaching
+        the parameter, the step is the fused kernel; otherwise the gradient is formed and
+        stepped as ``torch.optim.SGD`` would (``reference.sgd_momentum_ref``). Then:
+
+        * ``torch.autograd.grad(out, x)`` or ``backward(inputs=[x])`` (the parameters not
+          asked for): no step; ``torch.autograd.grad(out, layer.weight)``: the gradient is
+          returned and nothing is stepped. Frozen parameters (requires_grad False) never step.
+        * The step bumps the parameters' version counters, so a graph that saved them before
+          it (a second backward through a ``retain_graph`` graph, a graph built before the
+          step) raises an error saying so instead of using the stepped weights; to accumulate
+          gradients over several backward passes use a plain layer and ``torch.optim.SGD``.
+        * Not under ``torch.func`` transforms (a functional call has no parameter to step):
+          call ``fuse_sgd(None)`` there. Switching it on clears ``.grad`` of the parameters.
+        """
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks = []
+        self._pending, self._pending_task = [], -1
         self.sgd = config
         for name in ("weight_momentum", "bias_momentum", "sgd_step"):
             if hasattr(self, name):
@@ -179,7 +226,35 @@ class GatedPathwayLinear(nn.Module):
         if config is not None and config.stochastic_rounding:
             # steps taken (the stochastic rounding's counter; saved with the state dict)
             self.register_buffer("sgd_step", torch.zeros((), dtype=torch.int64))
+        if config is not None:
+            for param in (self.weight, self.bias):
+                if param is not None:
+                    param.grad = None
+        self._register_step_hooks()
         return self
+
+    def _register_step_hooks(self) -> None:
+        """A gradient that reaches a parameter from outside the layer (the layer itself
+        returns none) schedules the pass's step, which consumes it (fuse_sgd's contract)."""
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks = []
+        if self.sgd is None:
+            return
+        ref = weakref.ref(self)
+        for param in (self.weight, self.bias):
+            if param is not None:
+                self._grad_hooks.append(param.register_post_accumulate_grad_hook(
+                    _StepHook(ref)))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()  # (pickle, deepcopy) without hook handles or a pass
+        state.update(_grad_hooks=[], _pending=[], _pending_task=-1)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._register_step_hooks()
 
     def _rounding_seed(self) -> int:
         """The seed of this layer's stream of stochastic rounding seeds (-1: round to
@@ -339,20 +414,105 @@ class GatedPathwayLinear(nn.Module):
         lands in the parameters and momentum buffers through the views. KPathNet runs its
         decoders this way."""
         if self.sgd is not None and torch.is_grad_enabled():
+            if torch._C._are_functorch_transforms_active():
+                raise RuntimeError("GatedPathwayLinear: the fused SGD (fuse_sgd) cannot run "
+                                   "under torch.func transforms (there is no parameter to "
+                                   "step); call layer.fuse_sgd(None) and use torch.func's "
+                                   "gradients with an optimizer")
+            for name, view, param in (("weight", weight, self.weight), ("bias", bias, self.bias)):
+                if view is not None and not _views_whole(view, param):
+                    raise ValueError(f"forward_as: {name}: expected a contiguous view of the "
+                                     f"layer's whole {name} (the fused SGD steps the "
+                                     "parameter through it)")
             if autocast_dtype(x.device.type) is not None:
                 # the step updates the parameters themselves: run in their dtype (an autocast
                 # region's 16-bit activations are cast to it)
                 x = x.to(weight.dtype)
                 gate = None if gate is None else gate.to(weight.dtype)
+            plan.check_unmodified()
             return _FusedSGDPathway.apply(x, weight, bias, gate, self, plan, _precomputed)
         return pathway_matmul(x, weight, plan, bias, gate, backend=self.backend)
+
+    # -- the fused SGD step --------------------------------------------------------------------
+    def _schedule_step(self) -> None:
+        """Queue this layer's step at the end of the running backward pass (once per pass)."""
+        task = torch._C._current_graph_task_id()
+        if task != self._pending_task:
+            # contributions of another pass (one that failed before its end) are void
+            self._pending, self._pending_task = [], task
+            Variable._execution_engine.queue_callback(self._step_now)
+
+    def _step_now(self) -> None:
+        """The step of this backward pass: the fused kernels for one use and nothing else
+        reaching the parameters, else torch.optim.SGD's step on the summed gradient."""
+        pending, self._pending, self._pending_task = self._pending, [], -1
+        if self.sgd is None:
+            return
+        extra_w = None if self.weight.grad is None else self.weight.grad
+        extra_b = None if self.bias is None or self.bias.grad is None else self.bias.grad
+        if len(pending) == 1 and extra_w is None and extra_b is None:
+            pending[0].step_fused(self)
+        else:
+            self._step_summed(pending, extra_w, extra_b)
+        for param in (self.weight, self.bias):
+            if param is not None:
+                torch.autograd.graph.increment_version(param)
+        for c in pending:
+            if c.x_next is not None and c.static_out is None:  # the eager lookahead
+                self._next = (c.x_next, c.y_next, self._versions(c.x_next))
+
+    @torch.no_grad()
+    def _step_summed(self, pending: list["_Contribution"], extra_w: Tensor | None,
+                     extra_b: Tensor | None) -> None:
+        """torch.optim.SGD's step (reference.sgd_momentum_ref) on the gradient a plain layer
+        would accumulate: every use's share plus what reached ``.grad`` from elsewhere; in
+        float32 for 16-bit parameters, rounded once as the fused kernels round."""
+        cfg, ops = self.sgd, _op_namespace(self.backend)
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        gw = None if extra_w is None else extra_w.to(acc)
+        gb = None if extra_b is None else extra_b.to(acc)
+        for c in pending:
+            p, lay = c.plan, list(c.plan.layout)
+            dz, x = c.dz.to(acc), c.x.to(acc)
+            if c.step_w:
+                g = ops.pathway_grad_weight(dz, x, p.paths, p.csr, lay, p.num_weights,
+                                            c.d_out).reshape(self.weight.shape)
+                gw = g if gw is None else gw + g
+            if c.step_b:
+                g = ops.pathway_grad_bias(dz, p.paths, p.csr, lay, p.num_sources,
+                                          p.num_weights, c.d_out).reshape(self.bias.shape)
+                gb = g if gb is None else gb + g
+        seed = self._rounding_seed()
+        step = None if seed < 0 else int(self.sgd_step)  # (host read: this path is eager)
+        for param, grad, buf, s in ((self.weight, gw, "weight_momentum", seed),
+                                    (self.bias, gb, "bias_momentum",
+                                     seed if seed < 0 else (seed + 1) & 0x7FFFFFFF)):
+            if param is None or grad is None or not param.requires_grad:
+                continue
+            param.grad = None
+            w = param.detach().to(acc)
+            mom = getattr(self, buf, None)
+            m32 = None if mom is None else mom.to(acc)
+            sgd_momentum_ref(w, grad, m32, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+            if mom is not None:
+                mom.copy_(m32)
+            if s >= 0 and param.dtype == torch.bfloat16:
+                param.copy_(round_stochastic_bf16(w, rounding_seed_at(s, step)))
+            else:
+                param.copy_(w)
+        if step is not None:
+            self.sgd_step.add_(1)
+        for c in pending:
+            if c.x_next is not None:  # the lookahead's output, from the stepped parameters
+                y = self.prime_lookahead(c.x_next, c.static_out)
+                c.y_next = y
 
     def extra_repr(self) -> str:
         _, n, s0, ns, m0, nm, _ = self.layout
         structure = f"blocked(n={n}, ns={ns}, nm={nm})" if n else "grouped"
         s = (f"in_features={self.in_features}, out_features={self.out_features}, "
              f"sources={self.num_sources}, weights={self.num_weights}, "
-             f"destinations={self.num_dst}, pathways={self.paths.shape[1]}, {structure}, "
+             f"destinations={self.num_dst}, pathways={self.plan.num_paths}, {structure}, "
              f"bias={self.bias is not None}")
         if self.sgd is not None:
             s += f", fused_sgd={self.sgd}"
@@ -361,10 +521,101 @@ class GatedPathwayLinear(nn.Module):
         return s
 
 
+class _StepHook:
+    """A fused parameter's post-accumulate-grad hook (GatedPathwayLinear._register_step_hooks)."""
+
+    def __init__(self, ref: "weakref.ref[GatedPathwayLinear]"):
+        self.ref = ref
+
+    def __call__(self, param: Tensor) -> None:
+        m = self.ref()
+        if m is not None and m.sgd is not None and (param is m.weight or param is m.bias):
+            m._schedule_step()
+
+
+def _views_whole(view: Tensor, param: Tensor) -> bool:
+    """view is a contiguous view of all of param (the same memory, element for element)."""
+    return (view is param or (view.is_contiguous() and param.is_contiguous()
+                              and view.numel() == param.numel()
+                              and view.data_ptr() == param.data_ptr()))
+
+
+def _engine_wants(param: Tensor | None) -> str:
+    """What the running backward pass does with ``param``'s gradient: "step" (it would be
+    accumulated into .grad: the fused SGD steps instead), "grad" (autograd.grad asks for it:
+    return it, step nothing) or "none" (not reached: inputs= names other tensors)."""
+    if param is None or not param.requires_grad:
+        return "none"
+    node = torch.autograd.graph.get_gradient_edge(param).node
+    try:
+        return "step" if torch._C._will_engine_execute_node(node) else "none"
+    except RuntimeError as e:  # raised for a leaf that torch.autograd.grad() captures
+        if "autograd.grad" in str(e):
+            return "grad"
+        raise
+
+
+class _Contribution:
+    """One use's share of a fused SGD step, kept until the backward pass ends."""
+
+    def __init__(self, ctx, dz: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
+                 step_w: bool, step_b: bool, x_next: Tensor | None,
+                 static_out: Tensor | None):
+        self.plan, self.dz, self.x, self.weight, self.bias = ctx.plan, dz, x, weight, bias
+        self.d_out = weight.shape[1]
+        self.step_w, self.step_b = step_w, step_b
+        self.x_next, self.static_out, self.y_next = x_next, static_out, None
+
+    @torch.no_grad()
+    def step_fused(self, m: "GatedPathwayLinear") -> None:
+        """The step as one use's fused kernels: the weight's update (with the next forward
+        for the lookahead) and the bias's, the bias riding on the weight's op."""
+        cfg, plan, ops = m.sgd, self.plan, _op_namespace(m.backend)
+        layout, S, M = list(plan.layout), plan.num_sources, plan.num_weights
+        weight, bias, x_next = self.weight, self.bias, self.x_next
+
+        def buffer(name: str, like: Tensor) -> Tensor | None:  # momentum, viewed like the param
+            b = getattr(m, name, None)
+            return None if b is None else b.view(like.shape)
+        seed = m._rounding_seed()
+        step = m.sgd_step if seed >= 0 else None  # the device counter, read by the kernels
+        m._updates += 1
+        bias_seed = seed if seed < 0 else (seed + 1) & 0x7FFFFFFF
+        # the bias's step rides on the weight's op when both step (on CUDA in the same
+        # launch); alone, grad_bias and the step in one op (one kernel on CUDA)
+        step_bias = self.step_b and (self.step_w or x_next is not None)
+        b_args = ((bias, buffer("bias_momentum", bias), bias_seed) if step_bias
+                  else (None, None, -1))
+        z_next = None
+        if x_next is not None:
+            # the weight's step, and Z of the announced next forward from the new weight
+            # (one pass over the weight where the kernels fuse it: pathway_sgd_lookahead_)
+            z_next = pathway_sgd_lookahead_(
+                self.dz, self.x, weight, buffer("weight_momentum", weight), plan, cfg.lr,
+                cfg.momentum, cfg.weight_decay, cfg.nesterov, seed,
+                x_next=x_next.to(weight.dtype), backend=m.backend, rounding_step=step,
+                bias=b_args[0], bias_momentum_buffer=b_args[1], bias_rounding_seed=b_args[2])
+        elif self.step_w:
+            ops.pathway_sgd_(self.dz, self.x, weight, buffer("weight_momentum", weight),
+                             plan.paths, plan.csr, layout, cfg.lr, cfg.momentum,
+                             cfg.weight_decay, cfg.nesterov, seed, step, *b_args)
+        if self.step_b and not step_bias:
+            ops.pathway_bias_sgd_(self.dz, bias, buffer("bias_momentum", bias), plan.paths,
+                                  plan.csr, layout, S, M, cfg.lr, cfg.momentum,
+                                  cfg.weight_decay, cfg.nesterov, bias_seed, step)
+        if step is not None:
+            step.add_(1)  # on the counter's device, after the kernels that read it
+        if z_next is not None:
+            # the next forward's output, y = Z + bias (the stepped bias), as its epilogue
+            # would compute it
+            self.y_next = m._lookahead_output(z_next, x_next.shape[1], out=self.static_out)
+
+
 class _FusedSGDPathway(torch.autograd.Function):
-    """pathway_matmul whose backward updates the weight (and bias) in place instead of
-    returning their gradients; the input and gate gradients (a trained router) are returned,
-    computed from the weights before the update."""
+    """pathway_matmul whose backward steps the weight (and bias) by SGD instead of returning
+    their gradients (GatedPathwayLinear.fuse_sgd states the contract); the input and gate
+    gradients are returned, computed from the parameters before the step. The step itself
+    runs when the backward pass ends (GatedPathwayLinear._step_now)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, gate, module, plan, precomputed=None, x_next=None):
@@ -373,7 +624,7 @@ class _FusedSGDPathway(torch.autograd.Function):
         ctx.module, ctx.plan = module, plan
         ctx.static_next = None if x_next is None else (x_next, precomputed)
         # the module's own plan (forward, not forward_as): a lookahead may follow
-        ctx.own_plan = plan.paths is module.paths
+        ctx.own_plan = plan is module.plan
         # Only parameters that train are stepped (a frozen weight or bias stays as it is).
         ctx.step_weight = weight.requires_grad
         ctx.step_bias = bias is not None and bias.requires_grad
@@ -385,24 +636,41 @@ class _FusedSGDPathway(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, gate = ctx.saved_tensors  # weight, bias: the parameters or views
         m: GatedPathwayLinear = ctx.module
-        cfg, plan = m.sgd, ctx.plan
+        try:
+            x, weight, bias, gate = ctx.saved_tensors  # weight, bias: the parameters or views
+        except RuntimeError as e:
+            if "modified by an inplace operation" not in str(e):
+                raise
+            raise RuntimeError(
+                "GatedPathwayLinear (fused SGD): this backward needs the layer's parameters as "
+                "they were in its forward, but a fused SGD step has changed them since (each "
+                "backward pass that reaches the parameters steps them once: a second backward "
+                "through a retain_graph graph, or a graph built before the last step). To "
+                "accumulate gradients over several backward passes, use a plain layer "
+                "(fuse_sgd(None)) with torch.optim.SGD.") from None
+        if torch.is_grad_enabled() and grad_y.requires_grad:
+            raise RuntimeError("GatedPathwayLinear (fused SGD): double backward "
+                               "(create_graph=True through the layer) is not implemented; "
+                               "use a plain layer (fuse_sgd(None))")
+        plan = ctx.plan
         _ops = _op_namespace(m.backend)
         layout = list(plan.layout)
         S, M = plan.num_sources, plan.num_weights
-
-        def buffer(name: str, like: Tensor) -> Tensor | None:  # momentum, viewed like the param
-            b = getattr(m, name, None)
-            return None if b is None else b.view(like.shape)
-        if gate is None and plan.z_is_y:  # dZ_p = grad_y[p], in Z's order: grad_y itself
+        want_w = _engine_wants(m.weight) if ctx.step_weight else "none"
+        want_b = _engine_wants(m.bias) if ctx.step_bias else "none"
+        need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        need_dz = need_x or want_w != "none" or want_b != "none"
+        dz = None
+        if not need_dz:
+            pass
+        elif gate is None and plan.z_is_y:  # dZ_p = grad_y[p], in Z's order: grad_y itself
             # (contiguous: autograd may hand an expanded, stride-0 grad_y, e.g. from .sum())
             dz = grad_y.reshape(plan.z_shape(grad_y.shape[1], grad_y.shape[2])).contiguous()
         else:
             dz = _ops.pathway_grad_z(grad_y, gate, plan.paths, plan.csr, layout, S, M)
-        grad_x = grad_gate = None
-        need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        # before the update: these read the current weight and bias
+        grad_x = grad_gate = grad_w = grad_b = None
+        # these read the parameters as they are: the step comes at the end of the pass
         if need_gate and need_x and hasattr(_ops, "pathway_grad_x_gate"):
             grad_x, grad_gate = _ops.pathway_grad_x_gate(grad_y, x, weight, bias, gate,
                                                          plan.paths, plan.csr, layout)
@@ -411,50 +679,30 @@ class _FusedSGDPathway(torch.autograd.Function):
                                                plan.csr, layout)
         if need_x and grad_x is None:
             grad_x = _ops.pathway_grad_x(dz, weight, plan.paths, plan.csr, layout, S, x.shape[1])
-        static_out = None
+        if want_w == "grad":  # torch.autograd.grad asks for the weight: a plain gradient
+            grad_w = _ops.pathway_grad_weight(dz, x, plan.paths, plan.csr, layout, M,
+                                              weight.shape[1])
+        if want_b == "grad":
+            grad_b = _ops.pathway_grad_bias(dz, plan.paths, plan.csr, layout, S, M,
+                                            weight.shape[1])
+        step_w, step_b = want_w == "step", want_b == "step"
+        static_out = x_next = None
         if ctx.static_next is not None:  # forward_lookahead: y_next into the caller's buffer
-            (x_next, static_out), ctx.static_next = ctx.static_next, None
-        else:
-            x_next = m._next_x if ctx.own_plan and ctx.step_weight else None
+            x_next, static_out = ctx.static_next
+            if not step_w:
+                raise RuntimeError("forward_lookahead: its backward must step the layer's "
+                                   "weight (the buffer would not be refreshed)")
+            ctx.static_next = None
+        elif ctx.own_plan and step_w:
+            x_next = m._next_x
+        if step_w or step_b:
             m._next_x, m._next = None, None
-        if (static_out is None and x_next is not None and x_next.is_cuda
-                and torch.cuda.is_current_stream_capturing()):
-            raise RuntimeError("lookahead: announced before a CUDA-graph capture of its backward; "
-                               "not capturable (a replay would reuse one stale output)")
-        with torch.no_grad():
-            seed = m._rounding_seed() if ctx.step_weight or ctx.step_bias else -1
-            step = m.sgd_step if seed >= 0 else None  # the device counter, read by the kernels
-            if ctx.step_weight or ctx.step_bias:
-                m._updates += 1
-            z_next = None
-            bias_seed = seed if seed < 0 else (seed + 1) & 0x7FFFFFFF
-            # the bias's step rides on the weight's op when both step (on CUDA in the same
-            # launch); alone, grad_bias and the step in one op (one kernel on CUDA)
-            step_bias = ctx.step_bias and (ctx.step_weight or x_next is not None)
-            b_args = ((bias, buffer("bias_momentum", bias), bias_seed) if step_bias
-                      else (None, None, -1))
-            if x_next is not None:
-                # the weight's step, and Z of the announced next forward from the new weight
-                # (one pass over the weight where the kernels fuse it: pathway_sgd_lookahead_)
-                z_next = pathway_sgd_lookahead_(
-                    dz, x, weight, buffer("weight_momentum", weight), plan, cfg.lr,
-                    cfg.momentum, cfg.weight_decay, cfg.nesterov, seed,
-                    x_next=x_next.to(weight.dtype), backend=m.backend, rounding_step=step,
-                    bias=b_args[0], bias_momentum_buffer=b_args[1], bias_rounding_seed=b_args[2])
-            elif ctx.step_weight:
-                _ops.pathway_sgd_(dz, x, weight, buffer("weight_momentum", weight),
-                                  plan.paths, plan.csr, layout, cfg.lr, cfg.momentum,
-                                  cfg.weight_decay, cfg.nesterov, seed, step, *b_args)
-            if ctx.step_bias and not step_bias:
-                _ops.pathway_bias_sgd_(dz, bias, buffer("bias_momentum", bias), plan.paths,
-                                       plan.csr, layout, S, M, cfg.lr, cfg.momentum,
-                                       cfg.weight_decay, cfg.nesterov, bias_seed, step)
-            if step is not None:
-                step.add_(1)  # on the counter's device, after the kernels that read it
-            if z_next is not None:
-                # the next forward's output, y = Z + bias (the stepped bias), as its epilogue
-                # would compute it
-                y_next = m._lookahead_output(z_next, x_next.shape[1], out=static_out)
-                if static_out is None:
-                    m._next = (x_next, y_next, m._versions(x_next))
-        return grad_x, None, None, grad_gate, None, None, None, None
+            if (static_out is None and x_next is not None and x_next.is_cuda
+                    and torch.cuda.is_current_stream_capturing()):
+                raise RuntimeError("lookahead: announced before a CUDA-graph capture of its "
+                                   "backward; not capturable (a replay would reuse one stale "
+                                   "output)")
+            m._schedule_step()
+            m._pending.append(_Contribution(ctx, dz, x, weight, bias, step_w, step_b, x_next,
+                                            static_out))
+        return grad_x, grad_w, grad_b, grad_gate, None, None, None, None

@@ -90,6 +90,7 @@ def pathway_matmul(
     if plan.device != x.device:
         raise ValueError(f"plan: its index tensors are on {plan.device}, x is on {x.device}; "
                          "move the plan with plan.to(x.device)")
+    plan.check_unmodified()
     dt = autocast_dtype(x.device.type)
     if dt is not None and x.dtype in _AUTOCAST_TYPES:
         x, weight, bias, gate = (_cast(t, dt) for t in (x, weight, bias, gate))

@@ -1,7 +1,12 @@
 """Pathway table -> plan. Validation, sorting and grouping happen here, once.
 
-(The CPU kernels still re-check index ranges, O(P) per call, because the registered ops can be
-called without a plan.)
+A :class:`PathwayPlan` is valid by construction: :func:`make_plan` builds it from the table, and a
+plan put together by hand (or unpickled) is checked against the plan :func:`make_plan` builds from
+its own (src, wgt, dst) rows, table for table, before it exists. The GPU kernels trust a plan's
+tables (reading them to check would cost a host synchronisation per call); the CPU kernels, which
+the registered ops also serve without a plan, re-check the index ranges they read (O(P), cheap).
+A plan's tables are read-only: ``pathway_matmul`` and the layers refuse a plan whose tables were
+modified in place after it was validated (their version counters moved).
 
 A plan turns the user's pathway table (src, wgt, dst) into the tensors the kernels read every step
 without any host synchronisation:
@@ -35,7 +40,7 @@ with pathway p at row block zrow[p] = its rank in the by-weight order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -56,7 +61,13 @@ def z_shape(layout, num_paths: int, batch, d_out) -> tuple:
 
 @dataclass(frozen=True, eq=False)
 class PathwayPlan:
-    """A compiled pathway table. Build with :func:`make_plan`; move with :meth:`to`."""
+    """A compiled pathway table. Build with :func:`make_plan`; move with :meth:`to`.
+
+    Constructing one directly (``PathwayPlan(S, M, T, paths, csr, layout)``, or by unpickling)
+    validates every table against :func:`make_plan` of its (src, wgt, dst) rows and raises
+    ``ValueError`` naming the first inconsistent entry: a plan that exists never makes a kernel
+    read out of bounds. The tables must not be modified afterwards (:meth:`check_unmodified`).
+    """
 
     num_sources: int  # S
     num_weights: int  # M
@@ -64,6 +75,42 @@ class PathwayPlan:
     paths: Tensor  # (5, P) int64: src, wgt, dst, zrow, zcol
     csr: Tensor  # int64, see module docstring
     layout: tuple[int, ...]  # (T, n, s0, ns, m0, nm, flags); n == 0 means grouped
+    _validated: bool = field(default=False, repr=False, compare=False)
+    # the tables on the host (the same tensors for a CPU plan): what to() copies from, so that
+    # a plan on the meta device (a module built there, then to_empty()) still has its tables
+    _host: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self._validated:
+            _validate(self)
+            object.__setattr__(self, "_validated", True)
+        object.__setattr__(self, "layout", tuple(int(v) for v in self.layout))
+        if self._host is None and self.paths.device.type != "meta":
+            host = (self.paths, self.csr) if self.paths.device.type == "cpu" else (
+                self.paths.cpu(), self.csr.cpu())
+            object.__setattr__(self, "_host", host)
+        object.__setattr__(self, "_versions", (self.paths._version, self.csr._version))
+        object.__setattr__(self, "_host_versions", None if self._host is None else
+                           self._host[0]._version + self._host[1]._version)
+
+    @classmethod
+    def _trusted(cls, num_sources: int, num_weights: int, num_dst: int, paths: Tensor,
+                 csr: Tensor, layout: tuple[int, ...],
+                 host: tuple[Tensor, Tensor] | None = None) -> "PathwayPlan":
+        """A plan from tables already validated (make_plan's output, a validated plan moved)."""
+        return cls(num_sources, num_weights, num_dst, paths, csr, layout, _validated=True,
+                   _host=host)
+
+    def __reduce__(self):
+        # unpickling goes through the validating constructor
+        return (PathwayPlan, (self.num_sources, self.num_weights, self.num_dst,
+                              self.paths, self.csr, self.layout))
+
+    def check_unmodified(self) -> None:
+        """Raise if the tables were modified in place since the plan was validated."""
+        if (self.paths._version, self.csr._version) != self._versions:
+            raise ValueError("plan: its tables (paths / csr) were modified in place after the "
+                             "plan was validated; build a new plan with gated_ops.make_plan")
 
     @property
     def one_per_dst(self) -> bool:
@@ -102,10 +149,21 @@ class PathwayPlan:
         return self.paths.device
 
     def to(self, device: torch.device | str) -> "PathwayPlan":
-        return PathwayPlan(
-            self.num_sources, self.num_weights, self.num_dst,
-            self.paths.to(device), self.csr.to(device), self.layout,
-        )
+        """The plan on ``device``, copied from its host tables (so a plan on the meta device
+        moves to a real one)."""
+        self.check_unmodified()
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        if self._host is None:
+            raise ValueError("plan: a plan built on the meta device has no tables to move; "
+                             "build it with gated_ops.make_plan on a real device")
+        paths, csr = self._host
+        if paths._version + csr._version != self._host_versions:
+            raise ValueError("plan: its host tables were modified in place after the plan "
+                             "was validated; build a new plan with gated_ops.make_plan")
+        return PathwayPlan._trusted(self.num_sources, self.num_weights, self.num_dst,
+                                    paths.to(device), csr.to(device), self.layout, self._host)
 
     def z_shape(self, batch: int, d_out: int) -> tuple[int, int]:
         """Shape of the intermediate Z (and of its gradient) for a batch of ``batch`` rows."""
@@ -216,6 +274,88 @@ def make_plan(
     one_per_dst = bool(P == num_dst and torch.equal(dst_ptr, torch.arange(num_dst + 1)))
     z_is_y = bool(block is not None and nm == 1 and one_per_dst and torch.equal(dst, zrow))
     flags = (ONE_PER_DST if one_per_dst else 0) | (Z_IS_Y if z_is_y else 0)
-    plan = PathwayPlan(num_sources, num_weights, num_dst, paths, csr,
-                       (num_dst, n, s0, ns, m0, nm, flags))
+    plan = PathwayPlan._trusted(num_sources, num_weights, num_dst, paths, csr,
+                                (num_dst, n, s0, ns, m0, nm, flags))
     return plan.to(device) if device is not None else plan
+
+
+_CSR_PARTS = ("dst_ptr", "dst_perm", "src_ptr", "src_perm", "wgt_ptr", "wgt_perm", "owner")
+_PATH_ROWS = ("src", "wgt", "dst", "zrow", "zcol")
+
+
+def _validate(plan: PathwayPlan) -> None:
+    """Checks a hand-built plan: its tables must be exactly those make_plan builds from its
+    (src, wgt, dst) rows (with the layout kind it claims). Raises ValueError naming the first
+    entry that differs. O(P log P) on the host, once per plan."""
+    sizes = {}
+    for name in ("num_sources", "num_weights", "num_dst"):
+        v = getattr(plan, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"plan: {name}: expected an int >= 0, got {v!r}")
+        sizes[name] = v
+    paths, csr, layout = plan.paths, plan.csr, plan.layout
+    for name, t in (("paths", paths), ("csr", csr)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int64:
+            raise ValueError(f"plan: {name}: expected an int64 tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)}")
+    if paths.dim() != 2 or paths.shape[0] != 5:
+        raise ValueError(f"plan: paths: expected shape (5, P), got {tuple(paths.shape)}")
+    if csr.device != paths.device:
+        raise ValueError(f"plan: csr is on {csr.device}, paths on {paths.device}")
+    try:
+        layout = tuple(int(v) for v in layout)
+    except (TypeError, ValueError):
+        raise ValueError(f"plan: layout: expected 7 ints, got {layout!r}") from None
+    if len(layout) != 7:
+        raise ValueError(f"plan: layout: expected 7 ints (T, n, s0, ns, m0, nm, flags), got "
+                         f"{len(layout)}")
+    if paths.device.type == "meta":  # no values to check (shapes are checked below)
+        want = _expected_shapes(paths.shape[1], sizes)
+        if csr.shape != want or layout[0] != sizes["num_dst"]:
+            raise ValueError(f"plan: csr: expected shape {tuple(want)}, got {tuple(csr.shape)}")
+        return
+    host = paths.detach().cpu()
+    try:
+        ref = make_plan(host[0], host[1], host[2], layout="grouped" if layout[1] == 0 else "auto",
+                        **sizes)
+    except ValueError as e:
+        raise ValueError(f"plan: paths: {e}") from None
+    if layout != ref.layout:
+        raise ValueError(f"plan: layout: expected {ref.layout} for this pathway table, got "
+                         f"{layout}; build plans with gated_ops.make_plan")
+    _first_difference("paths", host, ref.paths, _PATH_ROWS)
+    want = tuple(ref.csr.shape)
+    if tuple(csr.shape) != want:
+        raise ValueError(f"plan: csr: expected shape {want} for T={sizes['num_dst']}, "
+                         f"S={sizes['num_sources']}, M={sizes['num_weights']}, "
+                         f"P={paths.shape[1]}, got {tuple(csr.shape)}")
+    _first_difference("csr", csr.detach().cpu(), ref.csr, _CSR_PARTS, _csr_bounds(ref))
+
+
+def _expected_shapes(P: int, sizes: dict) -> torch.Size:
+    return torch.Size([sizes["num_dst"] + sizes["num_sources"] + sizes["num_weights"] + 3
+                       + 4 * P])
+
+
+def _csr_bounds(plan: PathwayPlan) -> list[int]:
+    T, S, M, P = plan.num_dst, plan.num_sources, plan.num_weights, plan.num_paths
+    lens = [T + 1, P, S + 1, P, M + 1, P, P]
+    return [sum(lens[:i]) for i in range(len(lens) + 1)]
+
+
+def _first_difference(name: str, got: Tensor, want: Tensor, parts: tuple[str, ...],
+                      bounds: list[int] | None = None) -> None:
+    """Raise a ValueError naming the first entry where got differs from want."""
+    if torch.equal(got, want):
+        return
+    flat_got, flat_want = got.reshape(-1), want.reshape(-1)
+    i = int((flat_got != flat_want).nonzero()[0])
+    if bounds is None:  # (5, P) rows
+        P = got.shape[1]
+        part, j = parts[i // P], i % P
+    else:
+        k = max(b for b in range(len(parts)) if bounds[b] <= i)
+        part, j = parts[k], i - bounds[k]
+    raise ValueError(f"plan: {name}: {part}[{j}] is {int(flat_got[i])}, expected "
+                     f"{int(flat_want[i])} for this pathway table (inconsistent tables); build "
+                     "plans with gated_ops.make_plan")

@@ -475,7 +475,7 @@ def test_fused_sgd_returns_gate_and_input_grads(kind, x_grad):
         gate0 = torch.softmax(torch.randn(4, B), 0)
     else:
         m, B = _sgd_module("grouped", 9)
-        gate0 = torch.rand(m.paths.shape[1]) + 0.5
+        gate0 = torch.rand(m.plan.num_paths) + 0.5
     cfg = SGDConfig(lr=0.1, momentum=0.9, weight_decay=1e-2)
     ref = copy.deepcopy(m)
     opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum,
