@@ -28,6 +28,9 @@ clock, the only fields that differ between two executions of the same run).
 
 A run killed at any moment resumes from its group's checkpoint (OUT/_checkpoints/) when started
 again with the same command, and ends bit-identical (on CPU) to an uninterrupted run.
+
+A bad flag ends the process with one line on stderr, exit status 2 and no traceback, before
+anything is loaded or written (experiments.configs).
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ from gated_ops.baselines import LoopKPath
 from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
 from gated_ops.nn import SGDConfig
 
-from .configs import KPathConfig, parse_args
+from .configs import ConfigError, KPathConfig, parse_args, usage_error
 from .data import (class_label_maps, load_dataset, pixel_permutations, rotate_images,
                    rotation_angles, to_float)
 
@@ -604,12 +607,34 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def check_data(cfg: KPathConfig, data: TaskData, device: torch.device) -> None:
+    """The flags that can only be checked against the loaded data (ConfigError)."""
+    n_train = len(data.y["train"])
+    if cfg.batch_size > n_train:
+        raise ConfigError("--batch-size", f"expected at most the {n_train} training samples "
+                                          f"({data.source}), got {cfg.batch_size}")
+    if cfg.cuda_graph and device.type == "cuda" and data.angles is not None:
+        gb = cfg.K * sum(v.numel() for v in data.x.values()) * data.x["train"].element_size()
+        raise ConfigError("--max-precompute-gb", f"--cuda-graph true needs the {cfg.K} rotated "
+                                                 f"copies of {cfg.dataset} precomputed: expected "
+                                                 f">= {gb / 1e9:.2f}, got {cfg.max_precompute_gb}")
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     """Train the grid (this rank's share of it); rank 0 writes summary.json and the report.
-    Returns the summary on rank 0, None on other ranks."""
+    Returns the summary on rank 0, None on other ranks. A bad flag exits with status 2 before
+    anything is loaded or written, with one line on stderr (SystemExit)."""
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return train_grid(cfg)
+    except ConfigError as e:
+        usage_error(str(e))
+
+
+def train_grid(cfg: KPathConfig) -> dict | None:
+    """main's work on a checked config; raises ConfigError for the flags checked on the data."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, local_rank = _distributed()
@@ -624,6 +649,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     log.info("rank %d/%d: %d of %d runs on %s", rank, world, len(mine), len(runs), device)
     rows, t0 = [], time.perf_counter()
     data = load_task_data(cfg, device) if mine else None
+    if data is not None:
+        check_data(cfg, data, device)
     steps_left = cfg.stop_after_steps
     for group in make_groups(mine, cfg.max_replicas):
         trainer = GroupTrainer(group, data, device, out, steps_left,
