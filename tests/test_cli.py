@@ -2,11 +2,14 @@
 
 A bad flag of ``python -m experiments.kpath`` (and of experiments.plot, experiments.theory_figures)
 exits with status 2 and one line on stderr naming the flag and what it accepts, before anything is
-loaded or written. CPU only, synthetic data in the real IDX format (no network)."""
+loaded or written; a damaged checkpoint names its file and how to recover. CPU only, synthetic
+data in the real IDX format (no network)."""
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +20,7 @@ import torch
 from experiments import kpath as E
 from experiments import plot
 from experiments.configs import PRESETS, ConfigError, KPathConfig, smoke
-from test_kpath_experiment import smoke_argv, write_mnist_like
+from test_kpath_experiment import read_metrics, smoke_argv, write_mnist_like
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "python -m experiments.kpath: error: "
@@ -182,6 +185,73 @@ def test_config_checks_programmatic_configs_too():
     with pytest.raises(ConfigError, match=r"--Ns: expected integers in 1..K=3"):
         dataclasses.replace(smoke(), Ns=[1, 5])
     assert KPathConfig(mode="fully_connected", N=500, K=3).N == 500  # that gate ignores N
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(b"\x00 not a checkpoint \xff" * 100)
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "foreign":  # a readable torch file that this script did not write
+        torch.save({"model": {}, "epoch": 1}, path)
+    elif how == "wrong_shapes":
+        state = torch.load(path, weights_only=True)
+        state["model"]["encoder.weight"] = state["model"]["encoder.weight"][:1]
+        torch.save(state, path)
+
+
+def killed_run(data_root: Path, out: Path) -> Path:
+    """A run stopped after step 5 (its checkpoint: step 4); returns the checkpoint."""
+    with pytest.raises(E.SimulatedKill):
+        E.main(smoke_argv(data_root, out, "--stop-after-steps", "5"))
+    (ckpt,) = (out / "_checkpoints").glob("*.pt")
+    return ckpt
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "empty", "foreign", "wrong_shapes"])
+def test_damaged_checkpoint_names_its_file_and_the_way_out(data_root, tmp_path, capsys, how):
+    """Resuming from a damaged checkpoint: status 1, one line naming the file, that it is
+    damaged, and the recovery (delete it and its runs' directories, or a fresh --out); nothing
+    in --out changes. Following the advice then gives the uninterrupted run's metrics."""
+    out = tmp_path / "out"
+    ckpt = killed_run(data_root, out)
+    damage(ckpt, how)
+    before = snapshot(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        E.main(smoke_argv(data_root, out))
+    assert exit_.value.code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{ckpt}: cannot resume from this checkpoint, the file is damaged" in line, line
+    assert "delete it and their directories" in line and "fresh --out" in line, line
+    assert snapshot(out) == before
+    if how != "truncated":
+        return
+    names = re.search(r"directories in \S+ \(([^)]*)\)", line).group(1).split(", ")
+    assert sorted(names) == sorted(E.run_name(c) for c in E.expand_grid(smoke()))
+    ckpt.unlink()
+    for name in names:
+        shutil.rmtree(out / name)
+    E.main(smoke_argv(data_root, out))
+    E.main(smoke_argv(data_root, tmp_path / "whole"))
+    assert read_metrics(out) == read_metrics(tmp_path / "whole")
+
+
+def test_damaged_checkpoint_from_the_shell(data_root, tmp_path):
+    out = tmp_path / "out"
+    ckpt = killed_run(data_root, out)
+    damage(ckpt, "garbage")
+    proc = subprocess.run([sys.executable, "-m", "experiments.kpath",
+                           *smoke_argv(data_root, out)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    error = [s for s in proc.stderr.splitlines() if s.startswith(PREFIX)]
+    assert "Traceback" not in proc.stderr and len(error) == 1, proc.stderr
+    assert str(ckpt) in error[0] and "damaged" in error[0]
 
 
 # -- the other scripts -----------------------------------------------------------------------
