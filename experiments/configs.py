@@ -134,8 +134,8 @@ class KPathConfig:
                                        "device if they fit in this many GB, else rotate per batch",
                                 ge=0)
     # -- output, checkpoints ------------------------------------------------------------------
-    out: str = _f("experiments/runs/kpath", "output directory: one sub-directory per run",
-                  pattern=_PATH)
+    out: str = _f("experiments/runs/kpath", "output directory: one sub-directory per run; one "
+                  "run at a time writes it (OUT/.lock)", pattern=_PATH)
     checkpoint_every: float = _f(600.0, "checkpoint interval in checkpoint_unit "
                                         "(0: only at the end; whole steps in steps)", ge=0)
     checkpoint_unit: str = _f("seconds", "unit of checkpoint_every", choices=("seconds", "steps"))

@@ -30,12 +30,14 @@ A run killed at any moment resumes from its group's checkpoint (OUT/_checkpoints
 again with the same command, and ends bit-identical (on CPU) to an uninterrupted run.
 
 Failures the user can fix end the process with one line on stderr and no traceback: a bad flag
-(exit status 2, before anything is loaded or written; experiments.configs); a damaged
-checkpoint, a checkpoint or results of another configuration, missing or corrupt data (exit
-status 1, naming the file and what to do).
+(exit status 2, before anything is loaded or written; experiments.configs); another run writing
+OUT (experiments.run_lock: the second run stops at once, exit status 1, having written
+nothing); a damaged checkpoint, a checkpoint or results of another configuration, missing or
+corrupt data (exit status 1, naming the file and what to do).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -61,6 +63,7 @@ from gated_ops.nn import SGDConfig
 from .configs import PROG, ConfigError, KPathConfig, parse_args, usage_error
 from .data import (DataError, class_label_maps, load_dataset, pixel_permutations,
                    rotate_images, rotation_angles, to_float)
+from .run_lock import OutDirBusy, hold_out_dir
 
 log = logging.getLogger("experiments.kpath")
 CLASSES = 10
@@ -654,11 +657,31 @@ def check_data(cfg: KPathConfig, data: TaskData, device: torch.device) -> None:
                                                  f">= {gb / 1e9:.2f}, got {cfg.max_precompute_gb}")
 
 
+@contextlib.contextmanager
+def claim_out(out: Path, rank: int, world: int):
+    """Rank 0 holds OUT's lock (experiments.run_lock) for the whole job; every rank goes on only
+    once it has it, and every rank stops with its error if it has not."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if rank == 0:
+            try:
+                stack.enter_context(hold_out_dir(out))
+            except OutDirBusy as e:
+                error = str(e)
+        if world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise OutDirBusy(error)
+        yield
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     """Train the grid (this rank's share of it); rank 0 writes summary.json and the report.
     Returns the summary on rank 0, None on other ranks. A bad flag exits with status 2 before
-    anything is loaded or written; a damaged checkpoint or missing data exit with status 1;
-    each with one line on stderr (SystemExit)."""
+    anything is loaded or written; another run holding OUT, a damaged checkpoint or missing
+    data exit with status 1; each with one line on stderr (SystemExit)."""
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -666,13 +689,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         return train_grid(cfg)
     except ConfigError as e:
         usage_error(str(e))
-    except (RunError, DataError) as e:
+    except (RunError, OutDirBusy, DataError) as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         raise SystemExit(1) from None
 
 
 def train_grid(cfg: KPathConfig) -> dict | None:
-    """main's work on a checked config; raises ConfigError, RunError, DataError."""
+    """main's work on a checked config; raises ConfigError, RunError, OutDirBusy, DataError."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, local_rank = _distributed()
@@ -684,33 +707,34 @@ def train_grid(cfg: KPathConfig) -> dict | None:
     out = Path(cfg.out)
     runs = expand_grid(cfg)
     mine = runs[rank::world]  # deterministic round-robin over runs
-    log.info("rank %d/%d: %d of %d runs on %s", rank, world, len(mine), len(runs), device)
-    rows, t0 = [], time.perf_counter()
-    data = load_task_data(cfg, device) if mine else None
-    if data is not None:
-        check_data(cfg, data, device)
-    steps_left = cfg.stop_after_steps
-    for group in make_groups(mine, cfg.max_replicas):
-        trainer = GroupTrainer(group, data, device, out, steps_left,
-                               {"rank": rank, "world_size": world})
-        trainer.train()
-        steps_left = None if steps_left is None else steps_left - trainer.steps_run
-        rows += [summary_row(run, lines) for run, lines in zip(group, trainer.lines)]
-    if world > 1:
-        gathered: list[list[dict]] = [[] for _ in range(world)]
-        dist.all_gather_object(gathered, rows)
-        rows = [row for part in gathered for row in part]
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank != 0:
-            return None
-    order = {run_name(r): i for i, r in enumerate(runs)}
-    rows.sort(key=lambda row: order[row["run"]])
-    summary = {"runs": rows, "num_runs": len(rows), "world_size": world,
-               "wall_time_s": time.perf_counter() - t0, "config": dataclasses.asdict(cfg)}
-    write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    from . import plot  # matplotlib: only where the report is drawn
-    png, table = plot.make_report(out)
+    with claim_out(out, rank, world):
+        log.info("rank %d/%d: %d of %d runs on %s", rank, world, len(mine), len(runs), device)
+        rows, t0 = [], time.perf_counter()
+        data = load_task_data(cfg, device) if mine else None
+        if data is not None:
+            check_data(cfg, data, device)
+        steps_left = cfg.stop_after_steps
+        for group in make_groups(mine, cfg.max_replicas):
+            trainer = GroupTrainer(group, data, device, out, steps_left,
+                                   {"rank": rank, "world_size": world})
+            trainer.train()
+            steps_left = None if steps_left is None else steps_left - trainer.steps_run
+            rows += [summary_row(run, lines) for run, lines in zip(group, trainer.lines)]
+        if world > 1:
+            gathered: list[list[dict]] = [[] for _ in range(world)]
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+            dist.barrier()
+            dist.destroy_process_group()
+            if rank != 0:
+                return None
+        order = {run_name(r): i for i, r in enumerate(runs)}
+        rows.sort(key=lambda row: order[row["run"]])
+        summary = {"runs": rows, "num_runs": len(rows), "world_size": world,
+                   "wall_time_s": time.perf_counter() - t0, "config": dataclasses.asdict(cfg)}
+        write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        from . import plot  # matplotlib: only where the report is drawn
+        png, table = plot.make_report(out)
     log.info("wrote %s, %s and %s", out / "summary.json", png, out / "results.md")
     print(table)
     return summary

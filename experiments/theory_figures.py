@@ -22,7 +22,9 @@ Writes to --out:
                                    descent with the path-form gradient of 4.1)
   config.json, summary.json        the full config; max deviation theory vs simulation per figure
 
-A bad flag exits with one line on stderr and status 2 before anything is computed or written.
+A bad flag exits with one line on stderr and status 2 before anything is computed or written;
+a second run given the same --out while one is writing it stops at once (status 1; the lock of
+experiments/run_lock.py).
 """
 
 from __future__ import annotations
@@ -76,8 +78,10 @@ gdln = load_gdln()
 
 try:
     from experiments.configs import OneLineParser
+    from experiments.run_lock import OutDirBusy, hold_out_dir
 except ImportError:  # run as a file: its folder, experiments/, is sys.path[0]
     from configs import OneLineParser
+    from run_lock import OutDirBusy, hold_out_dir
 
 
 @dataclass
@@ -148,7 +152,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     cfg = Config()
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                       allow_abbrev=False)
-    p.add_argument("--out", default=cfg.out, help="output folder (default: %(default)s)")
+    p.add_argument("--out", default=cfg.out, help="output folder (default: %(default)s); "
+                   "one run at a time writes it (OUT/.lock)")
     p.add_argument("--threads", type=_count, default=cfg.threads,
                    help="torch threads, >= 1 (default: %(default)s)")
     p.add_argument("--seeds", type=_count, default=len(cfg.seeds),
@@ -620,7 +625,16 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with hold_out_dir(out):
+            run(cfg, out)
+    except OutDirBusy as e:
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {e}\n")
+        raise SystemExit(1) from None
+
+
+def run(cfg: Config, out: Path) -> None:
+    """The four figures, config.json and summary.json into out (held by main)."""
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     task = theory.routing_network_task()
     summary: dict = {"torch": torch.__version__}

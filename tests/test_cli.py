@@ -1,17 +1,21 @@
-"""The experiment CLIs fail in words.
+"""The experiment CLIs fail in words, and one at a time per output directory.
 
 A bad flag of ``python -m experiments.kpath`` (and of experiments.plot, experiments.theory_figures)
 exits with status 2 and one line on stderr naming the flag and what it accepts, before anything is
-loaded or written; a damaged checkpoint names its file and how to recover. CPU only, synthetic
-data in the real IDX format (no network)."""
+loaded or written; a damaged checkpoint names its file and how to recover; a second run given the
+same --out stops at once without writing, and a run killed with SIGKILL leaves no stale lock.
+CPU only, synthetic data in the real IDX format (no network)."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,7 @@ import torch
 from experiments import kpath as E
 from experiments import plot
 from experiments.configs import PRESETS, ConfigError, KPathConfig, smoke
+from experiments.run_lock import LOCK_NAME, hold_out_dir
 from test_kpath_experiment import read_metrics, smoke_argv, write_mnist_like
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,13 +152,14 @@ def test_out_that_is_a_file_is_refused(data_root, tmp_path, capsys):
 
 
 def test_batch_larger_than_the_data_is_a_flag_error(data_root, tmp_path, capsys):
-    """Checked once the data is loaded (600 training samples here), before any run starts."""
+    """Checked once the data is loaded (600 training samples here), before any run starts:
+    the output directory holds only its lock file."""
     with pytest.raises(SystemExit) as exit_:
         E.main(smoke_argv(data_root, tmp_path / "out", "--batch-size", "601"))
     assert exit_.value.code == 2
     line = one_error_line(capsys.readouterr().err)
     assert "--batch-size" in line and "at most the 600 training samples" in line, line
-    assert not (tmp_path / "out").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [LOCK_NAME]
 
 
 @pytest.mark.parametrize("extra", [["--lr", "nan"], ["--eval-samples", "0"], ["--hidden", "0"]])
@@ -228,7 +234,9 @@ def test_damaged_checkpoint_names_its_file_and_the_way_out(data_root, tmp_path, 
     line = one_error_line(capsys.readouterr().err)
     assert f"{ckpt}: cannot resume from this checkpoint, the file is damaged" in line, line
     assert "delete it and their directories" in line and "fresh --out" in line, line
-    assert snapshot(out) == before
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k != LOCK_NAME} == {
+        k: v for k, v in before.items() if k != LOCK_NAME}
     if how != "truncated":
         return
     names = re.search(r"directories in \S+ \(([^)]*)\)", line).group(1).split(", ")
@@ -252,6 +260,88 @@ def test_damaged_checkpoint_from_the_shell(data_root, tmp_path):
     error = [s for s in proc.stderr.splitlines() if s.startswith(PREFIX)]
     assert "Traceback" not in proc.stderr and len(error) == 1, proc.stderr
     assert str(ckpt) in error[0] and "damaged" in error[0]
+
+
+# -- one run per output directory ------------------------------------------------------------
+HOLD = ("import sys, time\n"
+        "from experiments.run_lock import hold_out_dir\n"
+        "with hold_out_dir(sys.argv[1]):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n")
+
+
+@pytest.fixture
+def finished_out(data_root, tmp_path) -> Path:
+    out = tmp_path / "out"
+    E.main(smoke_argv(data_root, out))
+    return out
+
+
+def test_second_run_on_a_held_out_refuses_and_writes_nothing(data_root, finished_out, capsys):
+    """While another process holds --out, a run stops at once with status 1 and one line naming
+    the directory and the holder, and changes no file (the lock file included). Without the
+    lock it would resume this finished run and rewrite config.json, metrics.jsonl,
+    summary.json, results.md and kpath.png."""
+    out = finished_out
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=REPO, env=ENV,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = snapshot(out)
+        assert f"pid {holder.pid} " in (out / LOCK_NAME).read_text()
+        capsys.readouterr()
+        t0 = time.monotonic()
+        with pytest.raises(SystemExit) as exit_:
+            E.main(smoke_argv(data_root, out))
+        assert exit_.value.code == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{out}: another run is writing this directory" in line, line
+        assert f"pid {holder.pid} " in line and "pass another --out" in line, line
+        assert snapshot(out) == before
+        assert time.monotonic() - t0 < 30  # refused, not waiting for the holder (600 s)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert E.main(smoke_argv(data_root, out))["runs"]  # the holder gone, the run goes on
+
+
+def test_run_killed_with_sigkill_leaves_no_stale_lock(data_root, tmp_path):
+    """A real run holds --out's lock while it trains; after SIGKILL (no clean-up code runs) the
+    lock file is still there, yet the next run takes the lock and resumes."""
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "experiments.kpath",
+             *smoke_argv(data_root, out, "--epochs", "100000")],
+            cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("_checkpoints/*.pt")):  # training, past its first checkpoint
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        with open(out / LOCK_NAME) as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert f"pid {proc.pid} " in (out / LOCK_NAME).read_text()  # the stale file stays
+    summary = E.main(smoke_argv(data_root, out, "--epochs", "1"))  # epochs: free on resume
+    assert len(summary["runs"]) == 4
+    with open(out / LOCK_NAME) as f:  # and the new run released it when it ended
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_lock_is_released_when_a_run_fails(data_root, tmp_path):
+    """An exception out of the run (here a simulated kill) releases the lock: the same process
+    can take it again."""
+    out = tmp_path / "out"
+    killed_run(data_root, out)
+    with hold_out_dir(out):
+        pass
 
 
 # -- the other scripts -----------------------------------------------------------------------
@@ -289,3 +379,14 @@ def test_theory_figures_bad_flag(theory_figures, tmp_path, monkeypatch, capsys, 
     line = one_error_line(capsys.readouterr().err, f"{Path(sys.argv[0]).name}: error: ")
     assert flag in line and accepts in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_theory_figures_refuses_a_held_out(theory_figures, tmp_path, capsys):
+    out = tmp_path / "out"
+    with hold_out_dir(out):
+        with pytest.raises(SystemExit) as exit_:
+            theory_figures.main(["--out", str(out), "--engine", "einsum"])
+    assert exit_.value.code == 1
+    line = one_error_line(capsys.readouterr().err, f"{Path(sys.argv[0]).name}: error: ")
+    assert "another run is writing this directory" in line
+    assert [p.name for p in out.iterdir()] == [LOCK_NAME]
