@@ -689,8 +689,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         return train_grid(cfg)
     except ConfigError as e:
         usage_error(str(e))
-    except (RunError, OutDirBusy, DataError) as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
+    except (RunError, OutDirBusy, DataError) as e:  # (DataError's advice is a second line)
+        sys.stderr.write(f"{PROG}: error: {' '.join(str(e).splitlines())}\n")
         raise SystemExit(1) from None
 
 

@@ -193,6 +193,20 @@ def test_config_checks_programmatic_configs_too():
     assert KPathConfig(mode="fully_connected", N=500, K=3).N == 500  # that gate ignores N
 
 
+def test_missing_data_is_one_line_with_the_way_to_get_it(data_root, tmp_path, monkeypatch,
+                                                         capsys):
+    """An existing --data-dir without the data set, and nowhere else to find it: status 1, one
+    line saying where it looked and how to get the data (experiments.data's advice)."""
+    monkeypatch.delenv("GATED_OPS_DATA", raising=False)
+    monkeypatch.setattr("experiments.data.DEFAULT_CACHE_DIR", tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        E.main(smoke_argv(data_root, tmp_path / "out", "--data-dir", str(tmp_path / "empty")))
+    assert exit_.value.code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "MNIST not found" in line and "--data-dir DIR" in line, line
+
+
 # -- checkpoints -----------------------------------------------------------------------------
 def damage(path: Path, how: str) -> None:
     data = path.read_bytes()
