@@ -5,17 +5,40 @@ gain 1, SGD lr 1e-4 momentum 0.9, batch 8, 1000 epochs, seed 1). The grid fields
 ``gains``, ``Ns``, ``modes``, ``hiddens``) expand one config into many runs; runs of the same shape
 (dataset, K, H) train together as the R replicas of one ``KPathNet``. A named preset replaces the
 defaults; explicit command-line options then override the preset.
+
+Every field carries its accepted values (``choices``, bounds ``ge`` / ``gt`` / ``le`` / ``lt``, a
+``pattern``); a ``KPathConfig`` checks them, and the combinations of fields, when it is built
+(``ConfigError`` naming the flag and what it accepts), so presets, tests and the command line
+share one set of rules. ``check_machine`` adds what depends on this machine (paths that must
+exist, the device); ``parse_args`` runs both and turns an error into one line on stderr and exit
+status 2, before anything is loaded or written.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, NoReturn
 
-__all__ = ["KPathConfig", "PRESETS", "build_parser", "parse_args"]
+__all__ = ["ConfigError", "KPathConfig", "OneLineParser", "PRESETS", "PROG", "build_parser",
+           "parse_args", "usage_error"]
+
+PROG = "python -m experiments.kpath"
+
+
+class ConfigError(ValueError):
+    """A field (a flag) out of its accepted values, or fields that contradict each other."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -24,7 +47,14 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 _MODES = ("N_plus_mod", "N_plus_mod_permute", "fully_connected")
+_MAX_K = math.factorial(10)  # the label maps are distinct permutations of the 10 classes
+_MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int64 (and more); keep it plain
+_PATH = (r"(?s).+", "a non-empty path")
 
 
 @dataclass
@@ -32,33 +62,39 @@ class KPathConfig:
     # -- the task and one run (the authors' defaults) ----------------------------------------
     dataset: str = _f("mnist", "mnist, fashion_mnist (pixel permutations) or cifar10 (rotations)",
                       choices=("mnist", "fashion_mnist", "cifar10"))
-    K: int = _f(100, "number of input and of output transformations (encoders, decoders)")
-    N: int = _f(10, "trained paths per encoder: the gate's ones per row")
+    K: int = _f(100, "number of input and of output transformations (encoders, decoders)",
+                ge=1, le=_MAX_K)
+    N: int = _f(10, "trained paths per encoder: the gate's ones per row (at most K)", ge=1)
     mode: str = _f("N_plus_mod", "gate of a run (see gated_ops.kpath.kpath_gate)", choices=_MODES)
-    hidden: int = _f(128, "hidden width H")
-    gain: float = _f(1.0, "Xavier-uniform init gain (biases start at 0)")
-    seed: int = _f(1, "seeds the init, the gate permutation and the data order of a run")
-    lr: float = _f(1e-4, "SGD learning rate")
-    momentum: float = _f(0.9, "SGD momentum (dampening 0)")
-    batch_size: int = _f(8, "samples per SGD step (per run)")
-    epochs: int = _f(1000, "passes over the training set")
+    hidden: int = _f(128, "hidden width H", ge=1)
+    gain: float = _f(1.0, "Xavier-uniform init gain (biases start at 0)", ge=0)
+    seed: int = _f(1, "seeds the init, the gate permutation and the data order of a run",
+                   ge=0, le=_MAX_SEED)
+    lr: float = _f(1e-4, "SGD learning rate", gt=0)
+    momentum: float = _f(0.9, "SGD momentum (dampening 0)", ge=0, lt=1)
+    batch_size: int = _f(8, "samples per SGD step (per run; at most the training set)", ge=1)
+    epochs: int = _f(1000, "passes over the training set", ge=1)
     max_steps_per_epoch: int | None = _f(
-        None, "cap on SGD steps per epoch (none: full epochs of n_train // batch_size steps)")
+        None, "cap on SGD steps per epoch (none: full epochs of n_train // batch_size steps)",
+        ge=1)
     # -- the grid: runs of one shape train together as replicas -------------------------------
-    seeds: list[int] = _f([], "grid of seeds (empty: [seed])")
-    gains: list[float] = _f([], "grid of init gains (empty: [gain])")
-    Ns: list[int] = _f([], "grid of N (empty: [N])")
+    seeds: list[int] = _f([], "grid of seeds (empty: [seed])", ge=0, le=_MAX_SEED)
+    gains: list[float] = _f([], "grid of init gains (empty: [gain])", ge=0)
+    Ns: list[int] = _f([], "grid of N (empty: [N])", ge=1)
     modes: list[str] = _f([], "grid of gate modes (empty: [mode])", choices=_MODES)
-    hiddens: list[int] = _f([], "grid of hidden widths (empty: [hidden]); each H is its own group")
+    hiddens: list[int] = _f([], "grid of hidden widths (empty: [hidden]); each H is its own group",
+                            ge=1)
     max_replicas: int = _f(0, "most runs trained together in one model (0: no limit); "
-                              "bounds memory: a replica holds K*H*(D+C)+H*H weights + momentum")
+                              "bounds memory: a replica holds K*H*(D+C)+H*H weights + momentum",
+                       ge=0)
     # -- evaluation ---------------------------------------------------------------------------
-    eval_every: int = _f(1, "evaluate train and test every this many epochs (and the last)")
+    eval_every: int = _f(1, "evaluate train and test every this many epochs (and the last)",
+                         ge=1)
     eval_samples: int | None = _f(
         None, "evaluate on a fixed random subset (generator seed 0) of this many samples of "
-              "each split, the same for every run and epoch (none: the full splits)")
+              "each split, the same for every run and epoch (none: the full splits)", ge=1)
     eval_batch_size: int = _f(1000, "samples per evaluation chunk (lowered automatically so a "
-                                    "chunk's activations stay under ~1 GiB)")
+                                    "chunk's activations stay under ~1 GiB)", ge=1)
     # -- implementation -----------------------------------------------------------------------
     model: str = _f("fused", "fused: KPathNet on gated_ops; loop: the paper-style per-pathway "
                              "loop of nn.Linear (for timing comparisons)",
@@ -77,7 +113,8 @@ class KPathConfig:
                                "wherever the fused SGD runs. Bit for bit the same training on "
                                "the CPU, to float rounding on CUDA",
                          choices=("auto", "true", "false"))
-    device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    device: str = _f("auto", "auto (cuda if available) | cpu | cuda | cuda:N",
+                     pattern=(r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N"))
     dtype: str = _f("float32", "parameter and data dtype; bfloat16 / float16: 16-bit storage of "
                     "weights, momenta and activations, arithmetic in float32 (the fused model's "
                     "update is computed in float32 and rounded once)",
@@ -86,42 +123,175 @@ class KPathConfig:
                        "stored; stochastic (unbiased, see gated_ops.SGDConfig) or nearest (small "
                        "updates are lost)", choices=("stochastic", "nearest"))
     threads: int = _f(0, "CPU threads of torch (0: torch's default); on a busy machine 1 can be "
-                         "several times faster than oversubscribed cores")
+                         "several times faster than oversubscribed cores", ge=0)
     # -- data ---------------------------------------------------------------------------------
-    data_dir: str | None = _f(None, "root to search for the data first (see experiments.data)")
+    data_dir: str | None = _f(None, "root to search for the data first (see experiments.data); "
+                                    "an existing directory", pattern=_PATH)
     download: bool = _f(False, "download the data set if it is not found")
     verify_data: bool = _f(True, "require the canonical sizes and MD5s (tests with small "
                                  "synthetic files turn this off)")
     max_precompute_gb: float = _f(8.0, "cifar10: keep the K rotated copies of the data on the "
-                                       "device if they fit in this many GB, else rotate per batch")
+                                       "device if they fit in this many GB, else rotate per batch",
+                                ge=0)
     # -- output, checkpoints ------------------------------------------------------------------
-    out: str = _f("experiments/runs/kpath", "output directory: one sub-directory per run")
+    out: str = _f("experiments/runs/kpath", "output directory: one sub-directory per run; one "
+                  "run at a time writes it (OUT/.lock)", pattern=_PATH)
     checkpoint_every: float = _f(600.0, "checkpoint interval in checkpoint_unit "
-                                        "(0: only at the end)")
+                                        "(0: only at the end; whole steps in steps)", ge=0)
     checkpoint_unit: str = _f("seconds", "unit of checkpoint_every", choices=("seconds", "steps"))
     progress: bool = _f(True, "progress bar on stderr")
     stop_after_steps: int | None = _f(
         None, "testing: raise SimulatedKill after this many steps of this process, without "
-              "saving (as if the process were killed)")
+              "saving (as if the process were killed)", ge=1)
 
     def __post_init__(self) -> None:
         if isinstance(self.lookahead, bool):  # configs from before it had three values
             self.lookahead = "auto" if self.lookahead else "false"
-        choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(self)
-                   if "choices" in f.metadata}
-        checks = {
-            name: all(v in allowed for v in (value if isinstance(value, list) else [value]))
-            for name, allowed in choices.items() for value in [getattr(self, name)]}
-        checks |= {
-            "K": self.K >= 1, "batch_size": self.batch_size >= 1, "epochs": self.epochs >= 0,
-            "eval_every": self.eval_every >= 1, "max_replicas": self.max_replicas >= 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            values = ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
-            raise ValueError(f"KPathConfig: invalid {values}")
-        if self.cuda_graph and (self.model != "fused" or not self.fused_sgd):
-            raise ValueError("cuda_graph: needs --model fused --fused-sgd true")
+        for f in dataclasses.fields(self):
+            base, optional, many = _field_type(f.name)
+            value = getattr(self, f.name)
+            values = value if many and isinstance(value, list) else [value]
+            if many and not isinstance(value, list):
+                raise ConfigError(_flag(f.name), f"expected a list, got {value!r}")
+            for v in values:
+                if not (optional and v is None) and not _accepts(base, f.metadata, v):
+                    raise ConfigError(_flag(f.name), f"expected {_expected(f)}, got {v!r}")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        modes, Ns = self.modes or [self.mode], self.Ns or [self.N]
+        n_flag = "--Ns" if self.Ns else "--N"
+        if any(m != "fully_connected" for m in modes):  # (fully_connected ignores N)
+            for n in Ns:
+                if n > self.K:
+                    what = "integers" if self.Ns else "an integer"
+                    raise ConfigError(n_flag, f"expected {what} in 1..K={self.K} (trained paths "
+                                              f"per encoder, at most --K), got {n}")
+        # Each grid value names runs (experiments.kpath.run_name, gains to 6 digits): two equal
+        # names would make two runs write one directory.
+        for axis, key in (("Ns", str), ("seeds", str), ("modes", str), ("hiddens", str),
+                          ("gains", lambda g: f"{g:g}")):
+            names: dict[str, Any] = {}
+            for v in getattr(self, axis):
+                if key(v) in names:
+                    same = (f"{v!r} appears twice" if names[key(v)] == v else
+                            f"{names[key(v)]!r} and {v!r} give the same run name ({key(v)})")
+                    raise ConfigError(_flag(axis), f"expected distinct values, each naming its "
+                                                   f"runs; {same}")
+                names[key(v)] = v
+        fused_sgd = self.model == "fused" and self.fused_sgd
+        if self.cuda_graph and not fused_sgd:
+            raise ConfigError("--cuda-graph", "true needs --model fused --fused-sgd true (the "
+                                              "captured step is the fused SGD's)")
+        if self.lookahead == "true" and not fused_sgd:
+            raise ConfigError("--lookahead", "true needs --model fused --fused-sgd true (the "
+                                             "lookahead is part of the fused update)")
+        if self.backend == "triton" and self.model != "fused":
+            raise ConfigError("--backend", "triton needs --model fused (the loop model is "
+                                           "plain nn.Linear)")
+        if self.checkpoint_unit == "steps" and self.checkpoint_every != int(self.checkpoint_every):
+            raise ConfigError("--checkpoint-every", f"expected a whole number of steps with "
+                                                    f"--checkpoint-unit steps, got "
+                                                    f"{self.checkpoint_every!r}")
+
+    def check_machine(self) -> None:
+        """The checks that look at this machine: --data-dir exists, --out can be a directory
+        here, the device and the Triton backend are available. ConfigError otherwise."""
+        if self.data_dir is not None:
+            d = Path(self.data_dir).expanduser()
+            if not d.is_dir():
+                what = "is not a directory" if d.exists() else "does not exist"
+                raise ConfigError("--data-dir", f"{self.data_dir} {what}; expected an existing "
+                                                "directory (create it to --download into it)")
+        out = Path(self.out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise ConfigError("--out", f"{self.out} exists and is not a directory; expected a "
+                                       "directory (created if missing)")
+        parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError("--out", f"{self.out}: cannot create or write it ({parent} is not "
+                                       "a writable directory)")
+        device = self.device
+        if device.startswith("cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                raise ConfigError("--device", f"{device}: CUDA is not available on this "
+                                              "machine; expected auto or cpu")
+            index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+            if index >= count:
+                raise ConfigError("--device", f"expected cuda:0..cuda:{count - 1} on this "
+                                              f"machine, got {device}")
+        if self.backend == "triton":
+            import importlib.util
+            if importlib.util.find_spec("triton") is None:
+                raise ConfigError("--backend", "triton: the triton package is not installed")
+            if device == "cpu" or (device == "auto" and not _cuda_available()):
+                if os.environ.get("TRITON_INTERPRET") != "1":
+                    raise ConfigError("--backend", "triton on the CPU runs only under the "
+                                                   "interpreter: set TRITON_INTERPRET=1")
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _field_type(name: str) -> tuple[type, bool, bool]:
+    """(base type, None allowed, list) of a field: int | None -> (int, True, False)."""
+    annotation = _HINTS[name]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    optional = origin in (typing.Union, types.UnionType)
+    if optional:
+        annotation = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list:
+        return args[0], optional, True
+    return annotation, optional, False
+
+
+def _accepts(base: type, meta: typing.Mapping[str, Any], v: Any) -> bool:
+    """Whether v is one of the values a field of type ``base`` with metadata ``meta`` takes."""
+    if base is bool:
+        return isinstance(v, bool)
+    if base is str:
+        if not isinstance(v, str):
+            return False
+        if "choices" in meta:
+            return v in meta["choices"]
+        return "pattern" not in meta or re.fullmatch(meta["pattern"][0], v) is not None
+    numbers = (int, float) if base is float else (int,)
+    if isinstance(v, bool) or not isinstance(v, numbers):
+        return False
+    if base is float and not math.isfinite(v):
+        return False
+    return (("ge" not in meta or v >= meta["ge"]) and ("gt" not in meta or v > meta["gt"])
+            and ("le" not in meta or v <= meta["le"]) and ("lt" not in meta or v < meta["lt"]))
+
+
+def _expected(f: dataclasses.Field) -> str:
+    """A field's accepted values in words: "an integer >= 1", "none or ...", "a list of ..."."""
+    base, optional, many = _field_type(f.name)
+    m = f.metadata
+    if base is bool:
+        text = "true or false"
+    elif "choices" in m:
+        text = "one of " + ", ".join(m["choices"])
+    elif "pattern" in m:
+        text = m["pattern"][1]
+    else:
+        noun = "an integer" if base is int else "a finite number"
+        if base is int and "ge" in m and "le" in m:
+            text = f"{noun} in {m['ge']}..{m['le']}"
+        else:
+            bounds = [f"{op} {m[k]:g}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="),
+                                                    ("lt", "<")) if k in m]
+            text = f"{noun} {' and '.join(bounds)}".rstrip()
+    if many:
+        text = f"{text} (each value)"
+    return f"none or {text}" if optional else text
+
+
+_HINTS = typing.get_type_hints(KPathConfig)
 
 
 def paper_mnist() -> KPathConfig:
@@ -154,9 +324,10 @@ def quick() -> KPathConfig:
 
 
 def smoke() -> KPathConfig:
-    """Tiny, for tests: seconds on a CPU."""
-    return KPathConfig(dataset="mnist", K=3, Ns=[1, 2], gains=[0.1, 1.0], hidden=8, lr=0.05,
-                       batch_size=4, epochs=2, max_steps_per_epoch=6, eval_samples=40,
+    """Tiny, for tests: seconds on a CPU. (N=2: the scalar a cleared grid falls back to must
+    fit K=3.)"""
+    return KPathConfig(dataset="mnist", K=3, N=2, Ns=[1, 2], gains=[0.1, 1.0], hidden=8,
+                       lr=0.05, batch_size=4, epochs=2, max_steps_per_epoch=6, eval_samples=40,
                        eval_batch_size=16, device="cpu", checkpoint_every=4,
                        checkpoint_unit="steps", progress=False, out="experiments/runs/smoke")
 
@@ -166,6 +337,20 @@ PRESETS: dict[str, Callable[[], KPathConfig]] = {
 
 
 # -- argparse from the dataclass ----------------------------------------------------------------
+def usage_error(message: str, prog: str = PROG) -> NoReturn:
+    """A bad flag: one line on stderr and exit status 2, argparse's convention (no usage: the
+    usage of every option would bury the line)."""
+    sys.stderr.write(f"{prog}: error: {' '.join(message.splitlines())}\n")
+    raise SystemExit(2)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (usage_error); also used by the other scripts."""
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(message, self.prog)
+
+
 def _parse_bool(s: str) -> bool:
     v = s.strip().lower()
     if v in ("1", "true", "yes", "on"):
@@ -175,55 +360,61 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse_optional(s: str) -> Any:
-        return None if s.strip().lower() == "none" else parse(s)
-    parse_optional.__name__ = getattr(parse, "__name__", "value")
-    return parse_optional
+def _converter(f: dataclasses.Field) -> Callable[[str], Any]:
+    """The argparse type of a field: str -> its type (or None), the accepted values in the
+    error; the bounds themselves are checked by KPathConfig."""
+    base, optional, _ = _field_type(f.name)
 
-
-def _argument(annotation: Any) -> dict[str, Any]:
-    """argparse keywords for a field's type: int, float, str, bool, X | None, list[X]."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        kw = _argument(inner[0])
-        kw["type"] = _optional(kw["type"])
-        return kw
-    if origin is list:
-        return {"type": _argument(args[0])["type"], "nargs": "*"}
-    if annotation is bool:
-        return {"type": _parse_bool, "metavar": "BOOL"}
-    return {"type": annotation}
+    def convert(s: str) -> Any:
+        if optional and s.strip().lower() == "none":
+            return None
+        if base is bool:
+            return _parse_bool(s)
+        try:
+            return base(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {_expected(f)}, got {s!r}") from None
+    convert.__name__ = base.__name__
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.kpath",
+    p = OneLineParser(
+        prog=PROG, allow_abbrev=False,
         description="The k-path experiment of 'The Neural Race Reduction' (GDLN.md section 2). "
                     "--preset sets the defaults; the other options override it.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="named configuration applied before the other options (default: none)")
-    hints = typing.get_type_hints(KPathConfig)
     for f in dataclasses.fields(KPathConfig):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
-                       help=f"{f.metadata['help']} (default: {default})",
-                       choices=f.metadata.get("choices"), **_argument(hints[f.name]))
+        base, _, many = _field_type(f.name)
+        accepts = "" if base is bool or "choices" in f.metadata else f"; accepts {_expected(f)}"
+        p.add_argument(_flag(f.name), dest=f.name, default=argparse.SUPPRESS,
+                       help=f"{f.metadata['help']} (default: {default}){accepts}",
+                       choices=f.metadata.get("choices"), type=_converter(f),
+                       **({"nargs": "*"} if many else {"metavar": "BOOL"} if base is bool
+                          else {}))
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> KPathConfig:
-    """KPathConfig from the command line: the preset (or the defaults), then explicit options."""
-    ns = vars(build_parser().parse_args(argv))
+    """KPathConfig from the command line: the preset (or the defaults), then explicit options.
+    A bad flag, or one this machine cannot satisfy (KPathConfig.check_machine), exits with one
+    line on stderr and status 2."""
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
     preset = ns.pop("preset")
     base = PRESETS[preset]() if preset else KPathConfig()
     # An explicit scalar (--N 3) replaces the preset's grid axis (Ns) unless that is given too.
     for scalar, axis in _GRID_AXES.items():
         if scalar in ns and axis not in ns:
             ns[axis] = []
-    return dataclasses.replace(base, **ns)
+    try:
+        cfg = dataclasses.replace(base, **ns)
+        cfg.check_machine()
+    except ConfigError as e:
+        parser.error(str(e))
+    return cfg
 
 
 # scalar option -> the grid list that takes precedence over it when non-empty

@@ -28,9 +28,16 @@ clock, the only fields that differ between two executions of the same run).
 
 A run killed at any moment resumes from its group's checkpoint (OUT/_checkpoints/) when started
 again with the same command, and ends bit-identical (on CPU) to an uninterrupted run.
+
+Failures the user can fix end the process with one line on stderr and no traceback: a bad flag
+(exit status 2, before anything is loaded or written; experiments.configs); another run writing
+OUT (experiments.run_lock: the second run stops at once, exit status 1, having written
+nothing); a damaged checkpoint, a checkpoint or results of another configuration, missing or
+corrupt data (exit status 1, naming the file and what to do).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -53,9 +60,10 @@ from gated_ops.baselines import LoopKPath
 from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
 from gated_ops.nn import SGDConfig
 
-from .configs import KPathConfig, parse_args
-from .data import (class_label_maps, load_dataset, pixel_permutations, rotate_images,
-                   rotation_angles, to_float)
+from .configs import PROG, ConfigError, KPathConfig, parse_args, usage_error
+from .data import (DataError, class_label_maps, load_dataset, pixel_permutations,
+                   rotate_images, rotation_angles, to_float)
+from .run_lock import OutDirBusy, hold_out_dir
 
 log = logging.getLogger("experiments.kpath")
 CLASSES = 10
@@ -71,8 +79,23 @@ RESUME_FREE = {"epochs", "checkpoint_every", "checkpoint_unit", "progress", "sto
                "verify_data", "max_precompute_gb", "lookahead"}
 
 
+# What a checkpoint holds (GroupTrainer._state); a file without all of it is not one.
+CHECKPOINT_KEYS = {"runs", "configs", "model", "optimizer", "shuffle_states", "epoch",
+                   "step_in_epoch", "global_step", "acc_loss", "acc_correct", "metrics",
+                   "finished"}
+
+
 class SimulatedKill(RuntimeError):
     """Raised by ``stop_after_steps``: the process stops as if killed, saving nothing."""
+
+
+class RunError(RuntimeError):
+    """The run cannot go on as asked, and the message says what to do (the CLI prints it and
+    exits with status 1): results or a checkpoint of another configuration in OUT."""
+
+
+class CheckpointError(RunError):
+    """A group's checkpoint cannot be read back: truncated, overwritten or not a checkpoint."""
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -334,7 +357,7 @@ class GroupTrainer:
             for name in self.names:
                 done = out / name / "metrics.jsonl"
                 if done.exists() and done.stat().st_size > 0:
-                    raise ValueError(
+                    raise RunError(
                         f"{done}: this run already has results but no checkpoint of this group "
                         f"({self.ckpt_path.name}): it was trained in another grouping (changed "
                         "--max-replicas, grid or torchrun world size?); use another --out or "
@@ -368,25 +391,42 @@ class GroupTrainer:
     def _resume(self) -> bool:
         if not self.ckpt_path.exists():
             return False
-        ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        try:
+            ck = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+            if not isinstance(ck, dict) or not CHECKPOINT_KEYS <= ck.keys():
+                raise ValueError("not a checkpoint of this script")
+            configs = [dict(c) for c in ck["configs"]]
+        except Exception as e:  # torch.load of a damaged file raises almost any type
+            raise self._damaged(e) from None
         defaults = {f.name: f.default for f in dataclasses.fields(KPathConfig)}
-        for old, new in zip(ck["configs"], self.runs):
+        for old, new in zip(configs, self.runs):
             # a field the checkpoint predates counts as its default (what that run used)
             diff = {k for k, v in dataclasses.asdict(new).items()
                     if old.get(k, defaults[k]) != v}
             if diff - RESUME_FREE or ck["runs"] != self.names:
-                raise ValueError(f"{self.ckpt_path}: written by a different configuration "
-                                 f"({sorted(diff - RESUME_FREE)}); use another --out or delete it")
-        self.model.load_state_dict(ck["model"])
-        if self.opt is not None:
-            self.opt.load_state_dict(ck["optimizer"])
-        for k in ("epoch", "step_in_epoch", "global_step", "finished"):
-            setattr(self, k, ck[k])
-        self.shuffle_states = [s.cpu() for s in ck["shuffle_states"]]
-        self.acc_loss.copy_(ck["acc_loss"])
-        self.acc_correct.copy_(ck["acc_correct"])
-        self.lines = ck["metrics"]  # lines written after this checkpoint are dropped
+                raise RunError(f"{self.ckpt_path}: written by a different configuration "
+                               f"({sorted(diff - RESUME_FREE)}); use another --out or delete it")
+        try:
+            self.model.load_state_dict(ck["model"])
+            if self.opt is not None:
+                self.opt.load_state_dict(ck["optimizer"])
+            for k in ("epoch", "step_in_epoch", "global_step", "finished"):
+                setattr(self, k, ck[k])
+            self.shuffle_states = [s.cpu() for s in ck["shuffle_states"]]
+            self.acc_loss.copy_(ck["acc_loss"])
+            self.acc_correct.copy_(ck["acc_correct"])
+            self.lines = ck["metrics"]  # lines written after this checkpoint are dropped
+        except Exception as e:  # keys, shapes or types that this script did not write
+            raise self._damaged(e) from None
         return True
+
+    def _damaged(self, e: Exception) -> CheckpointError:
+        reason = next(iter(str(e).strip().splitlines()), "")[:200]
+        return CheckpointError(
+            f"{self.ckpt_path}: cannot resume from this checkpoint, the file is damaged "
+            f"({type(e).__name__}: {reason}). To train its {self.R} run(s) again from the "
+            f"start, delete it and their directories in {self.out} ({', '.join(self.names)}); "
+            "or pass a fresh --out")
 
     def _maybe_checkpoint(self) -> None:
         every = self.cfg.checkpoint_every
@@ -604,12 +644,58 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def check_data(cfg: KPathConfig, data: TaskData, device: torch.device) -> None:
+    """The flags that can only be checked against the loaded data (ConfigError)."""
+    n_train = len(data.y["train"])
+    if cfg.batch_size > n_train:
+        raise ConfigError("--batch-size", f"expected at most the {n_train} training samples "
+                                          f"({data.source}), got {cfg.batch_size}")
+    if cfg.cuda_graph and device.type == "cuda" and data.angles is not None:
+        gb = cfg.K * sum(v.numel() for v in data.x.values()) * data.x["train"].element_size()
+        raise ConfigError("--max-precompute-gb", f"--cuda-graph true needs the {cfg.K} rotated "
+                                                 f"copies of {cfg.dataset} precomputed: expected "
+                                                 f">= {gb / 1e9:.2f}, got {cfg.max_precompute_gb}")
+
+
+@contextlib.contextmanager
+def claim_out(out: Path, rank: int, world: int):
+    """Rank 0 holds OUT's lock (experiments.run_lock) for the whole job; every rank goes on only
+    once it has it, and every rank stops with its error if it has not."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if rank == 0:
+            try:
+                stack.enter_context(hold_out_dir(out))
+            except OutDirBusy as e:
+                error = str(e)
+        if world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise OutDirBusy(error)
+        yield
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     """Train the grid (this rank's share of it); rank 0 writes summary.json and the report.
-    Returns the summary on rank 0, None on other ranks."""
+    Returns the summary on rank 0, None on other ranks. A bad flag exits with status 2 before
+    anything is loaded or written; another run holding OUT, a damaged checkpoint or missing
+    data exit with status 1; each with one line on stderr (SystemExit)."""
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return train_grid(cfg)
+    except ConfigError as e:
+        usage_error(str(e))
+    except (RunError, OutDirBusy, DataError) as e:  # (DataError's advice is a second line)
+        sys.stderr.write(f"{PROG}: error: {' '.join(str(e).splitlines())}\n")
+        raise SystemExit(1) from None
+
+
+def train_grid(cfg: KPathConfig) -> dict | None:
+    """main's work on a checked config; raises ConfigError, RunError, OutDirBusy, DataError."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, local_rank = _distributed()
@@ -621,31 +707,34 @@ def main(argv: list[str] | None = None) -> dict | None:
     out = Path(cfg.out)
     runs = expand_grid(cfg)
     mine = runs[rank::world]  # deterministic round-robin over runs
-    log.info("rank %d/%d: %d of %d runs on %s", rank, world, len(mine), len(runs), device)
-    rows, t0 = [], time.perf_counter()
-    data = load_task_data(cfg, device) if mine else None
-    steps_left = cfg.stop_after_steps
-    for group in make_groups(mine, cfg.max_replicas):
-        trainer = GroupTrainer(group, data, device, out, steps_left,
-                               {"rank": rank, "world_size": world})
-        trainer.train()
-        steps_left = None if steps_left is None else steps_left - trainer.steps_run
-        rows += [summary_row(run, lines) for run, lines in zip(group, trainer.lines)]
-    if world > 1:
-        gathered: list[list[dict]] = [[] for _ in range(world)]
-        dist.all_gather_object(gathered, rows)
-        rows = [row for part in gathered for row in part]
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank != 0:
-            return None
-    order = {run_name(r): i for i, r in enumerate(runs)}
-    rows.sort(key=lambda row: order[row["run"]])
-    summary = {"runs": rows, "num_runs": len(rows), "world_size": world,
-               "wall_time_s": time.perf_counter() - t0, "config": dataclasses.asdict(cfg)}
-    write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    from . import plot  # matplotlib: only where the report is drawn
-    png, table = plot.make_report(out)
+    with claim_out(out, rank, world):
+        log.info("rank %d/%d: %d of %d runs on %s", rank, world, len(mine), len(runs), device)
+        rows, t0 = [], time.perf_counter()
+        data = load_task_data(cfg, device) if mine else None
+        if data is not None:
+            check_data(cfg, data, device)
+        steps_left = cfg.stop_after_steps
+        for group in make_groups(mine, cfg.max_replicas):
+            trainer = GroupTrainer(group, data, device, out, steps_left,
+                                   {"rank": rank, "world_size": world})
+            trainer.train()
+            steps_left = None if steps_left is None else steps_left - trainer.steps_run
+            rows += [summary_row(run, lines) for run, lines in zip(group, trainer.lines)]
+        if world > 1:
+            gathered: list[list[dict]] = [[] for _ in range(world)]
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+            dist.barrier()
+            dist.destroy_process_group()
+            if rank != 0:
+                return None
+        order = {run_name(r): i for i, r in enumerate(runs)}
+        rows.sort(key=lambda row: order[row["run"]])
+        summary = {"runs": rows, "num_runs": len(rows), "world_size": world,
+                   "wall_time_s": time.perf_counter() - t0, "config": dataclasses.asdict(cfg)}
+        write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        from . import plot  # matplotlib: only where the report is drawn
+        png, table = plot.make_report(out)
     log.info("wrote %s, %s and %s", out / "summary.json", png, out / "results.md")
     print(table)
     return summary

@@ -8,7 +8,6 @@ RUN_DIR/results.md (N x gain: trained / untrained test accuracy, mean over seeds
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -17,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .configs import OneLineParser  # noqa: E402
 
 __all__ = ["load_runs", "final_accuracies", "results_table", "make_figure", "make_report"]
 CHANCE = 0.1  # 10 classes
@@ -143,10 +144,17 @@ def make_report(run_dir: str | Path) -> tuple[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m experiments.plot",
-                                description=__doc__.split("\n")[0])
+    """The CLI: a run_dir that is not a directory of runs exits with one line, status 2."""
+    p = OneLineParser(prog="python -m experiments.plot", allow_abbrev=False,
+                      description=__doc__.split("\n")[0])
     p.add_argument("run_dir", help="directory holding <run>/config.json + metrics.jsonl")
-    png, table = make_report(p.parse_args(argv).run_dir)
+    run_dir = Path(p.parse_args(argv).run_dir)
+    if not run_dir.is_dir():
+        p.error(f"run_dir: {run_dir} is not a directory; expected the --out of a k-path run")
+    if next(run_dir.glob("**/config.json"), None) is None:
+        p.error(f"run_dir: no <run>/config.json below {run_dir}; expected the --out of a k-path "
+                "run")
+    png, table = make_report(run_dir)
     print(table)
     print(f"figure: {png}")
 

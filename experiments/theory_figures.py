@@ -21,6 +21,10 @@ Writes to --out:
                                    pathway racing for the same output (reduced theory vs GDLN gradient
                                    descent with the path-form gradient of 4.1)
   config.json, summary.json        the full config; max deviation theory vs simulation per figure
+
+A bad flag exits with one line on stderr and status 2 before anything is computed or written;
+a second run given the same --out while one is writing it stops at once (status 1; the lock of
+experiments/run_lock.py).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -71,6 +76,13 @@ def load_gdln():
 theory = load_theory()
 gdln = load_gdln()
 
+try:
+    from experiments.configs import OneLineParser
+    from experiments.run_lock import OutDirBusy, hold_out_dir
+except ImportError:  # run as a file: its folder, experiments/, is sys.path[0]
+    from configs import OneLineParser
+    from run_lock import OutDirBusy, hold_out_dir
+
 
 @dataclass
 class Config:
@@ -97,19 +109,68 @@ class Config:
     race_dt43: float = 0.05  # gradient-flow time per GD step, in the units of GDLN.md 4.3
     race_t43: float = 30.0
 
+    def __post_init__(self) -> None:
+        """ValueError naming the field (its flag where it has one) and what it accepts."""
+        def bad(name: str, expected: str) -> ValueError:
+            flag = f"--{name}" if name in ("out", "threads", "seeds", "engine") else name
+            return ValueError(f"{flag}: expected {expected}, got {getattr(self, name)!r}")
+        if not self.out:
+            raise bad("out", "a non-empty path")
+        if self.engine not in ("fused", "einsum"):
+            raise bad("engine", "fused or einsum")
+        ints = {"threads": 1, "steps": 1, "sweep_steps": 1, "race_hidden": 4}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise bad(name, f"an integer >= {low}")
+        for name in ("b0", "lr", "small_gain", "large_gain", "large_lr", "sweep_lr0",
+                     "race_dt43", "race_t43"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                    math.isfinite(v) and v > 0):
+                raise bad(name, "a finite number > 0")
+        for name in ("seeds", "fig2_seeds", "sweep_seeds", "sweep_gains"):
+            v = getattr(self, name)
+            if not v or len(set(v)) != len(v):
+                raise bad(name, "a non-empty list of distinct values")
+        if not all(math.isfinite(g) and g > 0 for g in self.sweep_gains):
+            raise bad("sweep_gains", "finite numbers > 0")
 
-def parse_args() -> Config:
+
+def _count(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return n
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Config from the command line; a bad flag exits with one line on stderr, status 2."""
     cfg = Config()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=cfg.out, help="output folder (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=cfg.threads)
-    p.add_argument("--seeds", type=int, default=len(cfg.seeds), help="random seeds in figure 1")
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      allow_abbrev=False)
+    p.add_argument("--out", default=cfg.out, help="output folder (default: %(default)s); "
+                   "one run at a time writes it (OUT/.lock)")
+    p.add_argument("--threads", type=_count, default=cfg.threads,
+                   help="torch threads, >= 1 (default: %(default)s)")
+    p.add_argument("--seeds", type=_count, default=len(cfg.seeds),
+                   help="random seeds in figure 1, >= 1 (default: %(default)s)")
     p.add_argument("--engine", choices=["fused", "einsum"], default=cfg.engine,
                    help="figure 1 simulation: fused pathway op via gated_ops.GDLN, or the einsum "
                    "simulator (default: %(default)s)")
-    args = p.parse_args()
-    cfg.out, cfg.threads, cfg.seeds = args.out, args.threads, list(range(args.seeds))
-    cfg.engine = args.engine
+    args = p.parse_args(argv)
+    try:
+        cfg = dataclasses.replace(cfg, out=args.out, threads=args.threads,
+                                  seeds=list(range(args.seeds)), engine=args.engine)
+    except ValueError as e:
+        p.error(str(e))
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out: {cfg.out} exists and is not a directory; expected a directory "
+                "(created if missing)")
     if cfg.engine == "fused" and gdln is None:
         p.error("--engine fused needs gated_ops built (pip install --no-build-isolation -e .); "
                 "or run with --engine einsum")
@@ -560,11 +621,20 @@ def figure4(cfg: Config, out: Path) -> dict:
     return summary
 
 
-def main() -> None:
-    cfg = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with hold_out_dir(out):
+            run(cfg, out)
+    except OutDirBusy as e:
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {e}\n")
+        raise SystemExit(1) from None
+
+
+def run(cfg: Config, out: Path) -> None:
+    """The four figures, config.json and summary.json into out (held by main)."""
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     task = theory.routing_network_task()
     summary: dict = {"torch": torch.__version__}

@@ -328,9 +328,10 @@ def test_explicit_scalar_overrides_the_presets_grid_axis():
     assert cfg.Ns == [2, 4]
 
 
-def test_checkpoint_older_than_a_config_field_resumes_with_its_default(data_root, tmp_path):
+def test_checkpoint_older_than_a_config_field_resumes_with_its_default(data_root, tmp_path,
+                                                                        capsys):
     """A checkpoint written before a config field existed (here `rounding`) resumes when the run
-    uses the field's default, and is refused when it does not."""
+    uses the field's default, and is refused (one line, exit status 1) when it does not."""
     E.main(smoke_argv(data_root, tmp_path))
     (ckpt,) = (tmp_path / "_checkpoints").glob("*.pt")
     state = torch.load(ckpt, weights_only=True)
@@ -338,13 +339,21 @@ def test_checkpoint_older_than_a_config_field_resumes_with_its_default(data_root
         del c["rounding"]
     torch.save(state, ckpt)
     assert E.main(smoke_argv(data_root, tmp_path))["runs"]  # finished: nothing to redo
-    with pytest.raises(ValueError, match=r"different configuration \(\['rounding'\]\)"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
         E.main(smoke_argv(data_root, tmp_path, "--rounding", "nearest"))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "different configuration (['rounding'])" in err, err
 
 
-def test_regrouped_rerun_refuses_to_overwrite_results(data_root, tmp_path):
+def test_regrouped_rerun_refuses_to_overwrite_results(data_root, tmp_path, capsys):
     """Runs trained in one grouping are not silently restarted (and their metrics emptied) by a
-    rerun that groups them differently."""
+    rerun that groups them differently: one line, exit status 1."""
     E.main(smoke_argv(data_root, tmp_path))
-    with pytest.raises(ValueError, match="already has results"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
         E.main(smoke_argv(data_root, tmp_path, "--max-replicas", "1"))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already has results" in err, err
