@@ -7,17 +7,62 @@ pathway table; the spec is :mod:`gated_ops.reference`.
 """
 from __future__ import annotations
 
-import torch  # noqa: F401  (loads libtorch, which _C links against)
+import importlib.machinery
+import json
+from pathlib import Path
 
+import torch  # loads libtorch, which _C links against
+
+__version__ = "0.1.0"  # the release (setup.py reads it here); a build adds its torch, below
+
+_HERE = Path(__file__).resolve().parent
+_SO_NAMES = ["_C" + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+
+
+def _describe(version: str, cuda: str | None, hip: str | None) -> str:
+    return f"torch {version} ({f'CUDA {cuda}' if cuda else f'ROCm {hip}' if hip else 'CPU'})"
+
+
+def _rebuild_command() -> str:
+    if (_HERE.parent / "setup.py").is_file():
+        return f"    cd {_HERE.parent} && pip install --no-build-isolation -e ."
+    return "    pip install --no-build-isolation --no-deps --force-reinstall <gated_ops source>"
+
+
+def _torch_build() -> dict:
+    """This build's record of the torch it was compiled against (written by setup.py), checked
+    against the running torch before _C loads: a library built against another torch release
+    may fail to load or crash (torch's C++ ABI is not stable across releases). Empty when there
+    is no record (an unbuilt checkout, a build by an older setup.py)."""
+    try:
+        info = json.loads((_HERE / "_build_info.json").read_text())
+        build = next(info[name] for name in _SO_NAMES if name in info)
+    except (OSError, ValueError, StopIteration):
+        return {}
+    built = (build["torch"].split("+")[0], build["torch_cuda"], build["torch_hip"])
+    running = (torch.__version__.split("+")[0], torch.version.cuda, torch.version.hip)
+    if built != running:
+        raise ImportError(
+            f"gated_ops: its extension was built against {_describe(*built)}, but this Python "
+            f"runs {_describe(*running)}, and it only loads into the torch release it was "
+            f"compiled against. Rebuild it against this torch:\n{_rebuild_command()}"
+        )
+    return build
+
+
+def _missing_extension(error: ImportError) -> ImportError:
+    return ImportError(
+        "gated_ops: the compiled extension gated_ops._C is missing or does not load. Build it "
+        f"against the installed torch:\n{_rebuild_command()}\n(original error: {error})"
+    )
+
+
+_build = _torch_build()
 try:
     from . import _C  # noqa: F401  (loads the library: registers the ops and their kernels)
 except ImportError as e:  # pragma: no cover - the message is the point
-    raise ImportError(
-        "gated_ops: the compiled extension gated_ops._C is missing or does not match the "
-        "installed torch. Build it in the repository root with\n"
-        "    pip install --no-build-isolation -e .\n"
-        f"(original error: {e})"
-    ) from e
+    raise _missing_extension(e) from e
+__version__ = _build.get("version", __version__)  # e.g. 0.1.0+torch2.13.0.cpu
 
 from . import reference  # noqa: E402
 from .nn import GatedPathwayLinear, SGDConfig  # noqa: E402
@@ -44,4 +89,3 @@ __all__ = [
     "pathway_bias_sgd_",
     "reference",
 ]
-__version__ = "0.1.0"
