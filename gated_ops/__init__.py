@@ -50,7 +50,37 @@ def _torch_build() -> dict:
     return build
 
 
+def _installs_hidden() -> list[str]:
+    """The other gated_ops installations that this one hides, when it is a source checkout
+    (Python puts the directory it runs from first on sys.path): where each one is."""
+    import importlib.metadata
+    from urllib.parse import unquote, urlparse
+
+    root = _HERE.parent
+    if not (root / "setup.py").is_file():
+        return []
+    found = []
+    for dist in importlib.metadata.distributions(name="gated_ops"):
+        direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
+        if direct_url.get("dir_info", {}).get("editable"):  # an editable install: its checkout
+            where = Path(unquote(urlparse(direct_url["url"]).path))
+        else:
+            where = Path(dist.locate_file("gated_ops"))
+        if where.resolve() not in (root, _HERE):
+            found.append(f"gated_ops {dist.version} in {where}")
+    return found
+
+
 def _missing_extension(error: ImportError) -> ImportError:
+    hidden = [] if any((_HERE / name).exists() for name in _SO_NAMES) else _installs_hidden()
+    if hidden:
+        return ImportError(
+            f"gated_ops: {_HERE} is an unbuilt source checkout, and it hides the installed "
+            f"{'; '.join(hidden)} (Python puts the directory it runs from first on sys.path). "
+            "Either build this checkout, which the experiments and benchmarks in it need (it "
+            f"replaces the installed one):\n{_rebuild_command()}\nor use the installed "
+            f"gated_ops: run from outside {_HERE.parent}, and without it on PYTHONPATH."
+        )
     return ImportError(
         "gated_ops: the compiled extension gated_ops._C is missing or does not load. Build it "
         f"against the installed torch:\n{_rebuild_command()}\n(original error: {error})"

@@ -1,5 +1,6 @@
 """Packaging: what the sdist carries, what a build records and pins, and what `import gated_ops`
-does under another torch than the build's."""
+does on the paths that used to go wrong (another torch, an unbuilt checkout in front of an
+installed wheel)."""
 from __future__ import annotations
 
 import importlib.machinery
@@ -147,6 +148,30 @@ def test_import_refuses_a_build_for_another_torch(tmp_path):
     assert f"cd {tree.resolve()} && pip install --no-build-isolation -e ." in result.stderr
 
 
+def test_unbuilt_checkout_names_the_installed_gated_ops_it_hides(tmp_path):
+    """`python -m experiments.kpath` in a checkout whose gated_ops is not built, with gated_ops
+    installed as a wheel: the error says which gated_ops is hidden and what to do."""
+    site = tmp_path / "site"  # an installed wheel, as pip leaves it
+    (site / "gated_ops").mkdir(parents=True)
+    (site / "gated_ops" / "__init__.py").write_text("")
+    dist_info = site / "gated_ops-0.1.0+torch2.13.0.cpu.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: gated_ops\nVersion: 0.1.0+torch2.13.0.cpu\n")
+    tree = fake_source_tree(tmp_path / "checkout")
+    result = run_python("import gated_ops", cwd=tree, pythonpath=site)
+    assert result.returncode != 0
+    message = result.stderr
+    assert f"{tree.resolve() / 'gated_ops'} is an unbuilt source checkout" in message
+    assert f"gated_ops 0.1.0+torch2.13.0.cpu in {site / 'gated_ops'}" in message
+    assert f"cd {tree.resolve()} && pip install --no-build-isolation -e ." in message
+    assert f"run from outside {tree.resolve()}" in message
+    # from elsewhere, the installed one is imported
+    result = run_python("import gated_ops; print(gated_ops.__file__)", cwd=tmp_path,
+                        pythonpath=site)
+    assert result.stdout.strip() == str(site / "gated_ops" / "__init__.py"), result.stderr
+
+
 @pytest.mark.slow
 def test_wheel_pins_its_torch_carries_no_debug_info_and_imports_outside_a_checkout(tmp_path):
     """pip wheel --no-build-isolation --no-deps . (compiles: about 2.5 minutes on 2 cores), then
@@ -178,3 +203,6 @@ def test_wheel_pins_its_torch_carries_no_debug_info_and_imports_outside_a_checko
     result = run_python(use, cwd=tmp_path, pythonpath=site)
     assert result.stdout.split() == [str(site / "gated_ops" / "__init__.py"), version], \
         result.stderr
+    tree = fake_source_tree(tmp_path / "checkout")
+    result = run_python("import gated_ops", cwd=tree, pythonpath=site)
+    assert f"gated_ops {version} in {site / 'gated_ops'}" in result.stderr, result.stderr
