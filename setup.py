@@ -35,6 +35,12 @@ MIN_TORCH = "2.4"
 # JIT-compile them at first load. torch's autodetection has no GPU to ask on a build machine.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 BUILD_INFO = "_build_info.json"
+EXTRAS = {
+    "theory": ["scipy"],  # gated_ops.theory: quadrature of the reduced dynamics
+    "triton": ["triton"],  # backend="triton" (CUDA torch wheels already depend on it)
+    "experiments": ["numpy", "matplotlib", "scipy"],  # experiments/: data, figures, theory
+    "bench": ["pytest", "pytest-benchmark"],  # benchmarks/
+}
 
 
 def release() -> str:
@@ -206,6 +212,7 @@ def main() -> None:
         python_requires=">=3.10",
         # numpy: gated_ops does not use it, but torch warns at every import without it
         install_requires=[torch_requirement, "numpy"],
+        extras_require=EXTRAS,
     )
 
 

@@ -1,6 +1,6 @@
 """Packaging: what the sdist carries, what a build records and pins, and what `import gated_ops`
 does on the paths that used to go wrong (another torch, an unbuilt checkout in front of an
-installed wheel)."""
+installed wheel, an optional dependency missing)."""
 from __future__ import annotations
 
 import importlib.machinery
@@ -172,6 +172,12 @@ def test_unbuilt_checkout_names_the_installed_gated_ops_it_hides(tmp_path):
     assert result.stdout.strip() == str(site / "gated_ops" / "__init__.py"), result.stderr
 
 
+def test_theory_names_its_extra_without_scipy(tmp_path):
+    (tmp_path / "scipy.py").write_text("raise ImportError('no scipy here')\n")
+    result = run_python("import gated_ops.theory", cwd=ROOT, pythonpath=tmp_path)
+    assert "pip install 'gated_ops[theory]'" in result.stderr, result.stderr
+
+
 @pytest.mark.slow
 def test_wheel_pins_its_torch_carries_no_debug_info_and_imports_outside_a_checkout(tmp_path):
     """pip wheel --no-build-isolation --no-deps . (compiles: about 2.5 minutes on 2 cores), then
@@ -191,6 +197,7 @@ def test_wheel_pins_its_torch_carries_no_debug_info_and_imports_outside_a_checko
         so_size = z.getinfo(f"gated_ops/{SO_NAME}").file_size
     assert f"Version: {version}\n" in metadata
     assert f"Requires-Dist: {requirement}\n" in metadata
+    assert "Provides-Extra: theory\n" in metadata
     assert record["torch"] == torch.__version__ and record["version"] == version
     # a release build has no debug info: 2.6 MB on the CPU (15 MB with it)
     assert so_size < 6e6 if not record["cuda_kernels"] else so_size < 30e6, so_size
