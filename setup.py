@@ -6,6 +6,7 @@ release (torch's C++ ABI changes between releases), so the build needs that torc
     pip install --no-build-isolation -e .     # a checkout (scripts/setup.sh)
     pip install --no-build-isolation .        # or pip wheel --no-build-isolation --no-deps .
 
+(`pip install .`, with pip's build isolation, builds against the same torch: build_backend/.)
 Each build records its torch three ways: the version carries it as a PEP 440 local tag
 (0.1.0+torch2.13.0.cpu), the metadata requires that torch release (torch==2.13.0), and
 gated_ops/_build_info.json lets ``import gated_ops`` refuse another torch before it loads _C.
@@ -85,7 +86,7 @@ def main() -> None:
     except ImportError:
         sys.exit(
             "gated_ops: building it needs torch, and this Python has none it can import (none\n"
-            "installed, or one hidden by pip's build isolation). The extension is\n"
+            "installed, or one hidden by an isolated build environment). The extension is\n"
             "compiled against the torch it runs with: install that torch first (pip install\n"
             "torch, or the CUDA build for your machine), then build without build isolation:\n"
             "    pip install --no-build-isolation .     (a checkout: pip install "

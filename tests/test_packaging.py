@@ -1,16 +1,18 @@
-"""Packaging: what the sdist carries, what a build records and pins, and what `import gated_ops`
-does on the paths that used to go wrong (another torch, an unbuilt checkout in front of an
-installed wheel, an optional dependency missing)."""
+"""Packaging: what the sdist carries, what a build records and pins, and what `pip install` and
+`import gated_ops` do on the paths that used to go wrong (build isolation, another torch, an
+unbuilt checkout in front of an installed wheel)."""
 from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -66,7 +68,8 @@ def test_sdist_carries_every_source_the_build_reads(tmp_path):
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*")
                if p.suffix in (".h", ".cpp", ".cu")}
     assert sources and sources <= names, sorted(sources - names)
-    assert {"setup.py", "pyproject.toml", "requirements.txt", "gated_ops/__init__.py"} <= names
+    assert {"setup.py", "pyproject.toml", "requirements.txt", "gated_ops/__init__.py",
+            "build_backend/gated_ops_build.py"} <= names
     assert not any(n.endswith((".so", "_build_info.json")) for n in names)
 
 
@@ -176,6 +179,66 @@ def test_theory_names_its_extra_without_scipy(tmp_path):
     (tmp_path / "scipy.py").write_text("raise ImportError('no scipy here')\n")
     result = run_python("import gated_ops.theory", cwd=ROOT, pythonpath=tmp_path)
     assert "pip install 'gated_ops[theory]'" in result.stderr, result.stderr
+
+
+def bundled_setuptools(dest: Path) -> Path | None:
+    """A folder with a setuptools wheel from this Python's ensurepip (Python <= 3.11 bundles
+    one), so that pip's isolated build environment is made offline."""
+    import ensurepip
+
+    wheels = list((Path(ensurepip.__file__).parent / "_bundled").glob("setuptools-*.whl"))
+    if not wheels:
+        return None
+    dest.mkdir()
+    shutil.copy(wheels[0], dest)
+    return dest
+
+
+def test_pip_install_with_build_isolation_and_no_torch_stops_at_once(tmp_path):
+    """A Python without torch, `pip install .` as a user types it (build isolation on): no torch
+    is downloaded into the build environment; the build stops within seconds, saying what to do.
+    Measured: pip stops 2.3 s after it starts, here (and the venv takes 4 s to make)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    links = bundled_setuptools(tmp_path / "links")
+    index = ["--no-index", "--find-links", str(links)] if links else []
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_FIND_LINKS")}
+    start = time.monotonic()
+    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", *index,
+                             str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
+    seconds = time.monotonic() - start
+    output = result.stdout + result.stderr
+    if not links and "No matching distribution found for setuptools" in output:
+        pytest.skip("no setuptools wheel bundled with this Python and no index reachable")
+    assert result.returncode != 0
+    assert "this Python has none it can import" in output, output
+    assert "pip install --no-build-isolation ." in output
+    assert "torch-" not in output  # nothing about torch was downloaded
+    assert seconds < 60, seconds
+
+
+def test_pip_with_build_isolation_builds_against_this_torch(tmp_path):
+    """`pip install .` with build isolation in an environment that has torch: the metadata,
+    prepared by the build backend in the isolated environment (--dry-run: no compile), pins this
+    torch, and no torch is installed into that environment. Needs setuptools from an index.
+    Measured: 9 s here."""
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
+         "--report", str(report), "-v", str(ROOT)],
+        capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    if result.returncode != 0 and "No matching distribution found" in output:
+        pytest.skip("no index to install setuptools into the isolated build environment from")
+    assert result.returncode == 0, output[-3000:]
+    assert "build isolation hides this Python's torch; building against it" in output
+    assert not re.search(r"(Collecting|Downloading) torch\b", output)
+    (install,) = json.loads(report.read_text())["install"]
+    setup_py = load_setup()
+    version, requirement = setup_py.torch_pin(setup_py.release(), torch.__version__,
+                                              torch.version.cuda, torch.version.hip)
+    assert install["metadata"]["version"] == version
+    assert requirement in install["metadata"]["requires_dist"]
 
 
 @pytest.mark.slow
