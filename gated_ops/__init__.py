@@ -4,6 +4,13 @@
 
 one registered op (``torch.ops.gated_ops.pathway_matmul``) over a plan compiled once from the
 pathway table; the spec is :mod:`gated_ops.reference`.
+
+The compiled extension ``gated_ops._C`` is built against the installed torch (``pip install
+--no-build-isolation -e .`` in a checkout) and only loads into that torch release, so each build
+records it (``__version__``, e.g. ``0.1.0+torch2.13.0.cpu``) and this import refuses another torch
+before it loads _C, with the command that rebuilds. An unbuilt checkout that hides an installed
+gated_ops says so too. Optional parts name their extras: ``gated_ops[theory]`` (scipy),
+``[triton]``.
 """
 from __future__ import annotations
 
