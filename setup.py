@@ -188,9 +188,9 @@ def main() -> None:
 
     class BuildExtensionRecordingTorch(BuildExtension):
         """build_ext that writes the build's record beside _C (in the build tree, and in the
-        source tree for in-place / editable builds), and relinks when the record changed (the
-        objects are rebuilt by ninja from their changed headers, but setuptools skips the link
-        of an extension newer than its sources, whatever torch it was built against)."""
+        source tree for in-place / editable builds), and rebuilds when the record changed: torch
+        builds with ninja relink every time anyway, but without ninja setuptools skips an
+        extension newer than its sources, whatever torch it was built against."""
 
         def run(self):
             build_dir = os.path.join(self.build_lib, "gated_ops")
