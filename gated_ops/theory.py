@@ -31,8 +31,15 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from scipy import integrate
 from torch import Tensor
+
+try:
+    from scipy import integrate
+except ImportError as e:  # an optional part: gated_ops itself does not need scipy
+    raise ImportError(
+        "gated_ops.theory needs scipy (the quadrature of the implicit solutions), an optional "
+        "dependency of gated_ops: pip install 'gated_ops[theory]' (or pip install scipy)"
+    ) from e
 
 __all__ = [
     # 4.1 path-form gradient

@@ -42,7 +42,8 @@ nvcc --version | tail -1
 build=$(mktemp -d "${TMPDIR:-/tmp}/gated_ops_cuda_build.XXXXXX")
 if [ "${GATED_OPS_KEEP_BUILD:-0}" != 1 ]; then trap 'rm -rf "$build"' EXIT; fi
 tar -C "$repo" --exclude='./.venv*' --exclude=./build --exclude='*.so' --exclude='*.egg-info' \
-  --exclude=./.git --exclude=__pycache__ --exclude=./experiments/runs -cf - . |
+  --exclude=./gated_ops/_build_info.json --exclude=./.git --exclude=__pycache__ \
+  --exclude=./experiments/runs -cf - . |
   tar -C "$build" -xf -
 echo "== building in $build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 log="$build/build.log"
@@ -64,6 +65,10 @@ echo "== registers and spills per kernel (ptxas, sm_${TORCH_CUDA_ARCH_LIST//./})
 # Registers set the kernels' occupancy; a spill in a float32 / 16-bit kernel (local memory in a
 # memory-bound loop) fails the check. float64 kernels are only reported.
 python3 "$repo/scripts/ptxas_report.py" "$log"
+
+echo "== the build (gated_ops/_build_info.json: what import gated_ops checks before it loads _C)"
+ls -l "$build"/gated_ops/_C.*.so | awk '{print "  " $NF ": " $5 " bytes"}'
+sed 's/^/  /' "$build/gated_ops/_build_info.json"
 
 echo "== checking the registrations"
 (cd "$build" && "$py" - <<'EOF'
