@@ -315,6 +315,16 @@ def pathway_backward(ns):
 
 
 
+def ce_grad_like(logits: Tensor) -> Tensor:
+    """An uninitialised tensor laid out as every backend's ``gated_cross_entropy_backward``
+    returns its gradient (the fake kernels' answer): ``empty_like`` of the logits the kernels
+    read, which are the logits themselves (a strided 5-D view keeps its strides) unless their
+    classes are not contiguous (then a contiguous copy: csrc/gated_ops.h logits_view)."""
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return torch.empty_like(logits)
+
+
 def ce_setup_context(ctx, inputs, output):
     logits, target, gate = inputs
     loss, path_loss, _, lse = output
@@ -375,13 +385,15 @@ def register_python_parts(ns: str) -> None:
     def _(grad_z, paths, csr, layout, num_sources, num_weights, d_out):
         return grad_z.new_empty(num_weights, d_out)
 
+    # (fresh contiguous tensors, as the kernels return them: not empty_like, which keeps the
+    # strides of a transposed (P, B) gate, the router's (B, P) output viewed as .t())
     @fake("pathway_grad_gate")
     def _(grad_y, x, weight, bias, gate, paths, csr, layout):
-        return torch.empty_like(gate)
+        return gate.new_empty(gate.shape)
 
     @fake("pathway_grad_x_gate")
     def _(grad_y, x, weight, bias, gate, paths, csr, layout):
-        return torch.empty_like(x), torch.empty_like(gate)
+        return x.new_empty(x.shape), gate.new_empty(gate.shape)
 
     @torch.library.impl(f"{ns}::pathway_grad_x_gate", "CompositeExplicitAutograd")
     def _(grad_y, x, weight, bias, gate, paths, csr, layout):
@@ -421,7 +433,7 @@ def register_python_parts(ns: str) -> None:
 
     @fake("gated_cross_entropy_backward")
     def _(grad_loss, grad_path_loss, logits, target, gate, lse):
-        return torch.empty_like(logits)
+        return ce_grad_like(logits)
 
     torch.library.register_autograd(f"{ns}::pathway_matmul", pathway_backward(ops),
                                     setup_context=pathway_setup_context)

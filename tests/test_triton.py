@@ -29,7 +29,8 @@ from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref  # n
 from gated_ops.testing import (SHAPES, Case, assert_close,  # noqa: E402
                                check_ce_backward_missing_grads,
                                check_ce_backward_rejects_bad_input, check_ce_special_values,
-                               check_layer_sgd_with_bias, make_inputs)
+                               check_layer_sgd_with_bias, make_inputs, opcheck_ce_ops,
+                               opcheck_pathway_ops)
 
 if not ON_GPU and not isinstance(triton_ops._ztile_kernel, InterpretedFunction):
     pytest.skip("gated_ops.triton_ops was imported before TRITON_INTERPRET=1 was set and there is "
@@ -150,6 +151,18 @@ def test_opcheck_pathway_matmul(case):
     torch.library.opcheck(torch.ops.gated_ops_triton.pathway_matmul,
                           (inp["x"], inp["weight"], inp["bias"], inp["gate"], plan.paths,
                            plan.csr, list(plan.layout)))
+
+
+@pytest.mark.parametrize("case_name", ["moe", "odd_decoder"])
+def test_fakes_match_on_strided_inputs(case_name):
+    """Every op's fake against its kernel (strides included) on a transposed router gate and
+    inputs cut from wider tensors (gated_ops.testing.opcheck_pathway_ops)."""
+    opcheck_pathway_ops(torch.ops.gated_ops_triton, next(c for c in SHAPES if c.name == case_name),
+                        DEVICE)
+
+
+def test_cross_entropy_fakes_match_on_every_logits_layout():
+    opcheck_ce_ops(torch.ops.gated_ops_triton, DEVICE)
 
 
 # ------------------------------------------------------------------------------------------------
