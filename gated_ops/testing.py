@@ -18,7 +18,7 @@ from .plan import PathwayPlan, make_plan
 __all__ = [
     "Table", "Case", "SHAPES", "kpath_tables", "replicate", "make_inputs", "assert_close",
     "tolerance", "gradcheck_pathway", "check_ce_special_values", "cuda_emulation",
-    "autocast_kpath_step", "opcheck_pathway_ops", "opcheck_ce_ops",
+    "autocast_kpath_step", "opcheck_pathway_ops", "opcheck_ce_ops", "op_calls",
 ]
 
 
@@ -553,6 +553,27 @@ class _CudaEmulation(TorchDispatchMode):
             self.calls[name] += 1
             func = getattr(getattr(torch.ops.gated_ops_cudaemu, name), func._overloadname)
         return func(*args, **(kwargs or {}))
+
+
+class _OpCalls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace.startswith("gated_ops"):
+            self.calls[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def op_calls() -> Iterator[Counter]:
+    """Counts the calls of every gated_ops op (any backend's namespace) within this context, by
+    op name, as the kernels see them: below autograd and torch.func's transforms (a vmapped
+    call that PyTorch runs sample by sample counts once per sample)."""
+    mode = _OpCalls()
+    with mode:
+        yield mode.calls
 
 
 @contextlib.contextmanager

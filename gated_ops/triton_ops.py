@@ -44,7 +44,7 @@ from torch import Tensor
 
 from . import ops
 from .ops import (ce_backward, ce_grad_like, ce_setup_context, pathway_backward,
-                  pathway_setup_context)
+                  pathway_setup_context, register_vmap_rules)
 from .plan import ONE_PER_DST, PathwayPlan, z_shape
 
 __all__ = ["pathway_matmul", "gated_cross_entropy", "TRITON_DTYPES"]
@@ -1163,6 +1163,7 @@ _tops = torch.ops.gated_ops_triton
 _pathway_matmul_op.register_autograd(pathway_backward(_tops),
                                      setup_context=pathway_setup_context)
 _ce_op.register_autograd(ce_backward(_tops), setup_context=ce_setup_context)
+register_vmap_rules(_LIB)
 
 
 # =================================================================================================
