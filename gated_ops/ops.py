@@ -116,8 +116,11 @@ def pathway_matmul(
     if backend == "reference":
         return pathway_matmul_ref(x, weight, bias, gate, plan.src, plan.wgt, plan.dst,
                                   plan.num_dst)
-    return _pathway_matmul.apply(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout),
-                                 _op_namespace(backend).name)
+    ns = _op_namespace(backend)
+    if _transformed():
+        return _pathway_matmul.apply(x, weight, bias, gate, plan.paths, plan.csr,
+                                     list(plan.layout), ns.name)
+    return ns.pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout))
 
 
 def gated_cross_entropy(
@@ -156,8 +159,11 @@ def gated_cross_entropy(
         logits = logits.reshape(R, I * J, B, C)
     if backend == "reference":
         return gated_cross_entropy_ref(logits, target, gate)
-    loss, path_loss, correct, _ = _gated_cross_entropy.apply(logits, target, gate,
-                                                             _op_namespace(backend).name)
+    ns = _op_namespace(backend)
+    if _transformed():
+        loss, path_loss, correct, _ = _gated_cross_entropy.apply(logits, target, gate, ns.name)
+    else:
+        loss, path_loss, correct, _ = ns.gated_cross_entropy(logits, target, gate)
     return loss, path_loss, correct
 
 
@@ -305,6 +311,21 @@ def pathway_bias_sgd_(
 # differentiable only as far as a clear error: the second derivative is not implemented, and
 # saying so when it is taken (and only then) beats the dispatcher's complaint about an out=
 # GEMM deep inside a kernel.
+#
+# Function.apply costs ~40 us of Python a call where setup_context is defined (it binds the
+# arguments with inspect.signature: the MoE layer's eager step took 255 us instead of 168): so
+# outside torch.func's transforms the public functions call the raw ops (the same backward),
+# and a backward that records no graph calls the gradient ops without their Function.
+def _transformed() -> bool:
+    """Inside a torch.func transform (vmap, grad, jvp, functionalize)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def _recorded() -> bool:
+    """A backward that records a graph (create_graph=True) or runs under torch.func."""
+    return torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+
+
 def _double_backward_error(op: str) -> RuntimeError:
     return RuntimeError(
         f"gated_ops.{op}: double backward (differentiating its gradient) is not implemented. "
@@ -329,8 +350,9 @@ def pathway_setup_context(ctx, inputs, output):
 
 def _pathway_backward(ctx, grad_y, ns: str):
     x, weight, bias, gate, paths, csr = ctx.saved_tensors
-    return _pathway_matmul_grads.apply(grad_y, x, weight, bias, gate, paths, csr, ctx.layout,
-                                       ctx.sizes, tuple(ctx.needs_input_grad[:4]), ns)
+    args = (grad_y, x, weight, bias, gate, paths, csr, ctx.layout, ctx.sizes,
+            tuple(ctx.needs_input_grad[:4]), ns)
+    return _pathway_matmul_grads.apply(*args) if _recorded() else _pathway_grads(*args)
 
 
 def pathway_backward(ns):
@@ -390,9 +412,9 @@ def ce_setup_context(ctx, inputs, output):
 
 def _ce_backward(ctx, grad_loss, grad_path_loss, ns: str):
     logits, target, gate, lse, loss, path_loss = ctx.saved_tensors
-    return _gated_cross_entropy_grads.apply(
-        grad_loss, grad_path_loss, logits, target, gate, lse, loss, path_loss,
-        (ctx.needs_input_grad[0], ctx.needs_input_grad[2]), ns)
+    args = (grad_loss, grad_path_loss, logits, target, gate, lse, loss, path_loss,
+            (ctx.needs_input_grad[0], ctx.needs_input_grad[2]), ns)
+    return _gated_cross_entropy_grads.apply(*args) if _recorded() else _ce_grads(*args)
 
 
 def ce_backward(ns):
