@@ -4,8 +4,9 @@ The schemas are declared once in csrc/gated_ops.cpp; CPU and CUDA kernels are re
 per dispatch key. This module adds what Python owns (STYLE.md rules 2-3): ``register_fake`` for
 every op (torch.compile, meta tensors), ``register_autograd`` and ``register_vmap`` for the
 differentiable ones, whose backward is written with the same family of registered ops, and the
-``torch.autograd.Function`` the public functions apply (setup_context style, with a vmap rule:
-what ``torch.func``'s transforms need, which the Functions ``register_autograd`` generates lack).
+``torch.autograd.Function`` the public functions apply under ``torch.func``'s transforms
+(setup_context style, with a vmap rule: what those transforms need, and what the Functions
+``register_autograd`` generates lack).
 """
 from __future__ import annotations
 
@@ -304,18 +305,18 @@ def pathway_bias_sgd_(
 # ------------------------------------------------------------------------------------------------
 # Autograd: backward = the same family of registered ops, honouring needs_input_grad.
 #
-# The public functions apply torch.autograd.Functions (setup_context style, with a vmap rule:
-# what torch.func's transforms need), told the namespace of the backend's ops; the raw ops keep
-# register_autograd (for callers of torch.ops.gated_ops.* directly). Both backwards run the
-# gradient ops inside a second Function, so that a gradient taken with create_graph=True is
-# differentiable only as far as a clear error: the second derivative is not implemented, and
-# saying so when it is taken (and only then) beats the dispatcher's complaint about an out=
-# GEMM deep inside a kernel.
+# Two autograd entries share one backward: the raw ops' register_autograd (what the public
+# functions call in plain eager and compiled code), and, under torch.func's transforms, the
+# torch.autograd.Functions below (setup_context style, with a vmap rule: what those transforms
+# need, and what the Functions register_autograd generates lack). Both backwards run the
+# gradient ops inside a second Function whenever the backward records a graph, so that a
+# gradient taken with create_graph=True is differentiable only as far as a clear error: the
+# second derivative is not implemented, and saying so when it is taken (and only then) beats
+# the dispatcher's complaint about an out= GEMM deep inside a kernel.
 #
-# Function.apply costs ~40 us of Python a call where setup_context is defined (it binds the
-# arguments with inspect.signature: the MoE layer's eager step took 255 us instead of 168): so
-# outside torch.func's transforms the public functions call the raw ops (the same backward),
-# and a backward that records no graph calls the gradient ops without their Function.
+# (Why not the Functions everywhere: Function.apply binds its arguments with inspect.signature
+# when setup_context is defined, ~40 us of Python a call; a tiny MoE layer's eager step took
+# 255 us with them instead of 168 us.)
 def _transformed() -> bool:
     """Inside a torch.func transform (vmap, grad, jvp, functionalize)."""
     return torch._C._are_functorch_transforms_active()
