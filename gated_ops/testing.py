@@ -18,7 +18,7 @@ from .plan import PathwayPlan, make_plan
 __all__ = [
     "Table", "Case", "SHAPES", "kpath_tables", "replicate", "make_inputs", "assert_close",
     "tolerance", "gradcheck_pathway", "check_ce_special_values", "cuda_emulation",
-    "autocast_kpath_step",
+    "autocast_kpath_step", "opcheck_pathway_ops", "opcheck_ce_ops", "op_calls",
 ]
 
 
@@ -126,30 +126,39 @@ SHAPES: list[Case] = [
 
 
 def make_inputs(case: Case, dtype: torch.dtype = torch.float64, device: str = "cpu",
-                seed: int = 0, noncontiguous: bool = False, requires_grad: bool = True
-                ) -> dict[str, Tensor | None]:
-    """x, weight, bias, gate for a case; with ``noncontiguous``, each is a strided slice."""
+                seed: int = 0, noncontiguous: bool = False, requires_grad: bool = True,
+                transposed_gate: bool = False) -> dict[str, Tensor | None]:
+    """x, weight, bias, gate for a case; with ``noncontiguous``, each is a strided slice; with
+    ``transposed_gate``, a (P, B) gate is the transpose of a (B, P) tensor (a router's output,
+    ``logits.softmax(-1).t()``)."""
     g = torch.Generator().manual_seed(seed)
     t = case.table
     B, P = case.batch, t.num_paths
 
     def make(*shape: int, scale: float = 1.0) -> Tensor:
-        if noncontiguous:  # cut from a wider tensor: last-dim stride 2
+        if noncontiguous:  # (the values of a draw twice as wide, every other one)
             v = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=torch.float64)
             v = v[..., ::2]
         else:
             v = torch.randn(*shape, generator=g, dtype=torch.float64)
+        # (the arithmetic and the cast return contiguous tensors, whatever v's strides)
         return (v * scale).to(device=device, dtype=dtype)
 
-    x = make(t.num_sources, B, case.d_in)
-    weight = make(t.num_weights, case.d_out, case.d_in, scale=case.d_in ** -0.5)
-    bias = make(t.num_weights, case.d_out) if case.bias else None
+    def lay_out(v: Tensor) -> Tensor:
+        # cut from a wider tensor: last-dim stride 2, made last (any copy would undo it)
+        return _wider(v) if noncontiguous else v
+
+    x = lay_out(make(t.num_sources, B, case.d_in))
+    weight = lay_out(make(t.num_weights, case.d_out, case.d_in, scale=case.d_in ** -0.5))
+    bias = lay_out(make(t.num_weights, case.d_out)) if case.bias else None
     gate = None
     if case.gate != "none":
-        gate = make(P, B) if case.gate == "sample" else make(P)
+        per_sample = case.gate == "sample"
+        gate = make(B, P).t() if per_sample and transposed_gate else make(P, B) if per_sample \
+            else make(P)
         if case.gate_off:
-            gate = gate.clone()
             gate[list(case.gate_off)] = 0
+        gate = lay_out(gate.t()).t() if per_sample and transposed_gate else lay_out(gate)
     out = {"x": x, "weight": weight, "bias": bias, "gate": gate}
     for v in out.values():
         if v is not None:
@@ -244,6 +253,74 @@ def check_strided_ce_logits(device: str, dtype: torch.dtype, C: int = 6,
     assert torch.equal(ga.view(R, I, B, J, C).permute(0, 1, 3, 2, 4).reshape(R, I * J, B, C), gb)
     ns = torch.ops.gated_ops if backend == "auto" else torch.ops.gated_ops_triton
     torch.library.opcheck(ns.gated_cross_entropy, (l5.detach().requires_grad_(), target, gate))
+
+
+def _wider(t: Tensor, dim: int = -1) -> Tensor:
+    """t's values in a view cut from a wider tensor (every other element along ``dim``)."""
+    d = dim % t.dim()
+    shape = list(t.shape)
+    shape[d] *= 2
+    view = t.new_zeros(shape).unflatten(d, (t.shape[d], 2)).select(d + 1, 0)
+    return view.copy_(t)
+
+
+def opcheck_pathway_ops(ns, case: Case, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        opcheck_context=contextlib.nullcontext) -> None:
+    """``torch.library.opcheck`` of every op of namespace ``ns`` that returns a tensor (the fake
+    kernels against the real ones: shapes, strides, dtypes; the autograd registration), on the
+    case's inputs laid out as models hand them over: x cut from a wider tensor, a (P, B) gate
+    that is a router's (B, P) output transposed, grad_y cut from a wider batch, grad_z and
+    x_next from wider rows (inside ``opcheck_context()``)."""
+    inp = make_inputs(case, dtype=dtype, device=device, noncontiguous=True, transposed_gate=True)
+    plan = case.table.plan(device)
+    x_grad = inp["x"]  # (a leaf view: strided, requiring grad)
+    x, w, b, g = (None if v is None else v.detach() for v in inp.values())
+    pc = (plan.paths, plan.csr, list(plan.layout))
+    S, M, B, Do = x.shape[0], w.shape[0], x.shape[1], w.shape[1]
+    gen = torch.Generator().manual_seed(3)
+    gy = _wider(torch.randn(plan.num_dst, B, Do, generator=gen).to(device, dtype), dim=1)
+    dz = _wider(torch.randn(plan.z_shape(B, Do), generator=gen).to(device, dtype))
+    x_next = _wider(torch.randn(S, B + 1, x.shape[2], generator=gen).to(device, dtype))
+    assert not (x.is_contiguous() or gy.is_contiguous() or dz.is_contiguous())
+    with opcheck_context():
+        torch.library.opcheck(ns.pathway_matmul, (x_grad, w, b, g, *pc))
+        torch.library.opcheck(ns.pathway_grad_z, (gy, g, *pc, S, M))
+        torch.library.opcheck(ns.pathway_grad_x, (dz, w, *pc, S, B))
+        torch.library.opcheck(ns.pathway_grad_weight, (dz, x, *pc, M, Do))
+        torch.library.opcheck(ns.pathway_grad_bias, (dz, *pc, S, M, Do))
+        if g is not None:
+            torch.library.opcheck(ns.pathway_grad_gate, (gy, x, w, b, g, *pc))
+            if hasattr(ns, "pathway_grad_x_gate"):
+                torch.library.opcheck(ns.pathway_grad_x_gate, (gy, x, w, b, g, *pc))
+        torch.library.opcheck(ns.pathway_sgd_lookahead_.default, (
+            dz, x, w.contiguous(), None, *pc, 0.1, 0.0, 0.0, False, -1, x_next))
+
+
+def opcheck_ce_ops(ns, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   opcheck_context=contextlib.nullcontext) -> None:
+    """``torch.library.opcheck`` of ``ns.gated_cross_entropy`` and its backward on logits of
+    every layout the kernels take: contiguous, the k-path decoder's (R, I, J, B, C) strided view
+    (the gradient keeps its strides), classes not contiguous (cut from a wider tensor, or
+    stored before the batch: read from a contiguous copy, and so is the gradient laid out) and
+    a batch cut from a wider one."""
+    R, I, J, B, C = 2, 2, 3, 4, 5
+    gen = torch.Generator().manual_seed(5)
+    out = torch.randn(R * I, B, J * C, generator=gen).to(device, dtype)
+    target = torch.randint(0, C, (R, I * J, B), generator=gen).to(device)
+    gate = torch.rand(R, I * J, generator=gen).to(device, dtype) + 0.5
+    flat = torch.randn(R, I * J, B, C, generator=gen).to(device, dtype)
+    layouts = {"contiguous": flat, "kpath_view": out.view(R, I, B, J, C).permute(0, 1, 3, 2, 4),
+               "strided_classes": _wider(flat), "strided_batch": _wider(flat, dim=2),
+               "classes_outer": flat.transpose(2, 3).contiguous().transpose(2, 3)}
+    grad_loss = torch.randn(R, generator=gen).to(device, dtype)
+    grad_path_loss = torch.randn(R, I * J, generator=gen).to(device, dtype)
+    for logits in layouts.values():
+        with opcheck_context():
+            torch.library.opcheck(ns.gated_cross_entropy,
+                                  (logits.detach().requires_grad_(), target, gate))
+            _, _, _, lse = ns.gated_cross_entropy(logits, target, gate)
+            torch.library.opcheck(ns.gated_cross_entropy_backward,
+                                  (grad_loss, grad_path_loss, logits, target, gate, lse))
 
 
 def check_ce_backward_missing_grads(ns, device: str, dtype: torch.dtype,
@@ -476,6 +553,27 @@ class _CudaEmulation(TorchDispatchMode):
             self.calls[name] += 1
             func = getattr(getattr(torch.ops.gated_ops_cudaemu, name), func._overloadname)
         return func(*args, **(kwargs or {}))
+
+
+class _OpCalls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace.startswith("gated_ops"):
+            self.calls[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def op_calls() -> Iterator[Counter]:
+    """Counts the calls of every gated_ops op (any backend's namespace) within this context, by
+    op name, as the kernels see them: below autograd and torch.func's transforms (a vmapped
+    call that PyTorch runs sample by sample counts once per sample)."""
+    mode = _OpCalls()
+    with mode:
+        yield mode.calls
 
 
 @contextlib.contextmanager

@@ -43,7 +43,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import ops
-from .ops import ce_backward, ce_setup_context, pathway_backward, pathway_setup_context
+from .ops import (ce_backward, ce_grad_like, ce_setup_context, pathway_backward,
+                  pathway_setup_context, register_vmap_rules)
 from .plan import ONE_PER_DST, PathwayPlan, z_shape
 
 __all__ = ["pathway_matmul", "gated_cross_entropy", "TRITON_DTYPES"]
@@ -1140,7 +1141,7 @@ def _(grad_z, paths, csr, layout, num_sources, num_weights, d_out):
 
 @_grad_gate_op.register_fake
 def _(grad_y, x, weight, bias, gate, paths, csr, layout):
-    return torch.empty_like(gate)
+    return gate.new_empty(gate.shape)  # contiguous, as the kernel's (a transposed gate too)
 
 
 @_ce_op.register_fake
@@ -1152,7 +1153,7 @@ def _(logits, target, gate):
 
 @_ce_backward_op.register_fake
 def _(grad_loss, grad_path_loss, logits, target, gate, lse):
-    return torch.empty_like(logits)
+    return ce_grad_like(logits)
 
 
 _tops = torch.ops.gated_ops_triton
@@ -1162,6 +1163,7 @@ _tops = torch.ops.gated_ops_triton
 _pathway_matmul_op.register_autograd(pathway_backward(_tops),
                                      setup_context=pathway_setup_context)
 _ce_op.register_autograd(ce_backward(_tops), setup_context=ce_setup_context)
+register_vmap_rules(_LIB)
 
 
 # =================================================================================================

@@ -87,9 +87,13 @@ def test_plan_kinds():
 OPCHECK_CASES = [c for c in SMALL if c.batch > 0 and c.table.num_paths > 0]
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.name)
-def test_opcheck(case):
-    inp = make_inputs(case, dtype=torch.float32)
+def test_opcheck(case, layout):
+    """strided: inputs cut from wider tensors, a per-sample gate transposed from (B, P) (every
+    op on such inputs: tests/test_fake_kernels.py)."""
+    strided = layout == "strided"
+    inp = make_inputs(case, dtype=torch.float32, noncontiguous=strided, transposed_gate=strided)
     plan = case.table.plan()
     torch.library.opcheck(torch.ops.gated_ops.pathway_matmul,
                           (inp["x"], inp["weight"], inp["bias"], inp["gate"], plan.paths,

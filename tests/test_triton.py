@@ -29,7 +29,8 @@ from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref  # n
 from gated_ops.testing import (SHAPES, Case, assert_close,  # noqa: E402
                                check_ce_backward_missing_grads,
                                check_ce_backward_rejects_bad_input, check_ce_special_values,
-                               check_layer_sgd_with_bias, make_inputs)
+                               check_layer_sgd_with_bias, make_inputs, opcheck_ce_ops,
+                               opcheck_pathway_ops)
 
 if not ON_GPU and not isinstance(triton_ops._ztile_kernel, InterpretedFunction):
     pytest.skip("gated_ops.triton_ops was imported before TRITON_INTERPRET=1 was set and there is "
@@ -152,6 +153,18 @@ def test_opcheck_pathway_matmul(case):
                            plan.csr, list(plan.layout)))
 
 
+@pytest.mark.parametrize("case_name", ["moe", "odd_decoder"])
+def test_fakes_match_on_strided_inputs(case_name):
+    """Every op's fake against its kernel (strides included) on a transposed router gate and
+    inputs cut from wider tensors (gated_ops.testing.opcheck_pathway_ops)."""
+    opcheck_pathway_ops(torch.ops.gated_ops_triton, next(c for c in SHAPES if c.name == case_name),
+                        DEVICE)
+
+
+def test_cross_entropy_fakes_match_on_every_logits_layout():
+    opcheck_ce_ops(torch.ops.gated_ops_triton, DEVICE)
+
+
 # ------------------------------------------------------------------------------------------------
 # gated cross-entropy
 def _ce_inputs(R, P, B, C, dtype, seed=0):
@@ -219,6 +232,63 @@ def test_torch_compile_fullgraph_parity():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for a, b in zip(torch.autograd.grad(compiled(*args), args), eager):
         torch.testing.assert_close(a, b)
+
+
+def test_torch_func_grad_vmap_and_double_backward():
+    """torch.func.grad equals autograd bit for bit (the same kernels); vmap over x is one
+    kernel call, equal to a loop of calls up to the tiles' float32 rounding; vmap over the
+    weight (replicas) likewise; double backward is the clear error."""
+    from torch.func import grad, vmap
+
+    from gated_ops.testing import op_calls
+
+    case = next(c for c in SHAPES if c.name == "moe")
+    inp = make_inputs(case, dtype=torch.float32, device=DEVICE, requires_grad=False,
+                      transposed_gate=True)
+    plan = case.table.plan(DEVICE)
+    args = [inp[n] for n in NAMES]
+    w_out = torch.randn(plan.num_dst, case.batch, case.d_out, device=DEVICE,
+                        generator=torch.Generator(DEVICE).manual_seed(1))
+
+    def loss(x, w, b, g):
+        return (triton_ops.pathway_matmul(x, w, plan, b, g) * w_out).sum()
+    got = grad(loss, argnums=(0, 1, 2, 3))(*args)
+    leaves = [a.clone().requires_grad_() for a in args]
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for dims, arg in ((0, 0), (None, 1)):  # more batch (x), replicas (weight)
+        stacked = torch.stack([args[arg] * (1 + 0.1 * v) for v in range(3)])
+        in_dims = tuple(0 if i == arg else None for i in range(4))
+        vargs = [stacked if i == arg else a for i, a in enumerate(args)]
+
+        def f(*a):
+            return triton_ops.pathway_matmul(a[0], a[1], plan, a[2], a[3])
+        with op_calls() as calls:
+            y = vmap(f, in_dims=in_dims)(*vargs)
+        assert dict(calls) == {"pathway_matmul": 1}
+        loop = torch.stack([f(*[stacked[v] if i == arg else a for i, a in enumerate(args)])
+                            for v in range(3)])
+        torch.testing.assert_close(y, loop, rtol=1e-5, atol=1e-5)
+    x, w = (a.detach().requires_grad_() for a in args[:2])
+    (gx,) = torch.autograd.grad(loss(x, w, *args[2:]), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="gated_ops.pathway_matmul: double backward"):
+        torch.autograd.grad(gx.square().sum(), w)
+
+
+def test_cross_entropy_torch_func_grad():
+    from torch.func import grad
+
+    logits, target, gate = _ce_inputs(2, 6, 4, 5, torch.float32)
+    w = torch.randn(2, 6)
+
+    def loss(logits, gate):
+        out = triton_ops.gated_cross_entropy(logits, target, gate)
+        return out[0].sum() + (out[1] * w).sum()
+    got = grad(loss, argnums=(0, 1))(logits.detach(), gate.detach())
+    lg, gg = logits.detach().requires_grad_(), gate.detach().requires_grad_()
+    for a, b in zip(got, torch.autograd.grad(loss(lg, gg), (lg, gg))):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------------
