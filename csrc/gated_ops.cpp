@@ -20,8 +20,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_simd.h"
@@ -41,8 +43,10 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------------------
-// The plan on the CPU, with the index range checks that a GPU backend does once at plan time
-// (reading indices there would need a host synchronisation).
+// The plan on the CPU, with the index range checks of every table the CPU kernels read: a
+// PathwayPlan is validated once when it is made (gated_ops/plan.py), but the registered ops
+// also serve raw callers, and O(T + S + M + P) is negligible next to the GEMMs. The GPU
+// kernels trust the plan (reading its tables there would cost a host synchronisation).
 Plan cpu_plan(const Tensor& paths, const Tensor& csr, at::IntArrayRef layout, int64_t S,
               int64_t M, const Tensor& ref) {
   const Plan p = make_plan_view(paths, csr, layout, S, M, ref);
@@ -55,9 +59,23 @@ Plan cpu_plan(const Tensor& paths, const Tensor& csr, at::IntArrayRef layout, in
                 " of pathway ", i, " out of range [0, ", p.T, ")");
     TORCH_CHECK(p.owner[i] >= 0 && p.owner[i] < p.P, "csr: corrupt plan (owner table); rebuild "
                 "it with make_plan");
+    TORCH_CHECK(p.dst_perm[i] >= 0 && p.dst_perm[i] < p.P && p.src_perm[i] >= 0 &&
+                    p.src_perm[i] < p.P && p.wgt_perm[i] >= 0 && p.wgt_perm[i] < p.P,
+                "csr: corrupt plan (a CSR permutation entry out of range); rebuild it with "
+                "make_plan");
+    TORCH_CHECK(p.zrow[i] >= 0 && p.zrow[i] < (p.blocked() ? p.n * p.ns : p.P) &&
+                    p.zcol[i] >= 0 && p.zcol[i] < (p.blocked() ? p.nm : 1),
+                "paths: corrupt plan (zrow / zcol of pathway ", i, " out of range); rebuild it "
+                "with make_plan");
   }
-  TORCH_CHECK(p.dst_ptr[p.T] == p.P && p.src_ptr[S] == p.P && p.wgt_ptr[M] == p.P,
-              "csr: corrupt plan (CSR totals differ from P); rebuild it with make_plan");
+  // CSR pointers: from 0 to P, non-decreasing (the loops over a row read perm[ptr[r]..ptr[r+1]])
+  for (const auto& [ptr, n] : {std::pair<const int64_t*, int64_t>{p.dst_ptr, p.T},
+                               {p.src_ptr, S}, {p.wgt_ptr, M}}) {
+    bool ok = ptr[0] == 0 && ptr[n] == p.P;
+    for (int64_t r = 0; ok && r < n; ++r) ok = ptr[r] <= ptr[r + 1];
+    TORCH_CHECK(ok, "csr: corrupt plan (CSR pointers not running from 0 to P); rebuild it with "
+                "make_plan");
+  }
   // The flags, against the tables (the GPU backends take them on trust).
   bool one = p.T == p.P, zy = p.blocked() && p.nm == 1;
   for (int64_t t = 0; one && t < p.T; ++t) one = p.dst_ptr[t + 1] - p.dst_ptr[t] == 1;

@@ -107,7 +107,11 @@ class PathwayPlan:
                               self.paths, self.csr, self.layout))
 
     def check_unmodified(self) -> None:
-        """Raise if the tables were modified in place since the plan was validated."""
+        """Raise if the tables were modified in place since the plan was validated (a check
+        of two version counters; skipped while torch.compile traces, which guards on the
+        plan's tensors itself)."""
+        if torch.compiler.is_compiling():
+            return
         if (self.paths._version, self.csr._version) != self._versions:
             raise ValueError("plan: its tables (paths / csr) were modified in place after the "
                              "plan was validated; build a new plan with gated_ops.make_plan")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import gated_ops
+from gated_ops import make_plan
 
 F64 = torch.float64
 
@@ -66,6 +67,28 @@ def test_raw_op_rejects_out_of_range_indices():
     paths[0, 1] = 7
     with pytest.raises(RuntimeError, match=r"source index 7 of pathway 1 out of range \[0, 2\)"):
         torch.ops.gated_ops.pathway_matmul(x, w, None, None, paths, plan.csr, list(plan.layout))
+
+
+@pytest.mark.parametrize("layout", ["auto", "grouped"])
+def test_raw_cpu_op_refuses_every_corrupted_table_entry(layout):
+    """Raw callers bypass PathwayPlan's validation: the CPU kernels check every index they
+    read, so each corrupted entry of paths or csr is refused or harmless, never read out of
+    bounds."""
+    plan = make_plan([0, 1, 1, 2], [2, 0, 2, 1], [1, 0, 0, 1], num_sources=3, num_weights=3,
+                     num_dst=2, layout=layout)
+    x, w = torch.randn(3, 2, 4), torch.randn(3, 5, 4)
+    for name in ("paths", "csr"):
+        t = getattr(plan, name)
+        for i in range(t.numel()):
+            for bad in (-1, 10 ** 6):
+                c = t.clone()
+                c.view(-1)[i] = bad
+                tables = (c, plan.csr) if name == "paths" else (plan.paths, c)
+                with pytest.raises(RuntimeError, match="out of range|corrupt plan"):
+                    for op in ("pathway_matmul", "pathway_grad_gate"):
+                        args = ((x, w, None, None) if op == "pathway_matmul" else
+                                (torch.randn(2, 2, 5), x, w, None, torch.rand(4, 2)))
+                        getattr(torch.ops.gated_ops, op)(*args, *tables, list(plan.layout))
 
 
 def test_raw_op_rejects_plan_for_other_sizes():
