@@ -89,6 +89,9 @@ class GatedPathwayLinear(nn.Module):
         if backend not in ("auto", "triton", "cuda_emu"):
             raise ValueError(f"backend: expected 'auto', 'triton' or 'cuda_emu', got {backend!r}")
         self.backend = backend
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
         plan = make_plan(src, wgt, dst, num_sources=num_sources, num_weights=num_weights,
                          num_dst=num_dst)
         self.in_features, self.out_features = in_features, out_features
@@ -183,7 +186,8 @@ class GatedPathwayLinear(nn.Module):
         bound = 1 / math.sqrt(self.in_features) if self.in_features else 0.0
         with torch.no_grad():
             for w in self.weight:
-                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                if w.numel():  # (D_in or D_out 0: nothing to draw)
+                    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
 

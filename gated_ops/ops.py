@@ -116,6 +116,7 @@ def pathway_matmul(
     if dt is not None and x.dtype in _AUTOCAST_TYPES:
         x, weight, bias, gate = (_cast(t, dt) for t in (x, weight, bias, gate))
     if backend == "reference":
+        _check_reference_args(x, weight, bias, gate, plan.num_paths)
         return pathway_matmul_ref(x, weight, bias, gate, plan.src, plan.wgt, plan.dst,
                                   plan.num_dst)
     ns = _op_namespace(backend)
@@ -123,6 +124,27 @@ def pathway_matmul(
         return _pathway_matmul.apply(x, weight, bias, gate, plan.paths, plan.csr,
                                      list(plan.layout), ns.name)
     return ns.pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout))
+
+
+def _check_reference_args(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor | None,
+                          P: int) -> None:
+    """The argument checks the compiled kernels make (csrc/gated_ops.h), for the reference
+    backend: the same refusals, in the same words, whatever the backend."""
+    if not x.is_floating_point():
+        raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
+    if weight.dim() != 3 or weight.shape[2] != x.shape[2]:
+        raise ValueError(f"weight: expected (M, D_out, D_in) with D_in = {x.shape[2]}, got "
+                         f"shape {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("gate", gate)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name}: expected dtype {x.dtype} on {x.device} (those of x), "
+                             f"got {t.dtype} on {t.device}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0], weight.shape[1]):
+        raise ValueError(f"bias: expected shape (M, D_out) = {tuple(weight.shape[:2])}, got "
+                         f"{tuple(bias.shape)}")
+    if gate is not None and tuple(gate.shape) not in ((P,), (P, x.shape[1])):
+        raise ValueError(f"gate: expected (P,) or (P, B) with P = {P}, B = {x.shape[1]}, got "
+                         f"shape {tuple(gate.shape)}")
 
 
 def gated_cross_entropy(
