@@ -104,13 +104,8 @@ __version__ = _build.get("version", __version__)  # e.g. 0.1.0+torch2.13.0.cpu
 from . import reference  # noqa: E402
 from .nn import GatedPathwayLinear, SGDConfig  # noqa: E402
 from .gdln import GDLN  # noqa: E402
-from .ops import (  # noqa: E402
-    gated_cross_entropy,
-    pathway_bias_sgd_,
-    pathway_matmul,
-    pathway_sgd_,
-    pathway_sgd_lookahead_,
-)
+from .ops import gated_cross_entropy, pathway_matmul  # noqa: E402
+from .optim import pathway_bias_sgd_, pathway_sgd_, pathway_sgd_lookahead_  # noqa: E402
 from .plan import PathwayPlan, make_plan  # noqa: E402
 
 __all__ = [

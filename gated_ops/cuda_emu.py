@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
         "GATED_OPS_CUDA_EMU=1 pip install --no-build-isolation -e ."
     ) from e
 
-from .ops import register_python_parts
+from .registration import register_python_parts
 
 NAMESPACE = "gated_ops_cudaemu"
 register_python_parts(NAMESPACE)

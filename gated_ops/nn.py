@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from torch.autograd import Variable
 
-from .ops import _op_namespace, autocast_dtype, pathway_matmul, pathway_sgd_lookahead_
+from .ops import _op_namespace, autocast_dtype, pathway_matmul
+from .optim import pathway_sgd_lookahead_
 from .plan import PathwayPlan, make_plan
 from .reference import round_stochastic_bf16, rounding_seed_at, sgd_momentum_ref
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["PathwayPlan", "make_plan", "z_shape", "ONE_PER_DST", "Z_IS_Y"]
+__all__ = ["PathwayPlan", "make_plan", "replicate_plan", "z_shape", "ONE_PER_DST", "Z_IS_Y"]
 
 # layout[6]'s flags (csrc/gated_ops.h: kOnePerDst, kZIsY)
 ONE_PER_DST = 1
@@ -81,13 +81,14 @@ class PathwayPlan:
     _host: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        host = None
         if not self._validated:
-            _validate(self)
+            host = _validate(self)
             object.__setattr__(self, "_validated", True)
         object.__setattr__(self, "layout", tuple(int(v) for v in self.layout))
-        if self._host is None and self.paths.device.type != "meta":
-            host = (self.paths, self.csr) if self.paths.device.type == "cpu" else (
-                self.paths.cpu(), self.csr.cpu())
+        if self._host is None:
+            if self.paths.device.type == "cpu":
+                host = (self.paths, self.csr)
             object.__setattr__(self, "_host", host)
         object.__setattr__(self, "_versions", (self.paths._version, self.csr._version))
         object.__setattr__(self, "_host_versions", None if self._host is None else
@@ -160,8 +161,12 @@ class PathwayPlan:
         if device == self.device:
             return self
         if self._host is None:
-            raise ValueError("plan: a plan built on the meta device has no tables to move; "
-                             "build it with gated_ops.make_plan on a real device")
+            if self.device.type == "meta":
+                raise ValueError("plan: a plan built on the meta device has no tables to move; "
+                                 "build it with gated_ops.make_plan on a real device")
+            return PathwayPlan._trusted(self.num_sources, self.num_weights, self.num_dst,
+                                        self.paths.to(device), self.csr.to(device),
+                                        self.layout)
         paths, csr = self._host
         if paths._version + csr._version != self._host_versions:
             raise ValueError("plan: its host tables were modified in place after the plan "
@@ -287,10 +292,11 @@ _CSR_PARTS = ("dst_ptr", "dst_perm", "src_ptr", "src_perm", "wgt_ptr", "wgt_perm
 _PATH_ROWS = ("src", "wgt", "dst", "zrow", "zcol")
 
 
-def _validate(plan: PathwayPlan) -> None:
+def _validate(plan: PathwayPlan) -> tuple[Tensor, Tensor] | None:
     """Checks a hand-built plan: its tables must be exactly those make_plan builds from its
     (src, wgt, dst) rows (with the layout kind it claims). Raises ValueError naming the first
-    entry that differs. O(P log P) on the host, once per plan."""
+    entry that differs. O(P log P) on the host, once per plan. Returns the tables on the host
+    (None on meta)."""
     sizes = {}
     for name in ("num_sources", "num_weights", "num_dst"):
         v = getattr(plan, name)
@@ -317,7 +323,7 @@ def _validate(plan: PathwayPlan) -> None:
         want = _expected_shapes(paths.shape[1], sizes)
         if csr.shape != want or layout[0] != sizes["num_dst"]:
             raise ValueError(f"plan: csr: expected shape {tuple(want)}, got {tuple(csr.shape)}")
-        return
+        return None
     host = paths.detach().cpu()
     try:
         ref = make_plan(host[0], host[1], host[2], layout="grouped" if layout[1] == 0 else "auto",
@@ -333,7 +339,9 @@ def _validate(plan: PathwayPlan) -> None:
         raise ValueError(f"plan: csr: expected shape {want} for T={sizes['num_dst']}, "
                          f"S={sizes['num_sources']}, M={sizes['num_weights']}, "
                          f"P={paths.shape[1]}, got {tuple(csr.shape)}")
-    _first_difference("csr", csr.detach().cpu(), ref.csr, _CSR_PARTS, _csr_bounds(ref))
+    host_csr = csr.detach().cpu()
+    _first_difference("csr", host_csr, ref.csr, _CSR_PARTS, _csr_bounds(ref))
+    return host, host_csr
 
 
 def _expected_shapes(P: int, sizes: dict) -> torch.Size:
@@ -363,3 +371,57 @@ def _first_difference(name: str, got: Tensor, want: Tensor, parts: tuple[str, ..
     raise ValueError(f"plan: {name}: {part}[{j}] is {int(flat_got[i])}, expected "
                      f"{int(flat_want[i])} for this pathway table (inconsistent tables); build "
                      "plans with gated_ops.make_plan")
+
+
+def replicate_plan(plan: PathwayPlan, replicas: int) -> PathwayPlan:
+    """The plan of ``replicas`` independent copies of plan's table (replica v's pathways read
+    sources v*S.., weights v*M.., write destinations v*T..), computed from the plan's tensors on
+    their device, without a host synchronisation (vmap over a module's weights runs the copies
+    in one op call over this plan). Equal, tensor for tensor, to :func:`make_plan` on the
+    replicated table (``gated_ops.testing.replicate``) built with the plan's layout mode."""
+    paths, csr, layout = _replicated_plan(plan.paths, plan.csr, plan.layout, plan.num_sources,
+                                          plan.num_weights, replicas)
+    return PathwayPlan._trusted(replicas * plan.num_sources, replicas * plan.num_weights,
+                                replicas * plan.num_dst, paths, csr, tuple(layout))
+
+
+def _replicated_plan(paths: Tensor, csr: Tensor, layout, S: int, M: int, V: int
+                     ) -> tuple[Tensor, Tensor, list[int]]:
+    """paths (5, P), csr, layout of V replicas of a plan; paths (V, 5, P) and csr (V, L) give
+    each replica its own tables (stacked module buffers), sharing the layout."""
+    T, n, _, ns_, _, nm, flags = layout
+    P = paths.shape[-1]
+    if V == 1:  # the plan itself (a blocked one may start past source or weight 0)
+        return paths.reshape(5, P), csr.reshape(-1), list(layout)
+    if paths.dim() == 2:
+        paths = paths.expand(V, *paths.shape)
+    if csr.dim() == 1:
+        csr = csr.expand(V, csr.shape[0])
+    v = torch.arange(V, device=paths.device).unsqueeze(1)  # (V, 1)
+    dst_ptr, dst_perm, src_ptr, src_perm, wgt_ptr, wgt_perm, owner = csr.split(
+        [T + 1, P, S + 1, P, M + 1, P, P], dim=1)
+
+    def ptr(p: Tensor) -> Tensor:  # (V, K + 1) CSR offsets -> (V * K + 1,)
+        return torch.cat([(p[:, :-1] + v * P).flatten(), p.new_full((1,), V * P)])
+
+    def perm(q: Tensor) -> Tensor:  # (V, P) pathway indices -> (V * P,)
+        return (q + v * P).flatten()
+
+    src, wgt, dst, zrow, zcol = paths.unbind(1)  # each (V, P)
+    if V > 0 and n > 0 and S == n * ns_ and M == n * nm:
+        # the blocks of replica v follow those of replica v - 1 (then s0 = m0 = 0): blocked
+        zrow = zrow + v * (n * ns_)
+        owner = perm(owner)
+        layout = [V * T, V * n, 0, ns_, 0, nm, flags]
+    else:
+        # grouped: Z's row block of a pathway is its rank in the by-weight order, replica by
+        # replica (make_plan: zrow[wgt_perm] = arange(P)); Z is y only for blocked plans
+        rank = torch.empty_like(wgt_perm).scatter_(
+            1, wgt_perm, torch.arange(P, device=paths.device).expand(V, P))
+        zrow, zcol = rank + v * P, torch.zeros_like(zcol)
+        owner = perm(wgt_perm)
+        layout = [V * T, 0, 0, 0, 0, 0, flags & ~Z_IS_Y]
+    paths = torch.stack([src + v * S, wgt + v * M, dst + v * T, zrow, zcol]).flatten(1)
+    csr = torch.cat([ptr(dst_ptr), perm(dst_perm), ptr(src_ptr), perm(src_perm), ptr(wgt_ptr),
+                     perm(wgt_perm), owner])
+    return paths, csr, layout

@@ -43,7 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import ops
-from .ops import (ce_backward, ce_grad_like, ce_setup_context, pathway_backward,
+from .registration import (ce_backward, ce_grad_like, ce_setup_context, pathway_backward,
                   pathway_setup_context, register_vmap_rules)
 from .plan import ONE_PER_DST, PathwayPlan, z_shape
 
@@ -836,7 +836,7 @@ def _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, 
         _sgd_impl(grad_z, x, weight, buf, paths, csr, layout, lr, momentum, weight_decay,
                   nesterov, rounding_seed, rounding_step, bias, bias_momentum_buffer,
                   bias_rounding_seed)
-        from .ops import _compute_z
+        from .optim import _compute_z
         return _compute_z(torch.ops.gated_ops_triton, x_next, weight, paths, layout)
     _check_layer_bias(bias, bias_momentum_buffer, weight, momentum, bias_rounding_seed,
                       rounding_step)

@@ -10,7 +10,7 @@ from torch.func import functional_call, grad, jacrev, stack_module_state, vjp, v
 
 import gated_ops
 from gated_ops import GatedPathwayLinear
-from gated_ops.ops import replicate_plan
+from gated_ops.plan import replicate_plan
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref
 from gated_ops.testing import SHAPES, Table, kpath_tables, make_inputs, op_calls, replicate
 
@@ -328,7 +328,7 @@ def test_replicate_plan_reads_no_value_on_the_host():
 def test_replicated_plan_of_stacked_plans_gives_each_replica_its_own_table():
     """Plan tensors with a leading replica dimension (stacked module buffers): replica v's
     own table, equal to make_plan on the concatenated tables."""
-    from gated_ops.ops import _replicated_plan
+    from gated_ops.plan import _replicated_plan
     from gated_ops.plan import make_plan
 
     g = torch.Generator().manual_seed(2)
