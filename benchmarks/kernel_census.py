@@ -23,7 +23,7 @@ from collections import Counter
 import torch
 
 from gated_ops import SGDConfig
-from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
+from experiments.kpath_net import KPathNet, kpath_gate, transform_batch
 from gated_ops.testing import kernel_census
 
 def main() -> None:

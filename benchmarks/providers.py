@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gated_ops import GatedPathwayLinear, SGDConfig
-from gated_ops.baselines import BatchedKPath, LoopKPath
-from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
+from experiments.baselines import BatchedKPath, LoopKPath
+from experiments.kpath_net import KPathNet, kpath_gate, transform_batch
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref
 from gated_ops.testing import kpath_tables, replicate
 
@@ -484,6 +484,7 @@ class FusedKPath(KPathProvider):
                 data.device.type == "cpu" and net.backend == "auto")
         self.lookahead = lookahead and mode == "step"
         self._next: tuple[Tensor, Tensor] | None = None
+        self._enc: Tensor | None = None  # the lookahead's buffer: this step's encoder output
 
     def step(self) -> None:
         d = self.data
@@ -491,10 +492,14 @@ class FusedKPath(KPathProvider):
             xk, target = d.transform(d.x, d.y)
             self.loss(xk, target, d.gate)[0].sum().backward()  # updates weights and biases
             return
-        xk, target = self._next if self._next is not None else d.transform(d.x, d.y)
+        if self._next is None:
+            self._next = d.transform(d.x, d.y)
+            self._enc = self.model.prime_lookahead(self._next[0])
+        xk, target = self._next
         self._next = d.transform(d.x, d.y)  # (the benchmark's batch is the same every step)
-        self.model.lookahead(self._next[0])
-        self.loss(xk, target, d.gate)[0].sum().backward()  # ... and the next encoder forward
+        # the encoder output read from the buffer, the update writing the next step's there
+        self.model.loss(xk, target, d.gate, lookahead=(self._next[0], self._enc)
+                        )[0].sum().backward()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class KPathConfig:
     K: int = _f(100, "number of input and of output transformations (encoders, decoders)",
                 ge=1, le=_MAX_K)
     N: int = _f(10, "trained paths per encoder: the gate's ones per row (at most K)", ge=1)
-    mode: str = _f("N_plus_mod", "gate of a run (see gated_ops.kpath.kpath_gate)", choices=_MODES)
+    mode: str = _f("N_plus_mod", "gate of a run (see experiments.kpath_net.kpath_gate)", choices=_MODES)
     hidden: int = _f(128, "hidden width H", ge=1)
     gain: float = _f(1.0, "Xavier-uniform init gain (biases start at 0)", ge=0)
     seed: int = _f(1, "seeds the init, the gate permutation and the data order of a run",

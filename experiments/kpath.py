@@ -56,8 +56,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gated_ops.baselines import LoopKPath
-from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
+from experiments.baselines import LoopKPath
+from experiments.kpath_net import KPathNet, kpath_gate, transform_batch
 from gated_ops.nn import SGDConfig
 
 from .configs import PROG, ConfigError, KPathConfig, parse_args, usage_error
@@ -181,10 +181,14 @@ def build_model(cfg: KPathConfig, net: KPathNet) -> tuple[nn.Module, torch.optim
 
 
 def sgd_step(model: nn.Module, opt: torch.optim.Optimizer | None, xk: Tensor, target: Tensor,
-             gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+             gate: Tensor, lookahead: tuple[Tensor, Tensor] | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """One SGD step of every replica; no host synchronisation. Returns loss (R,), path_loss
-    (R, P), correct (R, P) of the batch (before the update)."""
-    loss, path_loss, correct = model.loss(xk, target, gate)
+    (R, P), correct (R, P) of the batch (before the update). ``lookahead=(xk_next, enc)``:
+    the fused model's encoder output is read from ``enc`` and its update writes the next
+    step's there (KPathNet.loss)."""
+    loss, path_loss, correct = (model.loss(xk, target, gate) if lookahead is None
+                                else model.loss(xk, target, gate, lookahead=lookahead))
     loss.sum().backward()  # replica r's loss depends only on its own weights
     if opt is not None:
         opt.step()
@@ -440,13 +444,19 @@ class GroupTrainer:
     def _step(self, idx: Tensor, idx_next: Tensor | None = None) -> None:
         """One step on the samples idx (R, B); with idx_next (the next step's samples, where
         the lookahead runs), the next batch is formed now and the update computes its encoder
-        forward."""
+        forward into the buffer ``_enc`` (KPathNet.loss's lookahead), which the next step reads
+        instead of the encoder weights. The last step of such a chain (its next batch not
+        known) reads the buffer too and lets the update recompute its own batch there."""
         pending, self._pending = getattr(self, "_pending", None), None
         xk, target = pending if pending is not None else self.data.batch("train", idx)
-        if idx_next is not None:
-            self._pending = self.data.batch("train", idx_next)
-            self.model.lookahead(self._pending[0])
-        _, path_loss, correct = sgd_step(self.model, self.opt, xk, target, self.gate)
+        ahead = None
+        if idx_next is not None or pending is not None:
+            if pending is None:  # the buffer does not hold this batch's encoder output yet
+                self._enc = self.model.prime_lookahead(xk, getattr(self, "_enc", None))
+            if idx_next is not None:
+                self._pending = self.data.batch("train", idx_next)
+            ahead = (xk if idx_next is None else self._pending[0], self._enc)
+        _, path_loss, correct = sgd_step(self.model, self.opt, xk, target, self.gate, ahead)
         self.acc_loss += path_loss
         self.acc_correct += correct
 

@@ -672,7 +672,7 @@ def kpath_gdln(K: int, d_in: int, hidden: int, classes: int = 10, *, bias: bool 
     """The k-path network (GDLN.md section 2) as a graph: input nodes x{i}, encoder outputs
     e{i} (weight enc{i}), hidden outputs s{i} (one weight "hidden" tied across the K edges) and
     path outputs o{i}_{j} (weight dec{j} tied across encoders). It compiles to the same three
-    fused calls as :class:`gated_ops.kpath.KPathNet` (batched, shared, fan-out)."""
+    fused calls as :class:`experiments.kpath_net.KPathNet` (batched, shared, fan-out)."""
     nodes = {f"x{i}": d_in for i in range(K)} | {f"e{i}": hidden for i in range(K)} \
         | {f"s{i}": hidden for i in range(K)} \
         | {f"o{i}_{j}": classes for i in range(K) for j in range(K)}

@@ -119,9 +119,6 @@ class GatedPathwayLinear(nn.Module):
         self._pending: list[_Contribution] = []  # fused SGD: this backward's contributions
         self._pending_task = -1  # ... and the autograd graph task they belong to
         self._grad_hooks: list = []  # post-accumulate-grad hooks of the fused parameters
-        self._next_x: Tensor | None = None  # lookahead: the next forward's input, announced
-        self._next: tuple | None = None  # ... and its output, computed by the fused update
-        self._updates = 0  # fused updates so far (a lookahead is valid until the next one)
         self.reset_parameters()
         self._place_plan()
 
@@ -277,53 +274,29 @@ class GatedPathwayLinear(nn.Module):
         M, Do, Di = self.weight.shape
         return (M * 1_000_003 + Do * 1_009 + Di) & 0x7FFFFFFF
 
-    def lookahead(self, x_next: Tensor) -> None:
-        """Announce the input of the next forward, so that the fused SGD update (in the coming
-        backward) also computes that forward: each updated weight row is dotted with x_next
-        while it is in cache, and ``forward(x_next)`` then returns the result instead of
-        reading the weight again. On the CPU, for blocked layers on the skinny kernels (the
-        k-path encoders), this streams the weight once per step instead of twice; the
-        training is bit for bit the same as without it. The CUDA and Triton kernels fuse it
-        too (equal to float rounding); elsewhere the same result comes from the update and the
-        forward in turn (:func:`gated_ops.pathway_sgd_lookahead_`).
-
-        The precomputed output is used only by the next ``forward`` called with this very
-        tensor, no gate, in a grad-enabled region, and only if nothing changed since the
-        update: no other update of this layer, no in-place change of the weight, bias or
-        x_next (their version counters). Anything else computes the forward as usual.
-        Needs the fused SGD (:meth:`fuse_sgd`) and a layer whose pathways are its outputs
-        (``plan.z_is_y``: batched, shared and k-path layers). Eager only: a CUDA graph would
-        replay a stale output, so it raises under capture; a captured step uses
-        :meth:`forward_lookahead`, which keeps the output in a buffer instead.
-        """
-        self._check_lookahead("lookahead", x_next)
-        if x_next.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("lookahead: not capturable (a replayed graph would use a stale "
-                               "output); use forward_lookahead with a static output buffer")
-        self._next_x = x_next  # (an output already computed for this step stays)
-
     def forward_lookahead(self, x: Tensor, x_next: Tensor, y: Tensor) -> Tensor:
-        """The lookahead for captured steps (CUDA graphs): no state crosses steps but ``y``.
+        """``forward(x)`` read from a buffer, the fused update writing the next one: the
+        lookahead. Each step's update then streams the weight once for both the step and the
+        next step's forward (the k-path encoders: on the CPU's skinny kernels in one pass, on
+        CUDA and Triton in the update kernel's epilogue). No state crosses steps but ``y``, so
+        a CUDA graph captures it and eager code uses the same calls.
 
         ``y`` (T, B, D_out) must hold ``forward(x)`` from the current parameters, as the
         lookahead computes it: written by :meth:`prime_lookahead` or by the previous step's
         update. Returns it as this forward's output (autograd-connected, as from
         ``forward(x)``), without reading the weight; the coming backward's fused update then
         overwrites ``y`` with ``forward(x_next)`` from the updated parameters, so the next
-        step calls ``forward_lookahead(x_next, x_after, y)``. The caller keeps that chain:
-        nothing here checks that ``y`` is current (:meth:`lookahead` is the checked, eager
-        form). The training is the same as without the lookahead, bit for bit on the CPU
-        kernels and to float rounding on CUDA (the update's tile sums), and a run primed
-        anew from a checkpoint continues with the same bits as one never interrupted.
+        step calls ``forward_lookahead(x_next, x_after, y)``. The caller keeps that chain
+        (prime it whenever the last step did not know this one's input): nothing here checks
+        that ``y`` is current. The training is the same as without the lookahead, bit for bit
+        on the CPU kernels and to float rounding on CUDA (the update's tile sums), and a run
+        primed anew from a checkpoint continues with the same bits as one never interrupted.
 
         Shapes: x (S, B, D_in), x_next (S, B', D_in), y (T, B, D_out) of the weight's dtype
         and device. Needs the fused SGD, a ``plan.z_is_y`` layer, a trained weight and
         autograd on; no gate.
         """
         self._check_lookahead("forward_lookahead", x_next)
-        if self._next_x is not None or self._next is not None:
-            raise ValueError("forward_lookahead: an eager lookahead (lookahead()) is pending "
-                             "on this layer; use one form or the other")
         if not torch.is_grad_enabled() or not self.weight.requires_grad:
             raise ValueError("forward_lookahead: needs autograd on and a trained weight (the "
                              "fused update that refreshes y runs in backward)")
@@ -395,25 +368,11 @@ class GatedPathwayLinear(nn.Module):
         b = self.bias if self._bias_index is None else self.bias.index_select(0, self._bias_index)
         return torch.add(y, b.unsqueeze(1), out=y if out is None else out)
 
-    def _versions(self, x: Tensor) -> tuple[int, ...]:
-        return (self._updates, self.weight._version,
-                -1 if self.bias is None else self.bias._version, x._version)
-
-    def _take_lookahead(self, x: Tensor, gate: Tensor | None) -> Tensor | None:
-        """The precomputed output for this forward, if it is valid (see :meth:`lookahead`);
-        consumed either way."""
-        nxt, self._next = self._next, None
-        if nxt is None or self.sgd is None or gate is not None or not torch.is_grad_enabled():
-            return None
-        x_next, y, versions = nxt
-        return y if x is x_next and versions == self._versions(x) else None
-
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        pre = self._take_lookahead(x, gate) if self._next is not None else None
-        return self.forward_as(x, self.plan, self.weight, self.bias, gate, _precomputed=pre)
+        return self.forward_as(x, self.plan, self.weight, self.bias, gate)
 
     def forward_as(self, x: Tensor, plan: PathwayPlan, weight: Tensor, bias: Tensor | None,
-                   gate: Tensor | None = None, _precomputed: Tensor | None = None) -> Tensor:
+                   gate: Tensor | None = None) -> Tensor:
         """The layer run through another plan on views of its own parameters (contiguous views,
         e.g. K weights (K, C, H) as one (K*C, H)), with the fused SGD if it is on: the update
         lands in the parameters and momentum buffers through the views. KPathNet runs its
@@ -435,7 +394,7 @@ class GatedPathwayLinear(nn.Module):
                 x = x.to(weight.dtype)
                 gate = None if gate is None else gate.to(weight.dtype)
             plan.check_unmodified()
-            return _FusedSGDPathway.apply(x, weight, bias, gate, self, plan, _precomputed)
+            return _FusedSGDPathway.apply(x, weight, bias, gate, self, plan)
         return pathway_matmul(x, weight, plan, bias, gate, backend=self.backend)
 
     # -- the fused SGD step --------------------------------------------------------------------
@@ -462,9 +421,6 @@ class GatedPathwayLinear(nn.Module):
         for param in (self.weight, self.bias):
             if param is not None:
                 torch.autograd.graph.increment_version(param)
-        for c in pending:
-            if c.x_next is not None and c.static_out is None:  # the eager lookahead
-                self._next = (c.x_next, c.y_next, self._versions(c.x_next))
 
     @torch.no_grad()
     def _step_summed(self, pending: list["_Contribution"], extra_w: Tensor | None,
@@ -509,8 +465,7 @@ class GatedPathwayLinear(nn.Module):
             self.sgd_step.add_(1)
         for c in pending:
             if c.x_next is not None:  # the lookahead's output, from the stepped parameters
-                y = self.prime_lookahead(c.x_next, c.static_out)
-                c.y_next = y
+                self.prime_lookahead(c.x_next, c.static_out)
 
     def extra_repr(self) -> str:
         _, n, s0, ns, m0, nm, _ = self.layout
@@ -569,7 +524,7 @@ class _Contribution:
         self.plan, self.dz, self.x, self.weight, self.bias = ctx.plan, dz, x, weight, bias
         self.d_out = weight.shape[1]
         self.step_w, self.step_b = step_w, step_b
-        self.x_next, self.static_out, self.y_next = x_next, static_out, None
+        self.x_next, self.static_out = x_next, static_out
 
     @torch.no_grad()
     def step_fused(self, m: "GatedPathwayLinear") -> None:
@@ -584,7 +539,6 @@ class _Contribution:
             return None if b is None else b.view(like.shape)
         seed = m._rounding_seed()
         step = m.sgd_step if seed >= 0 else None  # the device counter, read by the kernels
-        m._updates += 1
         bias_seed = seed if seed < 0 else (seed + 1) & 0x7FFFFFFF
         # the bias's step rides on the weight's op when both step (on CUDA in the same
         # launch); alone, grad_bias and the step in one op (one kernel on CUDA)
@@ -612,8 +566,8 @@ class _Contribution:
             step.add_(1)  # on the counter's device, after the kernels that read it
         if z_next is not None:
             # the next forward's output, y = Z + bias (the stepped bias), as its epilogue
-            # would compute it
-            self.y_next = m._lookahead_output(z_next, x_next.shape[1], out=self.static_out)
+            # would compute it, into the caller's buffer
+            m._lookahead_output(z_next, x_next.shape[1], out=self.static_out)
 
 
 class _FusedSGDPathway(torch.autograd.Function):
@@ -624,12 +578,11 @@ class _FusedSGDPathway(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, gate, module, plan, precomputed=None, x_next=None):
-        """precomputed: this forward's output, already computed (the lookahead). x_next
-        (forward_lookahead): the update also writes forward(x_next) into precomputed."""
+        """precomputed, x_next (forward_lookahead): this forward's output, already computed by
+        the last update, and the next step's input: the update writes forward(x_next) into
+        precomputed."""
         ctx.module, ctx.plan = module, plan
         ctx.static_next = None if x_next is None else (x_next, precomputed)
-        # the module's own plan (forward, not forward_as): a lookahead may follow
-        ctx.own_plan = plan is module.plan
         # Only parameters that train are stepped (a frozen weight or bias stays as it is).
         ctx.step_weight = weight.requires_grad
         ctx.step_bias = bias is not None and bias.requires_grad
@@ -698,15 +651,7 @@ class _FusedSGDPathway(torch.autograd.Function):
                 raise RuntimeError("forward_lookahead: its backward must step the layer's "
                                    "weight (the buffer would not be refreshed)")
             ctx.static_next = None
-        elif ctx.own_plan and step_w:
-            x_next = m._next_x
         if step_w or step_b:
-            m._next_x, m._next = None, None
-            if (static_out is None and x_next is not None and x_next.is_cuda
-                    and torch.cuda.is_current_stream_capturing()):
-                raise RuntimeError("lookahead: announced before a CUDA-graph capture of its "
-                                   "backward; not capturable (a replay would reuse one stale "
-                                   "output)")
             m._schedule_step()
             m._pending.append(_Contribution(ctx, dz, x, weight, bias, step_w, step_b, x_next,
                                             static_out))

@@ -153,7 +153,7 @@ def test_module_backend_option():
     """Modules run on the compiled kernels ("auto") or on Triton; anything else is refused when
     the module is built, naming the option."""
     from gated_ops import GatedPathwayLinear
-    from gated_ops.kpath import KPathNet
+    from experiments.kpath_net import KPathNet
 
     with pytest.raises(ValueError,
                        match="backend: expected 'auto', 'triton' or 'cuda_emu', got 'cuda'"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gated_ops.baselines import BatchedKPath, LoopKPath
-from gated_ops.kpath import KPathNet, kpath_gate, transform_batch
+from experiments.baselines import BatchedKPath, LoopKPath
+from experiments.kpath_net import KPathNet, kpath_gate, transform_batch
 
 
 def _setup(R=2, K=3, B=4, D=6, H=5, C=4, dtype=torch.float64):

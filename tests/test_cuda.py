@@ -25,14 +25,13 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
-from gated_ops.kpath import KPathNet, kpath_gate
+from experiments.kpath_net import KPathNet, kpath_gate
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref, sgd_momentum_ref
-from gated_ops.testing import (SHAPES, Case, Table, assert_close,
-                               check_ce_backward_missing_grads,
-                               check_ce_backward_rejects_bad_input, check_ce_special_values,
-                               check_layer_sgd_with_bias,
-                               check_strided_ce_logits, cuda_emulation, gradcheck_pathway,
-                               kernel_census, kpath_tables, make_inputs, replicate)
+from gated_ops.testing import (SHAPES, Case, Table, assert_close, cuda_emulation, kernel_census,
+                               kpath_tables, make_inputs, replicate)
+from helpers import (check_ce_backward_missing_grads, check_ce_backward_rejects_bad_input,
+                     check_ce_special_values, check_layer_sgd_with_bias, check_strided_ce_logits,
+                     gradcheck_pathway)
 
 # Set per test by the `target` fixture: the device, the namespace holding the CUDA kernels, and
 # the layers' backend that reaches them.

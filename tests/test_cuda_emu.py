@@ -13,8 +13,9 @@ import torch
 
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
-from gated_ops.kpath import KPathNet, kpath_gate
-from gated_ops.testing import SHAPES, autocast_kpath_step, make_inputs
+from experiments.kpath_net import KPathNet, kpath_gate
+from gated_ops.testing import SHAPES, make_inputs
+from helpers import autocast_kpath_step
 
 try:
     import gated_ops.cuda_emu  # noqa: F401
@@ -152,10 +153,10 @@ def test_stochastic_rounding_on_the_cuda_kernels_steps_a_layer_as_the_cpu_kernel
             m.weight.copy_(w0)
             m.bias.fill_(0.5)
         m.fuse_sgd(SGDConfig(lr=2.0 ** -10, momentum=0.5, stochastic_rounding=True))
+        y = m.prime_lookahead(xs[0]) if lookahead else None
         for i in range(4):
-            if lookahead:
-                m.lookahead(xs[i + 1])
-            m(xs[i]).sum().backward()
+            h = m.forward_lookahead(xs[i], xs[i + 1], y) if lookahead else m(xs[i])
+            h.sum().backward()
         out[backend] = [t.detach().clone() for t in (m.weight, m.bias, m.weight_momentum,
                                                      m.bias_momentum)]
         assert int(m.sgd_step) == 4

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gated_ops.testing import SHAPES, opcheck_ce_ops, opcheck_pathway_ops
+from gated_ops.testing import SHAPES
+from helpers import opcheck_ce_ops, opcheck_pathway_ops
 
 
 def _namespace(name: str):

@@ -12,7 +12,8 @@ import gated_ops
 from gated_ops import GatedPathwayLinear
 from gated_ops.plan import replicate_plan
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref
-from gated_ops.testing import SHAPES, Table, kpath_tables, make_inputs, op_calls, replicate
+from gated_ops.testing import SHAPES, Table, kpath_tables, make_inputs, replicate
+from helpers import op_calls
 
 NAMES = ("x", "weight", "bias", "gate")
 

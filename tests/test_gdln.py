@@ -7,7 +7,7 @@ import torch
 
 from gated_ops import GDLN, gated_cross_entropy
 from gated_ops.gdln import kpath_gdln, load_kpath_
-from gated_ops.kpath import KPathNet, kpath_gate
+from experiments.kpath_net import KPathNet, kpath_gate
 
 D = torch.float64
 

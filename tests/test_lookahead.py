@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import gated_ops
-import gated_ops.nn as gnn
 from gated_ops import GatedPathwayLinear, SGDConfig, make_plan
-from gated_ops.kpath import KPathNet, kpath_gate
+from experiments.kpath_net import KPathNet, kpath_gate
 from gated_ops.testing import assert_close
 
 # The storage dtypes the k-path trainings are checked in (bfloat16 both with and without
@@ -216,15 +215,6 @@ def test_lookahead_rejects_bad_input():
     with pytest.raises(RuntimeError, match="x_next: expected dtype"):
         gated_ops.pathway_sgd_lookahead_(s["dz"], s["x"], s["w"], s["buf"], plan, 0.1, 0.9,
                                          x_next=s["x_next"].double())
-    layer = GatedPathwayLinear.batched(3, 20, 6)
-    with pytest.raises(ValueError, match="needs the fused SGD"):
-        layer.lookahead(s["x_next"])
-    layer.fuse_sgd(SGDConfig(lr=0.1))
-    with pytest.raises(ValueError, match="x_next: expected"):
-        layer.lookahead(s["x_next"][:2])
-    moe = GatedPathwayLinear.mixture_of_experts(3, 20, 6).fuse_sgd(SGDConfig(lr=0.1))
-    with pytest.raises(ValueError, match="z_is_y"):
-        moe.lookahead(torch.randn(1, 8, 20))
 
 
 # ----------------------------------------------------------------------------------- modules
@@ -243,107 +233,25 @@ def _net(K, D, H, dtype=torch.float32, backend="auto", sr=False, device="cpu"):
 
 def _train(lookahead, dtype=torch.float32, backend="auto", steps=5, sr=False, K=4, D=40, H=16,
            resume_at=None):
-    """KPathNet (R=2) trained for `steps` steps, lookahead None, "eager" (KPathNet.lookahead)
-    or "static" (the encoder output in a buffer, the form a CUDA graph captures); returns
-    losses, parameters and buffers, how many encoder forwards came precomputed (eager), and
-    the buffer (static). resume_at=t (static): before step t the state goes to a fresh model,
-    as from a checkpoint, which primes its own buffer and trains on."""
+    """KPathNet (R=2) trained for `steps` steps, lookahead None or "static" (the encoder output
+    in a buffer, read by each step and written by its update for the next); returns losses,
+    parameters and buffers, and the buffer. resume_at=t: before step t the state goes to a
+    fresh model, as from a checkpoint, which primes its own buffer and trains on."""
     net, batches = _net(K, D, H, dtype, backend, sr), _batches(K, D, steps, dtype)
     gate = kpath_gate(K, 2).reshape(1, -1).repeat(2, 1).to(dtype)
     enc = net.prime_lookahead(batches[0][0]) if lookahead == "static" else None
-    losses, used = [], 0
+    losses = []
     for t, (xk, y) in enumerate(batches):
         if t == resume_at:
             state = net.state_dict()
             net = _net(K, D, H, dtype, backend, sr)
             net.load_state_dict(state)
             enc = net.prime_lookahead(xk)
-        if lookahead == "eager" and t + 1 < steps:
-            net.lookahead(batches[t + 1][0])
-        used += net.encoder._next is not None and net.encoder._next[0] is xk
         ahead = (batches[min(t + 1, steps - 1)][0], enc) if enc is not None else None
         loss, _, _ = net.loss(xk, y, gate, lookahead=ahead)
         loss.sum().backward()
         losses.append(loss.detach())
-    return torch.stack(losses), [t.clone() for t in net.state_dict().values()], used, enc
-
-
-@STORAGE
-def test_kpath_training_with_lookahead_is_bit_identical(dtype, sr):
-    l0, s0, used0, _ = _train(None, dtype, sr=sr)
-    l1, s1, used1, _ = _train("eager", dtype, sr=sr)
-    assert used0 == 0 and used1 == 4  # every step but the first
-    assert torch.equal(l0, l1)
-    assert all(torch.equal(a, b) for a, b in zip(s0, s1))
-
-
-def test_kpath_training_with_lookahead_on_the_emulated_cuda_kernels():
-    """The CUDA kernels (emulated): the same training to float32 rounding (Z_next is summed
-    in another order than the forward kernel's)."""
-    l0, s0, _, _ = _train(None, backend="cuda_emu")
-    l1, s1, used, _ = _train("eager", backend="cuda_emu")
-    assert used == 4
-    # (two float32 trainings that differ only in how Z_next is summed: float32 rounding apart)
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
-    for a, b in zip(s1, s0):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def _layer_after_lookahead_step():
-    torch.manual_seed(0)
-    layer = GatedPathwayLinear.batched(3, 20, 6).fuse_sgd(SGDConfig(lr=0.1, momentum=0.9))
-    x, x_next = torch.randn(3, 8, 20), torch.randn(3, 8, 20)
-    layer.lookahead(x_next)
-    layer(x).square().sum().backward()
-    assert layer._next is not None
-    return layer, x_next
-
-
-@pytest.mark.parametrize("change", ["none", "weight", "bias", "x_next", "other_x", "gate",
-                                    "no_grad", "another_update"])
-def test_precomputed_output_is_used_only_while_valid(change):
-    """Any change after the update (in-place edits of weight, bias or x_next; another update of
-    the layer) or another kind of call makes the forward compute afresh; the output always
-    equals a fresh forward."""
-    layer, x_next = _layer_after_lookahead_step()
-    pre = layer._next[1]
-    x, gate = x_next, None
-    with torch.no_grad():
-        if change == "weight":
-            layer.weight.mul_(1.5)
-        elif change == "bias":
-            layer.bias.add_(1.0)
-        elif change == "x_next":
-            x_next.mul_(2.0)
-        elif change == "other_x":
-            x = x_next.clone()
-        elif change == "gate":
-            gate = torch.full((3,), 0.5)
-    if change == "another_update":
-        layer(torch.randn(3, 8, 20)).sum().backward()  # (a forward: consumes it, too)
-    seen = {}
-    orig = gnn._FusedSGDPathway.forward
-
-    def spy(ctx, *args):
-        seen["pre"] = args[-1] if len(args) == 7 else None
-        return orig(ctx, *args)
-    gnn._FusedSGDPathway.forward = staticmethod(spy)
-    try:
-        if change == "no_grad":
-            with torch.no_grad():
-                y = layer(x, gate)
-        else:
-            y = layer(x, gate)
-    finally:
-        gnn._FusedSGDPathway.forward = staticmethod(orig)
-    fresh = gated_ops.pathway_matmul(x, layer.weight.detach(), layer.plan, layer.bias.detach(),
-                                     gate)
-    assert torch.equal(y.detach(), fresh)
-    if change == "none":
-        assert seen["pre"] is pre and y.grad_fn is not None
-    elif change != "no_grad":
-        assert seen.get("pre") is None
-    assert layer._next is None  # consumed either way
+    return torch.stack(losses), [t.clone() for t in net.state_dict().values()], enc
 
 
 @pytest.mark.gpu
@@ -358,10 +266,10 @@ def test_kpath_training_with_lookahead_on_cuda():
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randn(8, 8, 40, generator=g).cuda(),
                     torch.randint(0, 10, (2, 16, 8), generator=g).cuda()) for _ in range(4)]
+        enc = net.prime_lookahead(batches[0][0]) if lookahead else None
         for t, (xk, y) in enumerate(batches):
-            if lookahead and t + 1 < len(batches):
-                net.lookahead(batches[t + 1][0])
-            net.loss(xk, y, gate)[0].sum().backward()
+            ahead = None if enc is None else (batches[min(t + 1, len(batches) - 1)][0], enc)
+            net.loss(xk, y, gate, lookahead=ahead)[0].sum().backward()
         return [p.detach().cpu() for p in net.parameters()]
     for a, b in zip(train(True), train(False)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -370,9 +278,9 @@ def test_kpath_training_with_lookahead_on_cuda():
 # ------------------------------------------------------------- the captured form (static buffer)
 @STORAGE
 def test_kpath_training_with_static_lookahead_is_bit_identical(dtype, sr):
-    l0, s0, _, _ = _train(None, dtype, sr=sr)
-    l1, s1, _, _ = _train("static", dtype, sr=sr)
-    l2, s2, _, _ = _train("static", dtype, sr=sr, resume_at=2)
+    l0, s0, _ = _train(None, dtype, sr=sr)
+    l1, s1, _ = _train("static", dtype, sr=sr)
+    l2, s2, _ = _train("static", dtype, sr=sr, resume_at=2)
     assert torch.equal(l0, l1) and torch.equal(l0, l2)
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(s0, s1, s2))
 
@@ -381,9 +289,9 @@ def test_kpath_training_with_static_lookahead_on_the_emulated_cuda_kernels():
     """The CUDA kernels (emulated): the same training to float32 rounding; and a chain primed
     anew mid-run (a resume) continues with exactly the bits of the uninterrupted chain, because
     priming runs the update kernel's own lookahead (dZ = 0, lr = 0), not the forward kernel."""
-    l0, s0, _, _ = _train(None, backend="cuda_emu", D=300, H=64)
-    l1, s1, _, enc1 = _train("static", backend="cuda_emu", D=300, H=64)
-    l2, s2, _, enc2 = _train("static", backend="cuda_emu", D=300, H=64, resume_at=3)
+    l0, s0, _ = _train(None, backend="cuda_emu", D=300, H=64)
+    l1, s1, enc1 = _train("static", backend="cuda_emu", D=300, H=64)
+    l2, s2, enc2 = _train("static", backend="cuda_emu", D=300, H=64, resume_at=3)
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     for a, b in zip(s1, s0):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -437,9 +345,6 @@ def test_static_lookahead_rejects_bad_input():
     with pytest.raises(ValueError, match=r"x: expected \(S, B, D_in\) = \(3, B, 20\)"):
         layer.forward_lookahead(torch.randn(3, 8, 21), x, y)
     with torch.no_grad(), pytest.raises(ValueError, match="needs autograd on"):
-        layer.forward_lookahead(x, x, y)
-    layer.lookahead(x)
-    with pytest.raises(ValueError, match="an eager lookahead"):
         layer.forward_lookahead(x, x, y)
     moe = GatedPathwayLinear.mixture_of_experts(3, 20, 6).fuse_sgd(SGDConfig(lr=0.1))
     with pytest.raises(ValueError, match="z_is_y"):

@@ -9,7 +9,7 @@ import torch
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
 from gated_ops.reference import round_stochastic_bf16, sgd_momentum_ref
-from gated_ops.testing import autocast_kpath_step, check_layer_sgd_with_bias
+from helpers import autocast_kpath_step, check_layer_sgd_with_bias
 
 
 def test_repr_names_the_structure():

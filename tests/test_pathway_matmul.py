@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import gated_ops
-from gated_ops.testing import SHAPES, Case, assert_close, gradcheck_pathway, make_inputs
+from gated_ops.testing import SHAPES, Case, assert_close, make_inputs
+from helpers import gradcheck_pathway
 
 from conftest import BACKENDS, run_pathway
 

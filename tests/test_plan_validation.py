@@ -139,7 +139,7 @@ def test_a_gdln_built_on_meta_gets_real_tables_from_to_empty():
 
 
 def test_a_kpath_net_built_on_meta_gets_real_tables_from_to_empty():
-    from gated_ops.kpath import KPathNet
+    from experiments.kpath_net import KPathNet
     ref = KPathNet(3, 6, 5, classes=4, replicas=2)
     net = KPathNet(3, 6, 5, classes=4, replicas=2, device="meta").to_empty(device="cpu")
     net.load_state_dict(ref.state_dict())

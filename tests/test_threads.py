@@ -13,7 +13,7 @@ import torch
 
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
-from gated_ops.kpath import KPathNet, kpath_gate
+from experiments.kpath_net import KPathNet, kpath_gate
 from gated_ops.testing import SHAPES, make_inputs
 
 @pytest.fixture(autouse=True)

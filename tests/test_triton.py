@@ -26,11 +26,10 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import gated_ops  # noqa: E402
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref  # noqa: E402
-from gated_ops.testing import (SHAPES, Case, assert_close,  # noqa: E402
-                               check_ce_backward_missing_grads,
-                               check_ce_backward_rejects_bad_input, check_ce_special_values,
-                               check_layer_sgd_with_bias, make_inputs, opcheck_ce_ops,
-                               opcheck_pathway_ops)
+from gated_ops.testing import SHAPES, Case, assert_close, make_inputs  # noqa: E402
+from helpers import (check_ce_backward_missing_grads,  # noqa: E402
+                     check_ce_backward_rejects_bad_input, check_ce_special_values,
+                     check_layer_sgd_with_bias, opcheck_ce_ops, opcheck_pathway_ops)
 
 if not ON_GPU and not isinstance(triton_ops._ztile_kernel, InterpretedFunction):
     pytest.skip("gated_ops.triton_ops was imported before TRITON_INTERPRET=1 was set and there is "
@@ -156,7 +155,7 @@ def test_opcheck_pathway_matmul(case):
 @pytest.mark.parametrize("case_name", ["moe", "odd_decoder"])
 def test_fakes_match_on_strided_inputs(case_name):
     """Every op's fake against its kernel (strides included) on a transposed router gate and
-    inputs cut from wider tensors (gated_ops.testing.opcheck_pathway_ops)."""
+    inputs cut from wider tensors (helpers.opcheck_pathway_ops)."""
     opcheck_pathway_ops(torch.ops.gated_ops_triton, next(c for c in SHAPES if c.name == case_name),
                         DEVICE)
 
@@ -240,7 +239,7 @@ def test_torch_func_grad_vmap_and_double_backward():
     weight (replicas) likewise; double backward is the clear error."""
     from torch.func import grad, vmap
 
-    from gated_ops.testing import op_calls
+    from helpers import op_calls
 
     case = next(c for c in SHAPES if c.name == "moe")
     inp = make_inputs(case, dtype=torch.float32, device=DEVICE, requires_grad=False,
@@ -444,7 +443,7 @@ def test_a_fused_kpath_step_on_triton_reads_no_tensor_on_the_host(dtype, monkeyp
     device-to-host sync on a GPU; tests/test_cuda.py checks the GPU's sync debug mode). Values
     are not compared here: the interpreter's bfloat16 dots are wrong."""
     from gated_ops import SGDConfig
-    from gated_ops.kpath import KPathNet, kpath_gate
+    from experiments.kpath_net import KPathNet, kpath_gate
 
     K, R, B, D, H, C = 3, 2, 4, 16, 16, 5
     torch.manual_seed(0)
@@ -472,7 +471,7 @@ def test_kpath_fused_step_on_triton_equals_compiled_kernels():
     backend="triton" equals the same step on the compiled kernels, to float32 tolerance: the
     losses, and every parameter and momentum buffer after 3 steps."""
     from gated_ops import SGDConfig
-    from gated_ops.kpath import KPathNet, kpath_gate
+    from experiments.kpath_net import KPathNet, kpath_gate
 
     K, R, B, D, H, C = 3, 2, 4, 16, 16, 5
     nets = {}
@@ -574,7 +573,7 @@ def test_fused_sgd_stochastic_rounding_is_bitwise_the_reference(kind):
 def test_strided_five_dim_logits_equal_the_copied_four_dim_ones(dtype):
     """The Triton CE kernels read the k-path's strided (R, I, J, B, C) logits in place and
     write the gradient in their strides (check_strided_ce_logits)."""
-    from gated_ops.testing import check_strided_ce_logits
+    from helpers import check_strided_ce_logits
 
     check_strided_ce_logits(DEVICE, dtype, backend="triton")
 
@@ -610,40 +609,12 @@ def test_gdln_on_triton_equals_compiled_kernels():
         GDLN(nodes, edges, backend="cuda")
 
 
-def test_kpath_lookahead_on_the_triton_backend():
-    """KPathNet(backend="triton") with the lookahead (Z_next from the Triton update kernel's
-    epilogue): the same training as without it, to float32 rounding; the precomputed encoder
-    forwards are used."""
-    from gated_ops import SGDConfig
-    from gated_ops.kpath import KPathNet, kpath_gate
-
-    def train(lookahead):
-        torch.manual_seed(0)
-        net = KPathNet(2, 16, 8, 10, device=DEVICE, backend="triton").fuse_sgd(
-            SGDConfig(lr=0.05, momentum=0.9))
-        gate = kpath_gate(2, 1).reshape(1, -1).to(DEVICE)
-        g = torch.Generator().manual_seed(1)
-        batches = [(torch.randn(2, 4, 16, generator=g).to(DEVICE),
-                    torch.randint(0, 10, (1, 4, 4), generator=g).to(DEVICE)) for _ in range(3)]
-        used = 0
-        for t, (xk, y) in enumerate(batches):
-            if lookahead and t + 1 < len(batches):
-                net.lookahead(batches[t + 1][0])
-            used += net.encoder._next is not None and net.encoder._next[0] is xk
-            net.loss(xk, y, gate)[0].sum().backward()
-        return [p.detach().cpu() for p in net.parameters()], used
-    (with_, used), (without, _) = train(True), train(False)
-    assert used == 2
-    for a, b in zip(with_, without):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
 def test_kpath_static_lookahead_on_the_triton_backend():
     """The captured form of the lookahead (the encoder output in a buffer, KPathNet.loss(...,
     lookahead=)) on the Triton kernels: the same training as without it, to float32 rounding,
     and a chain primed anew mid-run (a resume) continues with the uninterrupted chain's bits."""
     from gated_ops import SGDConfig
-    from gated_ops.kpath import KPathNet, kpath_gate
+    from experiments.kpath_net import KPathNet, kpath_gate
 
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(2, 4, 16, generator=g).to(DEVICE),

@@ -15,9 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .nn import GatedPathwayLinear, SGDConfig
-from .ops import gated_cross_entropy
-from .plan import make_plan
+from gated_ops import GatedPathwayLinear, SGDConfig, gated_cross_entropy, make_plan
 
 __all__ = ["KPathNet", "kpath_gate", "transform_batch"]
 
@@ -139,13 +137,6 @@ class KPathNet(nn.Module):
         for layer in self.layers:
             layer.fuse_sgd(config)
         return self
-
-    def lookahead(self, xk_next: Tensor) -> None:
-        """Announce the next step's encoder input (R*K, B, D_in): the coming backward's fused
-        update of the encoders also computes their forward for it, so each encoder weight is
-        read once per step (GatedPathwayLinear.lookahead; bit for bit the same training). The
-        next ``loss``/``forward`` must be called with this very tensor."""
-        self.encoder.lookahead(xk_next)
 
     def prime_lookahead(self, xk: Tensor, out: Tensor | None = None) -> Tensor:
         """The encoder output (R*K, B, H) for xk as the fused update's lookahead computes it,

@@ -6,7 +6,7 @@
 * :class:`BatchedKPath` - the best plain-PyTorch formulation we know: baddbmm over encoders and
   replicas, one wide GEMM for all decoders, F.cross_entropy (the "torch" provider).
 
-Both hold the same parameters as :class:`gated_ops.kpath.KPathNet` (``from_kpath`` copies them),
+Both hold the same parameters as :class:`experiments.kpath_net.KPathNet` (``from_kpath`` copies them),
 take the same inputs and return the same (loss, path_loss, correct) triple, so a test can run one
 step of each from identical weights.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kpath import KPathNet
+from .kpath_net import KPathNet
 
 __all__ = ["LoopKPath", "BatchedKPath", "path_metrics"]
 
