@@ -33,7 +33,8 @@ def _op_namespace(backend: str):
     if backend == "auto":
         return _ops
     if backend == "triton":
-        from . import triton_ops  # noqa: F401  (registers torch.ops.gated_ops_triton)
+        # (an import statement: torch.compile traces it, not importlib.import_module)
+        import gated_ops.triton  # noqa: F401  (registers torch.ops.gated_ops_triton's kernels)
         return torch.ops.gated_ops_triton
     if backend == "cuda_emu":
         from . import cuda_emu  # noqa: F401  (registers torch.ops.gated_ops_cudaemu)

@@ -1,8 +1,8 @@
-"""The Triton backend (gated_ops.triton_ops) against the float64 reference: forward and every
+"""The Triton backend (gated_ops.triton) against the float64 reference: forward and every
 gradient in float32 and float16 (bfloat16 too on a GPU), the gated cross-entropy, opcheck.
 
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1, which this module sets
-(for the rest of the process) before gated_ops.triton_ops is first imported; with a GPU they run
+(for the rest of the process) before gated_ops.triton is first imported; with a GPU they run
 on it.
 Shapes are the small rows of the shared table (the interpreter is slow: ~30 s for this file).
 """
@@ -16,11 +16,11 @@ import torch
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and "gated_ops.triton_ops" not in sys.modules:
+if not ON_GPU and "gated_ops.triton" not in sys.modules:
     # Read when triton.jit wraps the kernels (at import) and later by triton's lazily imported
     # modules, so it stays set for the rest of the pytest process.
     os.environ["TRITON_INTERPRET"] = "1"
-triton_ops = pytest.importorskip("gated_ops.triton_ops", reason="triton is not installed")
+gated_triton = pytest.importorskip("gated_ops.triton", reason="triton is not installed")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
@@ -31,9 +31,10 @@ from gated_ops.testing import (SHAPES, Case, assert_close,  # noqa: E402
                                check_ce_backward_rejects_bad_input, check_ce_special_values,
                                check_layer_sgd_with_bias, make_inputs, opcheck_ce_ops,
                                opcheck_pathway_ops)
+from gated_ops.triton import matmul as triton_matmul  # noqa: E402
 
-if not ON_GPU and not isinstance(triton_ops._ztile_kernel, InterpretedFunction):
-    pytest.skip("gated_ops.triton_ops was imported before TRITON_INTERPRET=1 was set and there is "
+if not ON_GPU and not isinstance(triton_matmul._ztile_kernel, InterpretedFunction):
+    pytest.skip("gated_ops.triton was imported before TRITON_INTERPRET=1 was set and there is "
                 "no GPU: run this file alone or with TRITON_INTERPRET=1", allow_module_level=True)
 
 # The interpreter evaluates the masked-off padding of the cross-entropy tiles too (-inf - -inf).
@@ -71,7 +72,7 @@ def _reference(inp, plan):
 
 
 def _triton(inp, plan):
-    return triton_ops.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
+    return gated_triton.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
 
 
 def _check(case: Case, dtype: torch.dtype) -> None:
@@ -97,7 +98,7 @@ def test_grouped_plans_fall_back_to_the_compiled_op(case):
     """Grouped plans run torch.ops.gated_ops.* (documented fallback): identical results."""
     inp = make_inputs(case, dtype=torch.float32, device=DEVICE)
     plan = case.table.plan(DEVICE)
-    y = triton_ops.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
+    y = gated_triton.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
     want = gated_ops.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
     assert torch.equal(y, want)
     _check(case, torch.float32)
@@ -120,14 +121,15 @@ def test_summing_epilogue_reads_only_the_z_it_sums():
     gate = torch.full((3, B), 8.0, dtype=torch.float16, device=DEVICE)
     layout = list(plan.layout)
     z = x.new_empty(plan.z_shape(B, Do))
-    triton_ops._launch_ztile(x, w, None, gate, plan.paths, plan.csr, layout, None, z, fused=False)
+    triton_matmul._launch_ztile(x, w, None, gate, plan.paths, plan.csr, layout, None, z,
+                                fused=False)
     z[:B] = 6e4  # pathway 0's rows: garbage in the fused forward, never summed
     y = torch.full((T, B, Do), 7.0, dtype=torch.float16, device=DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        triton_ops._gather_kernel[(T * B,)](
+        triton_matmul._gather_kernel[(T * B,)](
             z, z, gate, y, plan.paths, plan.csr, plan.csr[T + 1:], 3, B, Do, Do,
-            HAS_BIAS=False, GATE=triton_ops._gate_kind(gate), ONLY_MULTI=True, BLOCK_O=16)
+            HAS_BIAS=False, GATE=triton_matmul._gate_kind(gate), ONLY_MULTI=True, BLOCK_O=16)
     assert torch.equal(y[0], torch.full_like(y[0], 7.0))
     ref = (8.0 * (z[B:2 * B].float() + z[2 * B:].float())).half()
     torch.testing.assert_close(y[1], ref, rtol=2e-3, atol=1e-2)
@@ -183,7 +185,7 @@ def test_gated_cross_entropy_matches_reference(shape, dtype):
     w = torch.randn(shape[:2], dtype=torch.float64)
     outs = []
     for fn, dt in ((gated_cross_entropy_ref, torch.float64), (gated_cross_entropy_ref, dtype),
-                   (triton_ops.gated_cross_entropy, dtype)):
+                   (gated_triton.gated_cross_entropy, dtype)):
         logits, target, gate = _ce_inputs(*shape, dt)
         loss, path_loss, correct = fn(logits, target, gate)
         grads = torch.autograd.grad(loss.sum() + (path_loss * w.to(DEVICE, dt)).sum(),
@@ -198,7 +200,7 @@ def test_gated_cross_entropy_matches_reference(shape, dtype):
 
 
 def test_gated_cross_entropy_nan_inf_ties_and_zero_gate():
-    check_ce_special_values(triton_ops.gated_cross_entropy, DEVICE)
+    check_ce_special_values(gated_triton.gated_cross_entropy, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -225,7 +227,7 @@ def test_torch_compile_fullgraph_parity():
     plan = case.table.plan(DEVICE)
 
     def f(x, w, b, g):
-        return triton_ops.pathway_matmul(x, w, plan, b, g).square().sum()
+        return gated_triton.pathway_matmul(x, w, plan, b, g).square().sum()
 
     args = (inp["x"], inp["weight"], inp["bias"], inp["gate"])
     eager = torch.autograd.grad(f(*args), args)
@@ -251,7 +253,7 @@ def test_torch_func_grad_vmap_and_double_backward():
                         generator=torch.Generator(DEVICE).manual_seed(1))
 
     def loss(x, w, b, g):
-        return (triton_ops.pathway_matmul(x, w, plan, b, g) * w_out).sum()
+        return (gated_triton.pathway_matmul(x, w, plan, b, g) * w_out).sum()
     got = grad(loss, argnums=(0, 1, 2, 3))(*args)
     leaves = [a.clone().requires_grad_() for a in args]
     want = torch.autograd.grad(loss(*leaves), leaves)
@@ -263,7 +265,7 @@ def test_torch_func_grad_vmap_and_double_backward():
         vargs = [stacked if i == arg else a for i, a in enumerate(args)]
 
         def f(*a):
-            return triton_ops.pathway_matmul(a[0], a[1], plan, a[2], a[3])
+            return gated_triton.pathway_matmul(a[0], a[1], plan, a[2], a[3])
         with op_calls() as calls:
             y = vmap(f, in_dims=in_dims)(*vargs)
         assert dict(calls) == {"pathway_matmul": 1}
@@ -283,7 +285,7 @@ def test_cross_entropy_torch_func_grad():
     w = torch.randn(2, 6)
 
     def loss(logits, gate):
-        out = triton_ops.gated_cross_entropy(logits, target, gate)
+        out = gated_triton.gated_cross_entropy(logits, target, gate)
         return out[0].sum() + (out[1] * w).sum()
     got = grad(loss, argnums=(0, 1))(logits.detach(), gate.detach())
     lg, gg = logits.detach().requires_grad_(), gate.detach().requires_grad_()
