@@ -700,3 +700,48 @@ def test_sgd_lookahead_kernel(dtype, B, Bn, D, H):
     if (B, dtype) == (8, torch.float32):
         torch.library.opcheck(ops.pathway_sgd_lookahead_,
                               (dz, x, w.clone(), buf.clone(), *pc, 0.1, 0.9, 0.0, False, -1, xn))
+
+
+def test_triton_ops_have_the_schemas_of_the_compiled_ops():
+    """gated_ops._C declares torch.ops.gated_ops_triton.* with the schemas of
+    torch.ops.gated_ops.* (declared once: csrc/gated_ops.h, csrc/triton_schemas.cpp); each op has
+    a Triton kernel for CUDA and for CPU (the interpreter), but for pathway_grad_x_gate, which
+    has none and runs the composite of the two ops it fuses."""
+    names = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+                   if n.startswith("gated_ops::"))
+    assert "pathway_matmul" in names and "pathway_grad_x_gate" in names
+    for name in names:
+        ours = getattr(torch.ops.gated_ops_triton, name).default._schema
+        theirs = getattr(torch.ops.gated_ops, name).default._schema
+        assert str(ours) == str(theirs).replace("gated_ops::", "gated_ops_triton::", 1)
+        qualname = f"gated_ops_triton::{name}"
+        has = {key: torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+               for key in ("CUDA", "CPU", "CompositeExplicitAutograd")}
+        if name == "pathway_grad_x_gate":
+            assert has == {"CUDA": False, "CPU": False, "CompositeExplicitAutograd": True}
+        else:
+            assert has["CUDA"] and has["CPU"], (name, has)
+
+
+def test_without_triton_the_backend_names_the_extra_that_installs_it():
+    """Where triton is not installed, importing gated_ops.triton, or asking for
+    backend="triton", raises a ModuleNotFoundError (an ImportError) that names the extra."""
+    import subprocess
+
+    code = "\n".join([
+        "import sys",
+        "sys.modules['triton'] = None  # what `import triton` meets where it is not installed",
+        "import torch, gated_ops",
+        "plan = gated_ops.make_plan([0], [0], [0], num_sources=1, num_weights=1, num_dst=1)",
+        "try:",
+        "    gated_ops.pathway_matmul(torch.ones(1, 2, 3), torch.ones(1, 4, 3), plan,",
+        "                             backend='triton')",
+        "except ModuleNotFoundError as e:",
+        "    print(e.name, '|', e)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    name, _, message = out.stdout.strip().partition(" | ")
+    assert name == "triton"
+    assert "pip install gated_ops[triton]" in message

@@ -19,10 +19,17 @@ Entry points:
 * the registered ops ``torch.ops.gated_ops_triton.<name>`` for ``pathway_matmul``,
   ``pathway_grad_z``, ``pathway_grad_x``, ``pathway_grad_weight``, ``pathway_grad_bias``,
   ``pathway_grad_gate``, ``pathway_sgd_``, ``pathway_sgd_lookahead_``, ``pathway_bias_sgd_``,
-  ``gated_cross_entropy``, ``gated_cross_entropy_backward``: the schemas of
-  ``gated_ops::<name>`` (``torch.library.custom_op``, with fake kernels and autograd whose
-  backward calls the ``gated_ops_triton`` ops). ``GatedPathwayLinear(..., backend="triton")``
-  and ``KPathNet(..., backend="triton")`` run a whole model on them, the fused SGD included.
+  ``gated_cross_entropy``, ``gated_cross_entropy_backward``. ``GatedPathwayLinear(...,
+  backend="triton")`` and ``KPathNet(..., backend="triton")`` run a whole model on them, the
+  fused SGD included.
+
+Registration: the schemas are those of ``gated_ops::<name>``, declared once in C++
+(csrc/gated_ops.h) and given to this namespace when gated_ops._C loads
+(csrc/triton_schemas.cpp). Each family module registers its launchers as the CUDA kernels of its
+ops, and as CPU kernels for the interpreter; this package then adds what every namespace gets
+from :func:`gated_ops.ops.register_python_parts`: the fake kernels, the autograd formulas
+(whose backward calls the ``gated_ops_triton`` gradient ops), the vmap rules, and the composite
+``pathway_grad_x_gate``, which has no Triton kernel.
 
 What runs in Triton: the blocked plan layout (every k-path layer; ``plan.kind == "blocked"``) in
 float32 / float16 / bfloat16, as batched tile GEMMs (``tl.dot``, fp32 accumulation, IEEE fp32 for
@@ -52,12 +59,12 @@ except ModuleNotFoundError as e:
         "pip install gated_ops[triton] (CUDA builds of torch already depend on it)",
         name="triton") from e
 
-from ..ops import register_vmap_rules  # noqa: E402
+from ..ops import register_python_parts  # noqa: E402
+from . import sgd  # noqa: E402, F401  (registers the fused SGD steps' kernels)
 from .common import NAMESPACE, TRITON_DTYPES  # noqa: E402
 from .cross_entropy import gated_cross_entropy  # noqa: E402
 from .matmul import pathway_matmul  # noqa: E402
-from . import sgd  # noqa: E402, F401  (registers the fused SGD steps)
 
 __all__ = ["pathway_matmul", "gated_cross_entropy", "TRITON_DTYPES"]
 
-register_vmap_rules(NAMESPACE)
+register_python_parts(NAMESPACE)  # fakes, autograd, vmap: those of the compiled ops

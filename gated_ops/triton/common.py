@@ -1,5 +1,6 @@
-"""What the Triton op families share: the ops' namespace, the dtypes the kernels take, the rule
-that sends the rest to the compiled ops, and the tile sizes and precision of the GEMMs."""
+"""What the Triton op families share: the ops' namespace and how a launcher is registered for
+it, the dtypes the kernels take, the rule that sends the rest to the compiled ops, and the tile
+sizes and precision of the GEMMs."""
 from __future__ import annotations
 
 import logging
@@ -9,11 +10,22 @@ import triton
 
 log = logging.getLogger("gated_ops.triton")
 
-#: The registered ops this backend implements: ``torch.ops.gated_ops_triton.<name>``.
+#: The registered ops this backend implements: ``torch.ops.gated_ops_triton.<name>``, with the
+#: schemas of ``torch.ops.gated_ops.<name>``, declared by gated_ops._C (csrc/triton_schemas.cpp).
 NAMESPACE = "gated_ops_triton"
 
 #: Data types the Triton kernels take; others fall back to the compiled ops.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def register_kernels(kernels: dict) -> None:
+    """Each launcher of ``{op name: launcher}`` as the CUDA kernel of
+    ``torch.ops.gated_ops_triton.<name>``, and as its CPU kernel: Triton runs CPU tensors under
+    TRITON_INTERPRET=1 (elsewhere a launch on them fails in Triton, as it always has). The
+    dispatcher passes the schema's arguments positionally, leaving out trailing ones that equal
+    their defaults, so each launcher takes the schema's defaults too."""
+    for name, kernel in kernels.items():
+        torch.library.impl(f"{NAMESPACE}::{name}", ("CUDA", "CPU"), kernel)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:

@@ -17,8 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import ops
-from ..ops import ce_backward, ce_grad_like, ce_setup_context
-from .common import NAMESPACE, TRITON_DTYPES, _pow2
+from .common import TRITON_DTYPES, _pow2, register_kernels
 
 
 # =================================================================================================
@@ -271,34 +270,13 @@ def _ce_backward_impl(grad_loss, grad_path_loss, logits, target, gate, lse):
 
 
 # =================================================================================================
-# Registration: custom ops with fake kernels and autograd over the same family of ops
+# Registration: the launchers as the kernels of torch.ops.gated_ops_triton.* (fakes, autograd:
+# gated_ops/triton/__init__.py)
 # =================================================================================================
-@torch.library.custom_op(f"{NAMESPACE}::gated_cross_entropy", mutates_args=())
-def _ce_op(logits: Tensor, target: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _ce_impl(logits, target, gate)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::gated_cross_entropy_backward", mutates_args=())
-def _ce_backward_op(grad_loss: Optional[Tensor], grad_path_loss: Optional[Tensor],
-                    logits: Tensor, target: Tensor, gate: Tensor, lse: Tensor) -> Tensor:
-    return _ce_backward_impl(grad_loss, grad_path_loss, logits, target, gate, lse)
-
-
-@_ce_op.register_fake
-def _(logits, target, gate):
-    R, P, B = target.shape  # logits: (R, P, B, C) or (R, I, J, B, C)
-    return (logits.new_empty(R), logits.new_empty(R, P), target.new_empty(R, P),
-            logits.new_empty(R, P, B))
-
-
-@_ce_backward_op.register_fake
-def _(grad_loss, grad_path_loss, logits, target, gate, lse):
-    return ce_grad_like(logits)
-
-
-# Autograd: the compiled backend's backward formulas, over this backend's ops.
-_ce_op.register_autograd(ce_backward(getattr(torch.ops, NAMESPACE)),
-                         setup_context=ce_setup_context)
+register_kernels({
+    "gated_cross_entropy": _ce_impl,
+    "gated_cross_entropy_backward": _ce_backward_impl,
+})
 
 
 # =================================================================================================

@@ -18,10 +18,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import ops
-from ..ops import pathway_backward, pathway_setup_context
-from ..plan import ONE_PER_DST, PathwayPlan, z_shape
-from .common import (NAMESPACE, _chunk_tiles, _dot_precision, _gemm_blocks, _pow2,
-                     _uses_triton)
+from ..plan import ONE_PER_DST, PathwayPlan
+from .common import (_chunk_tiles, _dot_precision, _gemm_blocks, _pow2, _uses_triton,
+                     register_kernels)
 from .gemm import _launch_block_gemm, _launch_grad_bias
 
 # Gate kinds (constexpr): none, one scalar per pathway (P,), one value per sample (P, B).
@@ -356,77 +355,17 @@ def _grad_gate_impl(grad_y, x, weight, bias, gate, paths, csr, layout):
 
 
 # =================================================================================================
-# Registration: custom ops with fake kernels and autograd over the same family of ops
+# Registration: the launchers as the kernels of torch.ops.gated_ops_triton.* (fakes, autograd:
+# gated_ops/triton/__init__.py)
 # =================================================================================================
-@torch.library.custom_op(f"{NAMESPACE}::pathway_matmul", mutates_args=())
-def _pathway_matmul_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Optional[Tensor],
-                       paths: Tensor, csr: Tensor, layout: list[int]) -> Tensor:
-    return _pathway_matmul_impl(x, weight, bias, gate, paths, csr, layout)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::pathway_grad_z", mutates_args=())
-def _grad_z_op(grad_y: Tensor, gate: Optional[Tensor], paths: Tensor, csr: Tensor,
-               layout: list[int], num_sources: int, num_weights: int) -> Tensor:
-    return _grad_z_impl(grad_y, gate, paths, csr, layout, num_sources, num_weights)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::pathway_grad_x", mutates_args=())
-def _grad_x_op(grad_z: Tensor, weight: Tensor, paths: Tensor, csr: Tensor, layout: list[int],
-               num_sources: int, batch: int) -> Tensor:
-    return _grad_x_impl(grad_z, weight, paths, csr, layout, num_sources, batch)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::pathway_grad_weight", mutates_args=())
-def _grad_weight_op(grad_z: Tensor, x: Tensor, paths: Tensor, csr: Tensor, layout: list[int],
-                    num_weights: int, d_out: int) -> Tensor:
-    return _grad_weight_impl(grad_z, x, paths, csr, layout, num_weights, d_out)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::pathway_grad_bias", mutates_args=())
-def _grad_bias_op(grad_z: Tensor, paths: Tensor, csr: Tensor, layout: list[int],
-                  num_sources: int, num_weights: int, d_out: int) -> Tensor:
-    return _grad_bias_impl(grad_z, paths, csr, layout, num_sources, num_weights, d_out)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::pathway_grad_gate", mutates_args=())
-def _grad_gate_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor,
-                  paths: Tensor, csr: Tensor, layout: list[int]) -> Tensor:
-    return _grad_gate_impl(grad_y, x, weight, bias, gate, paths, csr, layout)
-
-
-@_pathway_matmul_op.register_fake
-def _(x, weight, bias, gate, paths, csr, layout):
-    return x.new_empty(layout[0], x.shape[1], weight.shape[1])
-
-
-@_grad_z_op.register_fake
-def _(grad_y, gate, paths, csr, layout, num_sources, num_weights):
-    return grad_y.new_empty(z_shape(layout, paths.shape[1], grad_y.shape[1], grad_y.shape[2]))
-
-
-@_grad_x_op.register_fake
-def _(grad_z, weight, paths, csr, layout, num_sources, batch):
-    return grad_z.new_empty(num_sources, batch, weight.shape[2])
-
-
-@_grad_weight_op.register_fake
-def _(grad_z, x, paths, csr, layout, num_weights, d_out):
-    return grad_z.new_empty(num_weights, d_out, x.shape[2])
-
-
-@_grad_bias_op.register_fake
-def _(grad_z, paths, csr, layout, num_sources, num_weights, d_out):
-    return grad_z.new_empty(num_weights, d_out)
-
-
-@_grad_gate_op.register_fake
-def _(grad_y, x, weight, bias, gate, paths, csr, layout):
-    return gate.new_empty(gate.shape)  # contiguous, as the kernel's (a transposed gate too)
-
-
-# Autograd: the compiled backend's backward formulas, over this backend's ops.
-_pathway_matmul_op.register_autograd(pathway_backward(getattr(torch.ops, NAMESPACE)),
-                                     setup_context=pathway_setup_context)
+register_kernels({
+    "pathway_matmul": _pathway_matmul_impl,
+    "pathway_grad_z": _grad_z_impl,
+    "pathway_grad_x": _grad_x_impl,
+    "pathway_grad_weight": _grad_weight_impl,
+    "pathway_grad_bias": _grad_bias_impl,
+    "pathway_grad_gate": _grad_gate_impl,
+})
 
 
 # =================================================================================================

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..ops import _compute_z
-from .common import NAMESPACE, _uses_triton
+from .common import _uses_triton, register_kernels
 from .gemm import _launch_block_gemm, _launch_grad_bias
 
 
@@ -76,7 +76,7 @@ def _check_layer_bias(bias, bias_buf, weight, momentum, bias_rounding_seed, roun
 
 
 def _bias_sgd_impl(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights,
-                   lr, momentum, weight_decay, nesterov, rounding_seed,
+                   lr, momentum, weight_decay, nesterov, rounding_seed=-1,
                    rounding_step=None) -> None:
     _, n, _, ns, _, _, _ = layout
     _check_rounding(rounding_seed, bias, "biases", rounding_step)
@@ -102,8 +102,8 @@ def _step_layer_bias(grad_z, x, weight, paths, csr, layout, lr, momentum, weight
 
 
 def _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-              nesterov, rounding_seed, rounding_step=None, bias=None, bias_momentum_buffer=None,
-              bias_rounding_seed=-1) -> None:
+              nesterov, rounding_seed=-1, rounding_step=None, bias=None,
+              bias_momentum_buffer=None, bias_rounding_seed=-1) -> None:
     T, n, s0, ns, m0, nm, _ = layout
     B, Di = x.shape[1], x.shape[2]
     Do = weight.shape[1]
@@ -167,49 +167,11 @@ def _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, 
 
 
 # =================================================================================================
-# Registration: custom ops (the fused steps are not differentiable)
+# Registration: the launchers as the kernels of torch.ops.gated_ops_triton.* (the steps are not
+# differentiable; their fakes: gated_ops/triton/__init__.py)
 # =================================================================================================
-_SGD_MUTATES = ("weight", "momentum_buffer", "bias", "bias_momentum_buffer")
-
-
-@torch.library.custom_op(f"{NAMESPACE}::pathway_sgd_", mutates_args=_SGD_MUTATES)
-def _sgd_op(grad_z: Tensor, x: Tensor, weight: Tensor, momentum_buffer: Optional[Tensor],
-            paths: Tensor, csr: Tensor, layout: list[int], lr: float, momentum: float,
-            weight_decay: float, nesterov: bool, rounding_seed: int = -1,
-            rounding_step: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-            bias_momentum_buffer: Optional[Tensor] = None, bias_rounding_seed: int = -1) -> None:
-    _sgd_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum,
-              weight_decay, nesterov, rounding_seed, rounding_step, bias, bias_momentum_buffer,
-              bias_rounding_seed)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::pathway_sgd_lookahead_", mutates_args=_SGD_MUTATES)
-def _sgd_lookahead_op(grad_z: Tensor, x: Tensor, weight: Tensor,
-                      momentum_buffer: Optional[Tensor], paths: Tensor, csr: Tensor,
-                      layout: list[int], lr: float, momentum: float, weight_decay: float,
-                      nesterov: bool, rounding_seed: int, x_next: Tensor,
-                      rounding_step: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                      bias_momentum_buffer: Optional[Tensor] = None,
-                      bias_rounding_seed: int = -1) -> Tensor:
-    return _sgd_lookahead_impl(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr,
-                               momentum, weight_decay, nesterov, rounding_seed, x_next,
-                               rounding_step, bias, bias_momentum_buffer, bias_rounding_seed)
-
-
-@_sgd_lookahead_op.register_fake
-def _(grad_z, x, weight, momentum_buffer, paths, csr, layout, lr, momentum, weight_decay,
-      nesterov, rounding_seed, x_next, rounding_step=None, bias=None, bias_momentum_buffer=None,
-      bias_rounding_seed=-1):
-    _, n, _, ns, _, nm, _ = layout
-    rows = n * ns * x_next.shape[1] if n > 0 else paths.shape[1] * x_next.shape[1]
-    return x_next.new_empty(rows, nm * weight.shape[1] if n > 0 else weight.shape[1])
-
-
-@torch.library.custom_op(f"{NAMESPACE}::pathway_bias_sgd_",
-                         mutates_args=("bias", "momentum_buffer"))
-def _bias_sgd_op(grad_z: Tensor, bias: Tensor, momentum_buffer: Optional[Tensor], paths: Tensor,
-                 csr: Tensor, layout: list[int], num_sources: int, num_weights: int, lr: float,
-                 momentum: float, weight_decay: float, nesterov: bool,
-                 rounding_seed: int = -1, rounding_step: Optional[Tensor] = None) -> None:
-    _bias_sgd_impl(grad_z, bias, momentum_buffer, paths, csr, layout, num_sources, num_weights,
-                   lr, momentum, weight_decay, nesterov, rounding_seed, rounding_step)
+register_kernels({
+    "pathway_sgd_": _sgd_impl,
+    "pathway_sgd_lookahead_": _sgd_lookahead_impl,
+    "pathway_bias_sgd_": _bias_sgd_impl,
+})
