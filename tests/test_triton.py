@@ -744,4 +744,4 @@ def test_without_triton_the_backend_names_the_extra_that_installs_it():
     assert out.returncode == 0, out.stderr
     name, _, message = out.stdout.strip().partition(" | ")
     assert name == "triton"
-    assert "pip install gated_ops[triton]" in message
+    assert "pip install 'gated_ops[triton]'" in message

@@ -54,10 +54,12 @@ try:
 except ModuleNotFoundError as e:
     if e.name != "triton":
         raise
+    # (a ModuleNotFoundError naming triton, as the failed import was: pytest.importorskip skips
+    # on it, where a plain ImportError would fail the test module)
     raise ModuleNotFoundError(
-        'gated_ops.triton (backend="triton") needs the triton package, which is not installed: '
-        "pip install gated_ops[triton] (CUDA builds of torch already depend on it)",
-        name="triton") from e
+        'gated_ops.triton (backend="triton") needs triton, an optional dependency of gated_ops '
+        "that is not installed: pip install 'gated_ops[triton]' (CUDA builds of torch already "
+        "depend on it)", name="triton") from e
 
 from ..ops import register_python_parts  # noqa: E402
 from . import sgd  # noqa: E402, F401  (registers the fused SGD steps' kernels)
