@@ -15,7 +15,7 @@ same batch, so they compute the same function):
     cuda           KPathNet on the CUDA kernels, the same code
     cuda_graph     the cuda provider's work replayed from CUDA graphs (step: the whole fused step,
                    input transformation to SGD update, in one graph)
-    triton         KPathNet(backend="triton"): the same model on gated_ops.triton_ops (needs it
+    triton         KPathNet(backend="triton"): the same model on gated_ops.triton (needs it
                    and CUDA); step = SGD fused into backward, as cpu / cuda
 
 Modes: ``forward`` (forward + gated loss, no grad, from transformed inputs), ``backward``
@@ -155,15 +155,15 @@ def _has_cuda_kernels() -> bool:
 
 
 def triton_ops():
-    """The gated_ops.triton_ops module, or :class:`Unavailable` saying what is missing."""
-    if importlib.util.find_spec("gated_ops.triton_ops") is None:
-        raise Unavailable("no gated_ops.triton_ops module (the Triton kernels are not written yet)")
+    """The gated_ops.triton package, or :class:`Unavailable` saying what is missing."""
+    if importlib.util.find_spec("gated_ops.triton") is None:
+        raise Unavailable("no gated_ops.triton package (the Triton kernels are not written yet)")
     if not torch.cuda.is_available():
         raise Unavailable("Triton kernels need a CUDA device")
-    import gated_ops.triton_ops as t
+    import gated_ops.triton as t
     missing = [n for n in ("pathway_matmul", "gated_cross_entropy") if not hasattr(t, n)]
     if missing:
-        raise Unavailable(f"gated_ops.triton_ops has no {', '.join(missing)} (the public "
+        raise Unavailable(f"gated_ops.triton has no {', '.join(missing)} (the public "
                           "functions this provider calls)")
     return t
 
@@ -618,7 +618,7 @@ def make_kpath(provider: str, case: KPathCase, mode: str, device: torch.device,
         return FusedKPath(data, net, provider, mode)
     if provider == "cuda_graph":
         return FusedGraphKPath(data, net, provider, mode)
-    if provider == "triton":  # the same KPathNet code on gated_ops.triton_ops (fused SGD too)
+    if provider == "triton":  # the same KPathNet code on gated_ops.triton (fused SGD too)
         return FusedKPath(data, net, provider, mode)
     raise ValueError(f"provider: unknown {provider!r}")
 

@@ -316,7 +316,7 @@ inline void check_grad_z(const at::Tensor& dz, const Plan& p, int64_t B, int64_t
 // Stochastic rounding of a bfloat16 parameter's update (rounding_seed >= 0): the random bits of
 // element i are hash32(uint32(i) + mix) mod 2^16, mix = seed_mix(seed), added below the kept
 // mantissa before truncation (cpu_simd.h bf16_stochastic, the CUDA kernels' round_param,
-// triton_ops.py and reference.round_stochastic_bf16 compute the same bits). "lowbias32", from
+// gated_ops/triton/ and reference.round_stochastic_bf16 compute the same bits). "lowbias32", from
 // C. Wellons' integer hash prospector (hash32.h).
 C10_HOST_DEVICE inline uint32_t seed_mix(int64_t seed) {
   return hash32(uint32_t(seed) ^ 0x5bd1e995u);

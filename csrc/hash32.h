@@ -1,7 +1,7 @@
 // The integer hash of stochastic rounding, in one place for the CPU kernels (cpu_simd.h, on
 // uint32_t and on vectors of them, lane by lane) and the CUDA kernels (gated_ops.h, host and
 // device). "lowbias32", from C. Wellons' integer hash prospector; gated_ops/reference.py and
-// gated_ops/triton_ops.py compute the same bits.
+// gated_ops/triton/ compute the same bits.
 #pragma once
 
 #include <c10/macros/Macros.h>

@@ -101,7 +101,7 @@ class KPathConfig:
                     choices=("fused", "loop"))
     fused_sgd: bool = _f(True, "fused model: SGD inside backward (false: torch.optim.SGD)")
     backend: str = _f("auto", "fused model: auto (the compiled CPU / CUDA kernels) or triton "
-                              "(gated_ops.triton_ops, fused SGD included; a GPU, or CPU tensors "
+                              "(gated_ops.triton, fused SGD included; a GPU, or CPU tensors "
                               "under TRITON_INTERPRET=1)", choices=("auto", "triton"))
     cuda_graph: bool = _f(False, "capture the training step in a CUDA graph over static "
                                  "buffers (on CUDA; elsewhere the same step runs eagerly)")

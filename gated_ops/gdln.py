@@ -91,7 +91,7 @@ class GDLN(nn.Module):
         edges: (src, dst) or (src, dst, weight_name) tuples; each edge is named "src->dst".
         bias: give every weight a bias (the theory assumes none).
         init_std: weights ~ N(0, init_std^2) (None: nn.Linear's default scale 1/sqrt(D_in)).
-        backend: "auto" (the compiled CPU / CUDA kernels), "triton" (gated_ops.triton_ops;
+        backend: "auto" (the compiled CPU / CUDA kernels), "triton" (gated_ops.triton;
             layers whose plan is grouped run the compiled op there too) or "cuda_emu" (the CUDA
             kernels emulated on CPU tensors, for tests).
     """

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from torch.autograd import Variable
 
-from .ops import _op_namespace, autocast_dtype, pathway_matmul
+from .backends import _op_namespace
+from .ops import autocast_dtype, pathway_matmul
 from .optim import pathway_sgd_lookahead_
 from .plan import PathwayPlan, make_plan
 from .reference import round_stochastic_bf16, rounding_seed_at, sgd_momentum_ref
@@ -57,7 +58,7 @@ class GatedPathwayLinear(nn.Module):
         num_sources, num_weights, num_dst: S, M, T.
         in_features, out_features: D_in, D_out of every weight.
         bias: learn a bias per weight.
-        backend: "auto" (the compiled CPU / CUDA kernels), "triton" (gated_ops.triton_ops,
+        backend: "auto" (the compiled CPU / CUDA kernels), "triton" (gated_ops.triton,
             forward, backward and fused SGD; CUDA, or CPU under TRITON_INTERPRET=1) or
             "cuda_emu" (the CUDA kernels emulated on CPU tensors, for tests: gated_ops.cuda_emu).
     Shapes: forward(x (S, B, D_in), gate None | (P,) | (P, B)) -> (T, B, D_out).

@@ -8,45 +8,15 @@ The fused SGD ops: :mod:`.optim`.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 
+from .backends import BACKENDS, _op_namespace
 from .plan import PathwayPlan
 from .reference import gated_cross_entropy_ref, pathway_matmul_ref
 from .registration import _gated_cross_entropy, _pathway_matmul, _transformed
 
 __all__ = ["pathway_matmul", "gated_cross_entropy", "BACKENDS"]
-
-_ops = torch.ops.gated_ops
-
-
-BACKENDS = ("auto", "triton", "cuda_emu", "reference")
-
-
-def _op_namespace(backend: str):
-    """The registered ops of a backend: "auto" = gated_ops (C++ CPU / CUDA kernels, picked by
-    the dispatcher from the tensors' device); "triton" = gated_ops_triton (loaded on first use,
-    since importing Triton reads TRITON_INTERPRET); "cuda_emu" = gated_ops_cudaemu (the CUDA
-    kernels emulated on the CPU, for tests: gated_ops.cuda_emu)."""
-    if backend == "auto":
-        return _ops
-    ns = _LOADED.get(backend)  # (a dict lookup: torch.compile traces it)
-    if ns is None:
-        if backend not in _PLUGINS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        module, namespace = _PLUGINS[backend]
-        importlib.import_module(module)  # registers its kernels (the backend imports this core)
-        ns = _LOADED[backend] = getattr(torch.ops, namespace)
-    return ns
-
-
-# Backends loaded by name on first use: the core never imports them (they import it).
-_PLUGINS = {"triton": ("gated_ops.triton_ops", "gated_ops_triton"),
-            "cuda_emu": ("gated_ops.cuda_emu", "gated_ops_cudaemu")}
-_LOADED: dict = {}
-
 
 _AUTOCAST_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -80,7 +50,7 @@ def pathway_matmul(
         plan: the compiled pathway table (:func:`gated_ops.make_plan`), on x's device.
         bias: (M, D_out) or None.
         gate: None, (P,) or (P, B).
-        backend: "auto" (the compiled kernels of x's device), "triton" (gated_ops.triton_ops:
+        backend: "auto" (the compiled kernels of x's device), "triton" (gated_ops.triton:
             CUDA, or CPU under TRITON_INTERPRET=1), "cuda_emu" (the CUDA kernels emulated on
             CPU tensors, for tests: gated_ops.cuda_emu) or "reference" (pure PyTorch).
     Returns:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .backends import _op_namespace
 from .plan import PathwayPlan, z_shape
 
 __all__ = ["pathway_sgd_", "pathway_sgd_lookahead_", "pathway_bias_sgd_"]
@@ -108,7 +109,6 @@ def pathway_sgd_lookahead_(
     Elsewhere (other plans, dtypes and batch sizes) it is those two ops one after the other.
     ``bias``: stepped too, as in :func:`pathway_sgd_` (Z_next stays without bias).
     """
-    from .ops import _op_namespace  # (the backends are loaded by name there)
     z = _op_namespace(backend).pathway_sgd_lookahead_(
         grad_z, x, weight, momentum_buffer, plan.paths, plan.csr, list(plan.layout), lr,
         momentum, weight_decay, nesterov, rounding_seed, x_next, rounding_step, bias,

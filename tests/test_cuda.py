@@ -121,7 +121,7 @@ def _compiled(inp, plan):
 
 
 def _triton(inp, plan):
-    from gated_ops import triton_ops
+    import gated_ops.triton as triton_ops
     return triton_ops.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
 
 
@@ -552,7 +552,7 @@ def test_eager_kpath_step_never_synchronises_with_the_host(dtype, backend):
     synchronising CUDA call: under torch.cuda.set_sync_debug_mode("error") one would raise.
     So the host queues steps ahead of the GPU, as a captured graph needs too."""
     if backend == "triton":
-        pytest.importorskip("gated_ops.triton_ops")
+        pytest.importorskip("gated_ops.triton")
     K, R, B, D, H, C = 4, 2, 8, 20, 12, 5
     torch.manual_seed(0)
     net = KPathNet(K, D, H, C, replicas=R, device=DEVICE, dtype=dtype, backend=backend)
@@ -634,7 +634,7 @@ def test_triton_backend_matches_reference(case, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(LOW.values()), ids=list(LOW))
 def test_triton_cross_entropy_matches_reference(dtype):
-    triton_ops = pytest.importorskip("gated_ops.triton_ops")
+    triton_ops = pytest.importorskip("gated_ops.triton")
     shape = (2, 10000, 8, 10)
     w = torch.randn(shape[:2], dtype=torch.float64, device=DEVICE)
     outs = []
@@ -662,7 +662,7 @@ def test_stochastic_rounding_step_captured_in_a_cuda_graph_equals_eager(backend,
     advances it there, so each replay draws the bits of its own step; a graph that replayed one
     seed would leave other weights than the eager steps after the second replay."""
     if backend == "triton":
-        pytest.importorskip("gated_ops.triton_ops")
+        pytest.importorskip("gated_ops.triton")
 
     def make() -> GatedPathwayLinear:
         torch.manual_seed(0)

@@ -1,8 +1,8 @@
-"""The Triton backend (gated_ops.triton_ops) against the float64 reference: forward and every
+"""The Triton backend (gated_ops.triton) against the float64 reference: forward and every
 gradient in float32 and float16 (bfloat16 too on a GPU), the gated cross-entropy, opcheck.
 
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1, which this module sets
-(for the rest of the process) before gated_ops.triton_ops is first imported; with a GPU they run
+(for the rest of the process) before gated_ops.triton is first imported; with a GPU they run
 on it.
 Shapes are the small rows of the shared table (the interpreter is slow: ~30 s for this file).
 """
@@ -16,11 +16,11 @@ import torch
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and "gated_ops.triton_ops" not in sys.modules:
+if not ON_GPU and "gated_ops.triton" not in sys.modules:
     # Read when triton.jit wraps the kernels (at import) and later by triton's lazily imported
     # modules, so it stays set for the rest of the pytest process.
     os.environ["TRITON_INTERPRET"] = "1"
-triton_ops = pytest.importorskip("gated_ops.triton_ops", reason="triton is not installed")
+gated_triton = pytest.importorskip("gated_ops.triton", reason="triton is not installed")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
@@ -30,9 +30,10 @@ from gated_ops.testing import SHAPES, Case, assert_close, make_inputs  # noqa: E
 from helpers import (check_ce_backward_missing_grads,  # noqa: E402
                      check_ce_backward_rejects_bad_input, check_ce_special_values,
                      check_layer_sgd_with_bias, opcheck_ce_ops, opcheck_pathway_ops)
+from gated_ops.triton import matmul as triton_matmul  # noqa: E402
 
-if not ON_GPU and not isinstance(triton_ops._ztile_kernel, InterpretedFunction):
-    pytest.skip("gated_ops.triton_ops was imported before TRITON_INTERPRET=1 was set and there is "
+if not ON_GPU and not isinstance(triton_matmul._ztile_kernel, InterpretedFunction):
+    pytest.skip("gated_ops.triton was imported before TRITON_INTERPRET=1 was set and there is "
                 "no GPU: run this file alone or with TRITON_INTERPRET=1", allow_module_level=True)
 
 # The interpreter evaluates the masked-off padding of the cross-entropy tiles too (-inf - -inf).
@@ -70,7 +71,7 @@ def _reference(inp, plan):
 
 
 def _triton(inp, plan):
-    return triton_ops.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
+    return gated_triton.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
 
 
 def _check(case: Case, dtype: torch.dtype) -> None:
@@ -96,7 +97,7 @@ def test_grouped_plans_fall_back_to_the_compiled_op(case):
     """Grouped plans run torch.ops.gated_ops.* (documented fallback): identical results."""
     inp = make_inputs(case, dtype=torch.float32, device=DEVICE)
     plan = case.table.plan(DEVICE)
-    y = triton_ops.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
+    y = gated_triton.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
     want = gated_ops.pathway_matmul(inp["x"], inp["weight"], plan, inp["bias"], inp["gate"])
     assert torch.equal(y, want)
     _check(case, torch.float32)
@@ -119,14 +120,15 @@ def test_summing_epilogue_reads_only_the_z_it_sums():
     gate = torch.full((3, B), 8.0, dtype=torch.float16, device=DEVICE)
     layout = list(plan.layout)
     z = x.new_empty(plan.z_shape(B, Do))
-    triton_ops._launch_ztile(x, w, None, gate, plan.paths, plan.csr, layout, None, z, fused=False)
+    triton_matmul._launch_ztile(x, w, None, gate, plan.paths, plan.csr, layout, None, z,
+                                fused=False)
     z[:B] = 6e4  # pathway 0's rows: garbage in the fused forward, never summed
     y = torch.full((T, B, Do), 7.0, dtype=torch.float16, device=DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        triton_ops._gather_kernel[(T * B,)](
+        triton_matmul._gather_kernel[(T * B,)](
             z, z, gate, y, plan.paths, plan.csr, plan.csr[T + 1:], 3, B, Do, Do,
-            HAS_BIAS=False, GATE=triton_ops._gate_kind(gate), ONLY_MULTI=True, BLOCK_O=16)
+            HAS_BIAS=False, GATE=triton_matmul._gate_kind(gate), ONLY_MULTI=True, BLOCK_O=16)
     assert torch.equal(y[0], torch.full_like(y[0], 7.0))
     ref = (8.0 * (z[B:2 * B].float() + z[2 * B:].float())).half()
     torch.testing.assert_close(y[1], ref, rtol=2e-3, atol=1e-2)
@@ -182,7 +184,7 @@ def test_gated_cross_entropy_matches_reference(shape, dtype):
     w = torch.randn(shape[:2], dtype=torch.float64)
     outs = []
     for fn, dt in ((gated_cross_entropy_ref, torch.float64), (gated_cross_entropy_ref, dtype),
-                   (triton_ops.gated_cross_entropy, dtype)):
+                   (gated_triton.gated_cross_entropy, dtype)):
         logits, target, gate = _ce_inputs(*shape, dt)
         loss, path_loss, correct = fn(logits, target, gate)
         grads = torch.autograd.grad(loss.sum() + (path_loss * w.to(DEVICE, dt)).sum(),
@@ -197,7 +199,7 @@ def test_gated_cross_entropy_matches_reference(shape, dtype):
 
 
 def test_gated_cross_entropy_nan_inf_ties_and_zero_gate():
-    check_ce_special_values(triton_ops.gated_cross_entropy, DEVICE)
+    check_ce_special_values(gated_triton.gated_cross_entropy, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -224,7 +226,7 @@ def test_torch_compile_fullgraph_parity():
     plan = case.table.plan(DEVICE)
 
     def f(x, w, b, g):
-        return triton_ops.pathway_matmul(x, w, plan, b, g).square().sum()
+        return gated_triton.pathway_matmul(x, w, plan, b, g).square().sum()
 
     args = (inp["x"], inp["weight"], inp["bias"], inp["gate"])
     eager = torch.autograd.grad(f(*args), args)
@@ -250,7 +252,7 @@ def test_torch_func_grad_vmap_and_double_backward():
                         generator=torch.Generator(DEVICE).manual_seed(1))
 
     def loss(x, w, b, g):
-        return (triton_ops.pathway_matmul(x, w, plan, b, g) * w_out).sum()
+        return (gated_triton.pathway_matmul(x, w, plan, b, g) * w_out).sum()
     got = grad(loss, argnums=(0, 1, 2, 3))(*args)
     leaves = [a.clone().requires_grad_() for a in args]
     want = torch.autograd.grad(loss(*leaves), leaves)
@@ -262,7 +264,7 @@ def test_torch_func_grad_vmap_and_double_backward():
         vargs = [stacked if i == arg else a for i, a in enumerate(args)]
 
         def f(*a):
-            return triton_ops.pathway_matmul(a[0], a[1], plan, a[2], a[3])
+            return gated_triton.pathway_matmul(a[0], a[1], plan, a[2], a[3])
         with op_calls() as calls:
             y = vmap(f, in_dims=in_dims)(*vargs)
         assert dict(calls) == {"pathway_matmul": 1}
@@ -282,7 +284,7 @@ def test_cross_entropy_torch_func_grad():
     w = torch.randn(2, 6)
 
     def loss(logits, gate):
-        out = triton_ops.gated_cross_entropy(logits, target, gate)
+        out = gated_triton.gated_cross_entropy(logits, target, gate)
         return out[0].sum() + (out[1] * w).sum()
     got = grad(loss, argnums=(0, 1))(logits.detach(), gate.detach())
     lg, gg = logits.detach().requires_grad_(), gate.detach().requires_grad_()
@@ -669,3 +671,48 @@ def test_sgd_lookahead_kernel(dtype, B, Bn, D, H):
     if (B, dtype) == (8, torch.float32):
         torch.library.opcheck(ops.pathway_sgd_lookahead_,
                               (dz, x, w.clone(), buf.clone(), *pc, 0.1, 0.9, 0.0, False, -1, xn))
+
+
+def test_triton_ops_have_the_schemas_of_the_compiled_ops():
+    """gated_ops._C declares torch.ops.gated_ops_triton.* with the schemas of
+    torch.ops.gated_ops.* (declared once: csrc/gated_ops.h, csrc/triton_schemas.cpp); each op has
+    a Triton kernel for CUDA and for CPU (the interpreter), but for pathway_grad_x_gate, which
+    has none and runs the composite of the two ops it fuses."""
+    names = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+                   if n.startswith("gated_ops::"))
+    assert "pathway_matmul" in names and "pathway_grad_x_gate" in names
+    for name in names:
+        ours = getattr(torch.ops.gated_ops_triton, name).default._schema
+        theirs = getattr(torch.ops.gated_ops, name).default._schema
+        assert str(ours) == str(theirs).replace("gated_ops::", "gated_ops_triton::", 1)
+        qualname = f"gated_ops_triton::{name}"
+        has = {key: torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+               for key in ("CUDA", "CPU", "CompositeExplicitAutograd")}
+        if name == "pathway_grad_x_gate":
+            assert has == {"CUDA": False, "CPU": False, "CompositeExplicitAutograd": True}
+        else:
+            assert has["CUDA"] and has["CPU"], (name, has)
+
+
+def test_without_triton_the_backend_names_the_extra_that_installs_it():
+    """Where triton is not installed, importing gated_ops.triton, or asking for
+    backend="triton", raises a ModuleNotFoundError (an ImportError) that names the extra."""
+    import subprocess
+
+    code = "\n".join([
+        "import sys",
+        "sys.modules['triton'] = None  # what `import triton` meets where it is not installed",
+        "import torch, gated_ops",
+        "plan = gated_ops.make_plan([0], [0], [0], num_sources=1, num_weights=1, num_dst=1)",
+        "try:",
+        "    gated_ops.pathway_matmul(torch.ones(1, 2, 3), torch.ones(1, 4, 3), plan,",
+        "                             backend='triton')",
+        "except ModuleNotFoundError as e:",
+        "    print(e.name, '|', e)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    name, _, message = out.stdout.strip().partition(" | ")
+    assert name == "triton"
+    assert "pip install 'gated_ops[triton]'" in message
