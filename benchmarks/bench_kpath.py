@@ -1,4 +1,4 @@
-"""k-path network benchmarks: provider x mode x shape (GDLN.md section 2).
+"""k-path network benchmarks: provider x mode x shape (docs/math.md section 3).
 
     pytest benchmarks/bench_kpath.py -m "mnist and (small or medium)" \
         --benchmark-json benchmarks/results/cpu-$(date +%F).json

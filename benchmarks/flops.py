@@ -16,7 +16,7 @@ that every provider is measured against. Conventions:
   Unfused autograd + torch.optim.SGD needs ~8 (grad written by backward and read by the optimizer,
   which reads W and buf and writes both): the floor does not charge that to anybody.
 
-Symbols (GDLN.md section 2): R replicas, K transformations, B batch, D input size, H hidden width,
+Symbols (docs/math.md section 3): R replicas, K transformations, B batch, D input size, H hidden width,
 C classes. MoE: E experts, B tokens, Di -> Do.
 """
 from __future__ import annotations

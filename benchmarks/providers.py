@@ -1,6 +1,6 @@
-"""The benchmark cases and every provider's way of running them (STYLE.md rule 9: vs what).
+"""The benchmark cases and every provider's way of running them.
 
-k-path providers (GDLN.md section 2; all start from the weights of one KPathNet and see the
+k-path providers (docs/math.md section 3; all start from the weights of one KPathNet and see the
 same batch, so they compute the same function):
 
     naive          LoopKPath, the paper-style Python loop over nn.Linear modules, one model per
@@ -48,7 +48,7 @@ from gated_ops.testing import kpath_tables, replicate
 
 PROVIDERS = ("naive", "torch", "torch_compile", "torch_graph", "reference", "cpu", "cuda",
              "cuda_graph", "triton")
-LR, MOMENTUM = 1e-4, 0.9  # the authors' optimizer (GDLN.md section 2)
+LR, MOMENTUM = 1e-4, 0.9  # the authors' optimizer (docs/math.md section 3)
 
 
 class Unavailable(Exception):

@@ -22,7 +22,7 @@ __all__ = ["LoopKPath", "BatchedKPath", "path_metrics"]
 
 
 def path_metrics(logits: Tensor, target: Tensor, gate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The gated loss of GDLN.md section 2 in plain PyTorch: logits (R, P, B, C)."""
+    """The gated loss of docs/math.md section 3 in plain PyTorch: logits (R, P, B, C)."""
     R, P, B, C = logits.shape
     nll = F.cross_entropy(logits.reshape(-1, C), target.reshape(-1), reduction="none")
     path_loss = nll.view(R, P, B).mean(-1)

@@ -1,4 +1,4 @@
-"""Typed configuration of the k-path experiment (GDLN.md section 2), its presets and its CLI.
+"""Typed configuration of the k-path experiment (docs/math.md section 3), its presets and its CLI.
 
 ``KPathConfig``'s defaults are the authors' script defaults (MNIST, K=100, N_plus_mod, H=128,
 gain 1, SGD lr 1e-4 momentum 0.9, batch 8, 1000 epochs, seed 1). The grid fields (``seeds``,
@@ -381,7 +381,7 @@ def _converter(f: dataclasses.Field) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=PROG, allow_abbrev=False,
-        description="The k-path experiment of 'The Neural Race Reduction' (GDLN.md section 2). "
+        description="The k-path experiment of 'The Neural Race Reduction' (docs/math.md section 3). "
                     "--preset sets the defaults; the other options override it.")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="named configuration applied before the other options (default: none)")

@@ -1,4 +1,4 @@
-"""The k-path experiment of "The Neural Race Reduction" (GDLN.md section 2), whole grids at once.
+"""The k-path experiment of "The Neural Race Reduction" (docs/math.md section 3), whole grids at once.
 
 Every configuration of the grid is a run; runs of the same shape (dataset, K, H) train together
 as the R replicas of one fused ``KPathNet``. Replica r has its own gate (its N, mode, seed), its

@@ -1,4 +1,4 @@
-"""The paper's k-path network (GDLN.md section 2) on the fused ops, for R replicas at once.
+"""The paper's k-path network (docs/math.md section 3) on the fused ops, for R replicas at once.
 
 K encoders Linear(D_in -> H) (encoder k sees input transformation k), one shared hidden
 Linear(H -> H), K decoders Linear(H -> C); path (i, j) = encoder i -> hidden -> decoder j, whose
@@ -15,9 +15,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from gated_ops import GatedPathwayLinear, SGDConfig, gated_cross_entropy, make_plan
+from gated_ops import GDLN, GatedPathwayLinear, SGDConfig, gated_cross_entropy, make_plan
 
-__all__ = ["KPathNet", "kpath_gate", "transform_batch"]
+__all__ = ["KPathNet", "kpath_gate", "transform_batch", "kpath_gdln", "load_kpath_"]
 
 
 def kpath_gate(K: int, N: int, mode: str = "N_plus_mod", seed: int = 0) -> Tensor:
@@ -176,3 +176,34 @@ class KPathNet(nn.Module):
         """
         return gated_cross_entropy(self.path_logits(xk, lookahead), target, gate,
                                    backend=self.backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same network as a GDLN graph (checks that the graph compiler reaches KPathNet's three calls)
+def kpath_gdln(K: int, d_in: int, hidden: int, classes: int = 10, *, bias: bool = True,
+               dtype: torch.dtype | None = None, device: torch.device | str | None = None
+               ) -> GDLN:
+    """The k-path network (docs/math.md section 3) as a graph: input nodes x{i}, encoder outputs
+    e{i} (weight enc{i}), hidden outputs s{i} (one weight "hidden" tied across the K edges) and
+    path outputs o{i}_{j} (weight dec{j} tied across encoders). It compiles to the same three
+    fused calls as :class:`experiments.kpath_net.KPathNet` (batched, shared, fan-out)."""
+    nodes = {f"x{i}": d_in for i in range(K)} | {f"e{i}": hidden for i in range(K)} \
+        | {f"s{i}": hidden for i in range(K)} \
+        | {f"o{i}_{j}": classes for i in range(K) for j in range(K)}
+    edges = [(f"x{i}", f"e{i}", f"enc{i}") for i in range(K)] \
+        + [(f"e{i}", f"s{i}", "hidden") for i in range(K)] \
+        + [(f"s{i}", f"o{i}_{j}", f"dec{j}") for i in range(K) for j in range(K)]
+    return GDLN(nodes, edges, bias=bias, dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def load_kpath_(g: GDLN, net, replica: int = 0) -> GDLN:
+    """Copy replica ``replica`` of a KPathNet's weights into a :func:`kpath_gdln` graph."""
+    K = net.K
+    layers = (("enc{}", net.encoder, K), ("dec{}", net.decoder, K), ("hidden", net.hidden, 1))
+    for name, layer, n in layers:
+        for k in range(n):
+            g.weight(name.format(k)).copy_(layer.weight[replica * n + k])
+            if g.biases is not None and layer.bias is not None:
+                g.bias(name.format(k)).copy_(layer.bias[replica * n + k])
+    return g

@@ -1,25 +1,25 @@
-"""Theory against simulation for gated deep linear networks (GDLN.md 4.3-4.5): four figures.
+"""Theory against simulation for gated deep linear networks (docs/math.md sections 5-6): four figures.
 
 Run (about 1-2 min on 2 shared CPU cores, 1 thread):
 
     .venv/bin/python experiments/theory_figures.py --out experiments/results/theory
 
 Figure 1 runs the routing network as a ``gated_ops.GDLN`` on the fused pathway op
-(``--engine fused``, the default; ``gated_ops.gdln.routing_network`` / ``train_routing_network``)
+(``--engine fused``, the default; ``experiments.routing_net.routing_network`` / ``train_routing_network``)
 and its theory is built automatically from that graph (``GDLN.reduced_dynamics``); the einsum
-simulator and the hand-written equations of 4.3 (``gated_ops.theory``) are run as the
+simulator and the hand-written equations of docs/math.md section 5 (``gated_ops.theory``) are run as the
 cross-check and their deviations recorded. ``--engine einsum`` uses the einsum simulator and
 the hand-written theory only (no compiled extension needed). Figures 2-3 use the einsum
-simulator (batched over runs), figure 4 path-form gradient descent (4.1).
+simulator (batched over runs), figure 4 path-form gradient descent (docs/math.md section 4).
 
 Writes to --out:
-  fig1_routing_theory_vs_sim.png   routing network of 4.4: loss and per-layer singular values,
+  fig1_routing_theory_vs_sim.png   routing network of docs/math.md section 5: loss and per-layer singular values,
                                    discrete theory against simulation (decoupled init, 10 random seeds)
   fig2_small_vs_large_init.png     small (gain 0.2) versus large (gain 2.0) random init: rich vs lazy
   fig3_init_scale_generalization.png  trained and untrained pair error after training vs init gain
   fig4_shared_vs_unshared_race.png  shared versus per-pair hidden layer, and a shared and a private
                                    pathway racing for the same output (reduced theory vs GDLN gradient
-                                   descent with the path-form gradient of 4.1)
+                                   descent with the path-form gradient of docs/math.md section 4)
   config.json, summary.json        the full config; max deviation theory vs simulation per figure
 
 A bad flag exits with one line on stderr and status 2 before anything is computed or written;
@@ -57,24 +57,27 @@ def load_theory():
     try:
         return importlib.import_module("gated_ops.theory")
     except Exception:  # noqa: BLE001 - fall back to the dependency-free module file
-        path = Path(__file__).resolve().parents[1] / "gated_ops" / "theory.py"
-        spec = importlib.util.spec_from_file_location("gated_ops_theory_standalone", path)
+        path = Path(__file__).resolve().parents[1] / "gated_ops" / "theory" / "__init__.py"
+        spec = importlib.util.spec_from_file_location(
+            "gated_ops_theory_standalone", path, submodule_search_locations=[str(path.parent)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
         return module
 
 
-def load_gdln():
-    """``gated_ops.gdln`` (needs the compiled extension), or None; --engine fused then fails."""
+def load_fused(name: str):
+    """A module that needs the compiled extension (``gated_ops.gdln``,
+    ``experiments.routing_net``), or None; --engine fused then fails."""
     try:
-        return importlib.import_module("gated_ops.gdln")
+        return importlib.import_module(name)
     except ImportError:
         return None
 
 
 theory = load_theory()
-gdln = load_gdln()
+gdln = load_fused("gated_ops.gdln")
+routing_net = load_fused("experiments.routing_net")
 
 try:
     from experiments.configs import OneLineParser
@@ -89,7 +92,7 @@ class Config:
     out: str = "experiments/results/theory"
     threads: int = 1  # tiny ops: 1 thread avoids OpenMP spin-waiting on a shared 2-core machine
     engine: str = "fused"  # figure 1: "fused" (gated_ops.GDLN) or "einsum" (theory's simulator)
-    # figure 1 (GDLN.md 4.4)
+    # figure 1 (docs/math.md section 5)
     b0: float = 0.08
     lr: float = 0.02
     steps: int = 500
@@ -99,14 +102,14 @@ class Config:
     large_gain: float = 2.0
     large_lr: float = 0.005
     fig2_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    # figure 3 (GDLN.md 4.5 check 8)
+    # figure 3 (docs/math.md section 6)
     sweep_gains: list[float] = field(default_factory=lambda: torch.linspace(0.2, 2.5, 11).tolist())
     sweep_lr0: float = 0.006  # lr = sweep_lr0 / gain^(1/3)
     sweep_steps: int = 700
     sweep_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     # figure 4
     race_hidden: int = 16  # hidden width of the GDLN simulation (4 modes need >= 4)
-    race_dt43: float = 0.05  # gradient-flow time per GD step, in the units of GDLN.md 4.3
+    race_dt43: float = 0.05  # gradient-flow time per GD step, in the gradient-flow time units
     race_t43: float = 30.0
 
     def __post_init__(self) -> None:
@@ -171,7 +174,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if out.exists() and not out.is_dir():
         p.error(f"--out: {cfg.out} exists and is not a directory; expected a directory "
                 "(created if missing)")
-    if cfg.engine == "fused" and gdln is None:
+    if cfg.engine == "fused" and (gdln is None or routing_net is None):
         p.error("--engine fused needs gated_ops built (pip install --no-build-isolation -e .); "
                 "or run with --engine einsum")
     return cfg
@@ -189,13 +192,13 @@ def _stack_runs(runs: list) -> SimpleNamespace:
 
 
 def graph_theory(rn, task, b0: float, lr: float, steps: int) -> SimpleNamespace:
-    """Discrete theory of 4.4 built automatically from the routing GDLN: its reduced dynamics
+    """Discrete theory of docs/math.md section 5 built automatically from the routing GDLN: its reduced dynamics
     (GDLN.reduced_dynamics with the trained contexts at their batch frequency and the data's
     modes), one Euler step per SGD step (dt = 2 K M lr / N in GDLN time), and the reduced loss.
     Same fields as theory.routing_theory (b1, b2, b3 of module 0 / hidden / output module 0)."""
     modes = gdln.data_modes(task.X, task.Y)
     dyn = rn.net.reduced_dynamics(modes.s, rn.node_gates, lam=modes.lam)
-    scale = 2 * len(rn.pairs) / task.N_out  # the 4.4 loss is scale * GDLN.loss
+    scale = 2 * len(rn.pairs) / task.N_out  # the notebooks' loss is scale * GDLN.loss
     traj = theory.euler(dyn, torch.full((task.rank, len(dyn.edges)), float(b0), dtype=F64), scale * lr, steps)
     return SimpleNamespace(
         b1=traj[..., dyn.index("in0")],
@@ -208,19 +211,19 @@ def graph_theory(rn, task, b0: float, lr: float, steps: int) -> SimpleNamespace:
 def figure1(cfg: Config, task, out: Path) -> dict:
     cross: dict = {}
     rnd_b0 = theory.routing_theory_b0("random", cfg.small_gain)
-    # the einsum simulator and the hand-written 4.3 theory: the engine of --engine einsum, and
+    # the einsum simulator and the hand-written routing theory: the engine of --engine einsum, and
     # the cross-check of the fused runs
     dec_e = theory.simulate_routing_network(task, "decoupled", lr=cfg.lr, steps=cfg.steps, b0=cfg.b0)
     rnd_e = theory.simulate_routing_network(task, "random", cfg.small_gain, cfg.lr, cfg.steps, seed=cfg.seeds)
     th_hand = theory.routing_theory(task, cfg.b0, cfg.lr, cfg.steps)
     th_rnd_hand = theory.routing_theory(task, rnd_b0, cfg.lr, cfg.steps)
     if cfg.engine == "fused":
-        rn = gdln.routing_network(task.M, task.K, task.hidden, task.D, task.N_out, dtype=F64)
-        dec = gdln.train_routing_network(rn, task, "decoupled", lr=cfg.lr, steps=cfg.steps, b0=cfg.b0,
+        rn = routing_net.routing_network(task.M, task.K, task.hidden, task.D, task.N_out, dtype=F64)
+        dec = routing_net.train_routing_network(rn, task, "decoupled", lr=cfg.lr, steps=cfg.steps, b0=cfg.b0,
                                          track_untrained=False)
         rnd = _stack_runs(
             [
-                gdln.train_routing_network(rn, task, "random", cfg.small_gain, cfg.lr, cfg.steps, seed=sd,
+                routing_net.train_routing_network(rn, task, "random", cfg.small_gain, cfg.lr, cfg.steps, seed=sd,
                                            track_untrained=False)
                 for sd in cfg.seeds
             ]
@@ -242,7 +245,7 @@ def figure1(cfg: Config, task, out: Path) -> dict:
             ),
             "note": (
                 "simulation: gated_ops.GDLN on the fused pathway op, checked against the einsum simulator; "
-                "theory: built automatically from the GDLN graph, checked against the hand-written 4.3 map"
+                "theory: built automatically from the GDLN graph, checked against the hand-written routing map"
             ),
         }
     else:
@@ -282,12 +285,12 @@ def figure1(cfg: Config, task, out: Path) -> dict:
     how = (
         "simulation: gated_ops.GDLN on the fused pathway op; theory: GDLN.reduced_dynamics of the same graph"
         if cfg.engine == "fused"
-        else "simulation: einsum simulator; theory: the equations of GDLN.md 4.3"
+        else "simulation: einsum simulator; theory: the equations of docs/math.md section 5"
     )
     fig.suptitle(
         f"Routing network (M={task.M}, K={task.K}, H={task.hidden}): {how}\n"
         f"theory = one Euler step per SGD step (lr {cfg.lr}, dt = {theory.routing_sgd_dt(task, cfg.lr):.3f} "
-        "in 4.3 units); random init: theory b0 = gain/2.5",
+        "in gradient-flow time units); random init: theory b0 = gain/2.5",
         fontsize=10,
     )
     fig.tight_layout()
@@ -306,7 +309,7 @@ def figure1(cfg: Config, task, out: Path) -> dict:
         "cross_checks": cross,
         "max_deviation": {
             "value": float((dec.loss - th.loss).abs().max()),
-            "what": "max over steps of |simulated loss - discrete theory loss|, decoupled init (GDLN.md 4.5 check 3)",
+            "what": "max over steps of |simulated loss - discrete theory loss|, decoupled init (docs/math.md section 6)",
         },
         "decoupled_sv_max_abs_dev": dec_sv_dev,
         "decoupled_half_rise_steps": theory.half_rise_index(dec.sv_hidden).tolist(),
@@ -456,7 +459,7 @@ def figure3(cfg: Config, task, out: Path) -> dict:
         xlabel="init gain (random orthogonal)",
         ylabel="||Y - out||$^2$/2 after training",
         yscale="log",
-        title="(b) log scale, with the thresholds of GDLN.md 4.5 check 8",
+        title="(b) log scale, with the thresholds of docs/math.md section 6",
     )
     ax.legend(fontsize=8)
     fig.suptitle(
@@ -502,7 +505,7 @@ def _aligned_gdln_weights(graph, task, b0: float, gen: torch.Generator):
 
 
 def _gdln_gradient_descent(task, hidden: str, lr: float, steps: int, b0: float, seed: int = 0):
-    """GD on the GDLN loss of 4.1 (path-form gradient); returns mode strengths (steps + 1, E, r)
+    """GD on the GDLN loss of docs/math.md section 4 (path-form gradient); returns mode strengths (steps + 1, E, r)
     and the reduced dynamics with s_p, d_{j,p} read off the path correlations."""
     graph, x, y, gates = theory.routing_gdln(task, hidden)
     corr = theory.path_correlations(graph, x, y, gates)
@@ -533,7 +536,7 @@ def _in_graph_order(f, b_f: torch.Tensor) -> torch.Tensor:
 def figure4(cfg: Config, out: Path) -> dict:
     task = theory.routing_network_task(hidden=cfg.race_hidden)
     n = len(task.pairs) * task.P  # GDLN samples: contexts x items
-    to43 = task.M**2 / n  # GDLN time (s_p = s/n, d = 1/n) -> time in the units of 4.3 (1/M^2)
+    to43 = task.M**2 / n  # GDLN time (s_p = s/n, d = 1/n) -> time in the units of docs/math.md section 5 (1/M^2)
     lr = cfg.race_dt43 / to43
     steps = round(cfg.race_t43 / cfg.race_dt43)
     t = torch.arange(steps + 1) * cfg.race_dt43
@@ -566,7 +569,7 @@ def figure4(cfg: Config, out: Path) -> dict:
     for t_half, color in ((race.t_half_shared, "tab:blue"), (race.t_half_unshared, "tab:orange")):
         ax.axvline(t_half, color=color, ls=":", lw=1)
     ax.set(
-        xlabel="time (units of GDLN.md 4.3)",
+        xlabel="time (gradient-flow time units)",
         ylabel=f"hidden mode strength $b_2$ (mode 1, s = {float(task.s[mode]):.2f})",
         title=f"(a) shared vs per-pair hidden: half-rise t = {race.t_half_shared:.1f} vs {race.t_half_unshared:.1f}",
         xlim=(0, cfg.race_t43),
@@ -592,13 +595,13 @@ def figure4(cfg: Config, out: Path) -> dict:
     ax.axhline(float(task.s[mode]), color="gray", ls=":", lw=1)
     share = float(th_sh[-1] / (th_sh[-1] + th_pr[-1]))
     ax.set(
-        xlabel="time (units of GDLN.md 4.3)",
+        xlabel="time (gradient-flow time units)",
         ylabel=f"pathway strength (mode 1, s = {float(task.s[mode]):.2f})",
         title=f"(b) shared + private pathway, same output: shared wins ({share:.0%})",
         xlim=(0, cfg.race_t43),
     )
     ax.legend(fontsize=8)
-    fig.suptitle("Neural race (GDLN.md 4.2): pathways shared by many contexts learn faster and take the output")
+    fig.suptitle("Neural race (docs/math.md section 5): pathways shared by many contexts learn faster and take the output")
     fig.tight_layout()
     fig.savefig(out / "fig4_shared_vs_unshared_race.png", dpi=120)
     plt.close(fig)
@@ -615,7 +618,7 @@ def figure4(cfg: Config, out: Path) -> dict:
         torch.maximum((sim_sh - th_sh).abs(), (sim_pr - th_pr).abs()).max()
     )
     summary["gd_vs_continuous_rk4_note"] = (
-        f"GD is the Euler map with dt = {cfg.race_dt43} (4.3 units); against the continuous theory "
+        f"GD is the Euler map with dt = {cfg.race_dt43} (gradient-flow time units); against the continuous theory "
         "the gap is a small time shift, large pointwise only on the steep rise"
     )
     return summary

@@ -1,4 +1,4 @@
-"""Gated deep linear networks as graphs, compiled to the fused pathway op (GDLN.md section 1).
+"""Gated deep linear networks as graphs, compiled to the fused pathway op (docs/math.md section 1).
 
     h_v = g_v * sum_{e=(u->v)} g_e W_e h_u
 
@@ -15,18 +15,17 @@ Gates are tensors: ``node_gates`` (num_nodes, B) and ``edge_gates`` (num_edges, 
 of :attr:`GDLN.nodes` / :attr:`GDLN.edges` (None = all ones); :meth:`GDLN.gates` builds them
 from dicts.
 
-The theory of GDLN.md 4 is one call away from the graph (it lives in :mod:`gated_ops.theory`,
+The theory of docs/math.md sections 4-5 is one call away from the graph (it lives in :mod:`gated_ops.theory`,
 which is independent of the compiled op, so that simulations can be checked against it):
 
 * :meth:`GDLN.theory_graph`, :meth:`GDLN.path_correlations`, :meth:`GDLN.path_form_gradient`:
-  the exact path-form gradient of 4.1 of this network's loss (tied weights: summed over edges).
-* :meth:`GDLN.reduced_dynamics`: the one-dimensional race dynamics of 4.2, built from the graph's
+  the exact path-form gradient of docs/math.md section 4 of this network's loss (tied weights: summed over edges).
+* :meth:`GDLN.reduced_dynamics`: the one-dimensional race dynamics of docs/math.md section 5, built from the graph's
   pathways, a gating distribution (gates per context, context probabilities) and the data's
   mode strengths (:func:`data_modes`); :meth:`GDLN.set_aligned_` / :meth:`GDLN.mode_strengths`
   move between weights and mode strengths.
-* :func:`routing_network`: the routing network of GDLN.md 4.3/4.4 as a GDLN, with the context
-  gates of its trained pairs; :func:`train_routing_network` trains it on the fused op by
-  full-batch SGD and records what :func:`gated_ops.theory.simulate_routing_network` records.
+* The routing network of the paper's worked example as a GDLN, trained on the fused op and
+  compared with :func:`gated_ops.theory.simulate_routing_network`: ``experiments/routing_net.py``.
 
 Time units: with ``tau = 1``, one SGD step of size ``lr`` on :meth:`GDLN.loss` is one Euler step
 ``dt = lr`` of the reduced dynamics built with the contexts' empirical frequencies as ``probs``.
@@ -47,8 +46,7 @@ from .plan import PathwayPlan, make_plan
 if TYPE_CHECKING:  # the theory module imports scipy: loaded on first use, not with gated_ops
     from . import theory as _theory_t
 
-__all__ = ["GDLN", "Edge", "Pathway", "kpath_gdln", "load_kpath_", "GraphReducedDynamics", "DataModes", "data_modes",
-           "RoutingNetwork", "routing_network", "train_routing_network"]
+__all__ = ["GDLN", "Edge", "Pathway", "GraphReducedDynamics", "DataModes", "data_modes"]
 
 
 def _theory():
@@ -368,7 +366,7 @@ class GDLN(nn.Module):
 
     def loss(self, outputs: dict[str, Tensor], targets: dict[str, Tensor],
              node_gates: Tensor | None = None) -> Tensor:
-        """L = < 1/2 sum_{v out} ||g_v y_v - h_v||^2 > over the batch (GDLN.md section 4)."""
+        """L = < 1/2 sum_{v out} ||g_v y_v - h_v||^2 > over the batch (docs/math.md section 4)."""
         missing = [n for n in self.outputs if n not in targets or n not in outputs]
         if missing:
             raise ValueError(f"outputs, targets: missing output nodes {missing}")
@@ -378,7 +376,7 @@ class GDLN(nn.Module):
             y = y * node_gates[self._index["out_cols"]].T
         return 0.5 * (y - h).square().sum(-1).mean()
 
-    # -- theory (GDLN.md 4): exact path-form gradient ------------------------------------------
+    # -- theory (docs/math.md sections 4-5): exact path-form gradient ------------------------------------------
     def theory_graph(self) -> "_theory_t.GDLNGraph":
         """This network as a :class:`gated_ops.theory.GDLNGraph`: edge ``e`` of the theory graph
         is ``self.edges[e]`` (as the pair of node names), pathway ``q`` is
@@ -409,7 +407,7 @@ class GDLN(nn.Module):
     def path_correlations(self, inputs: dict[str, Tensor], targets: dict[str, Tensor],
                           node_gates: Tensor | None = None, edge_gates: Tensor | None = None
                           ) -> "_theory_t.PathCorrelations":
-        """Gated path correlations ``Sxy(p)``, ``Sxx(j, p)`` of GDLN.md 4.1 for this network's
+        """Gated path correlations ``Sxy(p)``, ``Sxx(j, p)`` of docs/math.md section 4 for this network's
         :meth:`loss` on a batch (pathways indexed as in :meth:`pathways`). Gates as in
         :meth:`forward`; targets enter gated by their node's gate, as in :meth:`loss`."""
         x, y, gates = self._theory_data(inputs, targets, node_gates, edge_gates)
@@ -418,14 +416,14 @@ class GDLN(nn.Module):
     def path_form_gradient(self, inputs: dict[str, Tensor], targets: dict[str, Tensor],
                            node_gates: Tensor | None = None, edge_gates: Tensor | None = None
                            ) -> dict[str, Tensor]:
-        """``dL/dW`` of :meth:`loss` for every weight, from the path-form formula of GDLN.md 4.1
+        """``dL/dW`` of :meth:`loss` for every weight, from the path-form formula of docs/math.md section 4
         (no autograd): ``{weight name: (D_out, D_in)}`` in :attr:`weight_names` order. A weight
         shared by several edges gets the sum of its edges' path-form gradients (chain rule).
 
         Needs ``bias=False``: with biases the gradient is not a sum over pathways.
         """
         if self.biases is not None:
-            raise ValueError("path_form_gradient: the path form of GDLN.md 4.1 is for networks "
+            raise ValueError("path_form_gradient: the path form of docs/math.md section 4 is for networks "
                              "without biases; this GDLN was built with bias=True")
         th = _theory()
         x, y, gates = self._theory_data(inputs, targets, node_gates, edge_gates)
@@ -437,7 +435,7 @@ class GDLN(nn.Module):
             out[e.weight] = out[e.weight] + g if e.weight in out else g
         return {n: out[n] for n in self.weight_names}
 
-    # -- theory (GDLN.md 4.2): reduced race dynamics ------------------------------------------
+    # -- theory (docs/math.md section 5): reduced race dynamics ------------------------------------------
     def reduced_pathways(self) -> list[tuple[str, ...]]:
         """Every pathway as the tuple of its weight names (input to output): the pathways of
         the reduced dynamics, whose state is one mode strength per weight (tied edges share
@@ -447,13 +445,13 @@ class GDLN(nn.Module):
             if len(set(names)) != len(names):
                 raise ValueError(f"reduced_pathways: the pathway {p.src} -> {p.dst} uses the "
                                  f"same weight twice ({names}); the reduced dynamics of "
-                                 f"GDLN.md 4.2 need each weight at most once per pathway")
+                                 f"docs/math.md section 5 need each weight at most once per pathway")
         return paths
 
     def mode_statistics(self, s: Tensor | Sequence[float], node_gates: Tensor | None = None,
                         edge_gates: Tensor | None = None, probs: Tensor | None = None, *,
                         lam: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
-        """``s_p`` and ``d_{j,p}`` of GDLN.md 4.2 for every mode, from a gating distribution.
+        """``s_p`` and ``d_{j,p}`` of docs/math.md section 5 for every mode, from a gating distribution.
 
         The distribution is C contexts, column ``c`` of ``node_gates (num_nodes, C)`` /
         ``edge_gates (num_edges, C)`` holding context c's gates, with probabilities ``probs (C,)``
@@ -500,7 +498,7 @@ class GDLN(nn.Module):
     def reduced_dynamics(self, s: Tensor | Sequence[float], node_gates: Tensor | None = None,
                          edge_gates: Tensor | None = None, probs: Tensor | None = None, *,
                          lam: Tensor | float = 1.0, tau: float = 1.0) -> "GraphReducedDynamics":
-        """The reduced race dynamics of GDLN.md 4.2 of this graph, built automatically.
+        """The reduced race dynamics of docs/math.md section 5 of this graph, built automatically.
 
         The gating distribution and the data's mode strengths are as in
         :meth:`mode_statistics` (contexts as gate columns, ``probs``, ``s``, ``lam``; use
@@ -513,7 +511,7 @@ class GDLN(nn.Module):
 
         so a weight on many active pathways (or shared by many edges) sums their gradients.
 
-        Assumptions under which this is the exact gradient flow of :meth:`loss` (GDLN.md 4.2):
+        Assumptions under which this is the exact gradient flow of :meth:`loss` (docs/math.md section 5):
 
         1. shared mode bases: in every context the input-output correlation of every active
            output node v and input node u is ``U_v diag(s_c) V_u^T`` and the input correlation
@@ -525,7 +523,7 @@ class GDLN(nn.Module):
            (:meth:`set_aligned_`). Gradient flow then keeps the bases fixed.
 
         Balance and small initial strengths are not needed for exactness; they are what the
-        closed forms of 4.2/4.3 assume. A random init breaks assumption 3; a small one becomes
+        closed forms of docs/math.md section 5 assume. A random init breaks assumption 3; a small one becomes
         roughly aligned early in learning, a large one does not (lazy): that is where simulation
         and theory part. With ``tau = 1``, one SGD step of size ``lr`` on :meth:`loss` is one
         Euler step ``dt = lr`` when ``probs`` are the contexts' frequencies in the batch.
@@ -633,7 +631,7 @@ class GraphReducedDynamics:
 
 @dataclass(frozen=True)
 class DataModes:
-    """Modes of a data set (GDLN.md 4.2): ``<y x^T> = U diag(s) V^T`` and the input variance
+    """Modes of a data set (docs/math.md section 5): ``<y x^T> = U diag(s) V^T`` and the input variance
     along each mode, ``lam = diag(V^T <x x^T> V)``; ``off_diagonal`` = max |off-diagonal entry|
     of ``V^T <x x^T> V`` (0 when the inputs share the modes, as the reduction assumes)."""
 
@@ -659,192 +657,3 @@ def data_modes(x: Tensor, y: Tensor, tol: float = 1e-10) -> DataModes:
     cov = v.T @ (x.T @ x / n) @ v
     off = cov - torch.diag(torch.diagonal(cov))
     return DataModes(sv, torch.diagonal(cov).clone(), u, v, float(off.abs().max()) if r > 1 else 0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# The routing network of GDLN.md 4.3 / 4.4
-# ---------------------------------------------------------------------------------------------
-
-
-def kpath_gdln(K: int, d_in: int, hidden: int, classes: int = 10, *, bias: bool = True,
-               dtype: torch.dtype | None = None, device: torch.device | str | None = None
-               ) -> GDLN:
-    """The k-path network (GDLN.md section 2) as a graph: input nodes x{i}, encoder outputs
-    e{i} (weight enc{i}), hidden outputs s{i} (one weight "hidden" tied across the K edges) and
-    path outputs o{i}_{j} (weight dec{j} tied across encoders). It compiles to the same three
-    fused calls as :class:`experiments.kpath_net.KPathNet` (batched, shared, fan-out)."""
-    nodes = {f"x{i}": d_in for i in range(K)} | {f"e{i}": hidden for i in range(K)} \
-        | {f"s{i}": hidden for i in range(K)} \
-        | {f"o{i}_{j}": classes for i in range(K) for j in range(K)}
-    edges = [(f"x{i}", f"e{i}", f"enc{i}") for i in range(K)] \
-        + [(f"e{i}", f"s{i}", "hidden") for i in range(K)] \
-        + [(f"s{i}", f"o{i}_{j}", f"dec{j}") for i in range(K) for j in range(K)]
-    return GDLN(nodes, edges, bias=bias, dtype=dtype, device=device)
-
-
-@torch.no_grad()
-def load_kpath_(g: GDLN, net, replica: int = 0) -> GDLN:
-    """Copy replica ``replica`` of a KPathNet's weights into a :func:`kpath_gdln` graph."""
-    K = net.K
-    layers = (("enc{}", net.encoder, K), ("dec{}", net.decoder, K), ("hidden", net.hidden, 1))
-    for name, layer, n in layers:
-        for k in range(n):
-            g.weight(name.format(k)).copy_(layer.weight[replica * n + k])
-            if g.biases is not None and layer.bias is not None:
-                g.bias(name.format(k)).copy_(layer.bias[replica * n + k])
-    return g
-
-
-@dataclass(frozen=True)
-class RoutingNetwork:
-    """The routing network of GDLN.md 4.3 as a :class:`GDLN` (built by :func:`routing_network`).
-
-    Nodes: input ``"x"`` (D), input modules ``"a0".."a{M-1}"`` (H), shared hidden ``"h"`` (H),
-    output modules ``"y0".."y{M-1}"`` (N). Edges: ``x -> a_i`` (weight ``"in{i}"``), ``a_i -> h``
-    (all tied to ``"hidden"``), ``h -> y_j`` (weight ``"out{j}"``): three fused calls per
-    forward. Context (i, j) turns on node gates x, a_i, h, y_j and no others, so its only
-    active pathway is ``x -> a_i -> h -> y_j`` computing ``W_out_j W_hidden W_in_i x``.
-
-    Attributes:
-        net: the GDLN.
-        M, K: modules and trained output modules per input module.
-        pairs: the K M trained contexts (i, j), row-major (as ``theory.RoutingTask.pairs``).
-        node_gates: ``(num_nodes, K M)``, column c = the gates of context ``pairs[c]``.
-    """
-
-    net: GDLN
-    M: int
-    K: int
-    pairs: tuple[tuple[int, int], ...]
-    node_gates: Tensor
-
-    @property
-    def untrained_pairs(self) -> tuple[tuple[int, int], ...]:
-        trained = set(self.pairs)
-        return tuple((i, j) for i in range(self.M) for j in range(self.M) if (i, j) not in trained)
-
-    def context_gates(self, pairs: Sequence[tuple[int, int]]) -> Tensor:
-        """Node gates ``(num_nodes, len(pairs))`` of the given contexts (i, j)."""
-        return _routing_context_gates(self.net, self.M, pairs)
-
-    def batch(self, X: Tensor, Y: Tensor, pairs: Sequence[tuple[int, int]] | None = None
-              ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        """Every context times every item, context-major (sample ``c P + k``: item k in context
-        ``pairs[c]``, default the trained pairs): ``(inputs, targets, node_gates (N, C P))``.
-        ``X (P, D)`` items, ``Y (P, N)`` targets (the same for every context)."""
-        pairs = self.pairs if pairs is None else tuple(pairs)
-        P = X.shape[0]
-        xs = X.repeat(len(pairs), 1)
-        ys = Y.repeat(len(pairs), 1)
-        gates = self.context_gates(pairs).repeat_interleave(P, dim=1)
-        return {"x": xs}, {f"y{j}": ys for j in range(self.M)}, gates
-
-    def module_weights(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``W1 (M, H, D)`` input modules, ``W2 (H, H)`` hidden, ``W3 (M, N, H)`` output modules
-        (copies; differentiable)."""
-        net = self.net
-        return (net.stacked_weights([f"in{i}" for i in range(self.M)]), net.weight("hidden"),
-                net.stacked_weights([f"out{j}" for j in range(self.M)]))
-
-    def load_(self, W1: Tensor, W2: Tensor, W3: Tensor) -> "RoutingNetwork":
-        """Copy ``W1 (M, H, D)``, ``W2 (H, H)``, ``W3 (M, N, H)`` into the network."""
-        with torch.no_grad():
-            for i in range(self.M):
-                self.net.weight(f"in{i}").copy_(W1[i])
-                self.net.weight(f"out{i}").copy_(W3[i])
-            self.net.weight("hidden").copy_(W2)
-        return self
-
-
-def routing_network(M: int = 7, K: int = 4, hidden: int = 64, d_in: int = 4, d_out: int = 7,
-                    offsets: Sequence[int] | None = None, *, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> RoutingNetwork:
-    """The routing network of GDLN.md 4.3/4.4 as a :class:`GDLN`, with the context gates of its
-    trained pairs: input module i is trained with output modules ``(i + o) mod M`` for ``o`` in
-    ``offsets`` (default ``-1, 0, ..., K-2``: 28 of 49 pairs for M = 7, K = 4), as
-    :func:`gated_ops.theory.routing_network_task`. No biases (the theory has none)."""
-    if not 1 <= K <= M:
-        raise ValueError(f"K: need 1 <= K <= M, got M={M}, K={K}")
-    offsets = tuple(range(-1, K - 1)) if offsets is None else tuple(int(o) for o in offsets)
-    if len({o % M for o in offsets}) != K:
-        raise ValueError(f"offsets: expected {K} offsets distinct mod M={M}, got {offsets}")
-    nodes = ({"x": d_in} | {f"a{i}": hidden for i in range(M)} | {"h": hidden}
-             | {f"y{j}": d_out for j in range(M)})
-    edges = ([("x", f"a{i}", f"in{i}") for i in range(M)]
-             + [(f"a{i}", "h", "hidden") for i in range(M)]
-             + [("h", f"y{j}", f"out{j}") for j in range(M)])
-    net = GDLN(nodes, edges, dtype=dtype, device=device)
-    pairs = tuple(sorted({(i, (i + o) % M) for i in range(M) for o in offsets}))
-    return RoutingNetwork(net, M, K, pairs, _routing_context_gates(net, M, pairs))
-
-
-def _routing_context_gates(net: GDLN, M: int, pairs: Sequence[tuple[int, int]]) -> Tensor:
-    idx = {n: k for k, n in enumerate(net.node_names)}
-    g = torch.zeros(len(net.node_names), len(pairs), dtype=net._dtype, device=net._device)
-    for c, (i, j) in enumerate(pairs):
-        if not (0 <= i < M and 0 <= j < M):
-            raise ValueError(f"pairs: context {(i, j)} outside 0..{M - 1}")
-        g[[idx["x"], idx[f"a{i}"], idx["h"], idx[f"y{j}"]], c] = 1.0
-    return g
-
-
-def train_routing_network(rn: RoutingNetwork, task: "_theory_t.RoutingTask",
-                          init: str = "decoupled", gain: float = 0.2, lr: float = 0.02,
-                          steps: int = 500, seed: int = 0, *, b0: float = 0.08,
-                          track_svd: bool = True, track_untrained: bool = True
-                          ) -> "_theory_t.RoutingRun":
-    """Train the routing network on the fused op by full-batch SGD (GDLN.md 4.4) and record
-    what :func:`gated_ops.theory.simulate_routing_network` records, from the same initial
-    weights (:func:`gated_ops.theory.routing_init` with ``init``, ``gain``, ``seed``, ``b0``).
-
-    The batch is every trained context times every item (K M P samples); the loss of 4.4,
-    ``sum_{(i,j) trained} ||Y^T - out_ij||_F^2 / (P N)``, is ``2 K M / N`` times
-    :meth:`GDLN.loss` on it, so SGD with ``lr`` on it is an Euler step ``dt = 2 K M lr / N`` of
-    the network's own :meth:`GDLN.reduced_dynamics` (contexts at their batch frequency).
-    ``track_untrained``: also evaluate the untrained pairs every step (one more forward, no
-    grad); otherwise ``untrained_error`` is NaN.
-    """
-    th = _theory()
-    net = rn.net
-    if tuple(task.pairs) != rn.pairs or (task.M, task.K) != (rn.M, rn.K):
-        raise ValueError("task: its M, K and trained pairs must be those of the routing network")
-    dtype = net._dtype
-    rn.load_(*th.routing_init(task, init, gain, seed, b0, dtype))
-    X, Y = task.X.to(dtype), task.Y.to(dtype)
-    P, N, r = task.P, task.N_out, task.rank
-    inputs, targets, gates = rn.batch(X, Y)
-    un = rn.untrained_pairs
-    if track_untrained and un:
-        inputs_u, targets_u, gates_u = rn.batch(X, Y, un)
-    scale = 2.0 * len(rn.pairs) / N  # loss of 4.4 = scale * GDLN.loss
-    params = list(net.banks.values())
-    loss, tr_err, un_err, sv1, sv2, sv3 = [], [], [], [], [], []
-    for step in range(steps + 1):
-        l_gdln = net.loss(net(inputs, gates), targets, gates)
-        # GDLN.loss = (1 / (C P)) sum_pairs ||Y^T - out||^2 / 2: the mean over pairs of
-        # ||Y^T - out||^2 / 2 is P times it
-        loss.append(scale * l_gdln.detach())
-        tr_err.append(P * l_gdln.detach())
-        if track_untrained and un:
-            with torch.no_grad():
-                un_err.append(P * net.loss(net(inputs_u, gates_u), targets_u, gates_u))
-        else:
-            un_err.append(l_gdln.new_tensor(float("nan")))
-        if track_svd:
-            with torch.no_grad():
-                W1, W2, W3 = rn.module_weights()
-                sv1.append(torch.linalg.svdvals(W1)[:, :r].mean(0))
-                sv2.append(torch.linalg.svdvals(W2)[:r])
-                sv3.append(torch.linalg.svdvals(W3)[:, :r].mean(0))
-        if step == steps:
-            break
-        grads = torch.autograd.grad(scale * l_gdln, params)
-        with torch.no_grad():
-            for w, g in zip(params, grads):  # three banks, not one update per edge
-                w.sub_(lr * g)
-    empty = torch.zeros(0, r, dtype=dtype)
-    with torch.no_grad():
-        W1, W2, W3 = rn.module_weights()
-    return th.RoutingRun(torch.stack(loss), torch.stack(tr_err), torch.stack(un_err),
-                         torch.stack(sv1) if sv1 else empty, torch.stack(sv2) if sv2 else empty,
-                         torch.stack(sv3) if sv3 else empty, W1, W2, W3)

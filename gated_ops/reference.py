@@ -4,7 +4,7 @@ Every compiled backend (CPU C++, CUDA, Triton) must agree with these functions; 
 them in float64. They are differentiable with plain autograd and run on any device and dtype, so
 they are also the documented fallback (slow: they materialise one weight copy per pathway).
 
-Notation (GDLN.md section 1): a pathway p reads source s_p, multiplies by weight m_p and adds its
+Notation (docs/math.md section 1): a pathway p reads source s_p, multiplies by weight m_p and adds its
 gated output into destination t_p:
 
     y[t] = sum_{p : t_p = t} gate[p] * (x[s_p] @ W[m_p]^T + bias[m_p])                    (1)

@@ -1,6 +1,6 @@
 """Shared by tests and benchmarks: the curated shape table, sample inputs, the tolerance rule.
 
-One table so that tests and benchmarks cannot drift apart (STYLE.md rule 6).
+One table so that tests and benchmarks cannot drift apart.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Table:
 
 
 def kpath_tables(K: int) -> dict[str, Table]:
-    """The three layers of the paper's k-path network (GDLN.md section 2) as pathway tables.
+    """The three layers of the paper's k-path network (docs/math.md section 3) as pathway tables.
 
     encoder: K sources (one input transformation each) -> K weights -> K hidden activations.
     hidden: one weight shared by the K pathways.
@@ -175,7 +175,7 @@ def _wider(t: Tensor, dim: int = -1) -> Tensor:
 
 
 def tolerance(ref64: Tensor, plain: Tensor) -> float:
-    """The house tolerance (STYLE.md rule 5, flash-attention's rule).
+    """The house tolerance (flash-attention's rule; docs/design.md).
 
     A backend's max error against the float64 reference may be at most twice the max error of
     plain PyTorch computing the same thing in the backend's dtype (``plain``), plus a floor of

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gated_ops import GDLN, gated_cross_entropy
-from gated_ops.gdln import kpath_gdln, load_kpath_
+from experiments.kpath_net import kpath_gdln, load_kpath_
 from experiments.kpath_net import KPathNet, kpath_gate
 
 D = torch.float64

@@ -1,8 +1,8 @@
-"""The theory of GDLN.md 4 on the graph API: gated_ops.GDLN against gated_ops.theory.
+"""The theory of docs/math.md sections 4-5 on the graph API: gated_ops.GDLN against gated_ops.theory.
 
 Run: cd /work/main && .venv/bin/python -m pytest tests/test_gdln_theory.py -q   (about 5 s)
 
-Tolerance policy (as in tests/test_theory.py): a check of GDLN.md 4.5 uses exactly the tolerance
+Tolerance policy (as in tests/test_theory.py): a check of docs/math.md section 6 uses exactly the tolerance
 stated there; an identity that holds in real arithmetic is checked in float64 at relative error
 <= 1e-10 (measured errors are quoted next to each assert).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from experiments import routing_net
 from gated_ops import GDLN, gdln, theory
 
 F64 = torch.float64
@@ -32,11 +33,11 @@ def task():
 
 @pytest.fixture(scope="module")
 def rn():
-    return gdln.routing_network(dtype=F64)
+    return routing_net.routing_network(dtype=F64)
 
 
 # ---------------------------------------------------------------------------------------------
-# 4.1 on gated_ops.GDLN: the path-form gradient of the fused network
+# docs/math.md section 4 on gated_ops.GDLN: the path-form gradient of the fused network
 # ---------------------------------------------------------------------------------------------
 
 NODES = {"x1": 3, "x2": 4, "a": 5, "b": 5, "y1": 2, "y2": 3}
@@ -64,7 +65,7 @@ def _random_net(seed: int, binary: bool, B: int = 11):
 @pytest.mark.parametrize("binary", [True, False], ids=["gates01", "real_gates"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_check1_path_form_gradient_equals_autograd_through_fused_op(seed, binary):
-    """4.5 check 1 on gated_ops.GDLN: path-form gradient (theory) = autograd through the fused
+    """theory check 1 on gated_ops.GDLN: path-form gradient (theory) = autograd through the fused
     op, random per-sample node and edge gates, float64, relative error < 1e-5 (measured ~5e-16).
     The tied weight gets the sum of its two edges' path-form gradients."""
     net, inputs, targets, ng, eg = _random_net(seed, binary)
@@ -116,12 +117,12 @@ def test_path_form_gradient_validation():
 
 
 # ---------------------------------------------------------------------------------------------
-# 4.2 / 4.3: reduced dynamics built automatically from the routing-network graph
+# docs/math.md section 5: reduced dynamics built automatically from the routing-network graph
 # ---------------------------------------------------------------------------------------------
 
 
 def _hand_written(b_in, b_hid, b_out, s: float, pairs, M: int):
-    """4.3 per weight, written out: every trained context has probability 1/M^2."""
+    """The routing equations per weight, written out: every trained context has probability 1/M^2."""
     d_in, d_out, d_hid = torch.zeros_like(b_in), torch.zeros_like(b_out), torch.zeros_like(b_hid)
     for i, j in pairs:
         err = s - b_in[i] * b_hid * b_out[j]
@@ -133,8 +134,8 @@ def _hand_written(b_in, b_hid, b_out, s: float, pairs, M: int):
 
 def test_routing_graph_reduced_dynamics_equal_hand_written_43(task, rn):
     """The vector field built from the routing GDLN, its trained contexts' gates (probability
-    1/M^2 each) and the data's singular values equals theory.routing_vector_field (4.3) at random
-    symmetric points, and the per-weight 4.3 equations at random arbitrary points."""
+    1/M^2 each) and the data's singular values equals theory.routing_vector_field (docs/math.md section 5) at random
+    symmetric points, and the per-weight routing equations at random arbitrary points."""
     M, K = task.M, task.K
     assert rn.pairs == tuple(task.pairs)
     probs = torch.full((len(rn.pairs),), 1.0 / M**2, dtype=F64)
@@ -166,9 +167,9 @@ def test_routing_graph_reduced_dynamics_equal_hand_written_43(task, rn):
 
 def test_routing_reduced_dynamics_in_sgd_time(task, rn):
     """Built from the data (data_modes: s / P, lam = 1 / P for X = I_4) with the contexts at their
-    batch frequency 1/(K M), the field is 4.3's in GDLN time; SGD on the 4.4 loss
+    batch frequency 1/(K M), the field is docs/math.md section 5's in GDLN time; SGD on the notebooks' loss
     (2 K M / N times GDLN.loss) with lr is dt = 2 K M lr / N of it, which is
-    theory.routing_sgd_dt in 4.3 units."""
+    theory.routing_sgd_dt in gradient-flow time units."""
     modes = gdln.data_modes(task.X, task.Y)
     assert modes.off_diagonal < 1e-15  # X = I_4: white inputs (measured 4e-17)
     assert _rel(modes.s, task.s / task.P) < 1e-12
@@ -180,7 +181,7 @@ def test_routing_reduced_dynamics_in_sgd_time(task, rn):
     for n in dyn.edges:
         b[:, dyn.index(n)] = b123[:, 0 if n.startswith("in") else 1 if n == "hidden" else 2]
     ref = theory.routing_vector_field(M, K, task.s)(b123)
-    to43 = M / (K * task.P)  # 1/(K M P) per GDLN time unit vs 1/M^2 per 4.3 time unit
+    to43 = M / (K * task.P)  # 1/(K M P) per GDLN time unit vs 1/M^2 per gradient-flow time unit
     got = dyn(b)[:, [dyn.index("in0"), dyn.index("hidden"), dyn.index("out0")]]
     assert _rel(got, to43 * ref) < 1e-12
     lr = 0.02
@@ -188,7 +189,7 @@ def test_routing_reduced_dynamics_in_sgd_time(task, rn):
 
 
 def test_reduction_is_exact_on_the_fused_network(task, rn):
-    """4.2 on the fused op: with aligned weights (random strengths per weight and mode) the
+    """The reduction (docs/math.md section 5) on the fused op: with aligned weights (random strengths per weight and mode) the
     autograd gradient of GDLN.loss on the real batch is diagonal in the mode bases and equals
     -reduced_dynamics (data frequencies); the reduced loss equals GDLN.loss."""
     net = rn.net
@@ -221,7 +222,7 @@ def test_reduction_is_exact_on_the_fused_network(task, rn):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4.4 / 4.5 check 3: the routing network trained on the fused op
+# The notebooks' instance, theory check 3: the routing network trained on the fused op
 # ---------------------------------------------------------------------------------------------
 
 STEPS = 200  # covers the first two drops and the quoted values at steps 0, 100, 175
@@ -230,11 +231,11 @@ STEPS = 200  # covers the first two drops and the quoted values at steps 0, 100,
 def test_check3_routing_network_on_the_fused_op(task, rn):
     """Full-batch SGD on the fused GDLN (decoupled init 0.08 from the data SVD, lr 0.02)
     reproduces theory.simulate_routing_network step for step (float64: |dloss| <= 1e-8 relative,
-    measured 5e-16), and the discrete theory loss within 1e-3 (4.5 check 3: 243.97 at step 0,
-    58.85 at 100, 17.94 at 175), both the hand-written 4.3 map and the one built automatically
+    measured 5e-16), and the discrete theory loss within 1e-3 (theory check 3: 243.97 at step 0,
+    58.85 at 100, 17.94 at 175), both the hand-written routing map and the one built automatically
     from the graph."""
     lr, b0 = 0.02, 0.08
-    run = gdln.train_routing_network(rn, task, "decoupled", lr=lr, steps=STEPS, b0=b0)
+    run = routing_net.train_routing_network(rn, task, "decoupled", lr=lr, steps=STEPS, b0=b0)
     sim = theory.simulate_routing_network(task, "decoupled", lr=lr, steps=STEPS, b0=b0)
     assert run.loss.shape == sim.loss.shape == (STEPS + 1,)
     assert float(((run.loss - sim.loss).abs() / sim.loss.abs().clamp_min(1.0)).max()) < 1e-8
@@ -274,4 +275,4 @@ def test_routing_network_structure(rn, task):
         others = [f"y{k}" for k in range(task.M) if k != j]
         assert all(float(out[v][rows].abs().max()) == 0.0 for v in others)
     with pytest.raises(ValueError, match="offsets"):
-        gdln.routing_network(offsets=(0, 7, 1, 2))
+        routing_net.routing_network(offsets=(0, 7, 1, 2))

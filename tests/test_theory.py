@@ -1,8 +1,8 @@
-"""Tests of gated_ops.theory: every check of GDLN.md 4.5 (1-9) and the closed forms of 4.2-4.3.
+"""Tests of gated_ops.theory: every check of docs/math.md section 6 and the closed forms of docs/math.md section 5.
 
 Run: cd /work/main && .venv/bin/python -m pytest tests/test_theory.py -q   (about 10 s, 2 CPU cores)
 
-Tolerance policy. A check of GDLN.md 4.5 uses exactly the tolerance stated there (quoted in the
+Tolerance policy. A check of docs/math.md section 6 uses exactly the tolerance stated there (quoted in the
 test). Everything else is an identity that holds exactly in real arithmetic, evaluated in float64:
 relative error <= 1e-10 for algebra (vector fields, gradients), or the stated error of the
 numerical method (RK4 truncation, quadrature) with the step size named in the test.
@@ -49,7 +49,7 @@ def task():
 
 @pytest.fixture(scope="module")
 def decoupled_run(task):
-    """GDLN.md 4.4: decoupled init 0.08, lr 0.02, 500 steps."""
+    """docs/math.md section 5: decoupled init 0.08, lr 0.02, 500 steps."""
     return theory.simulate_routing_network(task, "decoupled", lr=0.02, steps=500, seed=0)
 
 
@@ -104,7 +104,7 @@ def test_graph_enumerates_all_pathways():
 
 
 def test_network_output_equals_node_recursion():
-    """The path sum of 4.1 equals the layer-wise model of GDLN.md 1: h_v = g_v sum g_e W_e h_u."""
+    """The path sum of docs/math.md section 4 equals the layer-wise model of docs/math.md section 1: h_v = g_v sum g_e W_e h_u."""
     graph, weights, x, _, node_gates, edge_gates = _random_gdln(0)
     h = dict(x)
     for v in TOPO[2:]:
@@ -122,7 +122,7 @@ def test_network_output_equals_node_recursion():
 @pytest.mark.parametrize("binary", [True, False], ids=["gates01", "real_gates"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_check1_path_form_gradient_equals_autograd(seed, binary):
-    """4.5 check 1: path-form gradient = autograd's, random per-sample gates, float64, rel < 1e-5."""
+    """theory check 1: path-form gradient = autograd's, random per-sample gates, float64, rel < 1e-5."""
     graph, weights, x, y, node_gates, edge_gates = _random_gdln(seed, binary=binary)
     gates = theory.pathway_gates(graph, node_gates, edge_gates)
     params = [w.clone().requires_grad_(True) for w in weights]
@@ -167,7 +167,7 @@ def test_input_validation_names_the_argument():
 
 
 # ---------------------------------------------------------------------------------------------
-# 4.2: closed forms, integrators and the reduction itself
+# docs/math.md section 5: closed forms, integrators and the reduction itself
 # ---------------------------------------------------------------------------------------------
 
 
@@ -190,14 +190,14 @@ def test_balanced_ode_matches_closed_forms():
                 checked += 1
         assert checked >= 2
         assert float(traj[-1]) ** n_layers == pytest.approx(s, rel=1e-6)
-    # N = 2: a = b^2 is the sigmoid of 4.2
+    # N = 2: a = b^2 is the sigmoid of docs/math.md section 5
     traj = theory.rk4(theory.balanced_vector_field(s, 2), torch.tensor(b0, dtype=F64), dt, 3000)
     ref = theory.two_layer_sigmoid(torch.arange(3001, dtype=F64) * dt, s, b0**2)
     assert _rel(traj**2, ref) < 1e-10
 
 
 def _routing_hand_written(b: torch.Tensor, s: float, pairs, M: int) -> torch.Tensor:
-    """4.3 per edge, written out: every context has weight 1/M^2."""
+    """The routing equations per edge, written out: every context has weight 1/M^2."""
     b_in, b_hid, b_out = b[:M], b[M], b[M + 1 :]
     d_in, d_out = torch.zeros_like(b_in), torch.zeros_like(b_out)
     d_hid = torch.zeros_like(b_hid)
@@ -210,7 +210,7 @@ def _routing_hand_written(b: torch.Tensor, s: float, pairs, M: int) -> torch.Ten
 
 
 def test_reduced_dynamics_from_pathways_equals_routing_equations(task):
-    """The vector field built automatically from the routing pathways equals 4.3's equations."""
+    """The vector field built automatically from the routing pathways equals the routing equations."""
     M, K, pairs = task.M, task.K, task.pairs
     paths = theory.routing_pathways(task)
     P = len(paths)
@@ -220,7 +220,7 @@ def test_reduced_dynamics_from_pathways_equals_routing_equations(task):
     order = [("in", i) for i in range(M)] + ["hidden"] + [("out", j) for j in range(M)]
     perm = [f.index(name) for name in order]
     for _ in range(5):
-        # symmetric points (b1, b2, b3): equal to the 3-edge system of 4.3
+        # symmetric points (b1, b2, b3): equal to the 3-edge system of docs/math.md section 5
         b123 = 2 * torch.rand(task.rank, 3, generator=gen, dtype=F64)
         b = torch.empty(task.rank, len(f.edges), dtype=F64)
         b[:, perm] = torch.cat([b123[:, :1].expand(-1, M), b123[:, 1:2], b123[:, 2:].expand(-1, M)], 1)
@@ -238,7 +238,7 @@ def test_reduced_dynamics_from_pathways_equals_routing_equations(task):
 
 @pytest.mark.parametrize("hidden", ["shared", "per_pair", "both"])
 def test_reduction_is_exact_for_aligned_weights(task, hidden):
-    """4.2 on a real GDLN: with aligned weights (any per-edge, per-mode strengths) the path-form
+    """The reduction (docs/math.md section 5) on a real GDLN: with aligned weights (any per-edge, per-mode strengths) the path-form
     gradient is diagonal in the mode bases and equals the reduced vector field, with s_p and
     d_{j,p} read off the path correlations."""
     graph, x, y, gates = theory.routing_gdln(task, hidden)
@@ -272,7 +272,7 @@ def test_reduction_is_exact_for_aligned_weights(task, hidden):
 
 
 def test_routing_conservation_law_under_rk4(task):
-    """b2^2 - M b1^2 and b1 - b3 are conserved by the flow of 4.3 (RK4, dt 0.01: drift < 1e-9)."""
+    """b2^2 - M b1^2 and b1 - b3 are conserved by the flow of docs/math.md section 5 (RK4, dt 0.01: drift < 1e-9)."""
     M, K = task.M, task.K
     gen = torch.Generator().manual_seed(3)
     b0 = 0.05 + 0.2 * torch.rand(task.rank, 3, generator=gen, dtype=F64)
@@ -301,7 +301,7 @@ def test_routing_fixed_point(task):
 
 
 def test_routing_time_quadrature_matches_rk4(task):
-    """The implicit exact solution t(b2) of 4.3 (quadrature) against RK4 (dt 0.005)."""
+    """The implicit exact solution t(b2) of docs/math.md section 5 (quadrature) against RK4 (dt 0.005)."""
     M, K, b0, dt = task.M, task.K, 0.08, 0.005
     traj = theory.rk4(theory.routing_vector_field(M, K, task.s[:2]), torch.full((2, 3), b0, dtype=F64), dt, 3000)
     b_star = theory.routing_fixed_point(task.s[:2], b0, M)
@@ -324,12 +324,12 @@ def test_rk4_is_differentiable():
 
 
 # ---------------------------------------------------------------------------------------------
-# 4.5 checks 2-9
+# theory checks 2-9
 # ---------------------------------------------------------------------------------------------
 
 
 def test_check2_two_layer_gradient_descent_follows_sigmoid():
-    """4.5 check 2: s = 3, a0 = 1e-3, small steps (lr 1e-3, tau = 1): a(t) within 2% of the sigmoid
+    """theory check 2: s = 3, a0 = 1e-3, small steps (lr 1e-3, tau = 1): a(t) within 2% of the sigmoid
     once a > 10 a0; the loss goes to 0. Full weight matrices trained with the path-form gradient."""
     gen = torch.Generator().manual_seed(0)
     D, H, N, s, a0, lr, steps = 3, 4, 2, 3.0, 1e-3, 1e-3, 4000
@@ -355,7 +355,7 @@ def test_check2_two_layer_gradient_descent_follows_sigmoid():
 
 
 def test_check3_decoupled_loss_matches_discrete_theory(decoupled_run, decoupled_theory):
-    """4.5 check 3: |simulated - theory| < 1e-3 at every step, and the quoted values."""
+    """theory check 3: |simulated - theory| < 1e-3 at every step, and the quoted values."""
     assert decoupled_run.loss.shape == decoupled_theory.loss.shape == (501,)
     assert float((decoupled_run.loss - decoupled_theory.loss).abs().max()) < 1e-3  # measured 4e-13
     for step, value in [(0, 243.97), (100, 58.85), (175, 17.94), (350, 0.39)]:
@@ -364,7 +364,7 @@ def test_check3_decoupled_loss_matches_discrete_theory(decoupled_run, decoupled_
 
 
 def test_check4_fixed_point(task, decoupled_run):
-    """4.5 check 4: hidden SVs -> (4.564, 3.549, 2.754, 2.754) within 1e-2, modules ->
+    """theory check 4: hidden SVs -> (4.564, 3.549, 2.754, 2.754) within 1e-2, modules ->
     sqrt((b2^2 + c0) / M)."""
     M, b0 = task.M, 0.08
     c0 = (M - 1) * b0**2
@@ -385,7 +385,7 @@ def _conserved_deviation(run, M: int, b0: float) -> torch.Tensor:
 
 
 def test_check5_conservation(task, decoupled_run):
-    """4.5 check 5: b2^2 - M b1^2 within 0.02 of -(M-1) b0^2 at lr 0.02, within 1% at lr 0.002."""
+    """theory check 5: b2^2 - M b1^2 within 0.02 of -(M-1) b0^2 at lr 0.02, within 1% at lr 0.002."""
     M, b0 = task.M, 0.08
     c0 = (M - 1) * b0**2
     assert float(_conserved_deviation(decoupled_run, M, b0)) < 0.02  # measured 0.0093
@@ -404,7 +404,7 @@ def test_check5_conservation(task, decoupled_run):
 
 
 def test_check6_race_order(decoupled_run):
-    """4.5 check 6: modes learned in order of decreasing s, half-rise at steps 76, 154, 317;
+    """theory check 6: modes learned in order of decreasing s, half-rise at steps 76, 154, 317;
     b2 > b1 = b3 while learning."""
     half = theory.half_rise_index(decoupled_run.sv_hidden)
     assert half.tolist() == [76, 154, 317, 317]
@@ -414,7 +414,7 @@ def test_check6_race_order(decoupled_run):
 
 
 def test_check7_random_init_follows_theory(task):
-    """4.5 check 7: random orthogonal init, gain 0.2, 10 seeds, theory with b0 = gain / 2.5:
+    """theory check 7: random orthogonal init, gain 0.2, 10 seeds, theory with b0 = gain / 2.5:
     plateau losses (58.85, 17.9) within 5% and final loss ~0; first loss drop within 10% of the
     theory's (77 here; the 76 of check 6 is the hidden-SV half-rise) on average over the seeds,
     later drops within 20%."""
@@ -436,7 +436,7 @@ def test_check7_random_init_follows_theory(task):
 
 
 def test_check8_init_scale_sweep(task):
-    """4.5 check 8: gains 0.2 ... 2.5, lr = 0.006 / gain^(1/3), 700 steps: untrained-pair error < 5
+    """theory check 8: gains 0.2 ... 2.5, lr = 0.006 / gain^(1/3), 700 steps: untrained-pair error < 5
     for gains 0.2 and 0.66, > 50 for 2.5; trained-pair error < 0.1 throughout."""
     gains = torch.linspace(0.2, 2.5, 6, dtype=F64).tolist()  # 0.2, 0.66, 1.12, 1.58, 2.04, 2.5
     seeds = [0, 1]
@@ -453,7 +453,7 @@ def test_check8_init_scale_sweep(task):
 
 
 def test_check9_shared_hidden_layer_learns_faster(task):
-    """4.5 check 9: a hidden layer shared by all trained pairs reaches half its final strength
+    """theory check 9: a hidden layer shared by all trained pairs reaches half its final strength
     sooner than per-pair hidden layers; their rates at a balanced point are K/M versus 1/M^2."""
     M, K = task.M, task.K
     race = theory.shared_vs_unshared_race(task, mode=0)
@@ -476,7 +476,7 @@ def test_check9_shared_hidden_layer_learns_faster(task):
 
 @pytest.mark.parametrize("init", ["decoupled", "random", "xavier"])
 def test_simulation_step_equals_autograd_sgd(task, init):
-    """One step of the hand-written batched backprop equals SGD with autograd on the 4.4 loss."""
+    """One step of the hand-written batched backprop equals SGD with autograd on the notebooks' loss."""
     lr = 0.01
     start = theory.simulate_routing_network(task, init, 0.7, lr, 0, seed=5)
     after = theory.simulate_routing_network(task, init, 0.7, lr, 1, seed=5)
