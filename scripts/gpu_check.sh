@@ -121,7 +121,7 @@ if want build; then
       tee -a "$out/summary.txt"
   else
     # Built in place (gated_ops/_C*.so; pytest and the benchmarks import the package from the
-    # repository root). nvcc compiles gated_ops_cuda.cu as one job: the longest stage.
+    # repository root). nvcc compiles csrc/cuda/*.cu, one job per file: the longest stage.
     stage build 330 "$py" setup.py build_ext --inplace
   fi
 fi

@@ -60,8 +60,8 @@ namespace simd {
 // a hash of (seed, element index): deterministic, independent of the thread count, and
 // reproduced by gated_ops.reference.round_stochastic_bf16.
 // (The hash is gated_ops::hash32 of hash32.h, lane by lane on vectors; the seed's mix is
-// gated_ops::seed_mix in gated_ops.h.)
-// The body of the float exp of the cross-entropy (gated_ops.cpp expf_poly, and exp8 below):
+// gated_ops::seed_mix in rounding.h.)
+// The body of the float exp of the cross-entropy (cpu/cross_entropy.cpp expf_poly, and exp8 below):
 // with n = floor(x / ln 2 + 1/2) for the clamped x, exp(x) = 2^n * exp_core(x, n), from Cephes'
 // range reduction by ln 2 in two parts and its degree-6 polynomial (T: float or a vector).
 template <typename T>
@@ -109,9 +109,9 @@ inline bool narrow_vectors_supported() {
 }
 // The vector width of the skinny kernels below: 16 lanes where the CPU has AVX-512 (one zmm
 // register; also older CPUs, which run the baseline clone), 8 on AVX2 without AVX-512 (one ymm:
-// the 16-lane AVX2 clone, two ymm per value, measured issue-bound there, benchmarks/NOTES.md
-// 2026-12-02). GATED_OPS_CPU_LANES=8 or 16 forces one (8 only where AVX2 runs: the tests run
-// both on an AVX-512 CPU); read at each call.
+// the 16-lane AVX2 clone, two ymm per value, measured issue-bound there on a 2-core AMD EPYC,
+// Zen 2, 2026-12-02). GATED_OPS_CPU_LANES=8 or 16 forces one (8 only where AVX2 runs: the tests
+// run both on an AVX-512 CPU); read at each call.
 inline int skinny_lanes() {
   const char* v = std::getenv("GATED_OPS_CPU_LANES");
   if (v != nullptr && v[0] == '8' && v[1] == 0) return narrow_vectors_supported() ? 8 : 16;
@@ -725,7 +725,7 @@ inline void skinny_grad_sgd_fwd(W_t* w, W_t* buf, int64_t idx, const float* a, i
 // time with one row per vector lane (the block transposed in L1), so that max, argmax, exp and
 // the row sums are vector operations over the classes. (Row by row, C = 10 classes per row,
 // the scalar argmax bit masks and the double-precision sums took ~70% of the CE forward.)
-// expf for 8 lanes: the range reduction and polynomial of gated_ops.cpp's expf_poly (relative
+// expf for 8 lanes: the range reduction and polynomial of cpu/cross_entropy.cpp's expf_poly (relative
 // error < 2 ulp on [-87, 88]); NaN in, NaN out; 0 below -87.33.
 GATED_INLINE v8f exp8(v8f x) {
   const v8f xc = x < -87.33f ? v8f{} - 87.33f : (x > 88.72f ? v8f{} + 88.72f : x);
