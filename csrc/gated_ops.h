@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "kernel_choice.h"
 #include "plan.h"
 #include "rounding.h"
 
@@ -15,7 +16,9 @@ namespace gated_ops {
 
 // The op schemas, declared once: TORCH_LIBRARY(gated_ops) in gated_ops.cpp, and the CUDA
 // kernels' CPU emulation (csrc/cuda_emu/module.cpp) under its own namespace. `paths`, `csr`,
-// `layout` come from gated_ops.make_plan.
+// `layout` come from gated_ops.make_plan. Last, the private hook that forces a kernel choice
+// (kernel_choice.h), with its one implementation for every device: each library keeps its own
+// choices.
 inline void define_schemas(torch::Library& m) {
   m.def("pathway_matmul(Tensor x, Tensor weight, Tensor? bias, Tensor? gate, Tensor paths, "
         "Tensor csr, int[] layout) -> Tensor");
@@ -49,6 +52,7 @@ inline void define_schemas(torch::Library& m) {
         "-> (Tensor loss, Tensor path_loss, Tensor correct, Tensor lse)");
   m.def("gated_cross_entropy_backward(Tensor? grad_loss, Tensor? grad_path_loss, Tensor logits, "
         "Tensor target, Tensor gate, Tensor lse) -> Tensor");
+  m.def("_force_kernel(str name, int value) -> int", &force_kernel);
 }
 
 // Inside an op its ATen calls (the BLAS paths) run in the op's dtype: autocast decided the dtype

@@ -31,8 +31,9 @@ from gated_ops.testing import (SHAPES, Case, Table, assert_close,
                                check_ce_backward_missing_grads,
                                check_ce_backward_rejects_bad_input, check_ce_special_values,
                                check_layer_sgd_with_bias,
-                               check_strided_ce_logits, cuda_emulation, gradcheck_pathway,
-                               kernel_census, kpath_tables, make_inputs, replicate)
+                               check_strided_ce_logits, cuda_emulation, force_kernel,
+                               gradcheck_pathway, kernel_census, kpath_tables, make_inputs,
+                               replicate)
 
 # Set per test by the `target` fixture: the device, the namespace holding the CUDA kernels, and
 # the layers' backend that reaches them.
@@ -297,9 +298,9 @@ def test_cross_entropy_backward_rejects_bad_input():
                          ids=["f32", "f64", "bf16", "f16"])
 @pytest.mark.parametrize("shape", [(2, 100, 8, 10), (1, 37, 32, 3), (3, 5, 33, 4),
                                    (2, 3, 50, 8, 10)], ids=str)
-def test_cross_entropy_row_kernel_is_bitwise_the_thread_kernel(shape, dtype, monkeypatch):
+def test_cross_entropy_row_kernel_is_bitwise_the_thread_kernel(shape, dtype):
     """The few-class forward's thread-per-row kernel (the default) gives the bits of the
-    thread-per-path kernel (GATED_OPS_CUDA_CE=thread): loss, path losses, counts and lse,
+    thread-per-path kernel (force_kernel(cuda_ce="thread")): loss, path losses, counts and lse,
     including NaN rows."""
     g = torch.Generator().manual_seed(3)
     R, B, C = shape[0], shape[-2], shape[-1]
@@ -313,16 +314,15 @@ def test_cross_entropy_row_kernel_is_bitwise_the_thread_kernel(shape, dtype, mon
     target = torch.randint(0, C, (R, P, B), generator=g).to(DEVICE)
     gate = (torch.rand(R, P, generator=g) < 0.5).to(DEVICE, dtype)
     gate[:, 0] = 1
-    monkeypatch.delenv("GATED_OPS_CUDA_CE", raising=False)
     rows = OPS.gated_cross_entropy(logits, target, gate)
-    monkeypatch.setenv("GATED_OPS_CUDA_CE", "thread")
-    thread = OPS.gated_cross_entropy(logits, target, gate)
+    with force_kernel(cuda_ce="thread"):
+        thread = OPS.gated_cross_entropy(logits, target, gate)
     if DEVICE == "cpu":  # the emulation names its launches: each side ran its kernel
         def names():
             return [n for n, _ in kernel_census(lambda: OPS.gated_cross_entropy(logits, target,
                                                                                 gate))]
-        assert any(n.startswith("ce_forward_thread_kernel") for n in names())
-        monkeypatch.delenv("GATED_OPS_CUDA_CE")
+        with force_kernel(cuda_ce="thread"):
+            assert any(n.startswith("ce_forward_thread_kernel") for n in names())
         kernel = "ce_forward_thread_kernel" if B > 32 else "ce_forward_rows_kernel"
         assert any(n.startswith(kernel) for n in names()), names()
     for name, a, b in zip(("loss", "path_loss", "correct", "lse"), rows, thread):

@@ -20,12 +20,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <tuple>
 #include <utility>
 
 #include "cpu/simd.h"
 #include "gated_ops.h"
+#include "kernel_choice.h"
 
 namespace gated_ops {
 namespace cpu {
@@ -114,15 +114,16 @@ void parallel_for_aten(int64_t begin, int64_t end, int64_t grain, const F& fn) {
 // copies of their operands and are rounded once, as a 16-bit GEMM with float32 accumulation
 // rounds: oneDNN has no fast 16-bit kernel there (a 2-core AMD EPYC with AVX2: plain PyTorch's
 // bfloat16 k-path step at H=1024 took 6.8 s against 0.29 s in float32). On AVX-512 CPUs (and
-// AMX) the 16-bit GEMMs stay. GATED_OPS_CPU_WIDEN_GEMM=1 / 0 forces it on / off (read at each
-// call; the tests run both).
+// AMX) the 16-bit GEMMs stay. Decided once from the CPU; cpu_widen_gemm (kernel_choice.h) forces
+// either (the tests run both).
 inline bool widen_gemm(const Tensor& t) {
   const auto d = t.scalar_type();
   if (d != at::kBFloat16 && d != at::kHalf) return false;
-  const char* v = std::getenv("GATED_OPS_CPU_WIDEN_GEMM");
-  if (v != nullptr && (v[0] == '0' || v[0] == '1')) return v[0] == '1';
+  const int64_t forced = forced_kernel(KernelChoice::kCpuWidenGemm);
+  if (forced != kAutomatic) return forced == 1;
 #if GATED_HAVE_VECTOR_EXT
-  return !simd::wide_vectors();
+  static const bool widen = !simd::wide_vectors();
+  return widen;
 #else
   return false;
 #endif
@@ -170,13 +171,14 @@ void for_each_weight_group(const Plan& p, int64_t B, const F& fn) {
 // 8 on AVX2 (simd::skinny_lanes). Older CPUs take BLAS and a streamed update for float32 (the
 // 16-lane AVX2 clone, before the 8-lane kernels, measured slower than BLAS on a 2-core AMD
 // EPYC, 2026-12-02). bfloat16 keeps them everywhere (without a native bf16 dot product BLAS is
-// far slower still). GATED_OPS_CPU_SKINNY=1 / 0 forces them on / off (read at each call; the
-// tests run both).
+// far slower still). Decided once from the CPU; cpu_skinny (kernel_choice.h) forces them on or
+// off (the tests run both).
 inline bool use_skinny_blocked(at::ScalarType dtype) {
 #if GATED_HAVE_VECTOR_EXT
-  const char* v = std::getenv("GATED_OPS_CPU_SKINNY");
-  if (v != nullptr && (v[0] == '0' || v[0] == '1')) return v[0] == '1';
-  return dtype != at::kFloat || simd::wide_vectors() || simd::narrow_vectors_supported();
+  const int64_t forced = forced_kernel(KernelChoice::kCpuSkinny);
+  if (forced != kAutomatic) return forced == 1;
+  static const bool float32 = simd::wide_vectors() || simd::narrow_vectors_supported();
+  return dtype != at::kFloat || float32;
 #else
   (void)dtype;
   return false;

@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 
 // (GCC 11+ knows the x86-64-v3/v4 levels; other compilers build the baseline loops only.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
@@ -45,6 +44,7 @@
 
 // (After the pragma above: hash32 is instantiated on vectors here.)
 #include "hash32.h"
+#include "kernel_choice.h"
 
 #ifndef GATED_PREFETCH
 #define GATED_PREFETCH 512
@@ -110,13 +110,15 @@ inline bool narrow_vectors_supported() {
 // The vector width of the skinny kernels below: 16 lanes where the CPU has AVX-512 (one zmm
 // register; also older CPUs, which run the baseline clone), 8 on AVX2 without AVX-512 (one ymm:
 // the 16-lane AVX2 clone, two ymm per value, measured issue-bound there on a 2-core AMD EPYC,
-// Zen 2, 2026-12-02). GATED_OPS_CPU_LANES=8 or 16 forces one (8 only where AVX2 runs: the tests
-// run both on an AVX-512 CPU); read at each call.
+// Zen 2, 2026-12-02). Detected once; cpu_lanes (kernel_choice.h) forces a width (8 only where
+// AVX2 runs: the tests run both on an AVX-512 CPU).
 inline int skinny_lanes() {
-  const char* v = std::getenv("GATED_OPS_CPU_LANES");
-  if (v != nullptr && v[0] == '8' && v[1] == 0) return narrow_vectors_supported() ? 8 : 16;
-  if (v != nullptr && v[0] == '1' && v[1] == '6' && v[2] == 0) return 16;
-  return !wide_vectors() && narrow_vectors_supported() ? 8 : 16;
+  static const int automatic = !wide_vectors() && narrow_vectors_supported() ? 8 : 16;
+  switch (forced_kernel(KernelChoice::kCpuLanes)) {
+    case 8: return narrow_vectors_supported() ? 8 : 16;
+    case 16: return 16;
+    default: return automatic;
+  }
 }
 // aligned(4): loads and stores through this type may be unaligned.
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
@@ -660,16 +662,15 @@ GATED_INLINE void grad_sgd_fwd_onepass16(W_t* w, W_t* buf, int64_t idx, const fl
                             D, s, xn, zn + o, ldzn);
 }
 // Which 16-lane lookahead: the one pass for bfloat16 weights where AVX-512 gives it 32
-// registers, else the groups (GATED_OPS_CPU_LOOKAHEAD=onepass / grouped forces one; read at
-// each call). Measured on a 2-core AMD EPYC with AVX-512 (K=100 encoder, D=784, interleaved,
-// ms at H=128 / 1024): bfloat16 one pass 4.85 / 38.7, groups 5.38 / 44.3 (the update alone
-// 3.49 / 29.4: compute-bound, and the groups widen each new row a second time from L2);
-// float32 one pass 5.28 / 41.4, groups 5.36 / 40.3 (the update alone 4.33 / 32.7: memory-bound,
-// where the one pass's longer loop per cache line gained nothing).
+// registers, else the groups (cpu_lookahead, kernel_choice.h, forces one). Measured on a 2-core
+// AMD EPYC with AVX-512 (K=100 encoder, D=784, interleaved, ms at H=128 / 1024): bfloat16 one
+// pass 4.85 / 38.7, groups 5.38 / 44.3 (the update alone 3.49 / 29.4: compute-bound, and the
+// groups widen each new row a second time from L2); float32 one pass 5.28 / 41.4, groups
+// 5.36 / 40.3 (the update alone 4.33 / 32.7: memory-bound, where the one pass's longer loop per
+// cache line gained nothing).
 inline bool lookahead_onepass(bool bf16) {
-  const char* v = std::getenv("GATED_OPS_CPU_LOOKAHEAD");
-  if (v != nullptr && std::strcmp(v, "onepass") == 0) return true;
-  if (v != nullptr && std::strcmp(v, "grouped") == 0) return false;
+  const int64_t forced = forced_kernel(KernelChoice::kCpuLookahead);
+  if (forced != kAutomatic) return forced == 1;
   return bf16 && wide_vectors();
 }
 

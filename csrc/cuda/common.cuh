@@ -37,13 +37,13 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 
 #include "gated_ops.h"
+#include "kernel_choice.h"
 
 #ifdef GATED_OPS_CUDA_EMU
 // The host compiler builds these sources with the CUDA execution model emulated on the CPU
@@ -161,7 +161,8 @@ __device__ __forceinline__ T warp_sum(T v) {
 // L2 prefetch of the 128-byte lines holding [p, p + bytes), one line per lane in turn: a hint
 // (no register stays live, nothing waits for it), so that the loads that follow find their
 // lines in L2 instead of paying a DRAM round trip each. Off by default until measured on a GPU:
-// GATED_OPS_CUDA_PREFETCH=1 turns it on for the skinny forward and the fused SGD (prefetch_on).
+// cuda_prefetch (kernel_choice.h) turns it on for the skinny forward and the fused SGD
+// (prefetch_on).
 __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int lane) {
   const uintptr_t end = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
   for (uintptr_t a = (reinterpret_cast<uintptr_t>(p) & ~uintptr_t(127)) + uintptr_t(lane) * 128;
@@ -174,11 +175,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int la
   }
 }
 
-// GATED_OPS_CUDA_PREFETCH=1 (read at each launch; captured graphs keep the value they saw).
-inline bool prefetch_on() {
-  const char* v = std::getenv("GATED_OPS_CUDA_PREFETCH");
-  return v != nullptr && v[0] == '1';
-}
+// Whether the skinny forward and the fused SGD prefetch (prefetch_l2): read at each launch, so a
+// captured graph keeps the value it saw.
+inline bool prefetch_on() { return forced_kernel(KernelChoice::kCudaPrefetch) == 1; }
 
 // ---------------------------------------------------------------------------------------------
 // The plan as raw device pointers (pointer arithmetic on the host, no value read).

@@ -1,8 +1,6 @@
 // The gated cross-entropy on CUDA: per-path mean losses, correct counts and the gated mean
 // (gated_cross_entropy), and its gradient with respect to the logits (gated_cross_entropy_
 // backward). cuda/common.cuh states the rules every launcher keeps.
-#include <string>
-
 #include "cuda/common.cuh"
 
 namespace gated_ops {
@@ -161,7 +159,7 @@ __global__ void ce_forward_thread_kernel(const scalar_t* __restrict__ logits, co
 // The lanes of a warp read adjacent paths (in the k-path's strided view the J paths of a sample
 // row are adjacent in memory). Each row's statistics as row_stats_serial computes them, and the
 // path's B rows are summed in row order from shared memory: bit for bit ce_forward_thread_kernel
-// (tests/test_cuda.py compares the two; GATED_OPS_CUDA_CE=thread forces that one).
+// (tests/test_cuda.py compares the two; cuda_ce, kernel_choice.h, forces that one).
 constexpr int64_t kCeRowsMaxB = 32;
 
 template <typename scalar_t>
@@ -292,13 +290,10 @@ __global__ void ce_backward_kernel(const scalar_t* __restrict__ logits, const Lo
   }
 }
 
-// GATED_OPS_CUDA_CE=thread: the few-class cross-entropy forward on ce_forward_thread_kernel (a
-// thread per path) instead of ce_forward_rows_kernel (a thread per row), for tests and A/Bs;
-// read at each launch, as above.
-bool ce_thread_forced() {
-  const char* v = std::getenv("GATED_OPS_CUDA_CE");
-  return v != nullptr && std::string(v) == "thread";
-}
+// cuda_ce = 1 (kernel_choice.h): the few-class cross-entropy forward on ce_forward_thread_kernel
+// (a thread per path) instead of ce_forward_rows_kernel (a thread per row), for tests and A/Bs;
+// read at each launch (a captured graph keeps the kernel it recorded).
+bool ce_thread_forced() { return forced_kernel(KernelChoice::kCudaCe) == 1; }
 
 }  // namespace
 

@@ -13,6 +13,8 @@
 #include "../cuda/sgd.cu"
 #include "../cuda/cross_entropy.cu"
 #include "../cuda/registration.cu"
+// This library's own kernel choices (the hook _force_kernel in its namespace: kernel_choice.h).
+#include "../kernel_choice.cpp"
 
 // ---------------------------------------------------------------------------------------------
 // The emulator's own test kernels (tests/test_cuda_emu.py): what it must compute, and the misuse
