@@ -66,6 +66,15 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    from gated_ops.testing import force_kernel, parse_kernel_choices
+
+    try:  # a bad --force-kernel stops the run here, once, naming what it accepts
+        choices = parse_kernel_choices(config.getoption("--force-kernel", []))
+        with force_kernel(**choices):
+            pass
+    except ValueError as e:
+        raise pytest.UsageError(f"--force-kernel: {e}") from None
+    config._gated_ops_forced_kernels = choices
     threads = config.getoption("--bench-threads", None)
     if threads:
         torch.set_num_threads(threads)
@@ -213,14 +222,11 @@ class BenchEnv:
 
 @pytest.fixture(scope="session", autouse=True)
 def forced_kernels(request):
-    """The session's --force-kernel choices, in force while the benchmarks run."""
-    from gated_ops.testing import force_kernel, parse_kernel_choices
+    """The session's --force-kernel choices (checked in pytest_configure), in force while the
+    benchmarks run."""
+    from gated_ops.testing import force_kernel
 
-    try:
-        choices = parse_kernel_choices(request.config.getoption("--force-kernel"))
-    except ValueError as e:
-        raise pytest.UsageError(f"--force-kernel: {e}") from None
-    request.config._gated_ops_forced_kernels = choices
+    choices = request.config._gated_ops_forced_kernels
     with force_kernel(**choices):
         yield choices
 

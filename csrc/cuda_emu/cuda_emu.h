@@ -45,10 +45,10 @@
 //   * CUDA headers come only through cuda/common.cuh (it picks this header instead); launchers
 //     reach the device through ATen (tensors, cuBLAS GEMMs as at::bmm), which runs on the CPU
 //     here; the plan's device is GATED_KERNEL_DEVICE, registrations GATED_OPS_CUDA_LIBRARY_IMPL;
-//   * the CUDA sources are one translation unit here (nvcc compiles each on its own): a name
-//     private to one .cu file (its anonymous namespace) must not be used by another .cu file
-//     for something else, and a new .cu file gets its #include in cuda_emu/module.cpp (without
-//     one, the registrations in cuda/registration.cu fail to link).
+//   * the CUDA sources are one translation unit here (nvcc compiles each on its own): the names
+//     a .cu file keeps to itself (its anonymous namespace) differ from every other .cu file's,
+//     and a new .cu file gets its #include in cuda_emu/module.cpp (without one, the
+//     registrations in cuda/registration.cu fail to link).
 #pragma once
 
 #include <math.h>  // float overloads of ::exp / ::log in the global namespace, as CUDA has
