@@ -1,4 +1,4 @@
-"""The CUDA kernels (csrc/gated_ops_cuda.cu) and the Triton backend on a GPU: the whole shape table
+"""The CUDA kernels (csrc/cuda/*.cu) and the Triton backend on a GPU: the whole shape table
 forward and backward in float32 / bfloat16 / float16 against the float64 reference, the cuBLAS and
 skinny paths, non-contiguous inputs, opcheck, float64 gradcheck, determinism, the fused SGD
 against torch.optim.SGD, and a CUDA-graph capture of a k-path training step.
@@ -82,7 +82,7 @@ def _modes_off():
     return _disable_current_modes() if DEVICE == "cpu" else contextlib.nullcontext()
 
 
-# Rows that force the other code paths of the CUDA kernels (thresholds in gated_ops_cuda.cu):
+# Rows that force the other code paths of the CUDA kernels (thresholds in csrc/cuda/common.cuh):
 # B > 32 and ns*B > 64 (cuBLAS forward, grad_x, grad_W, SGD), nm*D_out > 512 (cuBLAS grad_x),
 # grouped plans with several batch tiles, D_out not a multiple of the 32-row tiles, D_in not a
 # multiple of 4 (scalar loads) and a long D_in (1100: nine 128-column steps of the skinny tiles).
