@@ -96,8 +96,11 @@ def main() -> None:
     from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
                                            CUDAExtension)
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    # One file per op family and backend: csrc/*.cpp and csrc/cpu/*.cpp, csrc/cuda/*.cu (the
+    # CUDA emulation, csrc/cuda_emu/, is a library of its own below).
+    sources = sorted(p for p in glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
+                     if os.path.join("csrc", "cuda_emu", "") not in p)
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda = (
         os.environ.get("GATED_OPS_FORCE_CPU", "0") != "1"
         and torch.version.cuda is not None
@@ -149,7 +152,7 @@ def main() -> None:
             py_limited_api=False,
         )
     ]
-    # GATED_OPS_CUDA_EMU=1: also gated_ops._cuda_emu, the CUDA kernels (gated_ops_cuda.cu)
+    # GATED_OPS_CUDA_EMU=1: also gated_ops._cuda_emu, the CUDA kernels (csrc/cuda/*.cu)
     # compiled by the host compiler with the CUDA execution model emulated on the CPU
     # (csrc/cuda_emu/): a testing backend for machines without a GPU (backend="cuda_emu";
     # scripts/test.sh builds it). -O1: the fibers' switches, not the kernels' arithmetic, set its

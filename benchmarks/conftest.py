@@ -53,6 +53,10 @@ def pytest_addoption(parser):
                      "in the first two")
     g.addoption("--bench-threads", type=int, default=None,
                 help="torch.set_num_threads for the session (default: torch's, one per core)")
+    g.addoption("--force-kernel", action="append", default=[], metavar="NAME=VALUE",
+                help="force a kernel choice the code otherwise makes itself, for the session "
+                     "(gated_ops.testing.force_kernel; e.g. cuda_prefetch=1 for the L2-prefetch "
+                     "A/B); repeatable; recorded in the results' machine_info")
     g.addoption("--bench-compile-backend", default=None,
                 help="torch.compile backend of torch_compile. Default: inductor when timing; "
                      "aot_eager under --benchmark-disable (Dynamo + AOTAutograd trace the same "
@@ -62,6 +66,15 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    from gated_ops.testing import force_kernel, parse_kernel_choices
+
+    try:  # a bad --force-kernel stops the run here, once, naming what it accepts
+        choices = parse_kernel_choices(config.getoption("--force-kernel", []))
+        with force_kernel(**choices):
+            pass
+    except ValueError as e:
+        raise pytest.UsageError(f"--force-kernel: {e}") from None
+    config._gated_ops_forced_kernels = choices
     threads = config.getoption("--bench-threads", None)
     if threads:
         torch.set_num_threads(threads)
@@ -207,6 +220,17 @@ class BenchEnv:
         return self.peaks[device.type]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def forced_kernels(request):
+    """The session's --force-kernel choices (checked in pytest_configure), in force while the
+    benchmarks run."""
+    from gated_ops.testing import force_kernel
+
+    choices = request.config._gated_ops_forced_kernels
+    with force_kernel(**choices):
+        yield choices
+
+
 @pytest.fixture(scope="session")
 def bench_env(request) -> BenchEnv:
     env = BenchEnv(request.config)
@@ -217,7 +241,9 @@ def bench_env(request) -> BenchEnv:
 def pytest_benchmark_update_machine_info(config, machine_info):
     env = getattr(config, "_gated_ops_bench_env", None)
     facts = env.facts if env else machine_facts()
-    machine_info["gated_ops"] = {**facts, "peaks": env.peaks if env else {}}
+    machine_info["gated_ops"] = {**facts, "peaks": env.peaks if env else {},
+                                 "forced_kernels": getattr(config, "_gated_ops_forced_kernels",
+                                                           {})}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Where the fused k-path step spends its time: torch.profiler over the cpu (or cuda) provider.
 
     .venv/bin/python benchmarks/profile_kpath.py --hidden 128 1024 --steps 10 [--threads 1]
+        [--force-kernel NAME=VALUE ...]   (a kernel choice forced: gated_ops.testing.force_kernel)
 
 For each H: wall time per step (median of the profiled steps, after warm-up), the floor of
 benchmarks/flops.py at peaks measured now, and the self time of every op per step with each big
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from gated_ops.testing import force_kernel, parse_kernel_choices
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flops  # noqa: E402
@@ -120,7 +123,16 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="storage of weights, momenta and activations (bfloat16: the -bf16 "
                          "benchmark cases, fp32 arithmetic)")
+    ap.add_argument("--force-kernel", action="append", default=[], metavar="NAME=VALUE",
+                    help="force a kernel choice the code otherwise makes itself (e.g. "
+                         "cuda_prefetch=1: an A/B); repeatable")
     args = ap.parse_args()
+    try:
+        forced = parse_kernel_choices(args.force_kernel)
+    except ValueError as e:
+        ap.error(f"--force-kernel: {e}")
+    if forced:
+        print(f"forced kernel choices: {forced}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if args.provider == "cuda" else "cpu"))
@@ -129,8 +141,9 @@ def main() -> None:
           f"update {peaks['update_gbs']:.1f}, copy {peaks['copy_gbs']:.1f}), "
           f"{peaks['peak_tflops'] * 1e3:.0f} GFLOP/s fp32 mm (load avg "
           f"{peaks['load_avg_at_peak']:.2f}); threads {torch.get_num_threads()}")
-    for H in args.hidden:
-        profile(H, args.steps, args.provider, device, peaks, args.dtype)
+    with force_kernel(**forced):
+        for H in args.hidden:
+            profile(H, args.steps, args.provider, device, peaks, args.dtype)
 
 
 if __name__ == "__main__":

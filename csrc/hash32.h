@@ -1,5 +1,5 @@
-// The integer hash of stochastic rounding, in one place for the CPU kernels (cpu_simd.h, on
-// uint32_t and on vectors of them, lane by lane) and the CUDA kernels (gated_ops.h, host and
+// The integer hash of stochastic rounding, in one place for the CPU kernels (cpu/simd.h, on
+// uint32_t and on vectors of them, lane by lane) and the CUDA kernels (rounding.h, host and
 // device). "lowbias32", from C. Wellons' integer hash prospector; gated_ops/reference.py and
 // gated_ops/triton/ compute the same bits.
 #pragma once

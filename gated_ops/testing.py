@@ -5,19 +5,21 @@ One table so that tests and benchmarks cannot drift apart.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from .plan import PathwayPlan, make_plan
 
 __all__ = [
     "Table", "Case", "SHAPES", "kpath_tables", "replicate", "make_inputs", "assert_close",
-    "tolerance", "cuda_emulation", "kernel_census",
+    "tolerance", "cuda_emulation", "kernel_census", "force_kernel", "KERNEL_CHOICES",
+    "parse_kernel_choices",
 ]
 
 
@@ -289,3 +291,77 @@ def cuda_emulation() -> Iterator[Counter]:
     mode = _CudaEmulation()
     with mode:
         yield mode.calls
+
+
+# The kernel choices a test or a benchmark may force (csrc/kernel_choice.h: otherwise the code
+# makes each one itself, from the CPU's features, the device and the plan): the values each
+# takes, and the int the compiled op gated_ops::_force_kernel takes for each.
+KERNEL_CHOICES: dict[str, dict] = {
+    "cpu_lanes": {8: 8, 16: 16},  # the skinny kernels' vector width (8: where AVX2 runs)
+    "cpu_skinny": {False: 0, True: 1},  # our skinny kernels (True) or BLAS, blocked plans
+    "cpu_widen_gemm": {False: 0, True: 1},  # 16-bit GEMMs in float32 on widened operands
+    "cpu_lookahead": {"grouped": 0, "onepass": 1},  # the 16-lane fused lookahead's form
+    "cuda_prefetch": {False: 0, True: 1},  # L2 prefetch in the skinny forward and fused SGD
+    "cuda_ce": {"rows": 0, "thread": 1},  # few-class CE forward: a thread per row or per path
+}
+
+
+def _kernel_choice_namespaces(names) -> list:
+    """The libraries whose choices these are: the compiled ops, and for the CUDA choices the
+    CUDA kernels' CPU emulation too where it is built (it keeps its own choices)."""
+    namespaces = [torch.ops.gated_ops]
+    if any(n.startswith("cuda_") for n in names):
+        try:
+            importlib.import_module("gated_ops._cuda_emu")
+        except ImportError:
+            pass
+        else:
+            namespaces.append(torch.ops.gated_ops_cudaemu)
+    return namespaces
+
+
+@contextlib.contextmanager
+def force_kernel(**choices) -> Iterator[None]:
+    """Within this context the kernels named are the ones chosen, whatever the machine would pick
+    (tests that run both sides of a choice on one machine and demand the same bits; benchmark
+    A/Bs): e.g. ``force_kernel(cpu_lanes=8, cpu_lookahead="onepass")``, ``force_kernel(
+    cpu_skinny=False)``, ``force_kernel(cuda_ce="thread")``; None leaves a choice to the code.
+    The values are those of :data:`KERNEL_CHOICES`. On exit every choice is what it was before
+    (contexts nest). The choices are process-wide, not per thread, and are read when a kernel is
+    launched (a captured CUDA graph keeps the kernels it recorded)."""
+    settings = []
+    for name, value in choices.items():
+        if name not in KERNEL_CHOICES:
+            raise ValueError(f"force_kernel: unknown kernel choice {name!r} (known: "
+                             f"{', '.join(KERNEL_CHOICES)})")
+        allowed = KERNEL_CHOICES[name]
+        if value is not None and value not in allowed:
+            raise ValueError(f"force_kernel: {name} takes one of {list(allowed)} or None, got "
+                             f"{value!r}")
+        settings.append((name, -1 if value is None else allowed[value]))
+    previous = []  # (namespace, name, the setting before), in the order they were set
+    try:
+        # below any dispatch mode: cuda_emulation() would send the op to its own namespace
+        with _disable_current_modes():
+            for ns in _kernel_choice_namespaces([name for name, _ in settings]):
+                for name, value in settings:
+                    previous.append((ns, name, ns._force_kernel(name, value)))
+        yield
+    finally:
+        with _disable_current_modes():
+            for ns, name, value in reversed(previous):
+                ns._force_kernel(name, value)
+
+
+def parse_kernel_choices(items: list[str]) -> dict:
+    """``["cuda_prefetch=1", "cpu_lookahead=onepass"]`` (a command line's NAME=VALUE words) as
+    :func:`force_kernel`'s keywords: a VALUE of digits is an int (1 / 0 for the on / off
+    choices), any other a name. Raises ValueError naming a malformed word."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"kernel choice {item!r}: expected NAME=VALUE, e.g. cuda_prefetch=1 "
+                             f"(names: {', '.join(KERNEL_CHOICES)})")
+        out[name] = int(value) if value.lstrip("-").isdigit() else value
+    return out

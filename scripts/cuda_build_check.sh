@@ -10,7 +10,7 @@
 # once and reused (GATED_OPS_CUDA_VENV, default: cuda-venv beside the repository; torch 2.14.1
 # cu130 installs from this machine's local wheels in about a minute, 5.5 GB). Needs nvcc
 # (CUDA_HOME or /usr/local/cuda). Measured on this project's 2-core machines: 3.5 minutes with
-# the venv present (nvcc on gated_ops_cuda.cu is most of it), plus about a minute to make the venv.
+# the venv present (nvcc on csrc/cuda/*.cu is most of it), plus about a minute to make the venv.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${GATED_OPS_CUDA_VENV:-$(dirname "$repo")/cuda-venv}
@@ -59,7 +59,10 @@ if [ -n "$warnings" ]; then
   echo "FAIL: compiler warnings in csrc/ (above)"
   exit 1
 fi
-grep -q "gated_ops_cuda" "$log" || { echo "FAIL: gated_ops_cuda.cu was not compiled"; exit 1; }
+for cu in "$repo"/csrc/cuda/*.cu; do
+  name=csrc/cuda/$(basename "$cu")
+  grep -q "$name" "$log" || { echo "FAIL: $name was not compiled"; exit 1; }
+done
 
 echo "== registers and spills per kernel (ptxas, sm_${TORCH_CUDA_ARCH_LIST//./})"
 # Registers set the kernels' occupancy; a spill in a float32 / 16-bit kernel (local memory in a

@@ -17,12 +17,12 @@
 #   profile     benchmarks/profile_kpath.py: GPU time per kernel of the fused step (and with
 #               the lookahead: the update kernel's epilogue and tile sums instead of the encoder
 #               forward) and of the plain PyTorch step, H = 128 and 1024; the fused bf16 step;
-#               the fused steps again with GATED_OPS_CUDA_PREFETCH=1 (L2 prefetch: an A/B)
+#               the fused steps again with --force-kernel cuda_prefetch=1 (L2 prefetch: an A/B)
 #   ncu         Nsight Compute on the encoder's forward and fused-SGD kernels (H = 1024, 128):
 #               throughput, occupancy, registers, waves, warp stall reasons
 #   bench       the benchmark suite at the paper's MNIST shapes (forward, backward, step) and
 #               the replica steps: naive, torch, torch_graph, cuda, cuda_graph, triton ->
-#               bench.json; the captured fused steps with GATED_OPS_CUDA_PREFETCH=1 ->
+#               bench.json; the captured fused steps with --force-kernel cuda_prefetch=1 ->
 #               bench_prefetch.json (the A/B against bench.json's cuda_graph rows);
 #               GATED_OPS_BENCH_LOOKAHEAD=1 (the cuda steps with the lookahead: eager, and
 #               captured with its static encoder buffer, replicas included) ->
@@ -121,7 +121,7 @@ if want build; then
       tee -a "$out/summary.txt"
   else
     # Built in place (gated_ops/_C*.so; pytest and the benchmarks import the package from the
-    # repository root). nvcc compiles gated_ops_cuda.cu as one job: the longest stage.
+    # repository root). nvcc compiles csrc/cuda/*.cu, one job per file: the longest stage.
     stage build 330 "$py" setup.py build_ext --inplace
   fi
 fi
@@ -164,10 +164,10 @@ if want profile; then
     '$py' benchmarks/profile_kpath.py --provider cuda --hidden 128 1024 --steps 10 && \
     '$py' benchmarks/profile_kpath.py --provider torch --device cuda \
     --hidden 128 1024 --steps 10 && '$py' benchmarks/profile_kpath.py --provider cuda \
-    --hidden 128 1024 --steps 10 --dtype bfloat16 && echo '## GATED_OPS_CUDA_PREFETCH=1' && \
-    GATED_OPS_CUDA_PREFETCH=1 '$py' benchmarks/profile_kpath.py --provider cuda \
-    --hidden 128 1024 --steps 10 && GATED_OPS_CUDA_PREFETCH=1 '$py' benchmarks/profile_kpath.py \
-    --provider cuda --hidden 128 1024 --steps 10 --dtype bfloat16"
+    --hidden 128 1024 --steps 10 --dtype bfloat16 && echo '## cuda_prefetch=1' && \
+    '$py' benchmarks/profile_kpath.py --provider cuda --force-kernel cuda_prefetch=1 \
+    --hidden 128 1024 --steps 10 && '$py' benchmarks/profile_kpath.py --provider cuda \
+    --force-kernel cuda_prefetch=1 --hidden 128 1024 --steps 10 --dtype bfloat16"
   awk '/^## /{print} /^GPU busy/{f=1} /^$/{f=0} f{print}' "$logs/profile.log" | cut -c1-160
 fi
 
@@ -203,7 +203,7 @@ if want bench; then
     -k "not torch_compile and not reference and not cpu and not (R54 and naive) and not (R6 and naive)" \
     --benchmark-json="$out/bench.json"
   "$py" benchmarks/summarize.py "$out/bench.json" >"$out/bench.md" 2>&1 && cat "$out/bench.md"
-  stage bench_prefetch 60 env GATED_OPS_CUDA_PREFETCH=1 "$py" -m pytest benchmarks \
+  stage bench_prefetch 60 "$py" -m pytest benchmarks --force-kernel cuda_prefetch=1 \
     "${bench_args[@]}" -m "(paper and mnist and (small or medium)) or replicas or bf16" \
     -k "cuda_graph and step" --benchmark-json="$out/bench_prefetch.json"
   "$py" benchmarks/summarize.py "$out/bench_prefetch.json" >"$logs/bench_prefetch.md" 2>&1 &&

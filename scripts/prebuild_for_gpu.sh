@@ -9,7 +9,8 @@
 # TORCH_CUDA_ARCH_LIST (default 9.0, the H100): gated_ops/_C.cpython-<py>-x86_64-linux-gnu.so,
 # beside this machine's own build. The extension links against libtorch, so the torch version
 # must be exactly the GPU machine's (`python3 -c "import torch; print(torch.__version__)"`
-# there). Takes about 3 minutes on 2 cores (nvcc compiles gated_ops_cuda.cu as one job).
+# there). Takes a few minutes on 2 cores (nvcc on csrc/cuda/*.cu, one job per file, is most
+# of it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pyver=${1:-3.12}

@@ -37,8 +37,9 @@ def parse(text: str) -> list[tuple[str, int, int, int]]:
             rows.append((name.group(1), int(regs.group(1)), int(spill.group(1)),
                          int(spill.group(2))))
     names = demangle([r[0] for r in rows])
-    short = [re.sub(r"\(.*$", "", n.replace("gated_ops::(anonymous namespace)::", ""))
-             .replace("void ", "") for n in names]
+    # (csrc/cuda/*.cu's kernels are gated_ops::cuda::(anonymous namespace)::<kernel>)
+    scope = r"gated_ops::(cuda::)?\(anonymous namespace\)::"
+    short = [re.sub(r"\(.*$", "", re.sub(scope, "", n)).replace("void ", "") for n in names]
     return [(s, *r[1:]) for s, r in zip(short, rows)]
 
 

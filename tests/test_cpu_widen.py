@@ -1,12 +1,13 @@
-"""Both CPU paths of the 16-bit (bfloat16 / float16 storage) GEMMs: oneDNN's 16-bit GEMM
-(GATED_OPS_CPU_WIDEN_GEMM=0, the default on AVX-512 CPUs) and a float32 GEMM on widened
-operands, rounded once (=1, the default elsewhere: csrc/gated_ops.cpp, widen_gemm): forward,
-every gradient and the fused SGD step, against the float64 reference."""
+"""Both CPU paths of the 16-bit (bfloat16 / float16 storage) GEMMs, whichever the machine picks:
+oneDNN's 16-bit GEMM (force_kernel(cpu_widen_gemm=False), the default on AVX-512 CPUs) and a
+float32 GEMM on widened operands, rounded once (True, the default elsewhere: csrc/cpu/common.h,
+widen_gemm): forward, every gradient and the fused SGD step, against the float64 reference."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from gated_ops.testing import force_kernel
 from test_nn import KINDS
 from test_nn import test_fused_sgd_16bit_storage_rounds_a_float_update_once as _sgd16_check
 from test_pathway_matmul import SMALL, _check
@@ -14,10 +15,10 @@ from test_pathway_matmul import SMALL, _check
 DTYPES = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(params=["1", "0"], ids=["widened", "16bit"])
-def widen(request, monkeypatch):
-    monkeypatch.setenv("GATED_OPS_CPU_WIDEN_GEMM", request.param)
-    return request.param
+@pytest.fixture(params=[True, False], ids=["widened", "16bit"])
+def widen(request):
+    with force_kernel(cpu_widen_gemm=request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "f16"])

@@ -1,4 +1,4 @@
-"""The CUDA kernels (csrc/gated_ops_cuda.cu) and the Triton backend on a GPU: the whole shape table
+"""The CUDA kernels (csrc/cuda/*.cu) and the Triton backend on a GPU: the whole shape table
 forward and backward in float32 / bfloat16 / float16 against the float64 reference, the cuBLAS and
 skinny paths, non-contiguous inputs, opcheck, float64 gradcheck, determinism, the fused SGD
 against torch.optim.SGD, and a CUDA-graph capture of a k-path training step.
@@ -27,8 +27,8 @@ import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
 from experiments.kpath_net import KPathNet, kpath_gate
 from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref, sgd_momentum_ref
-from gated_ops.testing import (SHAPES, Case, Table, assert_close, cuda_emulation, kernel_census,
-                               kpath_tables, make_inputs, replicate)
+from gated_ops.testing import (SHAPES, Case, Table, assert_close, cuda_emulation, force_kernel,
+                               kernel_census, kpath_tables, make_inputs, replicate)
 from helpers import (check_ce_backward_missing_grads, check_ce_backward_rejects_bad_input,
                      check_ce_special_values, check_layer_sgd_with_bias, check_strided_ce_logits,
                      gradcheck_pathway)
@@ -80,7 +80,7 @@ def _modes_off():
     return _disable_current_modes() if DEVICE == "cpu" else contextlib.nullcontext()
 
 
-# Rows that force the other code paths of the CUDA kernels (thresholds in gated_ops_cuda.cu):
+# Rows that force the other code paths of the CUDA kernels (thresholds in csrc/cuda/common.cuh):
 # B > 32 and ns*B > 64 (cuBLAS forward, grad_x, grad_W, SGD), nm*D_out > 512 (cuBLAS grad_x),
 # grouped plans with several batch tiles, D_out not a multiple of the 32-row tiles, D_in not a
 # multiple of 4 (scalar loads) and a long D_in (1100: nine 128-column steps of the skinny tiles).
@@ -296,9 +296,9 @@ def test_cross_entropy_backward_rejects_bad_input():
                          ids=["f32", "f64", "bf16", "f16"])
 @pytest.mark.parametrize("shape", [(2, 100, 8, 10), (1, 37, 32, 3), (3, 5, 33, 4),
                                    (2, 3, 50, 8, 10)], ids=str)
-def test_cross_entropy_row_kernel_is_bitwise_the_thread_kernel(shape, dtype, monkeypatch):
+def test_cross_entropy_row_kernel_is_bitwise_the_thread_kernel(shape, dtype):
     """The few-class forward's thread-per-row kernel (the default) gives the bits of the
-    thread-per-path kernel (GATED_OPS_CUDA_CE=thread): loss, path losses, counts and lse,
+    thread-per-path kernel (force_kernel(cuda_ce="thread")): loss, path losses, counts and lse,
     including NaN rows."""
     g = torch.Generator().manual_seed(3)
     R, B, C = shape[0], shape[-2], shape[-1]
@@ -312,16 +312,15 @@ def test_cross_entropy_row_kernel_is_bitwise_the_thread_kernel(shape, dtype, mon
     target = torch.randint(0, C, (R, P, B), generator=g).to(DEVICE)
     gate = (torch.rand(R, P, generator=g) < 0.5).to(DEVICE, dtype)
     gate[:, 0] = 1
-    monkeypatch.delenv("GATED_OPS_CUDA_CE", raising=False)
     rows = OPS.gated_cross_entropy(logits, target, gate)
-    monkeypatch.setenv("GATED_OPS_CUDA_CE", "thread")
-    thread = OPS.gated_cross_entropy(logits, target, gate)
+    with force_kernel(cuda_ce="thread"):
+        thread = OPS.gated_cross_entropy(logits, target, gate)
     if DEVICE == "cpu":  # the emulation names its launches: each side ran its kernel
         def names():
             return [n for n, _ in kernel_census(lambda: OPS.gated_cross_entropy(logits, target,
                                                                                 gate))]
-        assert any(n.startswith("ce_forward_thread_kernel") for n in names())
-        monkeypatch.delenv("GATED_OPS_CUDA_CE")
+        with force_kernel(cuda_ce="thread"):
+            assert any(n.startswith("ce_forward_thread_kernel") for n in names())
         kernel = "ce_forward_thread_kernel" if B > 32 else "ce_forward_rows_kernel"
         assert any(n.startswith(kernel) for n in names()), names()
     for name, a, b in zip(("loss", "path_loss", "correct", "lse"), rows, thread):

@@ -17,7 +17,7 @@ import torch
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig, make_plan
 from experiments.kpath_net import KPathNet, kpath_gate
-from gated_ops.testing import assert_close
+from gated_ops.testing import assert_close, force_kernel
 
 # The storage dtypes the k-path trainings are checked in (bfloat16 both with and without
 # stochastic rounding).
@@ -60,25 +60,23 @@ def _both(plan, s, lr=0.1, momentum=0.9, wd=1e-3, nesterov=False, seed=-1):
 KERNELS = pytest.mark.parametrize("kernel", ["8", "16-grouped", "16-onepass"])
 
 
-def _kernel(monkeypatch, kernel: str) -> None:
-    """Forces the kernel named by a KERNELS id ("8", "16-grouped", "16-onepass") through the
-    environment variables the C++ dispatch reads at each call, on the skinny path."""
+@pytest.fixture
+def forced(kernel: str):
+    """Forces the kernel named by a KERNELS id ("8", "16-grouped", "16-onepass") on the skinny
+    path, whatever this CPU would pick (gated_ops.testing.force_kernel)."""
     lanes, _, mode = kernel.partition("-")
-    monkeypatch.setenv("GATED_OPS_CPU_LANES", lanes)
-    monkeypatch.setenv("GATED_OPS_CPU_LOOKAHEAD", mode or "grouped")
-    monkeypatch.setenv("GATED_OPS_CPU_SKINNY", "1")
+    with force_kernel(cpu_lanes=int(lanes), cpu_lookahead=mode or "grouped", cpu_skinny=True):
+        yield kernel
 
 
 @KERNELS
 @pytest.mark.parametrize("D", [784, 2100, 37])
 @pytest.mark.parametrize("dtype,seed", [(torch.float32, -1), (torch.bfloat16, -1),
                                         (torch.bfloat16, 7)])
-def test_fused_lookahead_is_the_update_then_the_forward_bit_for_bit(D, dtype, seed, kernel,
-                                                                    monkeypatch):
+def test_fused_lookahead_is_the_update_then_the_forward_bit_for_bit(D, dtype, seed, forced):
     """The skinny kernels' fused pass (8 rows per weight; D = 2100 takes the 8-lane forward's
     pieces of 512 and a tail; D = 37 a tail only; 19 weight rows: the one pass's tiles of 2
     and a last row alone)."""
-    _kernel(monkeypatch, kernel)
     plan = _batched(5)
     s = _state(5, 8, 8, D, 19, dtype)
     (w1, b1, z1), (w2, b2, z2) = _both(plan, s, seed=seed)
@@ -90,8 +88,7 @@ def test_fused_lookahead_is_the_update_then_the_forward_bit_for_bit(D, dtype, se
 @pytest.mark.parametrize("kw", [dict(momentum=0.0, wd=0.0), dict(nesterov=True),
                                 dict(lr=0.0)])
 @pytest.mark.parametrize("rows", [1, 3])  # fewer rows per weight than 8
-def test_fused_lookahead_options_and_row_counts(kw, rows, kernel, monkeypatch):
-    _kernel(monkeypatch, kernel)
+def test_fused_lookahead_options_and_row_counts(kw, rows, forced):
     plan = _batched(4)
     s = _state(4, rows, rows, 50, 21, torch.float32, seed=1)
     (w1, b1, z1), (w2, b2, z2) = _both(plan, s, **kw)
@@ -100,19 +97,18 @@ def test_fused_lookahead_options_and_row_counts(kw, rows, kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["other_batch", "float64", "float16", "blas", "wide_block"])
-def test_unfused_lookahead_equals_the_two_ops(case, monkeypatch):
+def test_unfused_lookahead_equals_the_two_ops(case):
     """Where the fused pass does not apply, the op is the update and then the forward."""
     K, B, Bn, dtype = 4, 8, 8, torch.float32
     if case == "other_batch":
         Bn = 3  # the last, smaller batch of an epoch
     elif case in ("float64", "float16"):
         dtype = getattr(torch, case)
-    elif case == "blas":
-        monkeypatch.setenv("GATED_OPS_CPU_SKINNY", "0")
     elif case == "wide_block":
         B = Bn = 12  # 12 rows per weight: above the fused kernel's 8
     s = _state(K, B, Bn, 40, 9, dtype, seed=2)
-    (w1, b1, z1), (w2, b2, z2) = _both(_batched(K), s)
+    with force_kernel(cpu_skinny=False if case == "blas" else None):
+        (w1, b1, z1), (w2, b2, z2) = _both(_batched(K), s)
     assert torch.equal(w1, w2) and torch.equal(b1, b2) and torch.equal(z1, z2)
 
 

@@ -2,8 +2,8 @@
 bitwise the same for any thread count, and ATen calls inside worker threads must behave as on
 the calling thread (a weight that requires grad, grad mode, dispatch keys).
 
-The skinny layers run on our kernels here (GATED_OPS_CPU_SKINNY=1, the default on AVX2 and
-AVX-512 CPUs): on older CPUs their float32 default is BLAS (csrc/gated_ops.cpp,
+The skinny layers run on our kernels here (force_kernel(cpu_skinny=True); the default on AVX2
+and AVX-512 CPUs): on older CPUs their float32 default is BLAS (csrc/cpu/common.h,
 use_skinny_blocked), whose bits, like those of the wide layers' GEMMs, are BLAS's and may
 depend on the thread count."""
 from __future__ import annotations
@@ -14,11 +14,12 @@ import torch
 import gated_ops
 from gated_ops import GatedPathwayLinear, SGDConfig
 from experiments.kpath_net import KPathNet, kpath_gate
-from gated_ops.testing import SHAPES, make_inputs
+from gated_ops.testing import SHAPES, force_kernel, make_inputs
 
 @pytest.fixture(autouse=True)
-def _our_skinny_kernels(monkeypatch):
-    monkeypatch.setenv("GATED_OPS_CPU_SKINNY", "1")
+def _our_skinny_kernels():
+    with force_kernel(cpu_skinny=True):
+        yield
 
 
 CASES = ["tiny_grouped", "skinny_encoder", "odd_decoder", "replicas_hidden", "moe",

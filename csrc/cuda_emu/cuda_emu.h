@@ -1,9 +1,11 @@
-// The CUDA execution model on the CPU, so that csrc/gated_ops_cuda.cu can be compiled by the host
-// compiler and its kernels run, unchanged, on machines without a GPU (this project's CI).
+// The CUDA execution model on the CPU, so that the CUDA kernels (csrc/cuda/*.cu) can be compiled
+// by the host compiler and run, unchanged, on machines without a GPU (this project's CI).
 //
-// Included by gated_ops_cuda.cu in place of the CUDA headers when GATED_OPS_CUDA_EMU is defined
-// (csrc/cuda_emu/module.cpp builds gated_ops._cuda_emu that way; gated_ops/cuda_emu.py). What is
-// emulated, and how:
+// cuda_emu/module.cpp builds gated_ops._cuda_emu (gated_ops/cuda_emu.py) from every CUDA source,
+// #included into one translation unit with GATED_OPS_CUDA_EMU defined; cuda/common.cuh then
+// includes this header in place of the CUDA headers, and the launchers live in the namespace
+// gated_ops::cuda_emu (gated_ops::cuda in _C) and register for CPU tensors as
+// torch.ops.gated_ops_cudaemu.*. What is emulated, and how:
 //   * a launch runs the grid's blocks one after another; the threads of a block are fibers
 //     (ucontext) on the calling thread, each with its own stack, run in thread order until each
 //     reaches a barrier, so code between two barriers runs thread after thread;
@@ -23,9 +25,30 @@
 // some threads never reach); both raise with the block and the barrier counts.
 // What it cannot tell: speed, memory coalescing, races that neither thread order shows (every
 // thread runs to its next barrier before the next one starts; and __shared__ values persist
-// from the previous block or launch, where a GPU's are undefined), warp divergence, register pressure, and float results to the bit (the host's exp/log and FMA
-// contraction differ from the device's). Tests compare it with the float64 reference under the
-// same tolerance rule as the GPU (gated_ops.testing).
+// from the previous block or launch, where a GPU's are undefined), warp divergence, register
+// pressure, and float results to the bit (the host's exp/log and FMA contraction differ from the
+// device's). Tests compare it with the float64 reference under the same tolerance rule as the
+// GPU (gated_ops.testing).
+//
+// The rules a change to the CUDA sources keeps, so that they still compile and run here:
+//   * CUDA names only from the list at the end of this file: __global__, __device__,
+//     __host__, __forceinline__, __launch_bounds__ (ignored), __shared__ (static sizes only),
+//     __align__, threadIdx / blockIdx / blockDim / gridDim, __syncthreads(),
+//     __shfl_xor_sync(0xffffffff, v, lane_mask) (a full mask; values of at most 16 bytes),
+//     CUDA_KERNEL_ASSERT, C10_CUDA_KERNEL_LAUNCH_CHECK(), c10::cuda::CUDAGuard, and ::exp /
+//     ::log / min / max. Anything else (other shuffles and votes, atomics, __ldg, cooperative
+//     groups, dynamic shared memory, streams, CUDA runtime calls) does not compile here: add it
+//     to this header first, or keep it behind #ifdef GATED_OPS_CUDA_EMU with the host's
+//     equivalent (inline PTX, as prefetch_l2 in cuda/common.cuh does: a hint, nothing to do);
+//   * every launch is GATED_LAUNCH(kernel, grid, block)(args...), never <<<...>>>: 1 to 1024
+//     threads a block, grid.y and grid.z below 65536, no launch from inside a kernel (refused);
+//   * CUDA headers come only through cuda/common.cuh (it picks this header instead); launchers
+//     reach the device through ATen (tensors, cuBLAS GEMMs as at::bmm), which runs on the CPU
+//     here; the plan's device is GATED_KERNEL_DEVICE, registrations GATED_OPS_CUDA_LIBRARY_IMPL;
+//   * the CUDA sources are one translation unit here (nvcc compiles each on its own): the names
+//     a .cu file keeps to itself (its anonymous namespace) differ from every other .cu file's,
+//     and a new .cu file gets its #include in cuda_emu/module.cpp (without one, the
+//     registrations in cuda/registration.cu fail to link).
 #pragma once
 
 #include <math.h>  // float overloads of ::exp / ::log in the global namespace, as CUDA has
@@ -294,8 +317,8 @@ void run_grid(dim3 grid, dim3 block, const F& body) {
 // converted to the kernel's parameter types once, and every thread calls the kernel with them
 // (by-value parameters: each thread gets its own copy, as on a GPU).
 // Each launch is also a torch.profiler event, "cuda_emu_kernel: <the kernel expression> in
-// <the launching function> (line <the launch's line in gated_ops_cuda.cu>)", so a profile of an
-// emulated step lists the kernels a GPU would run, in order (gated_ops.testing.kernel_census).
+// <the launching function> (<the launch's file>:<line>)", so a profile of an emulated step lists
+// the kernels a GPU would run, in order (gated_ops.testing.kernel_census).
 template <typename... P>
 struct Launch {
   void (*kernel)(P...);
@@ -322,18 +345,20 @@ inline std::string launcher_name(const char* pretty) {
 }
 
 template <typename... P>
-Launch<P...> launch(void (*kernel)(P...), const char* expr, const char* pretty, int line,
-                    dim3 grid, dim3 block) {
+Launch<P...> launch(void (*kernel)(P...), const char* expr, const char* pretty, const char* file,
+                    int line, dim3 grid, dim3 block) {
+  std::string f(file);
+  f = f.substr(f.find_last_of('/') + 1);  // the file's name (npos + 1 = 0: all of it)
   return Launch<P...>{kernel,
                       std::string("cuda_emu_kernel: ") + expr + " in " + launcher_name(pretty) +
-                          " (line " + std::to_string(line) + ")",
+                          " (" + f + ":" + std::to_string(line) + ")",
                       grid, block};
 }
 
 }  // namespace gated_ops_emu
 
 // ---------------------------------------------------------------------------------------------
-// The CUDA names gated_ops_cuda.cu uses.
+// The CUDA names the CUDA sources may use (the rules above).
 #define __global__
 #define __device__
 #define __host__
@@ -353,8 +378,9 @@ Launch<P...> launch(void (*kernel)(P...), const char* expr, const char* pretty, 
     if (!(cond)) ::gated_ops_emu::device_assert_failed(#cond, __FILE__, __LINE__); \
   } while (0)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
-#define GATED_LAUNCH(kernel, grid, block)                                             \
-  ::gated_ops_emu::launch(kernel, #kernel, __PRETTY_FUNCTION__, __LINE__, (grid), (block))
+#define GATED_LAUNCH(kernel, grid, block)                                                 \
+  ::gated_ops_emu::launch(kernel, #kernel, __PRETTY_FUNCTION__, __FILE__, __LINE__, (grid), \
+                          (block))
 // Launchers register for CPU tensors under their own namespace (module.cpp defines its schemas).
 #define GATED_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(gated_ops_cudaemu, CPU, m)
 

@@ -1,12 +1,20 @@
-// gated_ops._cuda_emu: csrc/gated_ops_cuda.cu compiled by the host compiler with the CUDA
-// execution model emulated on the CPU (cuda_emu.h), its launchers registered for CPU tensors as
+// gated_ops._cuda_emu: the CUDA kernels (csrc/cuda/*.cu) compiled by the host compiler with the
+// CUDA execution model emulated on the CPU (cuda_emu.h, whose top comment holds the rules the
+// CUDA sources keep for it), their launchers registered for CPU tensors as
 // torch.ops.gated_ops_cudaemu.* with the schemas of torch.ops.gated_ops.*. A testing backend
 // (gated_ops/cuda_emu.py, backend="cuda_emu"): it runs the CUDA kernels' own code, slowly, where
 // there is no GPU. Built when GATED_OPS_CUDA_EMU=1 (setup.py).
 #include <Python.h>
 
 #define GATED_OPS_CUDA_EMU 1
-#include "../gated_ops_cuda.cu"
+// Every CUDA source, in one translation unit (setup.py builds csrc/cuda/*.cu for _C).
+#include "../cuda/matmul_forward.cu"
+#include "../cuda/matmul_backward.cu"
+#include "../cuda/sgd.cu"
+#include "../cuda/cross_entropy.cu"
+#include "../cuda/registration.cu"
+// This library's own kernel choices (the hook _force_kernel in its namespace: kernel_choice.h).
+#include "../kernel_choice.cpp"
 
 // ---------------------------------------------------------------------------------------------
 // The emulator's own test kernels (tests/test_cuda_emu.py): what it must compute, and the misuse
@@ -70,6 +78,7 @@ at::Tensor run(int64_t which) {
 
 TORCH_LIBRARY(gated_ops_cudaemu, m) {
   gated_ops::define_schemas(m);
+  gated_ops::define_kernel_choice_hook(m);
   m.def("_emulator_selftest(int case) -> Tensor");
 }
 

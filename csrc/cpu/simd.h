@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 
 // (GCC 11+ knows the x86-64-v3/v4 levels; other compilers build the baseline loops only.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
@@ -45,6 +44,7 @@
 
 // (After the pragma above: hash32 is instantiated on vectors here.)
 #include "hash32.h"
+#include "kernel_choice.h"
 
 #ifndef GATED_PREFETCH
 #define GATED_PREFETCH 512
@@ -60,8 +60,8 @@ namespace simd {
 // a hash of (seed, element index): deterministic, independent of the thread count, and
 // reproduced by gated_ops.reference.round_stochastic_bf16.
 // (The hash is gated_ops::hash32 of hash32.h, lane by lane on vectors; the seed's mix is
-// gated_ops::seed_mix in gated_ops.h.)
-// The body of the float exp of the cross-entropy (gated_ops.cpp expf_poly, and exp8 below):
+// gated_ops::seed_mix in rounding.h.)
+// The body of the float exp of the cross-entropy (cpu/cross_entropy.cpp expf_poly, and exp8 below):
 // with n = floor(x / ln 2 + 1/2) for the clamped x, exp(x) = 2^n * exp_core(x, n), from Cephes'
 // range reduction by ln 2 in two parts and its degree-6 polynomial (T: float or a vector).
 template <typename T>
@@ -109,14 +109,16 @@ inline bool narrow_vectors_supported() {
 }
 // The vector width of the skinny kernels below: 16 lanes where the CPU has AVX-512 (one zmm
 // register; also older CPUs, which run the baseline clone), 8 on AVX2 without AVX-512 (one ymm:
-// the 16-lane AVX2 clone, two ymm per value, measured issue-bound there, benchmarks/NOTES.md
-// 2026-12-02). GATED_OPS_CPU_LANES=8 or 16 forces one (8 only where AVX2 runs: the tests run
-// both on an AVX-512 CPU); read at each call.
+// the 16-lane AVX2 clone, two ymm per value, measured issue-bound there on a 2-core AMD EPYC,
+// Zen 2, 2026-12-02). Detected once; cpu_lanes (kernel_choice.h) forces a width (8 only where
+// AVX2 runs: the tests run both on an AVX-512 CPU).
 inline int skinny_lanes() {
-  const char* v = std::getenv("GATED_OPS_CPU_LANES");
-  if (v != nullptr && v[0] == '8' && v[1] == 0) return narrow_vectors_supported() ? 8 : 16;
-  if (v != nullptr && v[0] == '1' && v[1] == '6' && v[2] == 0) return 16;
-  return !wide_vectors() && narrow_vectors_supported() ? 8 : 16;
+  static const int automatic = !wide_vectors() && narrow_vectors_supported() ? 8 : 16;
+  switch (forced_kernel(KernelChoice::kCpuLanes)) {
+    case 8: return narrow_vectors_supported() ? 8 : 16;
+    case 16: return 16;
+    default: return automatic;
+  }
 }
 // aligned(4): loads and stores through this type may be unaligned.
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
@@ -660,16 +662,15 @@ GATED_INLINE void grad_sgd_fwd_onepass16(W_t* w, W_t* buf, int64_t idx, const fl
                             D, s, xn, zn + o, ldzn);
 }
 // Which 16-lane lookahead: the one pass for bfloat16 weights where AVX-512 gives it 32
-// registers, else the groups (GATED_OPS_CPU_LOOKAHEAD=onepass / grouped forces one; read at
-// each call). Measured on a 2-core AMD EPYC with AVX-512 (K=100 encoder, D=784, interleaved,
-// ms at H=128 / 1024): bfloat16 one pass 4.85 / 38.7, groups 5.38 / 44.3 (the update alone
-// 3.49 / 29.4: compute-bound, and the groups widen each new row a second time from L2);
-// float32 one pass 5.28 / 41.4, groups 5.36 / 40.3 (the update alone 4.33 / 32.7: memory-bound,
-// where the one pass's longer loop per cache line gained nothing).
+// registers, else the groups (cpu_lookahead, kernel_choice.h, forces one). Measured on a 2-core
+// AMD EPYC with AVX-512 (K=100 encoder, D=784, interleaved, ms at H=128 / 1024): bfloat16 one
+// pass 4.85 / 38.7, groups 5.38 / 44.3 (the update alone 3.49 / 29.4: compute-bound, and the
+// groups widen each new row a second time from L2); float32 one pass 5.28 / 41.4, groups
+// 5.36 / 40.3 (the update alone 4.33 / 32.7: memory-bound, where the one pass's longer loop per
+// cache line gained nothing).
 inline bool lookahead_onepass(bool bf16) {
-  const char* v = std::getenv("GATED_OPS_CPU_LOOKAHEAD");
-  if (v != nullptr && std::strcmp(v, "onepass") == 0) return true;
-  if (v != nullptr && std::strcmp(v, "grouped") == 0) return false;
+  const int64_t forced = forced_kernel(KernelChoice::kCpuLookahead);
+  if (forced != kAutomatic) return forced == 1;
   return bf16 && wide_vectors();
 }
 
@@ -725,7 +726,7 @@ inline void skinny_grad_sgd_fwd(W_t* w, W_t* buf, int64_t idx, const float* a, i
 // time with one row per vector lane (the block transposed in L1), so that max, argmax, exp and
 // the row sums are vector operations over the classes. (Row by row, C = 10 classes per row,
 // the scalar argmax bit masks and the double-precision sums took ~70% of the CE forward.)
-// expf for 8 lanes: the range reduction and polynomial of gated_ops.cpp's expf_poly (relative
+// expf for 8 lanes: the range reduction and polynomial of cpu/cross_entropy.cpp's expf_poly (relative
 // error < 2 ulp on [-87, 88]); NaN in, NaN out; 0 below -87.33.
 GATED_INLINE v8f exp8(v8f x) {
   const v8f xc = x < -87.33f ? v8f{} - 87.33f : (x > 88.72f ? v8f{} + 88.72f : x);
