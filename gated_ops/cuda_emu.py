@@ -1,6 +1,6 @@
 """The CUDA kernels on the CPU: ``backend="cuda_emu"``, a testing backend.
 
-``gated_ops._cuda_emu`` is csrc/gated_ops_cuda.cu itself, compiled by the host compiler with the
+``gated_ops._cuda_emu`` is the CUDA sources (csrc/cuda/) themselves, compiled by the host compiler with the
 CUDA execution model emulated (csrc/cuda_emu/cuda_emu.h: the threads of a block as fibers, real
 barriers and warp shuffles, a failed device assert raised as an error) and registered for CPU
 tensors as ``torch.ops.gated_ops_cudaemu.*``, with the schemas of ``torch.ops.gated_ops.*``.

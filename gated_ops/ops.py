@@ -105,7 +105,7 @@ def pathway_matmul(
 
 def _check_reference_args(x: Tensor, weight: Tensor, bias: Tensor | None, gate: Tensor | None,
                           P: int) -> None:
-    """The argument checks the compiled kernels make (csrc/gated_ops.h), for the reference
+    """The argument checks the compiled kernels make (csrc/checks.h), for the reference
     backend: the same refusals, in the same words, whatever the backend."""
     if not x.is_floating_point():
         raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")

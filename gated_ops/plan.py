@@ -47,7 +47,7 @@ from torch import Tensor
 
 __all__ = ["PathwayPlan", "make_plan", "replicate_plan", "z_shape", "ONE_PER_DST", "Z_IS_Y"]
 
-# layout[6]'s flags (csrc/gated_ops.h: kOnePerDst, kZIsY)
+# layout[6]'s flags (csrc/plan.h: kOnePerDst, kZIsY)
 ONE_PER_DST = 1
 Z_IS_Y = 2
 

@@ -100,7 +100,7 @@ _M32 = 0xFFFFFFFF
 
 
 def _hash32(v: Tensor) -> Tensor:
-    """The "lowbias32" integer hash on uint32 values held in int64 (csrc/cpu_simd.h hash32)."""
+    """The "lowbias32" integer hash on uint32 values held in int64 (csrc/hash32.h)."""
     v = v ^ (v >> 16)
     v = (v * 0x7FEB352D) & _M32
     v = v ^ (v >> 15)
@@ -110,14 +110,14 @@ def _hash32(v: Tensor) -> Tensor:
 
 def rounding_seed_at(seed: int, step: int) -> int:
     """The rounding seed of step ``step`` in the stream that starts at ``seed``, as the fused
-    SGD ops derive it when given ``rounding_step`` (csrc/gated_ops.h ``seed_at``):
+    SGD ops derive it when given ``rounding_step`` (csrc/rounding.h ``seed_at``):
     (step * 0x9E3779B1 + seed) mod 2^31."""
     return (step * 0x9E3779B1 + seed) & 0x7FFFFFFF
 
 
 def round_stochastic_bf16(x: Tensor, seed: int, index0: int = 0) -> Tensor:
     """float32 -> bfloat16 by stochastic rounding, bit for bit as the fused update stores a
-    bfloat16 weight with ``rounding_seed=seed`` (csrc/cpu_simd.h, ``bf16_stochastic``).
+    bfloat16 weight with ``rounding_seed=seed`` (csrc/cpu/simd.h, ``bf16_stochastic``).
 
     Element i (flat index index0 + i) gets 16 random bits r = hash32(uint32(index0 + i) + mix)
     mod 2^16, mix = hash32(uint32(seed) ^ 0x5bd1e995); its float32 bits u become the bfloat16

@@ -106,7 +106,7 @@ def ce_grad_like(logits: Tensor) -> Tensor:
     """An uninitialised tensor laid out as every backend's ``gated_cross_entropy_backward``
     returns its gradient (the fake kernels' answer): ``empty_like`` of the logits the kernels
     read, which are the logits themselves (a strided 5-D view keeps its strides) unless their
-    classes are not contiguous (then a contiguous copy: csrc/gated_ops.h logits_view)."""
+    classes are not contiguous (then a contiguous copy: csrc/plan.h logits_view)."""
     if logits.shape[-1] > 1 and logits.stride(-1) != 1:
         logits = logits.contiguous()
     return torch.empty_like(logits)
@@ -368,7 +368,7 @@ class _gated_cross_entropy_grads(torch.autograd.Function):  # noqa: N801
 # Fake (meta) kernels (output shapes only) and autograd, for a namespace holding these schemas:
 # gated_ops, and gated_ops_cudaemu (the CUDA kernels emulated on the CPU: gated_ops.cuda_emu).
 def register_python_parts(ns: str) -> None:
-    """Registers, for the ops ``torch.ops.<ns>.*`` (the schemas of csrc/gated_ops.h), the fake
+    """Registers, for the ops ``torch.ops.<ns>.*`` (the schemas of csrc/gated_ops.h, define_schemas), the fake
     kernels, the composite ``pathway_grad_x_gate`` for devices without a fused kernel, and the
     autograd formulas of ``pathway_matmul`` and ``gated_cross_entropy``."""
     ops = getattr(torch.ops, ns)

@@ -282,7 +282,7 @@ class _CudaEmulation(TorchDispatchMode):
 @contextlib.contextmanager
 def cuda_emulation() -> Iterator[Counter]:
     """Within this context, gated_ops' ops on CPU tensors run the CUDA kernels
-    (csrc/gated_ops_cuda.cu) emulated on the CPU (gated_ops.cuda_emu) instead of the CPU
+    (csrc/cuda/) emulated on the CPU (gated_ops.cuda_emu) instead of the CPU
     kernels: the same calls, modules and training steps as on a GPU, without one, so
     tests/test_cuda.py runs in CI. Yields the count of emulated calls per op. Autograd, the
     fused-SGD layers and the k-path loss are unchanged: only the registered ops are swapped, at

@@ -52,7 +52,7 @@ DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16,
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
 def test_pathway_matmul_matches_reference(case, backend, dtype):
-    """16-bit dtypes: the CPU kernels compute in float and round once (csrc/gated_ops.cpp);
+    """16-bit dtypes: the CPU kernels compute in float and round once (csrc/cpu/);
     "plain" (the tolerance's yardstick) is the reference run in that dtype by PyTorch."""
     _check(case, backend, dtype)
 

@@ -1,7 +1,7 @@
 """Triton kernels for the gated pathway ops, as a second backend beside the compiled CUDA one.
 
 The math is :mod:`gated_ops.reference`; the exact semantics and the plan layout are those of the
-registered ops ``torch.ops.gated_ops.*`` (csrc/gated_ops.cpp, gated_ops/plan.py). One module per
+registered ops ``torch.ops.gated_ops.*`` (csrc/, gated_ops/plan.py). One module per
 op family, each read top to bottom as kernels, launchers, registration:
 
 * :mod:`.matmul`: ``pathway_matmul`` and its gradient ops;

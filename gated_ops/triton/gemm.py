@@ -22,7 +22,7 @@ from .common import _chunk_tiles, _dot_precision, _gemm_blocks, _pow2
 
 @triton.jit
 def _hash32(v):
-    """The "lowbias32" hash of uint32 values held in int64 (reference._hash32, cpu_simd.h)."""
+    """The "lowbias32" hash of uint32 values held in int64 (reference._hash32, csrc/hash32.h)."""
     v = v ^ (v >> 16)
     v = (v * 0x7FEB352D) & 0xFFFFFFFF
     v = v ^ (v >> 15)

@@ -54,7 +54,7 @@ def _uses_triton_sgd(layout: list[int], param: Tensor, buf: Optional[Tensor], nu
 
 def _check_layer_bias(bias, bias_buf, weight, momentum, bias_rounding_seed, rounding_step):
     """The bias a weight update also steps, checked before either is touched (the words of
-    csrc/gated_ops.h's check_layer_bias)."""
+    csrc/checks.h's check_layer_bias)."""
     if bias is None:
         if bias_buf is not None:
             raise RuntimeError("bias_momentum_buffer: given without a bias")
