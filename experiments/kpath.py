@@ -14,9 +14,9 @@ per epoch); ``OUT/summary.json``, the figure and ``results.md`` come at the end.
     python -m experiments.plot experiments/runs/quick     # redraw the figure and table
     # time per step of each implementation (logged; metrics.jsonl "time_train_s"):
     T="--preset quick --epochs 1 --max-steps-per-epoch 60 --eval-samples 200"
-    python -m experiments.kpath $T --out /tmp/fused
-    python -m experiments.kpath $T --out /tmp/unfused --fused-sgd false  # torch.optim.SGD
-    python -m experiments.kpath $T --out /tmp/loop --model loop  # the paper-style loop
+    python -m experiments.kpath $T --out runs/fused
+    python -m experiments.kpath $T --out runs/unfused --fused-sgd false  # torch.optim.SGD
+    python -m experiments.kpath $T --out runs/loop --model loop  # the paper-style loop
 
 metrics.jsonl, one line per epoch: epoch, step, steps; {train_running, train, test}_{trained,
 untrained}_{acc, loss}: mean over the run's trained (gate 1) and untrained (gate 0) paths, where

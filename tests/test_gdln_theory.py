@@ -1,6 +1,6 @@
 """The theory of docs/math.md sections 4-5 on the graph API: gated_ops.GDLN against gated_ops.theory.
 
-Run: cd /work/main && .venv/bin/python -m pytest tests/test_gdln_theory.py -q   (about 5 s)
+Run: python -m pytest tests/test_gdln_theory.py -q   (about 5 s)
 
 Tolerance policy (as in tests/test_theory.py): a check of docs/math.md section 6 uses exactly the tolerance
 stated there; an identity that holds in real arithmetic is checked in float64 at relative error

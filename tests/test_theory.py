@@ -1,6 +1,6 @@
 """Tests of gated_ops.theory: every check of docs/math.md section 6 and the closed forms of docs/math.md section 5.
 
-Run: cd /work/main && .venv/bin/python -m pytest tests/test_theory.py -q   (about 10 s, 2 CPU cores)
+Run: python -m pytest tests/test_theory.py -q   (about 10 s on 2 CPU cores)
 
 Tolerance policy. A check of docs/math.md section 6 uses exactly the tolerance stated there (quoted in the
 test). Everything else is an identity that holds exactly in real arithmetic, evaluated in float64:

@@ -155,7 +155,7 @@ __global__ void ce_forward_thread_kernel(const scalar_t* __restrict__ logits, co
 // block takes 32 paths (lane l: path blockIdx.x * 32 + l) and all their rows (warp b: row b), so
 // R*P*B threads work at once instead of R*P. At K = 100 that is 80,000 rows in 313 blocks of 256
 // threads, where ce_forward_thread_kernel runs 10,000 threads (79 blocks for 132 SMs) each
-// walking its 8 rows in a chain of dependent loads (15 us in H100 run b for 3.2 MB of logits).
+// walking its 8 rows in a chain of dependent loads (15 us on an H100 for 3.2 MB of logits, benchmarks/results/h100-2026-11-26b-profile.txt).
 // The lanes of a warp read adjacent paths (in the k-path's strided view the J paths of a sample
 // row are adjacent in memory). Each row's statistics as row_stats_serial computes them, and the
 // path's B rows are summed in row order from shared memory: bit for bit ce_forward_thread_kernel

@@ -173,9 +173,9 @@ struct WGradArgs {
 // with ns * B <= kBT rows (the k-path encoders: the fused SGD's hot case) have one chunk and take
 // the single-level loop, bitwise the same sum without the second set of accumulators.
 // Registers set this kernel's occupancy (ptxas --resource-usage, sm_90, 256 threads): the fused
-// SGD takes 72 (fp32 and bf16; 3 blocks per SM) with the launch bounds below. The version measured
-// in H100 run b loaded W and the momentum before the sum and chunked every plan: 126 registers
-// with spills in fp32 (2 blocks per SM) and 222 in bf16 (1 block); it was 9% slower than run a's.
+// SGD takes 72 (fp32 and bf16; 3 blocks per SM) with the launch bounds below. A version that
+// loaded W and the momentum before the sum and chunked every plan took 126 registers with spills
+// in fp32 (2 blocks per SM) and 222 in bf16 (1 block), 9% slower (benchmarks/results/h100-*).
 // kLook (with kSGD, blocked plans of one chunk): the lookahead epilogue below.
 template <typename scalar_t, int VEC, bool kSGD, bool kChunked, bool kLook = false>
 __global__ void __launch_bounds__(kMaxWarps * kWarp, kChunked ? 2 : kSGD ? 3 : 4)
