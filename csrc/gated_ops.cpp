@@ -36,6 +36,13 @@ TORCH_LIBRARY_IMPL(gated_ops, CPU, m) {
   m.impl("pathway_bias_sgd_", &cpu::pathway_bias_sgd_cpu);
   m.impl("gated_cross_entropy", &cpu::gated_cross_entropy_cpu);
   m.impl("gated_cross_entropy_backward", &cpu::gated_cross_entropy_backward_cpu);
+  m.impl("pathway_route", &cpu::pathway_route_cpu);
+  m.impl("routed_matmul", &cpu::routed_matmul_cpu);
+  m.impl("routed_grad_z", &cpu::routed_grad_z_cpu);
+  m.impl("routed_grad_x", &cpu::routed_grad_x_cpu);
+  m.impl("routed_grad_weight", &cpu::routed_grad_weight_cpu);
+  m.impl("routed_grad_bias", &cpu::routed_grad_bias_cpu);
+  m.impl("routed_grad_gate", &cpu::routed_grad_gate_cpu);
 }
 
 }  // namespace gated_ops

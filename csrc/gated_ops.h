@@ -52,6 +52,20 @@ inline void define_schemas(torch::Library& m) {
         "-> (Tensor loss, Tensor path_loss, Tensor correct, Tensor lse)");
   m.def("gated_cross_entropy_backward(Tensor? grad_loss, Tensor? grad_path_loss, Tensor logits, "
         "Tensor target, Tensor gate, Tensor lse) -> Tensor");
+  // The routed (sparse) form: k active pathways per sample (routed.h states the route table).
+  m.def("pathway_route(Tensor idx, Tensor paths, int num_weights) -> Tensor");
+  m.def("routed_matmul(Tensor x, Tensor weight, Tensor? bias, Tensor? gate, Tensor idx, "
+        "Tensor route, Tensor paths, int num_dst, bool grouped_in=False, "
+        "bool grouped_out=False) -> (Tensor y, Tensor z)");
+  m.def("routed_grad_z(Tensor grad_y, Tensor? gate, Tensor idx, Tensor route, Tensor paths, "
+        "bool grouped_out=False) -> Tensor");
+  m.def("routed_grad_x(Tensor grad_z, Tensor weight, Tensor idx, Tensor route, Tensor paths, "
+        "int num_sources, bool grouped_in=False) -> Tensor");
+  m.def("routed_grad_weight(Tensor grad_z, Tensor x, Tensor idx, Tensor route, Tensor paths, "
+        "int num_weights, bool grouped_in=False) -> Tensor");
+  m.def("routed_grad_bias(Tensor grad_z, Tensor route, int num_weights) -> Tensor");
+  m.def("routed_grad_gate(Tensor grad_y, Tensor z, Tensor idx, Tensor route, Tensor paths) "
+        "-> Tensor");
 }
 
 // The private hook of a library with compiled kernels (gated_ops, and the emulation's namespace):

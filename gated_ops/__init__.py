@@ -107,6 +107,7 @@ from .gdln import GDLN  # noqa: E402
 from .ops import gated_cross_entropy, pathway_matmul  # noqa: E402
 from .optim import pathway_bias_sgd_, pathway_sgd_, pathway_sgd_lookahead_  # noqa: E402
 from .plan import PathwayPlan, make_plan  # noqa: E402
+from .routed import Route, make_route, routed_linear, routed_matmul, routed_pathway_matmul  # noqa: E402
 
 __all__ = [
     "GDLN",
@@ -115,6 +116,11 @@ __all__ = [
     "PathwayPlan",
     "make_plan",
     "pathway_matmul",
+    "routed_pathway_matmul",
+    "routed_matmul",
+    "routed_linear",
+    "make_route",
+    "Route",
     "gated_cross_entropy",
     "pathway_sgd_",
     "pathway_sgd_lookahead_",

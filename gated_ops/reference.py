@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pathway_matmul_ref", "gated_cross_entropy_ref", "sgd_momentum_ref",
+__all__ = ["pathway_matmul_ref", "routed_gate_ref", "routed_pathway_matmul_ref",
+           "routed_matmul_ref", "gated_cross_entropy_ref", "sgd_momentum_ref",
            "round_stochastic_bf16"]
 
 
@@ -50,6 +51,72 @@ def pathway_matmul_ref(
         z = z * (gate.unsqueeze(-1) if gate.dim() == 2 else gate.view(-1, 1, 1))
     y = z.new_zeros(num_dst, x.shape[1], weight.shape[1])
     return y.index_add(0, dst, z)
+
+
+def routed_gate_ref(idx: Tensor, weight: Tensor, num_paths: int) -> Tensor:
+    """The dense (P, B) gate of a routed call: gate[p, b] = sum_j weight[b, j] [idx[b, j] = p].
+
+    Args:
+        idx: (B, k) int64: the k active pathways of sample b; -1 marks an unused slot.
+        weight: (B, k) their gates (the router's top-k weights).
+        num_paths: P.
+    Returns:
+        (P, B): the slots' weights at their pathways (a pathway named twice in a row gets the
+        sum), zero elsewhere.
+    """
+    B, k = idx.shape
+    used = idx >= 0
+    gate = weight.new_zeros(num_paths, B)
+    b = torch.arange(B, device=idx.device).unsqueeze(1).expand(B, k)
+    return gate.index_put((idx[used], b[used]), weight[used], accumulate=True)
+
+
+def routed_pathway_matmul_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    idx: Tensor,
+    gate: Tensor | None,
+    src: Tensor,
+    wgt: Tensor,
+    dst: Tensor,
+    num_dst: int,
+) -> Tensor:
+    """The routed (sparse) form of (1): per sample b, k active pathways idx[b, :] with gates
+    gate[b, :] (None: ones). Exactly equation (1) with the dense gate
+    :func:`routed_gate_ref`: pathways that no slot names contribute nothing.
+
+    Args:
+        x (S, B, D_in), weight (M, D_out, D_in), bias (M, D_out) or None, src, wgt, dst, num_dst:
+            as for :func:`pathway_matmul_ref`.
+        idx: (B, k) int64 pathway indices, -1 for an unused slot; gate: (B, k) or None.
+    Returns:
+        y: (T, B, D_out).
+    """
+    if gate is None:
+        gate = torch.ones(idx.shape, dtype=x.dtype, device=x.device)
+    dense = routed_gate_ref(idx, gate, src.numel())
+    return pathway_matmul_ref(x, weight, bias, dense, src, wgt, dst, num_dst)
+
+
+def routed_matmul_ref(x: Tensor, weight: Tensor, topk_idx: Tensor, topk_weight: Tensor,
+                      bias: Tensor | None = None) -> Tensor:
+    """The mixture-of-experts form: tokens first, as nn.Linear takes them.
+
+        y[t] = sum_j topk_weight[t, j] * (x[t] @ weight[topk_idx[t, j]]^T + bias[topk_idx[t, j]])
+
+    Args:
+        x: (T, D_in) tokens; weight: (E, D_out, D_in) experts; bias: (E, D_out) or None;
+        topk_idx: (T, k) int64 experts per token (-1: unused slot); topk_weight: (T, k).
+    Returns:
+        (T, D_out). The MoE plan (one source, E experts summed into one output) of
+        :func:`routed_pathway_matmul_ref`.
+    """
+    E = weight.shape[0]
+    experts = torch.arange(E, device=x.device)
+    zeros = torch.zeros(E, dtype=torch.int64, device=x.device)
+    return routed_pathway_matmul_ref(x.unsqueeze(0), weight, bias, topk_idx, topk_weight, zeros,
+                                     experts, zeros, 1)[0]
 
 
 def gated_cross_entropy_ref(

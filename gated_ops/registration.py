@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .optim import register_sgd_parts
+from .routed import register_routed_parts
 from .plan import Z_IS_Y, PathwayPlan, _replicated_plan, z_shape
 
 # ------------------------------------------------------------------------------------------------
@@ -431,6 +432,7 @@ def register_python_parts(ns: str) -> None:
                                     setup_context=ce_setup_context)
     register_vmap_rules(ns)
     register_sgd_parts(ns)
+    register_routed_parts(ns)
 
 
 def register_vmap_rules(ns: str) -> None:

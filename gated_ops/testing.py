@@ -18,7 +18,8 @@ from .plan import PathwayPlan, make_plan
 
 __all__ = [
     "Table", "Case", "SHAPES", "kpath_tables", "replicate", "make_inputs", "assert_close",
-    "tolerance", "cuda_emulation", "kernel_census", "force_kernel", "KERNEL_CHOICES",
+    "tolerance", "cuda_emulation", "kernel_census", "RoutedCase", "ROUTED_SHAPES",
+    "make_routed_inputs", "force_kernel", "KERNEL_CHOICES",
     "parse_kernel_choices",
 ]
 
@@ -164,6 +165,79 @@ def make_inputs(case: Case, dtype: torch.dtype = torch.float64, device: str = "c
     for v in out.values():
         if v is not None:
             v.requires_grad_(requires_grad)
+    return out
+
+
+@dataclass(frozen=True)
+class RoutedCase:
+    """One row of the routed shape table: a plan, and per sample k slots naming pathways.
+
+    ``slots``: "topk" (k distinct pathways per sample, as a router's top-k), "unused" (some
+    slots -1, a variable number per sample), "one" (every slot on pathway 0), "dup" (a pathway
+    named twice in some rows), "all" (k = P: every pathway, the dense op)."""
+
+    name: str
+    table: Table
+    batch: int
+    k: int
+    d_in: int
+    d_out: int
+    slots: str = "topk"
+    bias: bool = True
+    gate: bool = True
+    large: bool = False
+
+
+_MOE4 = Table((0,) * 4, (0, 1, 2, 3), (0,) * 4, 1, 4, 1)
+_MOE8 = Table((0,) * 8, tuple(range(8)), (0,) * 8, 1, 8, 1)
+
+ROUTED_SHAPES: list[RoutedCase] = [
+    RoutedCase("moe_top2", _MOE4, 6, 2, 8, 5),
+    RoutedCase("moe_top1", _MOE8, 9, 1, 7, 6),
+    RoutedCase("moe_all_experts", _MOE4, 5, 4, 6, 3, slots="all"),  # k = E: the dense op
+    RoutedCase("moe_unused_slots", _MOE8, 7, 3, 5, 4, slots="unused"),
+    RoutedCase("moe_one_expert", _MOE4, 6, 1, 5, 4, slots="one"),  # the others never chosen
+    RoutedCase("moe_duplicates", _MOE4, 5, 2, 4, 6, slots="dup"),
+    RoutedCase("moe_no_tokens", _MOE4, 0, 2, 4, 3),
+    RoutedCase("moe_no_bias_no_gate", _MOE8, 6, 2, 9, 5, bias=False, gate=False),
+    RoutedCase("grouped_table", _random_table(9, 3, 4, 3, seed=2), 5, 3, 6, 4),
+    RoutedCase("grouped_unused", _random_table(7, 2, 3, 4, seed=3), 6, 2, 5, 3, slots="unused"),
+    RoutedCase("replicas_moe", replicate(_MOE4, 3), 4, 2, 6, 5),
+    RoutedCase("kpath_decoder", kpath_tables(3)["decoder"], 4, 3, 7, 5),
+    RoutedCase("moe_paper_mlp", _MOE8, 64, 2, 128, 96, large=True),
+]
+
+
+def make_routed_inputs(case: RoutedCase, dtype: torch.dtype = torch.float64,
+                       device: str = "cpu", seed: int = 0, requires_grad: bool = True
+                       ) -> dict[str, Tensor | None]:
+    """x, weight, bias, idx (B, k) int64, gate (B, k) of a routed case, on ``device``."""
+    t, B, k = case.table, case.batch, case.k
+    P = len(t.src)
+    g = torch.Generator().manual_seed(seed)
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+    x = make(t.num_sources, B, case.d_in)
+    weight = make(t.num_weights, case.d_out, case.d_in, scale=case.d_in ** -0.5)
+    bias = make(t.num_weights, case.d_out) if case.bias else None
+    if case.slots == "all":
+        idx = torch.arange(P).repeat(B, 1)
+    elif case.slots == "one":
+        idx = torch.zeros(B, k, dtype=torch.int64)
+    else:
+        idx = torch.stack([torch.randperm(P, generator=g)[:k] for _ in range(B)]) if B else \
+            torch.zeros(0, k, dtype=torch.int64)
+        if case.slots == "unused" and B:
+            idx[torch.rand(B, k, generator=g) < 0.4] = -1
+        if case.slots == "dup" and B:
+            idx[::2, 1] = idx[::2, 0]
+    gate = torch.rand(B, k, generator=g, dtype=torch.float64).add(0.5).to(device, dtype) \
+        if case.gate else None
+    out = {"x": x, "weight": weight, "bias": bias, "idx": idx.to(device), "gate": gate}
+    for name in ("x", "weight", "bias", "gate"):
+        if out[name] is not None:
+            out[name].requires_grad_(requires_grad)
     return out
 
 

@@ -1,5 +1,5 @@
 // Shared by the CPU kernels (cpu/matmul_forward.cpp, cpu/matmul_backward.cpp, cpu/sgd.cpp,
-// cpu/cross_entropy.cpp): the plan with its index checks, the GEMM helpers, the parallel loops,
+// cpu/cross_entropy.cpp, cpu/routed.cpp): the plan with its index checks, the GEMM helpers, the parallel loops,
 // the kernel choices, and the entry points that gated_ops.cpp registers for the CPU.
 //
 // The math of every op is gated_ops/reference.py; the plan layout is gated_ops/plan.py.
@@ -261,6 +261,27 @@ Tensor gated_cross_entropy_backward_cpu(const c10::optional<Tensor>& grad_loss,
                                         const c10::optional<Tensor>& grad_path_loss,
                                         const Tensor& logits, const Tensor& target,
                                         const Tensor& gate, const Tensor& lse);
+
+// cpu/routed.cpp
+Tensor pathway_route_cpu(const Tensor& idx, const Tensor& paths, int64_t num_weights);
+std::tuple<Tensor, Tensor> routed_matmul_cpu(const Tensor& x, const Tensor& weight,
+                                             const c10::optional<Tensor>& bias,
+                                             const c10::optional<Tensor>& gate,
+                                             const Tensor& idx, const Tensor& route,
+                                             const Tensor& paths, int64_t num_dst,
+                                             bool grouped_in, bool grouped_out);
+Tensor routed_grad_z_cpu(const Tensor& grad_y, const c10::optional<Tensor>& gate,
+                         const Tensor& idx, const Tensor& route, const Tensor& paths,
+                         bool grouped_out);
+Tensor routed_grad_x_cpu(const Tensor& grad_z, const Tensor& weight, const Tensor& idx,
+                         const Tensor& route, const Tensor& paths, int64_t num_sources,
+                         bool grouped_in);
+Tensor routed_grad_weight_cpu(const Tensor& grad_z, const Tensor& x, const Tensor& idx,
+                              const Tensor& route, const Tensor& paths, int64_t num_weights,
+                              bool grouped_in);
+Tensor routed_grad_bias_cpu(const Tensor& grad_z, const Tensor& route, int64_t num_weights);
+Tensor routed_grad_gate_cpu(const Tensor& grad_y, const Tensor& z, const Tensor& idx,
+                            const Tensor& route, const Tensor& paths);
 
 }  // namespace cpu
 }  // namespace gated_ops
