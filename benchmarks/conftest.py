@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import flops as flops_mod
-from providers import PROVIDERS, Unavailable, provider_device, sync
+from providers import (GDLN_PROVIDERS, PROVIDERS, ROUTED_PROVIDERS, Unavailable, provider_device,
+                       sync)
 
 MARKERS = {
     "smoke": "the tiny cases for CI: pytest benchmarks -q --benchmark-disable -m smoke",
@@ -32,8 +33,10 @@ MARKERS = {
     "large_batch": "K=100, B=512, H=128",
     "replicas": "R configurations of the K=100 H=128 model in one call",
     "moe": "mixture-of-experts layer with per-sample router gates",
-    "bf16": "bfloat16 storage of the K=100 step (reported apart from float32)",
-    **{p: f"provider {p}" for p in PROVIDERS},
+    "bf16": "bfloat16 storage (reported apart from float32)",
+    "routed": "a top-k routed expert layer (sparse routing: bench_routed.py)",
+    "gdln": "a GDLN with context gates, dense against routed (bench_routed.py)",
+    **{p: f"provider {p}" for p in (*PROVIDERS, *ROUTED_PROVIDERS, *GDLN_PROVIDERS)},
 }
 ROOT = Path(__file__).resolve().parent.parent
 

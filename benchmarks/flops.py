@@ -171,3 +171,33 @@ def moe(mode: str, E: int, B: int, Di: int, Do: int) -> Counts:
 def floor_seconds(c: Counts, peak_bytes_per_s: float, peak_flops_per_s: float) -> float:
     """The roofline floor: the slower of moving the bytes and doing the FLOPs at measured peaks."""
     return max(c.bytes / peak_bytes_per_s, c.flops / peak_flops_per_s)
+
+
+def routed(mode: str, T: int, D: int, E: int, k: int, elem: int = F32) -> Counts:
+    """One routed expert layer (D -> D, top-k of E): the active work only. FLOPs: the T k
+    (token, expert) GEMM rows, forward 2 T k D^2, backward 4 T k D^2 (grad_x, grad_W) and the
+    gate multiply / dot products. Bytes: x, y and the experts a token chose (at most
+    min(E, T k) of them), read once; backward reads gy, x, those weights and writes grad_x,
+    their gradients and the routing weights' gradients."""
+    used = min(E, T * k)
+    w = used * (D * D + D)
+    fwd = Counts(elem * (T * D + w + 2 * T * k + T * D), 2 * T * k * D * D + 2 * T * k * D)
+    bwd = Counts(elem * (T * D + T * D + w + 2 * T * k + T * D + w + T * k),
+                 4 * T * k * D * D + 4 * T * k * D)
+    if mode == "forward":
+        return fwd
+    if mode == "full":
+        return fwd + bwd
+    raise ValueError(f"mode: expected forward or full, got {mode!r}")
+
+
+def gdln_routing(mode: str, M: int, K: int, H: int, D: int, items: int) -> Counts:
+    """A routing network step (forward + backward) on its active pathways: every sample (one of
+    the K M trained contexts x ``items``) goes through one input module (D -> H), the hidden
+    layer (H -> H) and one output module (H -> D); weights read once, activations of the active
+    nodes only."""
+    B = K * M * items
+    flops = 3 * 2 * B * (D * H + H * H + H * D)
+    weights = M * D * H + H * H + M * H * D
+    elems = 3 * weights + 2 * B * (D + H + H + D)
+    return Counts(F32 * elems, flops)

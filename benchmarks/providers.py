@@ -181,7 +181,8 @@ def provider_device(provider: str, device_choice: str = "auto") -> torch.device:
             raise Unavailable(f"{provider}: gated_ops was built without CUDA kernels "
                               "(no CUDA dispatch key for gated_ops::pathway_matmul)")
         return torch.device("cuda")
-    if provider in ("naive", "torch", "torch_compile", "reference"):
+    if provider in ("naive", "torch", "torch_compile", "reference", "loop", "grouped_mm",
+                    "dense", "gdln_dense", "gdln_routed"):
         return default_device(device_choice)
     raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
 
@@ -815,3 +816,226 @@ def bench_case(measure, bench_env, make: Callable, case, mode: str, provider: st
     if provider == "torch_compile":
         info["compile_backend"] = prov.backend
     measure(fn, setup, device, counts, info, per=per)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sparse routing: one expert layer with top-k routing, y[t] = sum_j w[t, j] (x[t] W_e^T + b_e),
+# e = idx[t, j]; gradients for x, the experts' weights and biases, and the routing weights.
+ROUTED_PROVIDERS = ("loop", "grouped_mm", "dense", "cpu", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class RoutedBenchCase:
+    name: str
+    T: int  # tokens
+    D: int  # d_in = d_out
+    E: int  # experts
+    k: int  # top-k
+    dtype: str = "float32"
+    size: str = "small"
+    modes: tuple[str, ...] = ("forward", "full")
+    group: str = "routed"
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"T": self.T, "D": self.D, "E": self.E, "k": self.k}
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def _routed_cases() -> list[RoutedBenchCase]:
+    cases = [RoutedBenchCase("routed-tiny-T8-D16-E4-k2", 8, 16, 4, 2, size="tiny")]
+    for dtype in ("float32", "bfloat16"):
+        for T, D in ((512, 256), (512, 1024), (4096, 256), (4096, 1024)):
+            for E in (8, 64):
+                for k in (1, 2):
+                    work = T * D * D * k
+                    size = "small" if work <= 512 * 256 * 256 * 2 else \
+                        "medium" if work <= 4096 * 256 * 256 * 2 else "large"
+                    tag = "" if dtype == "float32" else "-bf16"
+                    cases.append(RoutedBenchCase(f"routed-T{T}-D{D}-E{E}-k{k}{tag}", T, D, E, k,
+                                                 dtype, size))
+    return cases
+
+
+ROUTED_CASES = _routed_cases()
+
+
+class RoutedData:
+    def __init__(self, case: RoutedBenchCase, device: torch.device, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        T, D, E, dt = case.T, case.D, case.E, case.torch_dtype
+        self.x = torch.randn(T, D, generator=g).to(device, dt).requires_grad_()
+        self.weight = (torch.randn(E, D, D, generator=g) * D ** -0.5).to(device, dt)
+        self.bias = torch.zeros(E, D).to(device, dt)
+        probs = torch.softmax(torch.randn(T, E, generator=g), dim=-1)
+        top = probs.topk(case.k, dim=-1)
+        self.idx = top.indices.to(device)  # (T, k)
+        self.w = (top.values / top.values.sum(-1, keepdim=True)).to(device, dt).requires_grad_()
+        self.grad_out = torch.randn(T, D, generator=g).to(device, dt)
+        self.device = device
+
+
+class RoutedProvider(Provider):
+    def __init__(self, data: RoutedData):
+        self.data, self.device = data, data.device
+        self.weight = nn.Parameter(data.weight.clone())
+        self.bias = nn.Parameter(data.bias.clone())
+
+    @abc.abstractmethod
+    def layer(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        """(T, D), (T, k), (T, k) -> (T, D)."""
+
+    def infer(self):
+        d = self.data
+        return self.layer(d.x, d.idx, d.w)
+
+    def objective(self) -> Tensor:
+        d = self.data
+        return (self.layer(d.x, d.idx, d.w) * d.grad_out).sum()
+
+    def grad_tensors(self) -> list[Tensor]:
+        return [self.data.x, self.data.w, self.weight, self.bias]
+
+
+class LoopRouted(RoutedProvider):
+    """The expert loop a user writes: per expert, its tokens (nonzero), one GEMM, index_add_."""
+
+    name = "loop"
+
+    def layer(self, x, idx, w):
+        y = torch.zeros(x.shape[0], self.weight.shape[1], dtype=x.dtype, device=x.device)
+        for e in range(self.weight.shape[0]):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if tok.numel():
+                h = torch.addmm(self.bias[e], x[tok], self.weight[e].t())
+                y = y.index_add(0, tok, h * w[tok, slot].unsqueeze(-1))
+        return y
+
+
+class GroupedMMRouted(RoutedProvider):
+    """Tokens sorted by expert through torch.nn.functional.grouped_mm (one grouped GEMM),
+    weighted and summed back with index_add."""
+
+    name = "grouped_mm"
+
+    def __init__(self, data: RoutedData):
+        super().__init__(data)
+        if not hasattr(F, "grouped_mm"):
+            raise Unavailable("grouped_mm: torch.nn.functional.grouped_mm is not in this torch")
+
+    def layer(self, x, idx, w):
+        T, k = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(self.weight.shape[0], dtype=torch.int32, device=x.device)
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        tok = order // k
+        h = F.grouped_mm(x[tok], self.weight.transpose(1, 2), offs=offs) + self.bias[flat[order]]
+        h = h * w.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros(T, h.shape[1], dtype=x.dtype, device=x.device).index_add(0, tok, h)
+
+
+class DenseRouted(RoutedProvider):
+    """Our dense op: every token through every expert, the unrouted ones with gate 0."""
+
+    name = "dense"
+
+    def __init__(self, data: RoutedData):
+        super().__init__(data)
+        E = self.weight.shape[0]
+        self.plan = GatedPathwayLinear.mixture_of_experts(E, 1, 1, device=data.device).plan
+
+    def layer(self, x, idx, w):
+        from gated_ops import pathway_matmul
+        gate = torch.zeros(x.shape[0], self.weight.shape[0], dtype=x.dtype, device=x.device)
+        gate = gate.scatter_add(1, idx, w).t()  # (E, T)
+        return pathway_matmul(x.unsqueeze(0), self.weight, self.plan, self.bias, gate)[0]
+
+
+class OursRouted(RoutedProvider):
+    """gated_ops.routed_matmul: the slots grouped by expert once, one GEMM per expert, the
+    weighted sum in the epilogue."""
+
+    def __init__(self, data: RoutedData, name: str, backend: str = "auto"):
+        super().__init__(data)
+        self.name, self.backend = name, backend
+
+    def layer(self, x, idx, w):
+        from gated_ops import routed_matmul
+        return routed_matmul(x, self.weight, idx, w, self.bias, backend=self.backend)
+
+
+def make_routed(provider: str, case: RoutedBenchCase, mode: str, device: torch.device,
+                compile_backend: str = "inductor") -> RoutedProvider:
+    data = RoutedData(case, device)
+    if provider == "loop":
+        return LoopRouted(data)
+    if provider == "grouped_mm":
+        return GroupedMMRouted(data)
+    if provider == "dense":
+        return DenseRouted(data)
+    if provider in ("cpu", "cuda"):
+        return OursRouted(data, provider)
+    if provider == "triton":
+        return OursRouted(data, provider, backend="triton")
+    raise ValueError(f"provider: unknown {provider!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# A GDLN with context gates (the paper's routing network, widened): one SGD step's forward and
+# backward, dense (every pathway, gate 0 where off) against routed (only the active ones).
+@dataclass(frozen=True)
+class GDLNRoutingCase:
+    name: str
+    M: int  # input and output modules
+    K: int  # trained output modules per input module
+    H: int
+    D: int
+    items: int  # samples per context
+    size: str = "small"
+    modes: tuple[str, ...] = ("full",)
+    group: str = "gdln"
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"M": self.M, "K": self.K, "H": self.H, "D": self.D, "items": self.items}
+
+
+GDLN_ROUTING_CASES = [
+    GDLNRoutingCase("routing-tiny-M3-H8", 3, 2, 8, 4, 2, size="tiny"),
+    GDLNRoutingCase("routing-M7-K4-H512-D256-B896", 7, 4, 512, 256, 32, size="medium"),
+]
+GDLN_PROVIDERS = ("gdln_dense", "gdln_routed")
+
+
+class GDLNRoutingProvider(Provider):
+    def __init__(self, case: GDLNRoutingCase, device: torch.device, routed: bool):
+        from experiments.routing_net import routing_network
+        torch.manual_seed(0)
+        self.name = "gdln_routed" if routed else "gdln_dense"
+        self.routed, self.device = routed, device
+        self.rn = routing_network(case.M, case.K, case.H, case.D, case.D, device=device)
+        g = torch.Generator().manual_seed(1)
+        X = torch.randn(case.items, case.D, generator=g).to(device)
+        Y = torch.randn(case.items, case.D, generator=g).to(device)
+        self.inputs, self.targets, self.gates = self.rn.batch(X, Y)
+
+    def infer(self):
+        return self.objective()
+
+    def objective(self) -> Tensor:
+        net = self.rn.net
+        return net.loss(net(self.inputs, self.gates, routed=self.routed), self.targets,
+                        self.gates)
+
+    def grad_tensors(self) -> list[Tensor]:
+        return list(self.rn.net.parameters())
+
+
+def make_gdln_routing(provider: str, case: GDLNRoutingCase, mode: str, device: torch.device,
+                      compile_backend: str = "inductor") -> GDLNRoutingProvider:
+    return GDLNRoutingProvider(case, device, routed=provider == "gdln_routed")

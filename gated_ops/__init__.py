@@ -102,7 +102,7 @@ except ImportError as e:  # pragma: no cover - the message is the point
 __version__ = _build.get("version", __version__)  # e.g. 0.1.0+torch2.13.0.cpu
 
 from . import reference  # noqa: E402
-from .nn import GatedPathwayLinear, SGDConfig  # noqa: E402
+from .nn import MoE, GatedPathwayLinear, SGDConfig  # noqa: E402
 from .gdln import GDLN  # noqa: E402
 from .ops import gated_cross_entropy, pathway_matmul  # noqa: E402
 from .optim import pathway_bias_sgd_, pathway_sgd_, pathway_sgd_lookahead_  # noqa: E402
@@ -112,6 +112,7 @@ from .routed import Route, make_route, routed_linear, routed_matmul, routed_path
 __all__ = [
     "GDLN",
     "GatedPathwayLinear",
+    "MoE",
     "SGDConfig",
     "PathwayPlan",
     "make_plan",

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .ops import pathway_matmul
 from .plan import PathwayPlan, make_plan
+from .routed import routed_pathway_matmul, slots_from_gate
 
 if TYPE_CHECKING:  # the theory module imports scipy: loaded on first use, not with gated_ops
     from . import theory as _theory_t
@@ -333,11 +334,18 @@ class GDLN(nn.Module):
 
     # -- computation -------------------------------------------------------------------------
     def forward(self, inputs: dict[str, Tensor], node_gates: Tensor | None = None,
-                edge_gates: Tensor | None = None) -> dict[str, Tensor]:
+                edge_gates: Tensor | None = None, *, routed: bool = False
+                ) -> dict[str, Tensor]:
         """All node activations h_v (B, width) given the input activations (B, width).
 
         node_gates (num_nodes, B), edge_gates (num_edges, B): None means all ones. Input nodes
         are gated too (h_v = g_v x_v).
+
+        ``routed``: each layer runs the routed (sparse) op on the pathways whose gate is
+        non-zero for a sample (:func:`gated_ops.routed.slots_from_gate`), so a context-gated
+        network (most gates 0, as the paper's routing network) costs what its active pathways
+        cost. The same result as the dense op; one host synchronisation per layer (the number
+        of active pathways per sample).
         """
         missing = set(self.inputs) - set(inputs)
         if missing:
@@ -356,8 +364,15 @@ class GDLN(nn.Module):
                 eg = edge_gates[layer.edge_idx]
                 gate = eg if gate is None else gate * eg
             bias = self.biases[layer.bank] if self.biases is not None else None
-            y = pathway_matmul(x, self.banks[layer.bank], layer.plan, bias, gate,
-                               backend=self.backend)
+            if routed and gate is not None:
+                if gate.dim() == 1:
+                    gate = gate.unsqueeze(1).expand(-1, x.shape[1])
+                idx, w = slots_from_gate(gate)
+                y = routed_pathway_matmul(x, self.banks[layer.bank], layer.plan, idx, w, bias,
+                                          backend=self.backend)
+            else:
+                y = pathway_matmul(x, self.banks[layer.bank], layer.plan, bias, gate,
+                                   backend=self.backend)
             # unbind, not y[row]: one backward stack instead of a zero-filled (T, B, D) per row
             # (halved the routing network's SGD step, 10 -> 5 ms, measured)
             for v, yv in zip(layer.dst_nodes, y.unbind(0)):

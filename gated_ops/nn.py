@@ -15,9 +15,10 @@ from .backends import _op_namespace
 from .ops import autocast_dtype, pathway_matmul
 from .optim import pathway_sgd_lookahead_
 from .plan import PathwayPlan, make_plan
+from .routed import Route, make_route, moe_plan, routed_linear, routed_pathway_matmul
 from .reference import round_stochastic_bf16, rounding_seed_at, sgd_momentum_ref
 
-__all__ = ["GatedPathwayLinear", "SGDConfig"]
+__all__ = ["GatedPathwayLinear", "SGDConfig", "MoE"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,13 @@ class GatedPathwayLinear(nn.Module):
         backend: "auto" (the compiled CPU / CUDA kernels), "triton" (gated_ops.triton,
             forward, backward and fused SGD; CUDA, or CPU under TRITON_INTERPRET=1) or
             "cuda_emu" (the CUDA kernels emulated on CPU tensors, for tests: gated_ops.cuda_emu).
-    Shapes: forward(x (S, B, D_in), gate None | (P,) | (P, B)) -> (T, B, D_out).
+    Shapes: forward(x (S, B, D_in), gate None | (P,) | (P, B)) -> (T, B, D_out). A layer with
+    one source also takes tokens first, as ``nn.Linear`` does: x (B, D_in) with the router's
+    layout of the gate, (B, P), and returns (B, D_out) when it has one destination (an MoE
+    layer), else (T, B, D_out). Routed (sparse) mode: ``forward(x, gate, idx=idx)`` with idx
+    (B, k) the active pathways of each sample (-1: unused) and gate (B, k) their weights (or
+    None): the result of the dense gate that holds them, at the cost of the k active pathways
+    (:func:`gated_ops.routed_pathway_matmul`).
 
     Constructors for the common patterns: :meth:`batched` (one weight per source),
     :meth:`shared` (one weight for all sources), :meth:`fanout` (every source through every
@@ -369,15 +376,29 @@ class GatedPathwayLinear(nn.Module):
         b = self.bias if self._bias_index is None else self.bias.index_select(0, self._bias_index)
         return torch.add(y, b.unsqueeze(1), out=y if out is None else out)
 
-    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
-        return self.forward_as(x, self.plan, self.weight, self.bias, gate)
+    def forward(self, x: Tensor, gate: Tensor | None = None, *,
+                idx: Tensor | None = None) -> Tensor:
+        tokens_first = x.dim() == 2
+        if tokens_first:
+            if self.num_sources != 1:
+                raise ValueError(f"x: tokens-first input (B, D_in) needs a layer with one "
+                                 f"source, this one has {self.num_sources}; pass (S, B, D_in)")
+            x = x.unsqueeze(0)
+            if gate is not None and idx is None:
+                if gate.dim() != 2 or gate.shape != (x.shape[1], self.plan.num_paths):
+                    raise ValueError(f"gate: with tokens-first x, expected the router's layout "
+                                     f"(B, P) = ({x.shape[1]}, {self.plan.num_paths}), got shape "
+                                     f"{tuple(gate.shape)}")
+                gate = gate.t()
+        y = self.forward_as(x, self.plan, self.weight, self.bias, gate, idx=idx)
+        return y.squeeze(0) if tokens_first and self.num_dst == 1 else y
 
     def forward_as(self, x: Tensor, plan: PathwayPlan, weight: Tensor, bias: Tensor | None,
-                   gate: Tensor | None = None) -> Tensor:
+                   gate: Tensor | None = None, *, idx: Tensor | None = None) -> Tensor:
         """The layer run through another plan on views of its own parameters (contiguous views,
         e.g. K weights (K, C, H) as one (K*C, H)), with the fused SGD if it is on: the update
         lands in the parameters and momentum buffers through the views. KPathNet runs its
-        decoders this way."""
+        decoders this way. ``idx``: the routed mode (see the class)."""
         if self.sgd is not None and torch.is_grad_enabled():
             if torch._C._are_functorch_transforms_active():
                 raise RuntimeError("GatedPathwayLinear: the fused SGD (fuse_sgd) cannot run "
@@ -395,7 +416,10 @@ class GatedPathwayLinear(nn.Module):
                 x = x.to(weight.dtype)
                 gate = None if gate is None else gate.to(weight.dtype)
             plan.check_unmodified()
-            return _FusedSGDPathway.apply(x, weight, bias, gate, self, plan)
+            route = None if idx is None else make_route(idx, plan, backend=self.backend)
+            return _FusedSGDPathway.apply(x, weight, bias, gate, self, plan, None, None, route)
+        if idx is not None:
+            return routed_pathway_matmul(x, weight, plan, idx, gate, bias, backend=self.backend)
         return pathway_matmul(x, weight, plan, bias, gate, backend=self.backend)
 
     # -- the fused SGD step --------------------------------------------------------------------
@@ -415,7 +439,7 @@ class GatedPathwayLinear(nn.Module):
             return
         extra_w = None if self.weight.grad is None else self.weight.grad
         extra_b = None if self.bias is None or self.bias.grad is None else self.bias.grad
-        if len(pending) == 1 and extra_w is None and extra_b is None:
+        if len(pending) == 1 and extra_w is None and extra_b is None and pending[0].route is None:
             pending[0].step_fused(self)
         else:
             self._step_summed(pending, extra_w, extra_b)
@@ -437,12 +461,18 @@ class GatedPathwayLinear(nn.Module):
             p, lay = c.plan, list(c.plan.layout)
             dz, x = c.dz.to(acc), c.x.to(acc)
             if c.step_w:
-                g = ops.pathway_grad_weight(dz, x, p.paths, p.csr, lay, p.num_weights,
-                                            c.d_out).reshape(self.weight.shape)
+                g = (ops.pathway_grad_weight(dz, x, p.paths, p.csr, lay, p.num_weights, c.d_out)
+                     if c.route is None else
+                     ops.routed_grad_weight(dz, x, c.route.idx, c.route.table, p.paths,
+                                            p.num_weights))
+                g = g.reshape(self.weight.shape)
                 gw = g if gw is None else gw + g
             if c.step_b:
-                g = ops.pathway_grad_bias(dz, p.paths, p.csr, lay, p.num_sources,
-                                          p.num_weights, c.d_out).reshape(self.bias.shape)
+                g = (ops.pathway_grad_bias(dz, p.paths, p.csr, lay, p.num_sources,
+                                           p.num_weights, c.d_out)
+                     if c.route is None else
+                     ops.routed_grad_bias(dz, c.route.table, p.num_weights))
+                g = g.reshape(self.bias.shape)
                 gb = g if gb is None else gb + g
         seed = self._rounding_seed()
         step = None if seed < 0 else int(self.sgd_step)  # (host read: this path is eager)
@@ -523,6 +553,7 @@ class _Contribution:
                  step_w: bool, step_b: bool, x_next: Tensor | None,
                  static_out: Tensor | None):
         self.plan, self.dz, self.x, self.weight, self.bias = ctx.plan, dz, x, weight, bias
+        self.route: Route | None = ctx.route
         self.d_out = weight.shape[1]
         self.step_w, self.step_b = step_w, step_b
         self.x_next, self.static_out = x_next, static_out
@@ -578,26 +609,32 @@ class _FusedSGDPathway(torch.autograd.Function):
     runs when the backward pass ends (GatedPathwayLinear._step_now)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gate, module, plan, precomputed=None, x_next=None):
+    def forward(ctx, x, weight, bias, gate, module, plan, precomputed=None, x_next=None,
+                route=None):
         """precomputed, x_next (forward_lookahead): this forward's output, already computed by
         the last update, and the next step's input: the update writes forward(x_next) into
-        precomputed."""
-        ctx.module, ctx.plan = module, plan
+        precomputed. route: the routed mode (gate: the slots' weights (B, k))."""
+        ctx.module, ctx.plan, ctx.route = module, plan, route
         ctx.static_next = None if x_next is None else (x_next, precomputed)
         # Only parameters that train are stepped (a frozen weight or bias stays as it is).
         ctx.step_weight = weight.requires_grad
         ctx.step_bias = bias is not None and bias.requires_grad
+        ops = _op_namespace(module.backend)
+        if route is not None:
+            y, z = ops.routed_matmul(x, weight, bias, gate, route.idx, route.table, plan.paths,
+                                     plan.num_dst, False, False)
+            ctx.save_for_backward(x, weight, bias, gate, z)
+            return y
         ctx.save_for_backward(x, weight, bias, gate)
         if precomputed is not None:  # this forward, computed by the last update (lookahead)
             return precomputed
-        ops = _op_namespace(module.backend)
         return ops.pathway_matmul(x, weight, bias, gate, plan.paths, plan.csr, list(plan.layout))
 
     @staticmethod
     def backward(ctx, grad_y):
         m: GatedPathwayLinear = ctx.module
         try:
-            x, weight, bias, gate = ctx.saved_tensors  # weight, bias: the parameters or views
+            x, weight, bias, gate, *z = ctx.saved_tensors  # weight, bias: the parameters or views
         except RuntimeError as e:
             if "modified by an inplace operation" not in str(e):
                 raise
@@ -621,6 +658,28 @@ class _FusedSGDPathway(torch.autograd.Function):
         need_x, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         need_dz = need_x or want_w != "none" or want_b != "none"
         dz = None
+        route = ctx.route
+        if route is not None:  # the routed mode: its own gradient ops, the step summed
+            if need_dz:
+                dz = _ops.routed_grad_z(grad_y, gate, route.idx, route.table, plan.paths, False)
+            grad_x = grad_gate = grad_w = grad_b = None
+            if need_x:
+                grad_x = _ops.routed_grad_x(dz, weight, route.idx, route.table, plan.paths, S,
+                                            False)
+            if need_gate:
+                grad_gate = _ops.routed_grad_gate(grad_y, z[0], route.idx, route.table,
+                                                  plan.paths)
+            if want_w == "grad":
+                grad_w = _ops.routed_grad_weight(dz, x, route.idx, route.table, plan.paths, M,
+                                                 False)
+            if want_b == "grad":
+                grad_b = _ops.routed_grad_bias(dz, route.table, M)
+            step_w, step_b = want_w == "step", want_b == "step"
+            if step_w or step_b:
+                m._schedule_step()
+                m._pending.append(_Contribution(ctx, dz, x, weight, bias, step_w, step_b, None,
+                                                None))
+            return grad_x, grad_w, grad_b, grad_gate, None, None, None, None, None
         if not need_dz:
             pass
         elif gate is None and plan.z_is_y:  # dZ_p = grad_y[p], in Z's order: grad_y itself
@@ -656,4 +715,122 @@ class _FusedSGDPathway(torch.autograd.Function):
             m._schedule_step()
             m._pending.append(_Contribution(ctx, dz, x, weight, bias, step_w, step_b, x_next,
                                             static_out))
-        return grad_x, grad_w, grad_b, grad_gate, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_gate, None, None, None, None, None
+
+
+_ACTIVATIONS = {"gelu": torch.nn.functional.gelu, "relu": torch.relu,
+                "silu": torch.nn.functional.silu, "identity": lambda h: h}
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts feed-forward block on the routed op, drop-in for a transformer's MLP.
+
+    For each token x (the last dimension of the input, d_model):
+
+        probs = softmax(router(x)), (w, e) = top-k of probs (w renormalised over the k when
+        ``normalize``), y = sum_j w_j * expert_{e_j}(x),
+        expert_e(x) = W2_e act(W1_e x + b1_e) + b2_e, or with ``glu``
+        W2_e (act(G_e x + bg_e) * (U_e x + bu_e)) + b2_e (``activation="silu"``: SwiGLU).
+
+    The tokens are grouped by expert once per forward (:func:`gated_ops.make_route`) and both
+    expert layers run on that grouping (:func:`gated_ops.routed_linear`: the first writes one
+    row per (token, expert) pair, the second gathers them back, weighted by the router): the
+    cost follows the T k active pairs. Gradients reach the experts, the router (through the
+    weights w) and the input.
+
+    ``aux_loss``: after each forward, ``self.aux_loss`` holds the Switch Transformer's
+    load-balancing loss E * sum_e f_e P_e (f_e: the fraction of the T k slots routed to expert e,
+    P_e: the mean router probability of e; 1 when perfectly balanced); add
+    ``coef * moe.aux_loss`` to the training loss (Fedus et al. use coef = 0.01).
+
+    Shapes: (..., d_model) -> (..., d_model).
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, top_k: int = 2, *,
+                 activation: str = "gelu", glu: bool = False, bias: bool = True,
+                 normalize: bool = True, aux_loss: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_hidden", d_hidden),
+                        ("num_experts", num_experts)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: expected 1 <= top_k <= num_experts = {num_experts}, "
+                             f"got {top_k}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got "
+                             f"{activation!r}")
+        if backend not in ("auto", "triton", "cuda_emu"):
+            raise ValueError(f"backend: expected 'auto', 'triton' or 'cuda_emu', got {backend!r}")
+        self.d_model, self.d_hidden, self.num_experts, self.top_k = (d_model, d_hidden,
+                                                                     num_experts, top_k)
+        self.activation, self.glu, self.normalize = activation, glu, normalize
+        self.use_aux_loss, self.backend = aux_loss, backend
+        kw = {"device": device, "dtype": dtype}
+        E, D, H = num_experts, d_model, d_hidden
+        self.router = nn.Linear(D, E, bias=False, **kw)
+        self.w1 = nn.Parameter(torch.empty(E, 2 * H if glu else H, D, **kw))
+        self.b1 = nn.Parameter(torch.empty(E, 2 * H if glu else H, **kw)) if bias else None
+        self.w2 = nn.Parameter(torch.empty(E, D, H, **kw))
+        self.b2 = nn.Parameter(torch.empty(E, D, **kw)) if bias else None
+        self.aux_loss: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, per expert matrix."""
+        self.router.reset_parameters()
+        with torch.no_grad():
+            for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+                for e in range(self.num_experts):
+                    nn.init.kaiming_uniform_(w[e], a=math.sqrt(5))
+                if b is not None:
+                    bound = 1 / math.sqrt(w.shape[2])
+                    b.uniform_(-bound, bound)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The router on tokens x (T, d_model): (probs (T, E) in float32 or float64, top-k
+        weights (T, k) in x's dtype, top-k experts (T, k) int64)."""
+        logits = self.router(x)
+        probs = logits.float().softmax(-1) if logits.dtype in (torch.float16, torch.bfloat16) \
+            else logits.softmax(-1)
+        topw, topi = probs.topk(self.top_k, dim=-1)
+        if self.normalize:
+            topw = topw / topw.sum(-1, keepdim=True)
+        return probs, topw.to(x.dtype), topi
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected (..., d_model) with d_model = {self.d_model}, got "
+                             f"shape {tuple(x.shape)}")
+        shape = x.shape
+        tokens = x.reshape(-1, self.d_model)
+        probs, topw, topi = self.route(tokens)
+        route = make_route(topi, moe_plan(self.num_experts, x.device), backend=self.backend)
+        # (T k, H) rows, one per (token, expert) pair, grouped by expert
+        h = routed_linear(tokens.unsqueeze(0), self.w1, self.b1, route, grouped_out=True,
+                          backend=self.backend)
+        act = _ACTIVATIONS[self.activation]
+        if self.glu:
+            g, u = h.chunk(2, dim=-1)
+            h = act(g) * u
+        else:
+            h = act(h)
+        y = routed_linear(h, self.w2, self.b2, route, topw, grouped_in=True,
+                          backend=self.backend)[0]
+        if self.use_aux_loss:
+            E = self.num_experts
+            counts = torch.zeros(E, dtype=probs.dtype, device=x.device).index_add_(
+                0, topi.reshape(-1), torch.ones(topi.numel(), dtype=probs.dtype,
+                                                device=x.device))
+            frac = counts / max(topi.numel(), 1)
+            self.aux_loss = E * (frac * probs.mean(0)).sum() if tokens.shape[0] else \
+                probs.new_zeros(())
+        return y.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_hidden={self.d_hidden}, "
+                f"num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"activation={self.activation}{', glu' if self.glu else ''}, "
+                f"bias={self.b1 is not None}, normalize={self.normalize}")

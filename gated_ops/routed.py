@@ -36,7 +36,7 @@ from .plan import PathwayPlan, make_plan
 from .reference import routed_pathway_matmul_ref
 
 __all__ = ["Route", "make_route", "routed_pathway_matmul", "routed_matmul", "routed_linear",
-           "moe_plan"]
+           "moe_plan", "slots_from_gate"]
 
 
 class Route(NamedTuple):
@@ -87,6 +87,23 @@ def make_route(idx: Tensor, plan: PathwayPlan, *, backend: str = "auto") -> Rout
     plan.check_unmodified()
     ns = _op_namespace("auto" if backend == "reference" else backend)
     return Route(idx, ns.pathway_route(idx, plan.paths, plan.num_weights), plan)
+
+
+def slots_from_gate(gate: Tensor) -> tuple[Tensor, Tensor]:
+    """The routed form of a dense (P, B) gate whose zeros mean "off": idx (B, k) and weights
+    (B, k), with k the most pathways any sample has on, each sample's pathways in increasing
+    order (unused slots -1, weight 0). ``routed_pathway_matmul(x, W, plan, *slots_from_gate(g))``
+    equals ``pathway_matmul(x, W, plan, gate=g)``. Reading k is one host synchronisation."""
+    if gate.dim() != 2:
+        raise ValueError(f"gate: expected (P, B), got shape {tuple(gate.shape)}")
+    on = (gate != 0).t()  # (B, P)
+    k = int(on.sum(1).max()) if on.numel() else 0
+    order = torch.sort(on.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
+    used = on.gather(1, order)
+    idx = torch.where(used, order, torch.full_like(order, -1))
+    weights = torch.where(used, gate.t().gather(1, order), torch.zeros((), dtype=gate.dtype,
+                                                                       device=gate.device))
+    return idx, weights
 
 
 def routed_linear(x: Tensor, weight: Tensor, bias: Tensor | None, route: Route,

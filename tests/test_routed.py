@@ -338,3 +338,165 @@ def test_route_groups_the_slots_by_weight_stably():
     assert offsets.tolist() == [0, 1, 2, 5]
     assert order.tolist() == [1, 4, 0, 3, 5, 2]  # weight 0 | 1 | 2 (slot order) | unused
     assert torch.equal(pos[order], torch.arange(N))
+
+
+# ------------------------------------------------------------------------------------------------
+# GatedPathwayLinear: tokens first, the router's gate layout, the routed mode, the fused SGD
+def _moe_layer(E=4, D=6, Do=5, seed=0):
+    torch.manual_seed(seed)
+    return gated_ops.GatedPathwayLinear.mixture_of_experts(E, D, Do, dtype=torch.float64)
+
+
+def test_layer_takes_tokens_first_with_the_routers_gate_layout():
+    layer = _moe_layer()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    probs = torch.rand(7, 4, dtype=torch.float64).softmax(-1)  # (B, E), as a router gives it
+    y = layer(x, probs)
+    assert y.shape == (7, 5)
+    torch.testing.assert_close(y, layer(x.unsqueeze(0), probs.t())[0])
+    with pytest.raises(ValueError, match=r"gate: with tokens-first x, expected the router's "
+                                         r"layout \(B, P\) = \(7, 4\)"):
+        layer(x, probs.t())
+    batched = gated_ops.GatedPathwayLinear.batched(3, 6, 5)
+    with pytest.raises(ValueError, match="tokens-first input .* needs a layer with one source"):
+        batched(torch.randn(7, 6))
+
+
+def test_layer_routed_mode_equals_the_dense_gate():
+    layer = _moe_layer()
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    probs = torch.rand(9, 4, dtype=torch.float64).softmax(-1)
+    topw, topi = probs.topk(2, -1)
+    dense = torch.zeros_like(probs).scatter(1, topi, topw)
+    y = layer(x, topw, idx=topi)
+    torch.testing.assert_close(y, layer(x, dense))
+    gx = torch.autograd.grad(y.square().sum(), x)[0]
+    torch.testing.assert_close(gx, torch.autograd.grad(layer(x, dense).square().sum(), x)[0])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fused_sgd_in_routed_mode_is_torch_optim_sgd(momentum):
+    """The routed layer with the fused SGD steps as a plain layer with torch.optim.SGD does,
+    its router trained through the gate."""
+    import copy
+    fused = _moe_layer()
+    plain = copy.deepcopy(fused)
+    cfg = gated_ops.SGDConfig(lr=0.1, momentum=momentum, weight_decay=0.01)
+    fused.fuse_sgd(cfg)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=momentum, weight_decay=0.01)
+    for t in range(3):
+        g = torch.Generator().manual_seed(t)
+        x = torch.randn(8, 6, generator=g, dtype=torch.float64)
+        logits = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        r1, r2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        w1, i1 = r1.softmax(-1).topk(2, -1)
+        w2, i2 = r2.softmax(-1).topk(2, -1)
+        fused(x, w1, idx=i1).square().sum().backward()
+        plain(x, w2, idx=i2).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(r1.grad, r2.grad)
+        torch.testing.assert_close(fused.weight, plain.weight)
+        torch.testing.assert_close(fused.bias, plain.bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# The MoE block
+def moe_loop_reference(moe, x):
+    """The block written per token in plain PyTorch (float64): the spec of gated_ops.MoE."""
+    act = {"gelu": torch.nn.functional.gelu, "relu": torch.relu,
+           "silu": torch.nn.functional.silu}[moe.activation]
+    tokens = x.reshape(-1, moe.d_model)
+    probs = (tokens @ moe.router.weight.t()).softmax(-1)
+    topw, topi = probs.topk(moe.top_k, -1)
+    if moe.normalize:
+        topw = topw / topw.sum(-1, keepdim=True)
+    rows = []
+    for t in range(tokens.shape[0]):
+        out = torch.zeros(moe.d_model, dtype=x.dtype)
+        for j in range(moe.top_k):
+            e = int(topi[t, j])
+            h = moe.w1[e] @ tokens[t] + (moe.b1[e] if moe.b1 is not None else 0)
+            if moe.glu:
+                g, u = h.chunk(2)
+                h = act(g) * u
+            else:
+                h = act(h)
+            out = out + topw[t, j] * (moe.w2[e] @ h + (moe.b2[e] if moe.b2 is not None else 0))
+        rows.append(out)
+    E = moe.num_experts
+    frac = torch.bincount(topi.reshape(-1), minlength=E).to(x.dtype) / topi.numel()
+    aux = E * (frac * probs.mean(0)).sum()
+    return torch.stack(rows).reshape(x.shape), aux
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("glu, activation, bias", [(False, "gelu", True), (True, "silu", True),
+                                                   (False, "relu", False)],
+                         ids=["gelu", "swiglu", "relu_no_bias"])
+def test_moe_block_equals_the_per_token_reference(glu, activation, bias, backend):
+    _skip(backend)
+    if backend == "reference":
+        pytest.skip("the block runs on the compiled or Triton kernels")
+    device, name = BACKENDS[backend]
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    torch.manual_seed(0)
+    moe = gated_ops.MoE(6, 5, 4, 2, activation=activation, glu=glu, bias=bias, dtype=dtype,
+                        device=device, backend=name)
+    x = torch.randn(2, 4, 6, dtype=dtype, device=device, requires_grad=True)
+    y = moe(x)
+    ref_moe = gated_ops.MoE(6, 5, 4, 2, activation=activation, glu=glu, bias=bias,
+                            dtype=torch.float64)
+    ref_moe.load_state_dict({k: v.double().cpu() for k, v in moe.state_dict().items()})
+    xr = x.detach().double().cpu().requires_grad_()
+    ref, aux = moe_loop_reference(ref_moe, xr)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(y.detach().cpu().double(), ref.detach(), **tol)
+    torch.testing.assert_close(moe.aux_loss.detach().cpu().double(), aux.detach(), **tol)
+    gy = torch.randn(ref.shape, dtype=torch.float64)
+    params = [x, *moe.parameters()]
+    got = torch.autograd.grad((y * gy.to(device, dtype)).sum() + moe.aux_loss, params)
+    want = torch.autograd.grad((ref * gy).sum() + aux, [xr, *ref_moe.parameters()])
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a.cpu().double(), r, **tol)
+
+
+def test_moe_refuses_bad_configurations():
+    with pytest.raises(ValueError, match="top_k: expected 1 <= top_k <= num_experts = 4"):
+        gated_ops.MoE(6, 5, 4, 5)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        gated_ops.MoE(6, 5, 4, 2, activation="tanh")
+    with pytest.raises(ValueError, match=r"x: expected \(\.\.\., d_model\) with d_model = 6"):
+        gated_ops.MoE(6, 5, 4, 2)(torch.randn(3, 5))
+
+
+def test_moe_with_no_tokens():
+    moe = gated_ops.MoE(6, 5, 4, 2)
+    y = moe(torch.randn(0, 6))
+    assert y.shape == (0, 6) and float(moe.aux_loss) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# GDLN graphs with sparse context gates
+def test_slots_from_gate_is_the_dense_gate():
+    from gated_ops.routed import slots_from_gate
+    g = torch.tensor([[0.0, 2.0, 0.0], [1.5, 0.0, 0.0], [0.5, 3.0, 0.0], [0.0, 0.0, 0.0]])
+    idx, w = slots_from_gate(g)  # (P=4, B=3): sample 0 has pathways 1, 2; 1 has 0, 2; 2 none
+    assert idx.tolist() == [[1, 2], [0, 2], [-1, -1]]
+    assert w.tolist() == [[1.5, 0.5], [2.0, 3.0], [0.0, 0.0]]
+    torch.testing.assert_close(routed_gate_ref(idx, w, 4), g)
+
+
+def test_gdln_routed_equals_dense_on_the_routing_network():
+    from experiments.routing_net import routing_network
+    rn = routing_network(M=5, K=2, hidden=6, d_in=4, d_out=3, dtype=torch.float64)
+    X = torch.randn(3, 4, dtype=torch.float64)
+    Y = torch.randn(3, 3, dtype=torch.float64)
+    inputs, targets, gates = rn.batch(X, Y)
+    net = rn.net
+    dense = net.loss(net(inputs, gates), targets, gates)
+    routed = net.loss(net(inputs, gates, routed=True), targets, gates)
+    torch.testing.assert_close(routed, dense)
+    params = list(net.parameters())
+    for a, b in zip(torch.autograd.grad(routed, params), torch.autograd.grad(dense, params)):
+        torch.testing.assert_close(a, b)
