@@ -93,6 +93,14 @@ class KPathConfig:
     eval_samples: int | None = _f(
         None, "evaluate on a fixed random subset (generator seed 0) of this many samples of "
               "each split, the same for every run and epoch (none: the full splits)", ge=1)
+    eval_train_samples: int | None = _f(
+        None, "the training split's subset size, if other than eval_samples (none: as "
+              "eval_samples); e.g. the full test set and 1000 training samples", ge=1)
+    converge_delta: float = _f(
+        0.0, "stop at convergence (0: off; then --epochs is a cap): once every run's trained-path "
+             "test accuracy has risen by at most this much over its last --converge-window "
+             "evaluations (the best of those against the best before them)", ge=0, lt=1)
+    converge_window: int = _f(3, "evaluations in the convergence rule's window", ge=1)
     eval_batch_size: int = _f(1000, "samples per evaluation chunk (lowered automatically so a "
                                     "chunk's activations stay under ~1 GiB)", ge=1)
     # -- implementation -----------------------------------------------------------------------
@@ -295,10 +303,13 @@ _HINTS = typing.get_type_hints(KPathConfig)
 
 
 def paper_mnist() -> KPathConfig:
-    """The authors' MNIST grid: 9 N x 2 H x 6 gains x 2 seeds = 216 runs, 1000 epochs each."""
+    """The authors' MNIST grid: 9 N x 2 H x 6 gains x 2 seeds = 216 runs, 1000 epochs each,
+    with their gate mode: N consecutive decoders per encoder, the columns permuted by a random
+    permutation per seed (``N_plus_mod_permute``)."""
     return KPathConfig(dataset="mnist", K=100, Ns=list(range(10, 100, 10)), hiddens=[128, 1024],
                        gains=[10, 1, 0.1, 0.01, 0.001, 0.0001], seeds=[1, 2],
-                       max_replicas=54, out="experiments/runs/paper_mnist")
+                       mode="N_plus_mod_permute", max_replicas=54,
+                       out="experiments/runs/paper_mnist")
 
 
 def paper_cifar10() -> KPathConfig:
@@ -323,6 +334,20 @@ def quick() -> KPathConfig:
                        checkpoint_every=60, out="experiments/runs/quick")
 
 
+def gpu_study() -> KPathConfig:
+    """The K = 100 study for one H100, about 5 minutes: Fashion-MNIST, H = 128, N across its
+    range, gains 1 to 1e-3, 2 seeds (40 runs as the replicas of one captured model), the
+    authors' gate mode, at the paper's lr x steps (1e-4 x 7.5M = 750) compressed to lr 0.05 x
+    15,000 steps (the CPU study's lr comparison checks that compression at K = 10 and 30);
+    the full test set every 1500 steps. ``bash scripts/gpu_check.sh OUTDIR study`` runs it."""
+    return KPathConfig(dataset="fashion_mnist", K=100, Ns=[10, 30, 50, 70, 90],
+                       gains=[1.0, 0.1, 0.01, 0.001], seeds=[1, 2], hidden=128,
+                       mode="N_plus_mod_permute", lr=0.05, batch_size=8, epochs=10,
+                       max_steps_per_epoch=1500, eval_samples=None, eval_train_samples=1000,
+                       cuda_graph=True, lookahead="true", checkpoint_every=120,
+                       out="experiments/runs/gpu_study")
+
+
 def smoke() -> KPathConfig:
     """Tiny, for tests: seconds on a CPU. (N=2: the scalar a cleared grid falls back to must
     fit K=3.)"""
@@ -333,7 +358,8 @@ def smoke() -> KPathConfig:
 
 
 PRESETS: dict[str, Callable[[], KPathConfig]] = {
-    "paper_mnist": paper_mnist, "paper_cifar10": paper_cifar10, "quick": quick, "smoke": smoke}
+    "paper_mnist": paper_mnist, "paper_cifar10": paper_cifar10, "quick": quick, "smoke": smoke,
+    "gpu_study": gpu_study}
 
 
 # -- argparse from the dataclass ----------------------------------------------------------------

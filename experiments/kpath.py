@@ -157,11 +157,14 @@ def load_task_data(cfg: KPathConfig, device: torch.device) -> TaskData:
     eval_idx = {}
     for split, labels in y.items():
         n = len(labels)
-        if cfg.eval_samples is None or cfg.eval_samples >= n:
+        size = cfg.eval_samples
+        if split == "train" and cfg.eval_train_samples is not None:
+            size = cfg.eval_train_samples
+        if size is None or size >= n:
             eval_idx[split] = torch.arange(n, device=device)
         else:
             g = torch.Generator().manual_seed(0)
-            subset = torch.randperm(n, generator=g)[:cfg.eval_samples].sort().values
+            subset = torch.randperm(n, generator=g)[:size].sort().values
             eval_idx[split] = subset.to(device)
     return TaskData(x, y, perms, angles, image_shape, class_label_maps(cfg.K, CLASSES).to(device),
                     eval_idx, ds.source)
@@ -348,6 +351,7 @@ class GroupTrainer:
         self.acc_correct = torch.zeros(self.gate.shape, dtype=torch.int64, device=device)
         self.lines: list[list[str]] = [[] for _ in runs]
         self.finished = False
+        self.converged = False  # every run met the convergence rule (--converge-delta)
         n_train = len(data.y["train"])
         self.steps_per_epoch = min(n_train // c.batch_size,
                                    c.max_steps_per_epoch if c.max_steps_per_epoch is not None
@@ -550,7 +554,10 @@ class GroupTrainer:
     # -- the epochs ------------------------------------------------------------------------------
     def train(self) -> None:
         c, B, steps = self.cfg, self.cfg.batch_size, self.steps_per_epoch
-        if self.finished and self.epoch >= c.epochs:
+        if self.finished and (self.epoch >= c.epochs or (
+                c.converge_delta > 0 and all(converged_at(lines, c.converge_delta,
+                                                          c.converge_window) is not None
+                                             for lines in self.lines))):
             return
         step = self._step
         lookahead = self._lookahead()
@@ -591,6 +598,8 @@ class GroupTrainer:
             self.shuffle_states = [g.get_state() for g in gens]
             self.acc_loss.zero_()
             self.acc_correct.zero_()
+            if self.converged:
+                break
         self.finished = True
         self.save_checkpoint()
 
@@ -620,11 +629,30 @@ class GroupTrainer:
             self.lines[r].append(text)
         test = [r["test_trained_acc"] for r in rows if r.get("test_trained_acc") is not None]
         untr = [r["test_untrained_acc"] for r in rows if r.get("test_untrained_acc") is not None]
+        if c.converge_delta > 0 and all(converged_at(lines, c.converge_delta,
+                                                     c.converge_window) is not None
+                                        for lines in self.lines):
+            log.info("%s: every run has converged (trained-path test accuracy up by at most %g "
+                     "over %d evaluations); stopping", self.id, c.converge_delta,
+                     c.converge_window)
+            self.converged = True
         log.info("%s epoch %d/%d: %.1f ms/step, eval %.1f s; test acc trained %s untrained %s "
                  "(mean over runs)", self.id, self.epoch + 1, c.epochs,
                  1e3 * t_train / max(steps - first, 1), t_eval,
                  f"{sum(test) / len(test):.3f}" if test else "-",
                  f"{sum(untr) / len(untr):.3f}" if untr else "-")
+
+
+def converged_at(lines: list[str], delta: float, window: int) -> int | None:
+    """The convergence rule: the step of the first evaluation i (i >= window) at which the best
+    trained-path test accuracy of evaluations i - window + 1 .. i exceeds the best of the
+    evaluations before them by at most ``delta``; None if none yet."""
+    evals = [d for d in map(json.loads, lines) if d.get("test_trained_acc") is not None]
+    acc = [d["test_trained_acc"] for d in evals]
+    for i in range(window, len(acc)):
+        if max(acc[i - window + 1:i + 1]) - max(acc[:i - window + 1]) <= delta:
+            return evals[i]["step"]
+    return None
 
 
 def summary_row(run: KPathConfig, lines: list[str]) -> dict:

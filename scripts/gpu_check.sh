@@ -34,6 +34,10 @@
 #               the deadline keeps the rows the CUDA/Triton issue asks for)
 #   experiment  k-path runs at K = 100 on Fashion-MNIST (GATED_OPS_DATA_DIR, the IDX files): one
 #               run and R runs at once (fused, CUDA graph), and the paper-style loop model
+#   study       (not in the default list: about 5 minutes, a command of its own:
+#               `bash scripts/gpu_check.sh OUTDIR study`) the K = 100 study preset
+#               (experiments.configs.gpu_study: 40 runs, N x gain x seed, captured steps) ->
+#               OUTDIR/study/ (its runs and study_table.md, mean +- std over seeds)
 # OUTDIR gets summary.txt (one line per stage), env.txt, bench*.json and logs.tgz (every log,
 # junit XML and run directory; packed at the end). Exit status: 0 when every stage passed.
 # Environment: GATED_OPS_COMMIT=<sha> names the tree's commit in the benchmark JSON where the
@@ -49,7 +53,7 @@ logs=$out/logs
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}  # on the lent GPU machines the python3 that holds PyTorch
 t0=$(date +%s)
-deadline=${GATED_OPS_GPU_DEADLINE:-470}  # seconds
+deadline=${GATED_OPS_GPU_DEADLINE:-$([ "$stages" = study ] && echo 570 || echo 470)}  # seconds (the study alone: 570)
 failed=0
 : >"$out/summary.txt"
 export PYTHONUNBUFFERED=1
@@ -261,6 +265,19 @@ for f in sorted(glob.glob('$logs/runs/*/*/metrics.jsonl')):
 \""
   else
     echo "experiment: SKIPPED (no Fashion-MNIST IDX files in $data; set GATED_OPS_DATA_DIR)" |
+      tee -a "$out/summary.txt"
+  fi
+fi
+
+# --- the K = 100 study (its own command: bash scripts/gpu_check.sh OUTDIR study) -------------
+if [[ " $stages " == *" study "* ]]; then
+  if [ -f "$data/train-images-idx3-ubyte.gz" ] || [ -f "$data/train-images-idx3-ubyte" ]; then
+    stage study 560 bash -c "$(printf '%q ' "$py" -m experiments.kpath --preset gpu_study \
+        --data-dir "$data" --device cuda --progress false --out "$out/study") &&
+      $(printf '%q ' "$py" -m experiments.study report --runs "$out/study")"
+    [ -f "$out/study/study_table.md" ] && cat "$out/study/study_table.md"
+  else
+    echo "study: SKIPPED (no Fashion-MNIST IDX files in $data; set GATED_OPS_DATA_DIR)" |
       tee -a "$out/summary.txt"
   fi
 fi

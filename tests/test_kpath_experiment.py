@@ -355,3 +355,28 @@ def test_regrouped_rerun_refuses_to_overwrite_results(data_root, tmp_path, capsy
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already has results" in err, err
+
+
+def test_training_stops_when_every_run_has_converged(data_root, tmp_path):
+    """--converge-delta: training ends at the first evaluation where every run meets the rule
+    (E.converged_at), before the --epochs cap; resuming the finished group trains nothing."""
+    cfg = dataclasses.replace(smoke(), data_dir=str(data_root), verify_data=False, epochs=6,
+                              max_steps_per_epoch=3, Ns=[], gains=[], N=2, gain=0.5, seed=1,
+                              converge_delta=0.9, converge_window=1, out=str(tmp_path / "c"))
+    E.train_grid(cfg)
+    (lines,) = read_metrics(tmp_path / "c").values()
+    assert len(lines) == 2  # evaluation 1 meets the rule with window 1: any rise <= 0.9
+    text = [json.dumps(d) for d in lines]
+    assert E.converged_at(text, 0.9, 1) == lines[1]["step"]
+    assert E.converged_at(text, 0.0, 1) in (None, lines[1]["step"])
+    E.train_grid(cfg)  # resume: already finished
+    assert len(next(iter(read_metrics(tmp_path / "c").values()))) == 2
+
+
+def test_convergence_rule():
+    def lines(accs):
+        return [json.dumps({"step": 10 * (i + 1), "test_trained_acc": a})
+                for i, a in enumerate(accs)]
+    assert E.converged_at(lines([0.1, 0.5, 0.7, 0.71, 0.712, 0.713]), 0.005, 2) == 60
+    assert E.converged_at(lines([0.1, 0.5, 0.7, 0.71, 0.712, 0.713]), 0.02, 2) == 50
+    assert E.converged_at(lines([0.1, 0.5, 0.7, 0.8]), 0.005, 2) is None
