@@ -1,10 +1,12 @@
 """The Triton backend (gated_ops.triton) against the float64 reference: forward and every
-gradient in float32 and float16 (bfloat16 too on a GPU), the gated cross-entropy, opcheck.
+gradient in float32 and float16 (bfloat16 too on a GPU), the gated cross-entropy, opcheck; the
+routed ops op by op on many tiles (tests/test_routed.py runs their public functions).
 
 Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1, which this module sets
 (for the rest of the process) before gated_ops.triton is first imported; with a GPU they run
 on it.
-Shapes are the small rows of the shared table (the interpreter is slow: ~30 s for this file).
+Shapes are the small rows of the shared table (the interpreter is slow: ~1 min for this file
+on 2 cores).
 """
 from __future__ import annotations
 
@@ -673,6 +675,78 @@ def test_sgd_lookahead_kernel(dtype, B, Bn, D, H):
                               (dz, x, w.clone(), buf.clone(), *pc, 0.1, 0.9, 0.0, False, -1, xn))
 
 
+# ------------------------------------------------------------------------------------------------
+# The routed ops (tests/test_routed.py runs the small cases through the public functions): here
+# groups spanning several row tiles, reductions of several tiles, an unused weight, strided
+# operands, bitwise repetition and the float64 fallback, op by op against the compiled ops.
+def _routed_ops_inputs(dtype: torch.dtype, device: str = "cpu"):
+    """A plan of 2 sources, 4 weights (weight 1: no slot), 3 destinations; 120 samples x 3
+    slots, most on weight 0 (> 256 rows: several row tiles, and a two-level sum in grad W), some
+    unused; D_in = 300 (a two-level sum in the forward), D_out = 70 (two column tiles)."""
+    plan = gated_ops.make_plan([0, 1, 0, 1, 1], [0, 0, 2, 3, 0], [0, 1, 2, 2, 1], num_sources=2,
+                               num_weights=4, num_dst=3, device=device)
+    B, k, Di, Do = 120, 3, 300, 70
+    g = torch.Generator().manual_seed(5)
+    idx = torch.multinomial(torch.tensor([0.35, 0.35, 0.07, 0.05, 0.18]), B * k,
+                            replacement=True, generator=g).view(B, k)
+    idx[torch.rand(B, k, generator=g) < 0.1] = -1
+
+    def make(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
+    inp = dict(x=make(2, B, Di), xg=make(B * k, Di), weight=make(4, Do, Di) * Di ** -0.5,
+               bias=make(4, Do), gate=make(B, k), gy=make(3, B, Do), gyg=make(B * k, Do))
+    return inp, idx.to(device), plan
+
+
+def _routed_ops(ns, inp, idx, plan):
+    """Every routed op of namespace ns, both layouts: {name: output}."""
+    P, T, S, M = plan.paths, plan.num_dst, plan.num_sources, plan.num_weights
+    x, xg, w, b, g = (inp[n] for n in ("x", "xg", "weight", "bias", "gate"))
+    route = ns.pathway_route(idx, P, M)
+    y, z = ns.routed_matmul(x, w, b, g, idx, route, P, T, False, False)
+    dz = ns.routed_grad_z(inp["gy"], g, idx, route, P, False)
+    dzg = ns.routed_grad_z(inp["gyg"], None, idx, route, P, True)
+    return dict(
+        y=y, z=z, z_grouped=ns.routed_matmul(xg, w, b, None, idx, route, P, T, True, True)[0],
+        grad_z=dz, grad_z_grouped=dzg,
+        grad_x=ns.routed_grad_x(dz, w, idx, route, P, S, False),
+        grad_x_grouped=ns.routed_grad_x(dz, w, idx, route, P, S, True),
+        grad_weight=ns.routed_grad_weight(dz, x, idx, route, P, M, False),
+        grad_weight_grouped=ns.routed_grad_weight(dzg, xg, idx, route, P, M, True),
+        grad_bias=ns.routed_grad_bias(dz, route, M),
+        grad_gate=ns.routed_grad_gate(inp["gy"], z, idx, route, P))
+
+
+def test_routed_ops_on_many_tiles_equal_the_compiled_ops():
+    """Each routed op in float32 against the compiled ops in float64 (the tolerance rule, plain
+    = the compiled ops in float32), with x and the weight strided (gathered through their
+    strides, never copied); a second run is bitwise the first (no atomics)."""
+    from gated_ops.testing import _wider
+
+    inp, idx, plan = _routed_ops_inputs(torch.float64)
+    offsets = torch.ops.gated_ops.pathway_route(idx, plan.paths, 4)[-5:]
+    assert offsets[1] > 4 * 64 and offsets[2] == offsets[1] and offsets[4] < idx.numel()
+    ref = _routed_ops(torch.ops.gated_ops, inp, idx, plan)
+    plain = _routed_ops(torch.ops.gated_ops, {n: t.float() for n, t in inp.items()}, idx, plan)
+    tri_inp = {n: t.float().to(DEVICE) for n, t in inp.items()}
+    tri_inp["x"] = _wider(tri_inp["x"], 1)
+    tri_inp["weight"] = tri_inp["weight"].transpose(1, 2).contiguous().transpose(1, 2)
+    tri_plan = plan.to(DEVICE)
+    runs = [_routed_ops(torch.ops.gated_ops_triton, tri_inp, idx.to(DEVICE), tri_plan)
+            for _ in range(2)]
+    for name, want in ref.items():
+        assert_close(f"routed: {name}", runs[0][name].cpu(), want, plain[name])
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+def test_routed_float64_falls_back_to_the_compiled_ops():
+    """float64 runs torch.ops.gated_ops.* (documented fallback): identical results."""
+    inp, idx, plan = _routed_ops_inputs(torch.float64, DEVICE)
+    want = _routed_ops(torch.ops.gated_ops, inp, idx, plan)
+    for name, got in _routed_ops(torch.ops.gated_ops_triton, inp, idx, plan).items():
+        assert torch.equal(got, want[name]), name
+
+
 def test_triton_ops_have_the_schemas_of_the_compiled_ops():
     """gated_ops._C declares torch.ops.gated_ops_triton.* with the schemas of
     torch.ops.gated_ops.* (declared once: csrc/gated_ops.h, csrc/triton_schemas.cpp); each op has
@@ -682,6 +756,7 @@ def test_triton_ops_have_the_schemas_of_the_compiled_ops():
                    if n.startswith("gated_ops::") and not n.startswith("gated_ops::_"))
     assert not hasattr(torch.ops.gated_ops_triton, "_force_kernel")  # (the C++ kernels' hook)
     assert "pathway_matmul" in names and "pathway_grad_x_gate" in names
+    assert {"pathway_route", "routed_matmul", "routed_grad_gate"} <= set(names)
     for name in names:
         ours = getattr(torch.ops.gated_ops_triton, name).default._schema
         theirs = getattr(torch.ops.gated_ops, name).default._schema

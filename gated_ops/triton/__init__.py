@@ -8,6 +8,8 @@ op family, each read top to bottom as kernels, launchers, registration:
 * :mod:`.sgd`: the fused SGD steps ``pathway_sgd_``, ``pathway_sgd_lookahead_`` and
   ``pathway_bias_sgd_``;
 * :mod:`.cross_entropy`: ``gated_cross_entropy`` and its backward;
+* :mod:`.routed`: the routed (sparse) ``routed_matmul`` and its gradient ops, over the route
+  table of ``pathway_route`` (that counting sort is the compiled op's);
 * :mod:`.gemm`: the block GEMM and column sums that the backward and the fused SGD share (the
   SGD step is their optional epilogue); :mod:`.common`: dtypes, tile sizes, the fallback rule.
 
@@ -19,7 +21,10 @@ Entry points:
 * the registered ops ``torch.ops.gated_ops_triton.<name>`` for ``pathway_matmul``,
   ``pathway_grad_z``, ``pathway_grad_x``, ``pathway_grad_weight``, ``pathway_grad_bias``,
   ``pathway_grad_gate``, ``pathway_sgd_``, ``pathway_sgd_lookahead_``, ``pathway_bias_sgd_``,
-  ``gated_cross_entropy``, ``gated_cross_entropy_backward``. ``GatedPathwayLinear(...,
+  ``gated_cross_entropy``, ``gated_cross_entropy_backward``, ``pathway_route``,
+  ``routed_matmul``, ``routed_grad_z``, ``routed_grad_x``, ``routed_grad_weight``,
+  ``routed_grad_bias``, ``routed_grad_gate`` (``routed_pathway_matmul``, ``routed_linear`` and
+  ``routed_matmul`` of gated_ops take ``backend="triton"``). ``GatedPathwayLinear(...,
   backend="triton")`` and ``KPathNet(..., backend="triton")`` run a whole model on them, the
   fused SGD included.
 
@@ -36,13 +41,16 @@ float32 / float16 / bfloat16, as batched tile GEMMs (``tl.dot``, fp32 accumulati
 float32 inputs) over the plan's block views, with the gate, bias and pathway-sum epilogue fused
 into the forward GEMM, and the SGD step fused into the weight-gradient GEMM (``pathway_sgd_``:
 the gradient tile stays in registers; ``pathway_sgd_lookahead_`` also multiplies each new
-weight tile by the next batch) and into the bias's column sums (``pathway_bias_sgd_``); and the
-gated cross-entropy. Explicit fallbacks, each a documented call of the compiled op
+weight tile by the next batch) and into the bias's column sums (``pathway_bias_sgd_``); the
+gated cross-entropy; and the routed ops on any plan, as a grouped GEMM over the route table's
+groups that gathers x's rows as it loads them, with deterministic per-sample sums after it.
+Explicit fallbacks, each a documented call of the compiled op
 (``torch.ops.gated_ops.<name>``), logged at DEBUG level: grouped plans (arbitrary GDLN graphs)
 and float64 data; for the fused SGD steps also weights the plan does not cover, an empty batch
-and non-contiguous parameters.
+and non-contiguous parameters; ``pathway_route`` (the routing's counting sort) always.
 
-Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slow; float32 / float16 only): set
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slow; float32 / float16 only, but
+for the routed ops, which widen bfloat16 tiles to float32 there): set
 it before this package is imported (importing triton reads it). Determinism: no atomics; every
 output tile is written by one program, so results are bitwise reproducible for a given GPU and
 Triton version.
@@ -62,7 +70,7 @@ except ModuleNotFoundError as e:
         "depend on it)", name="triton") from e
 
 from ..registration import register_python_parts  # noqa: E402
-from . import sgd  # noqa: E402, F401  (registers the fused SGD steps' kernels)
+from . import routed, sgd  # noqa: E402, F401  (register the routed ops' and SGD steps' kernels)
 from .common import NAMESPACE, TRITON_DTYPES  # noqa: E402
 from .cross_entropy import gated_cross_entropy  # noqa: E402
 from .matmul import pathway_matmul  # noqa: E402
