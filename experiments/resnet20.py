@@ -18,7 +18,7 @@ what ``train`` below uses and records in its checkpoints) or ``imagenet`` (Image
 trainer of pytorch_resnet_cifar10 normalises with these, so its published checkpoints want them).
 A checkpoint that records none is taken as ``cifar10`` unless told otherwise.
 
-    python -m experiments.resnet20 train --data-dir DIR --out resnet20.th   # 200 epochs, ~91% test
+    python -m experiments.resnet20 train --data-dir DIR --out resnet20.th   # 200 epochs
     python -m experiments.resnet20 eval --checkpoint resnet20.th --data-dir DIR
 """
 from __future__ import annotations
