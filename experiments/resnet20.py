@@ -47,8 +47,8 @@ from .data import DataError, load_dataset, to_float
 # it needs the compiled gated_ops, which the model and the checkpoint loader do not.
 
 __all__ = ["NORMALIZATIONS", "BasicBlock", "ResNet", "ResNetCheckpointError", "TrainConfig",
-           "checkpoint_normalization", "features", "file_sha256", "load_resnet20", "main",
-           "normalize", "resnet20", "save_resnet20"]
+           "features", "file_sha256", "load_resnet20", "main", "normalize", "resnet20",
+           "save_resnet20"]
 
 log = logging.getLogger("experiments.resnet20")
 PROG = "python -m experiments.resnet20"
@@ -183,12 +183,6 @@ def _read_checkpoint(path: Path) -> dict:
         raise ResNetCheckpointError(f"{path}: expected a dict (a state dict, or one under "
                                     f"'state_dict'), got {type(ck).__name__}")
     return ck
-
-
-def checkpoint_normalization(path: str | os.PathLike[str]) -> str | None:
-    """The normalisation a checkpoint records (``train`` writes ``"normalization"``), or None."""
-    name = _read_checkpoint(Path(path)).get("normalization")
-    return name if isinstance(name, str) else None
 
 
 def load_resnet20(path: str | os.PathLike[str], normalization: str | None = None) -> ResNet:
@@ -363,7 +357,7 @@ def train(cfg: TrainConfig) -> dict:
         log.info("epoch %d/%d: train loss %.3f acc %.3f, test loss %.3f acc %.3f (%.1f s)",
                  epoch + 1, cfg.epochs, row["train_loss"], row["train_acc"], test_loss,
                  test_acc, row["time_s"])
-    save_resnet20(model.cpu(), out, epoch=cfg.epochs, best_prec1=100.0 * row.get("test_acc", 0.0),
+    save_resnet20(model.cpu(), out, epoch=cfg.epochs, test_acc=row.get("test_acc"),
                   config=dataclasses.asdict(cfg))
     log.info("wrote %s (sha256 %s)", out, file_sha256(out))
     return row
