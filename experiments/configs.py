@@ -141,6 +141,22 @@ class KPathConfig:
     max_precompute_gb: float = _f(8.0, "cifar10: keep the K rotated copies of the data on the "
                                        "device if they fit in this many GB, else rotate per batch",
                                 ge=0)
+    features: str = _f("pixels", "cifar10: what encoder k sees of the image rotated by 270*k/K "
+                                 "degrees; pixels: the rotated image (D = 3072); resnet20: its "
+                                 "64-d features under a pretrained ResNet-20 (--checkpoint), "
+                                 "the authors' inputs, extracted once and cached "
+                                 "(experiments.cifar_features)", choices=("pixels", "resnet20"))
+    checkpoint: str | None = _f(None, "--features resnet20: the ResNet-20 checkpoint "
+                                      "(pytorch_resnet_cifar10 format; python -m "
+                                      "experiments.resnet20 train makes one); an existing file",
+                                pattern=_PATH)
+    normalization: str = _f("auto", "--features resnet20: mean / std of the images before the "
+                                    "ResNet; auto: what the checkpoint records, else cifar10 "
+                                    "(pytorch_resnet_cifar10's own checkpoints want imagenet)",
+                            choices=("auto", "cifar10", "imagenet"))
+    features_cache: str | None = _f(None, "--features resnet20: directory of the feature cache "
+                                          "(none: OUT/_features); one directory can serve many "
+                                          "--out", pattern=_PATH)
     # -- output, checkpoints ------------------------------------------------------------------
     out: str = _f("experiments/runs/kpath", "output directory: one sub-directory per run; one "
                   "run at a time writes it (OUT/.lock)", pattern=_PATH)
@@ -197,6 +213,15 @@ class KPathConfig:
         if self.backend == "triton" and self.model != "fused":
             raise ConfigError("--backend", "triton needs --model fused (the loop model is "
                                            "plain nn.Linear)")
+        if self.features == "resnet20" and self.dataset != "cifar10":
+            raise ConfigError("--features", f"resnet20 needs --dataset cifar10 (a CIFAR-10 "
+                                            f"network), got --dataset {self.dataset}")
+        if self.features != "resnet20":
+            for name, unset in (("checkpoint", None), ("features_cache", None),
+                                ("normalization", "auto")):
+                if getattr(self, name) != unset:
+                    raise ConfigError(_flag(name), f"only read with --features resnet20, got "
+                                                   f"--features {self.features}")
         if self.checkpoint_unit == "steps" and self.checkpoint_every != int(self.checkpoint_every):
             raise ConfigError("--checkpoint-every", f"expected a whole number of steps with "
                                                     f"--checkpoint-unit steps, got "
@@ -219,6 +244,18 @@ class KPathConfig:
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError("--out", f"{self.out}: cannot create or write it ({parent} is not "
                                        "a writable directory)")
+        if self.checkpoint is not None:
+            ckpt = Path(self.checkpoint).expanduser()
+            if not ckpt.is_file():
+                what = "is a directory" if ckpt.is_dir() else "does not exist"
+                raise ConfigError("--checkpoint", f"{self.checkpoint} {what}; expected a ResNet-20 "
+                                                  "checkpoint file (python -m experiments.resnet20 "
+                                                  "train makes one)")
+        if self.features_cache is not None:
+            cache = Path(self.features_cache).expanduser()
+            if cache.exists() and not cache.is_dir():
+                raise ConfigError("--features-cache", f"{self.features_cache} exists and is not "
+                                                      "a directory; expected a directory")
         device = self.device
         if device.startswith("cuda"):
             import torch
@@ -237,6 +274,15 @@ class KPathConfig:
                 if os.environ.get("TRITON_INTERPRET") != "1":
                     raise ConfigError("--backend", "triton on the CPU runs only under the "
                                                    "interpreter: set TRITON_INTERPRET=1")
+
+    def check_inputs(self) -> None:
+        """What a run needs that a config may leave open (a preset cannot name the user's
+        files): --features resnet20 needs --checkpoint. ConfigError otherwise; checked before
+        anything is loaded or written (experiments.kpath.train_grid)."""
+        if self.features == "resnet20" and self.checkpoint is None:
+            raise ConfigError("--checkpoint", "--features resnet20 needs the ResNet-20 "
+                                              "checkpoint: pass --checkpoint FILE (python -m "
+                                              "experiments.resnet20 train makes one)")
 
 
 def _cuda_available() -> bool:
@@ -313,9 +359,12 @@ def paper_mnist() -> KPathConfig:
 
 
 def paper_cifar10() -> KPathConfig:
-    """The authors' CIFAR-10 grid: K=40 rotations, 7 N x 2 H x 6 gains x 2 seeds = 168 runs
-    (on raw pixels: the authors' preprocessed inputs are not rebuilt, see experiments.data)."""
+    """The authors' CIFAR-10 grid: K=40 rotations, each image mapped to its 64-d features by a
+    pretrained ResNet-20 (--checkpoint, which the run needs), the gate N_plus_mod_permute,
+    7 N x 2 H x 6 gains x 2 seeds = 168 runs; the rest as paper_mnist (the authors' script
+    defaults). --features pixels trains on the rotated pixels instead."""
     return dataclasses.replace(paper_mnist(), dataset="cifar10", K=40, Ns=list(range(5, 40, 5)),
+                               features="resnet20", mode="N_plus_mod_permute",
                                out="experiments/runs/paper_cifar10")
 
 

@@ -5,8 +5,10 @@ torchvision), a loader that finds, verifies and optionally downloads the files,
 and the batch transforms the k-path tasks are built from.
 
 Preprocessing. MNIST and Fashion-MNIST are used as pixels / 255 (float32 in
-[0, 1]). CIFAR-10 is used as raw pixels scaled to [0, 1] the same way: the
-authors' CIFAR-10 preprocessing could not be rebuilt offline, so none is applied.
+[0, 1]). CIFAR-10 is read the same way; the k-path experiment uses these
+pixels with --features pixels, and with --features resnet20 the authors'
+inputs, a pretrained ResNet-20's features of each rotated image
+(experiments.cifar_features).
 
 Integrity. Every standard file is checked against the canonical MD5 in ``MD5``.
 A ``.gz`` whose own MD5 differs but whose decompressed content matches is

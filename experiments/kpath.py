@@ -10,6 +10,7 @@ per epoch); ``OUT/summary.json``, the figure and ``results.md`` come at the end.
     python -m experiments.kpath --preset quick    # Fashion-MNIST, K=10, ~3 min on 2 CPU cores
     python -m experiments.kpath --preset smoke --data-dir DIR   # tiny (tests)
     python -m experiments.kpath --preset paper_mnist --cuda-graph true   # the authors' 216 runs
+    python -m experiments.kpath --preset paper_cifar10 --checkpoint resnet20.th  # ResNet-20 features
     torchrun --nproc-per-node 8 -m experiments.kpath --preset paper_mnist   # runs split over ranks
     python -m experiments.plot experiments/runs/quick     # redraw the figure and table
     # time per step of each implementation (logged; metrics.jsonl "time_train_s"):
@@ -32,8 +33,9 @@ again with the same command, and ends bit-identical (on CPU) to an uninterrupted
 Failures the user can fix end the process with one line on stderr and no traceback: a bad flag
 (exit status 2, before anything is loaded or written; experiments.configs); another run writing
 OUT (experiments.run_lock: the second run stops at once, exit status 1, having written
-nothing); a damaged checkpoint, a checkpoint or results of another configuration, missing or
-corrupt data (exit status 1, naming the file and what to do).
+nothing); a damaged checkpoint, a checkpoint or results of another configuration (or, with
+--features resnet20, of other features), missing or corrupt data, an unreadable ResNet-20
+checkpoint or a corrupt feature cache (exit status 1, naming the file and what to do).
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ EVAL_CHUNK_ELEMENTS = 1 << 28
 # the grouping, hence the checkpoint a group looks for: see GroupTrainer's existing-results check.)
 RESUME_FREE = {"epochs", "checkpoint_every", "checkpoint_unit", "progress", "stop_after_steps",
                "out", "data_dir", "download", "device", "cuda_graph", "max_replicas",
-               "verify_data", "max_precompute_gb", "lookahead"}
+               "verify_data", "max_precompute_gb", "lookahead", "checkpoint", "features_cache"}
+# (the ResNet-20 checkpoint may move: a resume compares the features' key, TaskData.identity)
 
 
 # What a checkpoint holds (GroupTrainer._state); a file without all of it is not one.
@@ -111,6 +114,7 @@ class TaskData:
     label_maps: Tensor  # (K, C): label y becomes label_maps[j, y] on decoder j
     eval_idx: dict[str, Tensor]  # split -> indices evaluated every epoch
     source: str
+    identity: str | None = None  # what the inputs are, where not the data set alone (features)
 
     @property
     def d_in(self) -> int:
@@ -135,25 +139,41 @@ class TaskData:
 
 
 def load_task_data(cfg: KPathConfig, device: torch.device) -> TaskData:
-    """The whole data set as float tensors on ``device`` (pixels / 255), with the K transforms."""
+    """The whole data set as float tensors on ``device`` (pixels / 255), with the K transforms;
+    with --features resnet20, the (cached) ResNet-20 features of the K rotations instead."""
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, expect_counts=cfg.verify_data,
                       verify_checksums=cfg.verify_data)
     dtype = getattr(torch, cfg.dtype)
-    image_shape = tuple(ds.train_x.shape[1:])
-    x = {s: to_float(v, flatten=True).to(device, dtype) for s, v in
-         (("train", ds.train_x), ("test", ds.test_x))}
     y = {"train": ds.train_y.to(device), "test": ds.test_y.to(device)}
-    perms = angles = None
-    if cfg.dataset == "cifar10":
-        angles = rotation_angles(cfg.K)
-        size_gb = cfg.K * sum(v.numel() for v in x.values()) * x["train"].element_size() / 1e9
-        if size_gb <= cfg.max_precompute_gb:
-            log.info("pre-rotating %d copies of %s (%.1f GB)", cfg.K, cfg.dataset, size_gb)
-            x = {s: torch.stack([rotate_images(v.view(-1, *image_shape), a).flatten(1)
-                                 for a in angles]) for s, v in x.items()}
-            angles = None
+    perms = angles = identity = None
+    source = ds.source
+    if cfg.features == "resnet20":
+        # (K, n, 64) per split: the features of each rotation, as the pre-rotated pixels are
+        from .cifar_features import load_or_extract
+        cache = Path(cfg.features_cache) if cfg.features_cache else Path(cfg.out) / "_features"
+        feats = load_or_extract(ds, Path(cfg.checkpoint).expanduser(), cfg.K,
+                                cache.expanduser(), device=device,
+                                normalization=cfg.normalization, progress=cfg.progress)
+        x = {"train": feats.train.to(device, dtype), "test": feats.test.to(device, dtype)}
+        image_shape = tuple(x["train"].shape[2:])
+        identity = f"resnet20 features {feats.key}"
+        source = (f"{ds.source}; ResNet-20 features {feats.path} (checkpoint sha256 "
+                  f"{feats.manifest['spec']['checkpoint_sha256']})")
     else:
-        perms = pixel_permutations(cfg.K, x["train"].shape[1]).to(device)
+        image_shape = tuple(ds.train_x.shape[1:])
+        x = {s: to_float(v, flatten=True).to(device, dtype) for s, v in
+             (("train", ds.train_x), ("test", ds.test_x))}
+        if cfg.dataset == "cifar10":
+            angles = rotation_angles(cfg.K)
+            size_gb = (cfg.K * sum(v.numel() for v in x.values()) * x["train"].element_size()
+                       / 1e9)
+            if size_gb <= cfg.max_precompute_gb:
+                log.info("pre-rotating %d copies of %s (%.1f GB)", cfg.K, cfg.dataset, size_gb)
+                x = {s: torch.stack([rotate_images(v.view(-1, *image_shape), a).flatten(1)
+                                     for a in angles]) for s, v in x.items()}
+                angles = None
+        else:
+            perms = pixel_permutations(cfg.K, x["train"].shape[1]).to(device)
     eval_idx = {}
     for split, labels in y.items():
         n = len(labels)
@@ -167,7 +187,7 @@ def load_task_data(cfg: KPathConfig, device: torch.device) -> TaskData:
             subset = torch.randperm(n, generator=g)[:size].sort().values
             eval_idx[split] = subset.to(device)
     return TaskData(x, y, perms, angles, image_shape, class_label_maps(cfg.K, CLASSES).to(device),
-                    eval_idx, ds.source)
+                    eval_idx, source, identity)
 
 
 # -------------------------------------------------------------------------------------- models
@@ -389,7 +409,7 @@ class GroupTrainer:
                 "shuffle_states": self.shuffle_states, "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "acc_loss": self.acc_loss, "acc_correct": self.acc_correct,
-                "metrics": self.lines, "finished": self.finished}
+                "metrics": self.lines, "finished": self.finished, "inputs": self.data.identity}
 
     def save_checkpoint(self) -> None:
         atomic_write(self.ckpt_path, lambda p: torch.save(self._state(), p))
@@ -414,6 +434,10 @@ class GroupTrainer:
             if diff - RESUME_FREE or ck["runs"] != self.names:
                 raise RunError(f"{self.ckpt_path}: written by a different configuration "
                                f"({sorted(diff - RESUME_FREE)}); use another --out or delete it")
+        if ck.get("inputs", self.data.identity) != self.data.identity:  # (older: no "inputs")
+            raise RunError(f"{self.ckpt_path}: trained on other inputs ({ck['inputs']}, now "
+                           f"{self.data.identity}: the ResNet-20 checkpoint, its normalisation "
+                           "or the data changed); use another --out or delete it")
         try:
             self.model.load_state_dict(ck["model"])
             if self.opt is not None:
@@ -734,6 +758,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def train_grid(cfg: KPathConfig) -> dict | None:
     """main's work on a checked config; raises ConfigError, RunError, OutDirBusy, DataError."""
+    cfg.check_inputs()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, local_rank = _distributed()
