@@ -26,7 +26,7 @@ the manifest is written. One process extracts into a directory at a time (a lock
 ``DIR/.lock``); another waits for it and then reuses its result.
 
     python -m experiments.cifar_features --data-dir DIR --checkpoint resnet20.th --K 40 --out FEATS
-    python -m experiments.kpath --preset paper_cifar10 --data-dir DIR --checkpoint resnet20.th \\
+    python -m experiments.kpath --preset paper_cifar10 --data-dir DIR --resnet-checkpoint resnet20.th \\
         --features-cache FEATS        # reuses them (without --features-cache: OUT/_features)
 """
 from __future__ import annotations

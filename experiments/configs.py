@@ -143,10 +143,10 @@ class KPathConfig:
                                 ge=0)
     features: str = _f("pixels", "cifar10: what encoder k sees of the image rotated by 270*k/K "
                                  "degrees; pixels: the rotated image (D = 3072); resnet20: its "
-                                 "64-d features under a pretrained ResNet-20 (--checkpoint), "
+                                 "64-d features under a pretrained ResNet-20 (--resnet-checkpoint), "
                                  "the authors' inputs, extracted once and cached "
                                  "(experiments.cifar_features)", choices=("pixels", "resnet20"))
-    checkpoint: str | None = _f(None, "--features resnet20: the ResNet-20 checkpoint "
+    resnet_checkpoint: str | None = _f(None, "--features resnet20: the ResNet-20 checkpoint "
                                       "(pytorch_resnet_cifar10 format; python -m "
                                       "experiments.resnet20 train makes one); an existing file",
                                 pattern=_PATH)
@@ -217,7 +217,7 @@ class KPathConfig:
             raise ConfigError("--features", f"resnet20 needs --dataset cifar10 (a CIFAR-10 "
                                             f"network), got --dataset {self.dataset}")
         if self.features != "resnet20":
-            for name, unset in (("checkpoint", None), ("features_cache", None),
+            for name, unset in (("resnet_checkpoint", None), ("features_cache", None),
                                 ("normalization", "auto")):
                 if getattr(self, name) != unset:
                     raise ConfigError(_flag(name), f"only read with --features resnet20, got "
@@ -244,11 +244,11 @@ class KPathConfig:
         if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError("--out", f"{self.out}: cannot create or write it ({parent} is not "
                                        "a writable directory)")
-        if self.checkpoint is not None:
-            ckpt = Path(self.checkpoint).expanduser()
+        if self.resnet_checkpoint is not None:
+            ckpt = Path(self.resnet_checkpoint).expanduser()
             if not ckpt.is_file():
                 what = "is a directory" if ckpt.is_dir() else "does not exist"
-                raise ConfigError("--checkpoint", f"{self.checkpoint} {what}; expected a ResNet-20 "
+                raise ConfigError("--resnet-checkpoint", f"{self.resnet_checkpoint} {what}; expected a ResNet-20 "
                                                   "checkpoint file (python -m experiments.resnet20 "
                                                   "train makes one)")
         if self.features_cache is not None:
@@ -279,9 +279,10 @@ class KPathConfig:
         """What a run needs that a config may leave open (a preset cannot name the user's
         files): --features resnet20 needs --checkpoint. ConfigError otherwise; checked before
         anything is loaded or written (experiments.kpath.train_grid)."""
-        if self.features == "resnet20" and self.checkpoint is None:
-            raise ConfigError("--checkpoint", "--features resnet20 needs the ResNet-20 "
-                                              "checkpoint: pass --checkpoint FILE (python -m "
+        if self.features == "resnet20" and self.resnet_checkpoint is None:
+            raise ConfigError("--resnet-checkpoint", "--features resnet20 needs the ResNet-20 "
+                                                     "checkpoint: pass --resnet-checkpoint FILE "
+                                                     "(python -m "
                                               "experiments.resnet20 train makes one)")
 
 

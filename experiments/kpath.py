@@ -10,7 +10,7 @@ per epoch); ``OUT/summary.json``, the figure and ``results.md`` come at the end.
     python -m experiments.kpath --preset quick    # Fashion-MNIST, K=10, ~3 min on 2 CPU cores
     python -m experiments.kpath --preset smoke --data-dir DIR   # tiny (tests)
     python -m experiments.kpath --preset paper_mnist --cuda-graph true   # the authors' 216 runs
-    python -m experiments.kpath --preset paper_cifar10 --checkpoint resnet20.th  # ResNet-20 features
+    python -m experiments.kpath --preset paper_cifar10 --resnet-checkpoint resnet20.th  # ResNet-20 features
     torchrun --nproc-per-node 8 -m experiments.kpath --preset paper_mnist   # runs split over ranks
     python -m experiments.plot experiments/runs/quick     # redraw the figure and table
     # time per step of each implementation (logged; metrics.jsonl "time_train_s"):
@@ -78,7 +78,7 @@ EVAL_CHUNK_ELEMENTS = 1 << 28
 # the grouping, hence the checkpoint a group looks for: see GroupTrainer's existing-results check.)
 RESUME_FREE = {"epochs", "checkpoint_every", "checkpoint_unit", "progress", "stop_after_steps",
                "out", "data_dir", "download", "device", "cuda_graph", "max_replicas",
-               "verify_data", "max_precompute_gb", "lookahead", "checkpoint", "features_cache"}
+               "verify_data", "max_precompute_gb", "lookahead", "resnet_checkpoint", "features_cache"}
 # (the ResNet-20 checkpoint may move: a resume compares the features' key, TaskData.identity)
 
 
@@ -151,7 +151,7 @@ def load_task_data(cfg: KPathConfig, device: torch.device) -> TaskData:
         # (K, n, 64) per split: the features of each rotation, as the pre-rotated pixels are
         from .cifar_features import load_or_extract
         cache = Path(cfg.features_cache) if cfg.features_cache else Path(cfg.out) / "_features"
-        feats = load_or_extract(ds, Path(cfg.checkpoint).expanduser(), cfg.K,
+        feats = load_or_extract(ds, Path(cfg.resnet_checkpoint).expanduser(), cfg.K,
                                 cache.expanduser(), device=device,
                                 normalization=cfg.normalization, progress=cfg.progress)
         x = {"train": feats.train.to(device, dtype), "test": feats.test.to(device, dtype)}

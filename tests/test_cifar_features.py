@@ -349,7 +349,7 @@ def test_train_command_bad_flag(data_dir, tmp_path, capsys, extra, flag):
 # -- the k-path experiment on features -------------------------------------------------------
 def paper_argv(data_dir: Path, ckpt: Path | None, out: Path, *extra: str) -> list[str]:
     return ["--preset", "paper_cifar10", "--data-dir", str(data_dir), "--verify-data", "false",
-            *(["--checkpoint", str(ckpt)] if ckpt else []), "--K", "3", "--Ns", "1", "2",
+            *(["--resnet-checkpoint", str(ckpt)] if ckpt else []), "--K", "3", "--Ns", "1", "2",
             "--hiddens", "8", "--gains", "1", "--seeds", "1", "--epochs", "2",
             "--max-steps-per-epoch", "2", "--device", "cpu", "--progress", "false",
             "--checkpoint-every", "1", "--checkpoint-unit", "steps", "--out", str(out), *extra]
@@ -422,20 +422,20 @@ def test_corrupt_feature_cache_from_the_cli(data_dir, ckpt, tmp_path, capsys):
     (["--features", "resnet20", "--dataset", "mnist"], "--features", "needs --dataset cifar10"),
     (["--features", "bogus"], "--features", "invalid choice"),
     (["--normalization", "bogus"], "--normalization", "invalid choice"),
-    (["--checkpoint", "MISSING"], "--checkpoint", "does not exist"),
-    (["--checkpoint", "DIR"], "--checkpoint", "is a directory"),
-    (["--features", "pixels", "--checkpoint", "CKPT"], "--checkpoint",
+    (["--resnet-checkpoint", "MISSING"], "--resnet-checkpoint", "does not exist"),
+    (["--resnet-checkpoint", "DIR"], "--resnet-checkpoint", "is a directory"),
+    (["--features", "pixels", "--resnet-checkpoint", "CKPT"], "--resnet-checkpoint",
      "only read with --features resnet20"),
     (["--features", "pixels", "--normalization", "imagenet"], "--normalization",
      "only read with --features resnet20"),
     (["--features-cache", "CKPT"], "--features-cache", "not a directory"),
-    (["--checkpoint", ""], "--checkpoint", "a non-empty path"),
-    ([], "--checkpoint", "--features resnet20 needs the ResNet-20 checkpoint"),
+    (["--resnet-checkpoint", ""], "--resnet-checkpoint", "a non-empty path"),
+    ([], "--resnet-checkpoint", "--features resnet20 needs the ResNet-20 checkpoint"),
 ])
 def test_bad_feature_flags_exit_2_before_any_work(data_dir, ckpt, tmp_path, capsys, calls,
                                                   extra, flag, accepts):
     """Exit status 2, one line naming the flag, nothing loaded or written (no output
-    directory): the paper_cifar10 preset without --checkpoint included."""
+    directory): the paper_cifar10 preset without --resnet-checkpoint included."""
     subst = {"MISSING": str(tmp_path / "missing.th"), "DIR": str(tmp_path), "CKPT": str(ckpt)}
     extra = [subst.get(a, a) for a in extra]
     argv = paper_argv(data_dir, None, tmp_path / "out", *extra)
