@@ -71,32 +71,35 @@ class Part:
 
 PARTS = {p.name: p for p in (
     Part("K10-lr0.05", 10, (1, 2, 3, 5, 7, 9), 0.05, 8000, 500),
-    Part("K10-lr0.0125", 10, (1, 2, 3, 5, 7, 9), 0.0125, 32000, 2000,
-         note="the same lr x steps as K10-lr0.05"),
-    Part("K30-lr0.05", 30, (1, 5, 10, 15, 20, 25, 29), 0.05, 8000, 500),
-    Part("K30-lr0.0125", 30, (1, 5, 10, 20, 29), 0.0125, 32000, 2000,
-         note="the same lr x steps as K30-lr0.05"),
+    Part("K30-lr0.05", 30, (1, 5, 10, 15, 20, 25, 29), 0.05, 8000, 800),
     Part("K30-converge", 30, (5, 20, 29), 0.05, 64000, 2000, gains=(1.0, 0.03, 0.01),
          converge=True, note="lr 0.05 until every run's trained-path accuracy stops rising"),
+    Part("K10-lr0.0125", 10, (1, 2, 3, 5, 7, 9), 0.0125, 32000, 2000,
+         note="the same lr x steps as K10-lr0.05"),
+    Part("K30-lr0.0125", 30, (1, 5, 10, 20, 29), 0.0125, 32000, 3200,
+         note="the same lr x steps as K30-lr0.05"),
+    Part("K100-cpu", 100, (10, 50, 90), 0.05, 15000, 3000, gains=(1.0, 0.01), seeds=(1,),
+         note="a cut-down gpu_study on the CPU: the K = 100 trend predicted"),
 )}
 
+# Measured on this project's 2-core CPU VM (Intel Xeon, 2 threads, fused KPathNet, H = 128,
+# Fashion-MNIST): ms per step per replica, and seconds per replica for one evaluation (the full
+# test set and 1000 training images), from 72- and 84-replica groups.
+MS_PER_REPLICA_STEP = {10: 0.75, 30: 2.44, 100: 13.5}
+EVAL_S_PER_REPLICA = {10: 0.32, 30: 2.0, 100: 20.0}
 
-def _estimate_hours(part: Part, ms_per_step: dict[int, float]) -> float:
-    """ms per step of one replica group at K (measured), scaled by the runs; evaluation of the
-    full test set, ~0.9 GFLOP per (replica, K^2 / 100) at ~60 GFLOP/s, every eval_steps."""
-    per_run_step = ms_per_step.get(part.K, ms_per_step.get(10, 1.0) * (part.K / 10) ** 1.5)
-    train = part.runs * per_run_step * part.steps / 1e3
+
+def _estimate_hours(part: Part) -> float:
+    train = part.runs * MS_PER_REPLICA_STEP[part.K] * part.steps / 1e3
     evals = part.steps // part.eval_steps
-    eval_s = part.runs * (0.2 + 0.25 * part.K) * evals  # measured: ~2.7 s per K=10 replica
-    return (train + eval_s) / 3600
+    return (train + part.runs * EVAL_S_PER_REPLICA[part.K] * evals) / 3600
 
 
 def cmd_plan(ns) -> None:
-    ms = {10: 1.0, 30: 2.9}  # ms per replica-step, 2 threads, measured (see the README)
     print(f"{'part':16s} {'K':>3s} {'runs':>5s} {'lr':>7s} {'steps':>6s} {'est. hours':>10s}")
     for p in PARTS.values():
         print(f"{p.name:16s} {p.K:3d} {p.runs:5d} {p.lr:7g} {p.steps:6d} "
-              f"{_estimate_hours(p, ms):10.2f}  {p.note}")
+              f"{_estimate_hours(p):10.2f}  {p.note}")
 
 
 def cmd_run(ns) -> None:
@@ -216,7 +219,7 @@ def make_figure(out: Path, data: dict[str, list[dict]]) -> Path | None:
     parts = [p for p in PARTS.values() if data.get(p.name)]
     if not parts:
         return None
-    shown = {10: (1, 3, 7), 30: (5, 15, 29)}
+    shown = {10: (1, 3, 7), 30: (5, 15, 29), 100: (10, 50, 90)}
     fig, axes = plt.subplots(len(parts), 3, figsize=(13, 3.1 * len(parts)), squeeze=False,
                              sharey=True)
     colors = {1.0: "tab:red", 0.1: "tab:orange", 0.03: "tab:green", 0.01: "tab:blue"}
