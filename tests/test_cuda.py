@@ -894,6 +894,22 @@ def test_route_table_is_the_cpu_table_bit_for_bit(kind):
         assert torch.equal(OPS.pathway_route(wide, plan.paths, plan.num_weights).cpu(), want)
 
 
+def test_routed_bad_index_is_a_device_side_assert():
+    """Without a host synchronisation the CUDA kernels cannot raise on a bad pathway index as
+    the CPU does: it fails a device-side assert (on a GPU the next CUDA call fails, and the
+    context is lost: emulation only)."""
+    if DEVICE != "cpu":
+        pytest.skip("a device-side assert leaves the CUDA context unusable")
+    plan = _route_plan()
+    good = OPS.pathway_route(torch.tensor([[0, 6]]), plan.paths, plan.num_weights)
+    for idx in (torch.tensor([[0, 7]]), torch.tensor([[-2, 1]])):
+        with pytest.raises(RuntimeError, match="device-side assertion .*idx: pathway index"):
+            OPS.pathway_route(idx, plan.paths, plan.num_weights)
+    x, w = torch.randn(2, 1, 4), torch.randn(5, 3, 4)
+    with pytest.raises(RuntimeError, match="device-side assertion .*idx: pathway index"):
+        OPS.routed_matmul(x, w, None, None, torch.tensor([[0, 9]]), good, plan.paths, 3)
+
+
 def _routed_outputs(x, w, b, idx, gate, plan, backend):
     """y and the gradients of <y, gy> w.r.t. x, w, b and the gate (gy fixed per shape)."""
     leaves = [x, w, b, gate]
