@@ -460,14 +460,14 @@ __global__ void routed_grad_gate_kernel(const RoutedSlots s, const int64_t* __re
 // Whether the grouped GEMM of rows (N, K) against M weights into (N, ncols) goes to
 // at::_grouped_mm: torch's CUTLASS grouped GEMM takes its group offsets on the device only for
 // bfloat16 on sm90 / sm100 (elsewhere it falls back to a loop over the groups that copies the
-// offsets to the host: a synchronisation), needs 16-byte aligned rows (K and ncols multiples of
-// 8) and launches one thread per group in its setup (M <= 1024). cuda_routed_gemm (kernel_choice.h)
-// = 1 takes it wherever dtype and shapes allow, the architecture aside (the CPU emulation: torch's
-// CPU grouped GEMM), 0 never.
+// offsets to the host: a synchronisation), needs 16-byte aligned rows (K and ncols multiples
+// of 8) and launches one thread per group in its setup (M <= 1024). Its groups may be empty
+// (only a K-split grouped GEMM, not used here, refuses those). cuda_routed_gemm = 1
+// (kernel_choice.h) takes it wherever dtype and shapes allow, the architecture aside (under the
+// CPU emulation: torch's CPU grouped GEMM), 0 never.
 bool use_grouped_mm(const Tensor& a, const Tensor& w, int64_t M, int64_t K, int64_t ncols) {
   if (a.scalar_type() != at::kBFloat16 || M < 1 || M > 1024 || K < 8 || K % 8 != 0 ||
-      ncols % 8 != 0 ||
-      !aligned16(a.data_ptr()) || !aligned16(w.data_ptr())) {
+      ncols % 8 != 0 || !aligned16(a.data_ptr()) || !aligned16(w.data_ptr())) {
     return false;
   }
   const int64_t forced = forced_kernel(KernelChoice::kCudaRoutedGemm);
