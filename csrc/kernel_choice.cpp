@@ -15,12 +15,13 @@ struct Choice {
 constexpr Choice kChoices[] = {
     {"cpu_lanes", {8, 16}},  {"cpu_skinny", {0, 1}},    {"cpu_widen_gemm", {0, 1}},
     {"cpu_lookahead", {0, 1}}, {"cuda_prefetch", {0, 1}}, {"cuda_ce", {0, 1}},
+    {"cuda_routed_gemm", {0, 1}},
 };
 constexpr int kNumChoices = static_cast<int>(KernelChoice::kCount);
 static_assert(sizeof(kChoices) / sizeof(kChoices[0]) == kNumChoices,
               "one entry per KernelChoice, in its order");
 
-std::atomic<int64_t> g_forced[kNumChoices] = {kAutomatic, kAutomatic, kAutomatic,
+std::atomic<int64_t> g_forced[kNumChoices] = {kAutomatic, kAutomatic, kAutomatic, kAutomatic,
                                                kAutomatic, kAutomatic, kAutomatic};
 
 }  // namespace

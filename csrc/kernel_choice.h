@@ -18,6 +18,9 @@
 //                    forward and the fused SGD
 //   cuda_ce          0: a thread per row, 1: a thread per  a thread per row where the batch fits
 //                    path (the few-class CE forward)       (cuda/cross_entropy.cu)
+//   cuda_routed_gemm 0: our tiled grouped GEMM, 1: torch's  torch's for bfloat16 on sm90 / sm100
+//                    at::_grouped_mm (where dtype and      (cuda/routed.cu use_grouped_mm)
+//                    shapes allow it)
 //
 // The choices are process-wide (a library's: the CUDA kernels' CPU emulation keeps its own) and
 // read when a kernel is launched: a captured CUDA graph keeps the kernels it recorded.
@@ -35,6 +38,7 @@ enum class KernelChoice : int {
   kCpuLookahead,
   kCudaPrefetch,
   kCudaCe,
+  kCudaRoutedGemm,
   kCount
 };
 

@@ -377,6 +377,7 @@ KERNEL_CHOICES: dict[str, dict] = {
     "cpu_lookahead": {"grouped": 0, "onepass": 1},  # the 16-lane fused lookahead's form
     "cuda_prefetch": {False: 0, True: 1},  # L2 prefetch in the skinny forward and fused SGD
     "cuda_ce": {"rows": 0, "thread": 1},  # few-class CE forward: a thread per row or per path
+    "cuda_routed_gemm": {"tiled": 0, "grouped_mm": 1},  # routed GEMM: ours or at::_grouped_mm
 }
 
 

@@ -81,7 +81,9 @@ import gated_ops  # noqa: F401  (loads gated_ops._C)
 
 ops = ["pathway_matmul", "pathway_grad_z", "pathway_grad_x", "pathway_grad_weight",
        "pathway_grad_bias", "pathway_grad_gate", "pathway_sgd_", "pathway_sgd_lookahead_",
-       "pathway_bias_sgd_", "gated_cross_entropy", "gated_cross_entropy_backward"]
+       "pathway_bias_sgd_", "gated_cross_entropy", "gated_cross_entropy_backward",
+       "pathway_route", "routed_matmul", "routed_grad_z", "routed_grad_x", "routed_grad_weight",
+       "routed_grad_bias", "routed_grad_gate"]
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"gated_ops::{op}", "CUDA")]
 for op in ops:

@@ -3,10 +3,12 @@
 
     python scripts/ptxas_report.py BUILD_LOG [--all]
 
-Prints the hot kernels (forward tiles, weight gradient / fused SGD, grad_x, grad_bias) with their
-registers, the warps an SM's 64K registers then hold, and spills; --all prints every kernel. Exits 1 if a float32 / float16 / bfloat16 kernel spills to local memory (float64 ones are
-only reported): in these memory-bound loops a spill is extra memory traffic, and it is the sign
-that a change raised the register count past the launch bounds.
+Prints the hot kernels (forward tiles, weight gradient / fused SGD, grad_x, grad_bias, the routed
+grouped GEMM and weight gradient) with their registers, the warps an SM's 64K registers then
+hold, and spills; --all prints every kernel. Exits 1 if a float32 / float16 / bfloat16 kernel
+spills to local memory (float64 ones are only reported): in these memory-bound loops a spill is
+extra memory traffic, and it is the sign that a change raised the register count past the launch
+bounds.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import shutil
 import subprocess
 import sys
 
-HOT = ("ztile_kernel", "wgrad_kernel", "grad_x_kernel", "grad_bias_kernel")
+HOT = ("ztile_kernel", "wgrad_kernel", "grad_x_kernel", "grad_bias_kernel", "routed_gemm_kernel",
+       "routed_grad_weight_kernel")
 
 
 def demangle(names: list[str]) -> list[str]:

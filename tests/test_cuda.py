@@ -1,7 +1,8 @@
 """The CUDA kernels (csrc/cuda/*.cu) and the Triton backend on a GPU: the whole shape table
 forward and backward in float32 / bfloat16 / float16 against the float64 reference, the cuBLAS and
 skinny paths, non-contiguous inputs, opcheck, float64 gradcheck, determinism, the fused SGD
-against torch.optim.SGD, and a CUDA-graph capture of a k-path training step.
+against torch.optim.SGD, a CUDA-graph capture of a k-path training step, and the routed ops (the
+route table, long groups, both grouped GEMMs, no host synchronisation, a captured MoE step).
 
 Every test runs on two targets:
   * ``cuda``: on the GPU (marked ``gpu``: skipped without a CUDA device, see conftest.py);
@@ -24,9 +25,11 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 import gated_ops
-from gated_ops import GatedPathwayLinear, SGDConfig
+from gated_ops import GatedPathwayLinear, SGDConfig, make_route, routed_linear
 from experiments.kpath_net import KPathNet, kpath_gate
-from gated_ops.reference import gated_cross_entropy_ref, pathway_matmul_ref, sgd_momentum_ref
+from gated_ops.reference import (gated_cross_entropy_ref, pathway_matmul_ref,
+                                 routed_pathway_matmul_ref, sgd_momentum_ref)
+from gated_ops.routed import moe_plan
 from gated_ops.testing import (SHAPES, Case, Table, assert_close, cuda_emulation, force_kernel,
                                kernel_census, kpath_tables, make_inputs, replicate)
 from helpers import (check_ce_backward_missing_grads, check_ce_backward_rejects_bad_input,
@@ -845,3 +848,286 @@ def test_autocast_cuda_runs_the_layer_and_loss_like_torch(dtype):
         loss, _, _ = gated_ops.gated_cross_entropy(logits, target, g)
     assert loss.dtype == torch.float32
     assert torch.equal(loss, gated_ops.gated_cross_entropy(logits.float(), target, g)[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# The routed (sparse) ops (csrc/cuda/routed.cu). tests/test_routed.py runs the routed shape table
+# on every backend; here: the route table bit for bit the CPU's, groups and dimensions longer
+# than one 32 x 32 tile, the two grouped-GEMM paths, and no host synchronisation.
+def _route_plan():
+    """7 pathways on 5 weights (weight 4 never used; weights 0 and 2 shared by several
+    pathways), 2 sources, 3 destinations."""
+    return gated_ops.make_plan([0, 1, 0, 1, 0, 1, 1], [2, 0, 2, 1, 3, 0, 2], [0, 1, 2, 0, 1, 2, 2],
+                               num_sources=2, num_weights=5, num_dst=3, device=DEVICE)
+
+
+def _route_idx(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    B, k, P = 300, 3, 7  # 900 slots: several blocks of every flat kernel
+    if kind == "random":  # duplicates and unused slots included
+        idx = torch.randint(-1, P, (B, k), generator=g)
+    elif kind == "one_weight":  # pathways 0, 2 and 6 all use weight 2
+        idx = torch.tensor([0, 2, 6])[torch.randint(0, 3, (B, k), generator=g)]
+    elif kind == "unused":
+        idx = torch.full((B, k), -1)
+    elif kind == "empty":
+        idx = torch.zeros(0, k, dtype=torch.int64)
+    else:  # "no_slots": k = 0
+        idx = torch.zeros(B, 0, dtype=torch.int64)
+    return idx
+
+
+@pytest.mark.parametrize("kind", ["random", "one_weight", "unused", "empty", "no_slots"])
+def test_route_table_is_the_cpu_table_bit_for_bit(kind):
+    """pathway_route on the device (a sort of unique keys, no atomics) writes exactly the CPU's
+    counting sort: order stable by slot within a weight, unused slots last, pos its inverse,
+    offsets[M] the number of used slots; non-contiguous idx read as its values."""
+    plan = _route_plan()
+    idx = _route_idx(kind)
+    with _modes_off():
+        want = torch.ops.gated_ops.pathway_route(idx, plan.paths.cpu(), plan.num_weights)
+    got = OPS.pathway_route(idx.to(DEVICE), plan.paths, plan.num_weights)
+    assert got.dtype == torch.int64 and torch.equal(got.cpu(), want)
+    if idx.numel():  # a strided view of the same values
+        wide = torch.stack([idx, idx], 2).to(DEVICE)[..., 0]
+        assert not wide.is_contiguous()
+        assert torch.equal(OPS.pathway_route(wide, plan.paths, plan.num_weights).cpu(), want)
+
+
+def test_routed_bad_index_is_a_device_side_assert():
+    """Without a host synchronisation the CUDA kernels cannot raise on a bad pathway index as
+    the CPU does: it fails a device-side assert (on a GPU the next CUDA call fails, and the
+    context is lost: emulation only)."""
+    if DEVICE != "cpu":
+        pytest.skip("a device-side assert leaves the CUDA context unusable")
+    plan = _route_plan()
+    good = OPS.pathway_route(torch.tensor([[0, 6]]), plan.paths, plan.num_weights)
+    for idx in (torch.tensor([[0, 7]]), torch.tensor([[-2, 1]])):
+        with pytest.raises(RuntimeError, match="device-side assertion .*idx: pathway index"):
+            OPS.pathway_route(idx, plan.paths, plan.num_weights)
+    x, w = torch.randn(2, 1, 4), torch.randn(5, 3, 4)
+    with pytest.raises(RuntimeError, match="device-side assertion .*idx: pathway index"):
+        OPS.routed_matmul(x, w, None, None, torch.tensor([[0, 9]]), good, plan.paths, 3)
+
+
+def _routed_outputs(x, w, b, idx, gate, plan, backend):
+    """y and the gradients of <y, gy> w.r.t. x, w, b and the gate (gy fixed per shape)."""
+    leaves = [x, w, b, gate]
+    if backend == "reference":
+        y = routed_pathway_matmul_ref(x, w, b, idx, gate, plan.src, plan.wgt, plan.dst,
+                                      plan.num_dst)
+    else:
+        y = gated_ops.routed_pathway_matmul(x, w, plan, idx, gate, b, backend=backend)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(y, leaves, gy.to(y.device, y.dtype))
+    return [t.detach() for t in (y, *grads)]
+
+
+def _routed_check(x64, w64, b64, idx, g64, table: Table, dtype, **force) -> None:
+    """The routed op on the CUDA kernels in ``dtype`` against the float64 reference, under the
+    tolerance rule (plain: the reference in ``dtype`` on the CPU; float64: within 1e-10)."""
+    names = ("y", "grad x", "grad weight", "grad bias", "grad gate")
+
+    def run(device, dt, backend):
+        x, w, b, g = (t.detach().to(device, dt).requires_grad_() for t in (x64, w64, b64, g64))
+        return _routed_outputs(x, w, b, idx.to(device), g, table.plan(device), backend)
+    ref, plain = run("cpu", torch.float64, "reference"), run("cpu", dtype, "reference")
+    with force_kernel(**force):
+        got = run(DEVICE, dtype, BACKEND)
+    for name, a, r, p in zip(names, got, ref, plain):
+        assert a.dtype == dtype
+        if dtype == torch.float64:  # (the rule degenerates: plain is the reference; as above)
+            torch.testing.assert_close(a.cpu(), r, rtol=1e-10, atol=1e-10, msg=name)
+        else:
+            assert_close(name, a.cpu(), r, p)
+
+
+def _routed_case(T: int, k: int, d_in: int, d_out: int, seed: int = 0):
+    """A mixture of 4 experts over T tokens and a pathway table with summing destinations, some
+    slots unused, every expert's group longer than one 32-row tile (T k / 4 > 32)."""
+    g = torch.Generator().manual_seed(seed)
+    table = Table((0, 1, 0, 1, 0), (0, 1, 2, 3, 1), (0, 0, 1, 1, 1), 2, 4, 2)
+    P = table.num_paths
+    idx = torch.stack([torch.randperm(P, generator=g)[:k] for _ in range(T)])
+    idx[torch.rand(T, k, generator=g) < 0.15] = -1
+    x = torch.randn(table.num_sources, T, d_in, generator=g, dtype=torch.float64)
+    w = torch.randn(table.num_weights, d_out, d_in, generator=g, dtype=torch.float64) * d_in ** -0.5
+    b = torch.randn(table.num_weights, d_out, generator=g, dtype=torch.float64)
+    gate = torch.rand(T, k, generator=g, dtype=torch.float64) + 0.5
+    return x, w, b, idx, gate, table
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, *LOW.values()], ids=["f64", *LOW])
+def test_routed_groups_longer_than_a_tile(dtype):
+    """Groups of ~90 rows (3 row tiles, the last one partial), D_in = 70 (three K steps, the
+    last partial) and D_out = 45 (two column tiles): forward and every gradient against the
+    float64 reference; the tiled grouped GEMM (the only one for float32 / float64 / float16)."""
+    _routed_check(*_routed_case(T=150, k=3, d_in=70, d_out=45), dtype)
+
+
+@pytest.mark.parametrize("path", ["tiled", "grouped_mm"])
+def test_routed_bfloat16_on_both_grouped_gemms(path):
+    """bfloat16, dimensions multiples of 8: our tiled GEMM, and at::_grouped_mm (torch's CUTLASS
+    grouped GEMM on sm90 / sm100, the automatic choice there; on the emulation torch's CPU
+    grouped GEMM) with the gather, bias and zero-row kernels around it: both within the
+    tolerance rule, for a combined output and for the expert MLP's grouped rows."""
+    x, w, b, idx, gate, table = _routed_case(T=120, k=2, d_in=64, d_out=40, seed=1)
+    _routed_check(x, w, b, idx, gate, table, torch.bfloat16, cuda_routed_gemm=path)
+    if DEVICE == "cpu":  # which GEMM ran (the census reads the emulated launches)
+        plan = table.plan(DEVICE)
+        xb, wb, gb = (t.to(torch.bfloat16) for t in (x, w, gate))
+        with force_kernel(cuda_routed_gemm=path):
+            names = [n for n, _ in kernel_census(lambda: gated_ops.routed_pathway_matmul(
+                xb, wb, plan, idx, gb, backend=BACKEND))]
+        ours = any(n.startswith("gemm_kernel in routed_gemm") for n in names)
+        torchs = any(n.startswith("routed_rows_fixup_kernel") for n in names)  # (after it)
+        assert (torchs, ours) == (path == "grouped_mm", path == "tiled"), names
+    # the expert MLP: x -> grouped rows -> gelu -> combined output, over one route
+    T, E, D, H, k = 96, 4, 32, 48, 2
+    g = torch.Generator().manual_seed(2)
+    mk = [torch.randn(*s, generator=g, dtype=torch.float64) * c
+          for s, c in (((T, D), 1.0), ((E, H, D), D ** -0.5), ((E, H), 1.0), ((E, D, H), H ** -0.5),
+                       ((E, D), 1.0))]
+    topw, topi = torch.rand(T, E, generator=g, dtype=torch.float64).softmax(-1).topk(k, -1)
+    topi[::7, 1] = -1
+
+    def mlp_ref(x, w1, b1, w2, b2, tw):
+        e = topi.clamp_min(0)
+        h = torch.einsum("td,tkhd->tkh", x, w1[e]) + b1[e]
+        o = torch.einsum("tkh,tkdh->tkd", torch.nn.functional.gelu(h), w2[e]) + b2[e]
+        return (o * (tw * (topi >= 0)).unsqueeze(-1)).sum(1)
+
+    def mlp(x, w1, b1, w2, b2, tw):
+        route = make_route(topi.to(DEVICE), moe_plan(E, DEVICE), backend=BACKEND)
+        h = routed_linear(x.unsqueeze(0), w1, b1, route, grouped_out=True, backend=BACKEND)
+        return routed_linear(torch.nn.functional.gelu(h), w2, b2, route, tw, grouped_in=True,
+                             backend=BACKEND)[0]
+
+    outs = []
+    for fn, device, dt in ((mlp_ref, "cpu", torch.float64), (mlp_ref, "cpu", torch.bfloat16),
+                           (mlp, DEVICE, torch.bfloat16)):
+        leaves = [t.to(device, dt).requires_grad_() for t in (*mk, topw)]
+        with force_kernel(cuda_routed_gemm=path):
+            y = fn(*leaves)
+            gy = torch.randn(T, D, generator=torch.Generator().manual_seed(3),
+                             dtype=torch.float64)
+            grads = torch.autograd.grad(y, leaves, gy.to(device, dt))
+        outs.append([t.detach().cpu() for t in (y, *grads)])
+    for i, (a, r, p) in enumerate(zip(outs[2], outs[0], outs[1])):
+        assert_close(f"expert MLP output {i}", a, r, p)
+
+
+_HOST_READS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero",
+               "aten::equal", "aten::bincount", "aten::masked_select", "aten::unique",
+               "aten::_unique2", "aten::unique_consecutive", "aten::repeat_interleave")
+
+
+def test_routed_moe_step_kernel_census():
+    """What a GPU would launch for a routed MoE layer's forward and backward (the router
+    trained through the gates), read from the emulated kernels: one route (keys, a sort, the
+    table), two grouped GEMMs (z, grad_x) each after its tile-start scan, two per-sample
+    epilogues, one kernel per other gradient; inside the routed ops no ATen work besides the
+    route's sort (no fill, no copy); and no operation that reads a device value on the host
+    (item, nonzero, ...: each a synchronisation on a GPU)."""
+    if DEVICE != "cpu":
+        pytest.skip("the census reads the emulated kernels' launch events")
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    T, D, H, E, k = 40, 24, 16, 4, 2
+    x = torch.randn(T, D, requires_grad=True)
+    w = torch.randn(E, H, D, requires_grad=True)
+    b = torch.randn(E, H, requires_grad=True)
+    router = torch.randn(T, E, requires_grad=True)
+
+    def step():
+        topw, topi = router.softmax(-1).topk(k, -1)
+        gated_ops.routed_matmul(x, w, topi, topw, b).square().sum().backward()
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    reads = sorted({e.name for e in prof.events() if e.name in _HOST_READS})
+    assert not reads, reads
+    census = kernel_census(step)
+    names = [n for n, _ in census]
+    for kernel, count in (("route_keys_kernel in", 1), ("route_table_kernel in", 1),
+                          ("route_tile_starts_kernel in", 2), ("gemm_kernel in routed_gemm", 2),
+                          ("combine_kernel in launch_combine", 2), ("routed_grad_z_kernel", 1),
+                          ("wgrad_kernel in routed_grad_weight_cuda", 1),
+                          ("routed_grad_bias_kernel", 1),
+                          ("routed_grad_gate_kernel", 1)):
+        assert sum(kernel in n for n in names) == count, (kernel, census)
+    aten = [(n, where) for n, where in census
+            if n.startswith("aten::") and "::routed_" in where]
+    assert not aten, aten
+
+
+def _routed_moe_step(x, w, b, topi, topw):
+    y = gated_ops.routed_matmul(x, w, topi, topw, b)
+    return (y, *torch.autograd.grad(y.square().sum(), [x, w, b, topw]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_routed_moe_step_never_synchronises_with_the_host(dtype):
+    """A routed MoE forward and backward (route, grouped GEMMs: at::_grouped_mm for bfloat16 on
+    sm90 / sm100, epilogues, gradients) makes no synchronising CUDA call."""
+    torch.manual_seed(0)
+    T, D, H, E, k = 64, 32, 24, 8, 2
+    x = torch.randn(T, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    w = torch.randn(E, H, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    b = torch.randn(E, H, device=DEVICE, dtype=dtype, requires_grad=True)
+    topw, topi = torch.rand(T, E, device=DEVICE, dtype=dtype).softmax(-1).topk(k, -1)
+    topw = topw.detach().requires_grad_()
+    _routed_moe_step(x, w, b, topi, topw)  # warm-up: workspaces, handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _routed_moe_step(x, w, b, topi, topw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+def test_routed_moe_step_cuda_graph_equals_eager():
+    """A routed MoE forward and backward captured once and replayed on new tokens and new
+    routing: bit for bit the eager step (the groups' sizes change between replays and live on
+    the device only)."""
+    torch.manual_seed(0)
+    T, D, H, E, k = 64, 32, 24, 8, 2
+    w = torch.randn(E, H, D, device=DEVICE, requires_grad=True)
+    b = torch.randn(E, H, device=DEVICE, requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(4):
+        topw, topi = torch.rand(T, E, generator=g).softmax(-1).topk(k, -1)
+        topi[torch.rand(T, k, generator=g) < 0.1] = -1
+        batches.append((torch.randn(T, D, generator=g).to(DEVICE), topi.to(DEVICE),
+                        topw.to(DEVICE)))
+    static_x = torch.zeros(T, D, device=DEVICE, requires_grad=True)
+    static_i = torch.zeros(T, k, dtype=torch.int64, device=DEVICE)
+    static_w = torch.zeros(T, k, device=DEVICE, requires_grad=True)
+
+    def load(xb, ib, wb):
+        with torch.no_grad():
+            static_x.copy_(xb)
+            static_i.copy_(ib)
+            static_w.copy_(wb)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        load(*batches[0])
+        _routed_moe_step(static_x, w, b, static_i, static_w)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = _routed_moe_step(static_x, w, b, static_i, static_w)
+    for xb, ib, wb in batches[1:]:
+        load(xb, ib, wb)
+        graph.replay()
+        xe, we = xb.clone().requires_grad_(), wb.clone().requires_grad_()
+        eager = _routed_moe_step(xe, w, b, ib, we)
+        torch.cuda.synchronize()
+        for name, a, c in zip(("y", "grad x", "grad weight", "grad bias", "grad gate"), outs,
+                              eager):
+            assert torch.equal(a, c), name

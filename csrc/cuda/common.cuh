@@ -1,7 +1,7 @@
 // Shared by the CUDA kernels (cuda/matmul_forward.cu, cuda/matmul_backward.cu, cuda/sgd.cu,
-// cuda/cross_entropy.cu; registered in cuda/registration.cu): the launch macros, the policy
-// constants, the device helpers, and the launchers one file lends another. Float32, float64,
-// and bf16 / fp16 with fp32 accumulation.
+// cuda/cross_entropy.cu, cuda/routed.cu; registered in cuda/registration.cu): the launch macros,
+// the policy constants, the device helpers, and the launchers one file lends another. Float32,
+// float64, and bf16 / fp16 with fp32 accumulation.
 //
 // The math of every op is gated_ops/reference.py; the exact semantics are the CPU kernels of
 // cpu/*.cpp; the plan layout is gated_ops/plan.py. Rules kept by every launcher:
@@ -44,6 +44,7 @@
 
 #include "gated_ops.h"
 #include "kernel_choice.h"
+#include "routed.h"
 
 #ifdef GATED_OPS_CUDA_EMU
 // The host compiler builds these sources with the CUDA execution model emulated on the CPU
@@ -298,6 +299,27 @@ Tensor gated_cross_entropy_backward_cuda(const c10::optional<Tensor>& grad_loss,
                                          const c10::optional<Tensor>& grad_path_loss,
                                          const Tensor& logits, const Tensor& target,
                                          const Tensor& gate, const Tensor& lse);
+
+// cuda/routed.cu (routed.h states the route table)
+Tensor pathway_route_cuda(const Tensor& idx, const Tensor& paths, int64_t num_weights);
+std::tuple<Tensor, Tensor> routed_matmul_cuda(const Tensor& x, const Tensor& weight,
+                                              const c10::optional<Tensor>& bias,
+                                              const c10::optional<Tensor>& gate,
+                                              const Tensor& idx, const Tensor& route,
+                                              const Tensor& paths, int64_t num_dst,
+                                              bool grouped_in, bool grouped_out);
+Tensor routed_grad_z_cuda(const Tensor& grad_y, const c10::optional<Tensor>& gate,
+                          const Tensor& idx, const Tensor& route, const Tensor& paths,
+                          bool grouped_out);
+Tensor routed_grad_x_cuda(const Tensor& grad_z, const Tensor& weight, const Tensor& idx,
+                          const Tensor& route, const Tensor& paths, int64_t num_sources,
+                          bool grouped_in);
+Tensor routed_grad_weight_cuda(const Tensor& grad_z, const Tensor& x, const Tensor& idx,
+                               const Tensor& route, const Tensor& paths, int64_t num_weights,
+                               bool grouped_in);
+Tensor routed_grad_bias_cuda(const Tensor& grad_z, const Tensor& route, int64_t num_weights);
+Tensor routed_grad_gate_cuda(const Tensor& grad_y, const Tensor& z, const Tensor& idx,
+                             const Tensor& route, const Tensor& paths);
 
 }  // namespace GATED_CUDA_NS
 }  // namespace gated_ops

@@ -18,6 +18,13 @@ GATED_OPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("pathway_bias_sgd_", &pathway_bias_sgd_cuda);
   m.impl("gated_cross_entropy", &gated_cross_entropy_cuda);
   m.impl("gated_cross_entropy_backward", &gated_cross_entropy_backward_cuda);
+  m.impl("pathway_route", &pathway_route_cuda);
+  m.impl("routed_matmul", &routed_matmul_cuda);
+  m.impl("routed_grad_z", &routed_grad_z_cuda);
+  m.impl("routed_grad_x", &routed_grad_x_cuda);
+  m.impl("routed_grad_weight", &routed_grad_weight_cuda);
+  m.impl("routed_grad_bias", &routed_grad_bias_cuda);
+  m.impl("routed_grad_gate", &routed_grad_gate_cuda);
 }
 
 }  // namespace GATED_CUDA_NS

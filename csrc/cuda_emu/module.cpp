@@ -12,6 +12,7 @@
 #include "../cuda/matmul_backward.cu"
 #include "../cuda/sgd.cu"
 #include "../cuda/cross_entropy.cu"
+#include "../cuda/routed.cu"
 #include "../cuda/registration.cu"
 // This library's own kernel choices (the hook _force_kernel in its namespace: kernel_choice.h).
 #include "../kernel_choice.cpp"
