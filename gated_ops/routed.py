@@ -218,6 +218,7 @@ def _routed_setup_context(ctx, inputs, output):
     x, weight, bias, gate, idx, route, paths, num_dst, grouped_in, grouped_out = inputs
     _, z = output
     ctx.mark_non_differentiable(z)
+    ctx.set_materialize_grads(False)  # (no zero-filled gradient for z, which nobody differentiates)
     need_x, need_w, need_b, need_g = ctx.needs_input_grad[:4]
     ctx.flags = (grouped_in, grouped_out, x.shape[0] if not grouped_in else 0, weight.shape[0])
     ctx.save_for_backward(x if need_w else None, weight if need_x else None, gate, idx, route,
