@@ -946,7 +946,12 @@ class DenseRouted(RoutedProvider):
 
     def __init__(self, data: RoutedData):
         super().__init__(data)
-        E = self.weight.shape[0]
+        E, D = self.weight.shape[0], self.weight.shape[1]
+        T = data.x.shape[0]
+        if data.device.type == "cpu" and E * T * D * D > 8 * 4096 * 1024 * 1024:
+            # E T D^2 of dense work: the E = 64, T = 4096, D = 1024 layer takes minutes a call
+            raise Unavailable(f"dense: every token through all {E} experts at this size "
+                              "takes minutes per call on a CPU")
         self.plan = GatedPathwayLinear.mixture_of_experts(E, 1, 1, device=data.device).plan
 
     def layer(self, x, idx, w):
