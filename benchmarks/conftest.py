@@ -84,6 +84,10 @@ def pytest_configure(config):
 
 
 def pytest_collect_file(file_path, parent):
+    # bench_*.py files are not test_*.py; a file named on the command line is collected by
+    # pytest's own Python plugin already, so only a directory walk needs this hook
+    if parent.session.isinitpath(file_path):
+        return None
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
