@@ -905,14 +905,24 @@ class LoopRouted(RoutedProvider):
 
     name = "loop"
 
+    def __init__(self, data: RoutedData):
+        super().__init__(data)
+        # one parameter per expert, as nn.ModuleList([nn.Linear ...]) holds them: indexing one
+        # (E, D, D) parameter would cost a zero-filled (E, D, D) gradient per expert in backward
+        self.weights = [nn.Parameter(w.clone()) for w in data.weight]
+        self.biases = [nn.Parameter(b.clone()) for b in data.bias]
+
     def layer(self, x, idx, w):
-        y = torch.zeros(x.shape[0], self.weight.shape[1], dtype=x.dtype, device=x.device)
-        for e in range(self.weight.shape[0]):
+        y = torch.zeros(x.shape[0], self.weights[0].shape[0], dtype=x.dtype, device=x.device)
+        for e, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             tok, slot = (idx == e).nonzero(as_tuple=True)
             if tok.numel():
-                h = torch.addmm(self.bias[e], x[tok], self.weight[e].t())
-                y = y.index_add(0, tok, h * w[tok, slot].unsqueeze(-1))
+                h = torch.addmm(bias, x[tok], weight.t())
+                y.index_add_(0, tok, h * w[tok, slot].unsqueeze(-1))
         return y
+
+    def grad_tensors(self) -> list[Tensor]:
+        return [self.data.x, self.data.w, *self.weights, *self.biases]
 
 
 class GroupedMMRouted(RoutedProvider):

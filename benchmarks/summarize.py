@@ -4,8 +4,9 @@
     python benchmarks/summarize.py benchmarks/results/cpu-2026-11-26.json --readme README.md \
         --modes step full       # the README's table: full training steps only
 
-Per case and mode, one row per provider: median time, min time, speedup over ``naive`` and over
-``torch`` measured in the same run (same JSON), achieved GB/s and TFLOP/s from the explicit counts
+Per case and mode, one row per provider: median time, min time, speedups over the baselines
+measured in the same run (same JSON: ``naive`` and ``torch`` for the k-path cases; the expert
+loop, ``grouped_mm`` and our dense op for sparse routing; ``COMPARE``), achieved GB/s and TFLOP/s from the explicit counts
 of benchmarks/flops.py, the floor (max(bytes / peak GB/s, FLOPs / peak FLOP/s) at the peaks
 measured in that run) and the time's ratio to it. With ``--readme``, the table replaces the text
 between ``<!-- perf-table:start -->`` and ``<!-- perf-table:end -->``; without both markers the
@@ -66,48 +67,68 @@ def header(data: dict) -> str:
             f"Measured peaks: {peaks or 'none'}.")
 
 
+# Per benchmark group: the providers each row is compared with (column title, provider) and the
+# plain-PyTorch providers whose fastest is "best plain". Groups not listed use the k-path set.
+COMPARE = {
+    "default": ((("vs naive", "naive"), ("vs torch", "torch")), PLAIN),
+    # sparse routing: the expert loop, sorted tokens through grouped_mm, our dense op
+    "routed": ((("vs loop", "loop"), ("vs grouped_mm", "grouped_mm"), ("vs dense (ours)", "dense")),
+               ("loop", "grouped_mm")),
+    # a GDLN with context gates: dense (every pathway) against routed (the active ones)
+    "gdln": ((("vs dense", "gdln_dense"),), ()),
+}
+ORDER = PROVIDER_ORDER[:1] + ("loop", "grouped_mm", "dense", "gdln_dense") + PROVIDER_ORDER[1:]
+
+
+def _family(group: str) -> str:
+    return group if group in COMPARE else "default"
+
+
 def table(data: dict, modes: list[str] | None = None) -> str:
-    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    families: dict[str, dict[tuple[str, str], dict[str, dict]]] = {}
     for b in data["benchmarks"]:
         e = b["extra_info"]
         if "time_s" not in e:  # a --benchmark-disable run has no timings
             continue
         if modes and e["mode"] not in modes:
             continue
-        groups.setdefault((e["case"], e["mode"]), {})[e["provider"]] = e
-    lines = [header(data), "",
-             "| case | mode | provider | device | median ms | min ms | vs naive | vs torch "
-             "| vs best plain | GB/s | TFLOP/s | floor ms | x floor |",
-             "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    for (case, mode), rows in groups.items():
-        naive, torch_ = rows.get("naive"), rows.get("torch")
-        plain = [rows[p]["time_s"] for p in PLAIN if p in rows]
-        best_plain = min(plain) if plain else None
-        first = True
-        for prov in sorted(rows, key=lambda p: (PROVIDER_ORDER + (p,)).index(p)):
-            e = rows[prov]
-            t = e["time_s"]
-            time = _ms(t)
-            if e.get("per", 1) > 1:
-                time += f" ({_ms(e['time_per_unit_s'])}/replica)"
-            name = prov
-            if e.get("compile_backend", "inductor") != "inductor":
-                name += f" [{e['compile_backend']}]"
-            lines.append(
-                f"| {case if first else ''} | {mode if first else ''} | {name} | {e['device']} "
-                f"| {time} | {_ms(e['time_min_s'])} "
-                f"| {_x(naive['time_s'] / t) if naive else '-'} "
-                f"| {_x(torch_['time_s'] / t) if torch_ else '-'} "
-                f"| {_x(best_plain / t) if best_plain else '-'} "
-                f"| {e['gbs']:.2f} | {e['tflops']:.3f} | {_ms(e['floor_s'])} "
-                f"| {e['ratio_to_floor']:.1f} |")
-            first = False
-    if not groups:
-        lines.append("| (no timed benchmarks in this file) ||||||||||||")
-    lines += ["", "Speedups are ratios of medians within this run. vs naive / vs torch = "
-              "that provider's time / this row's time; vs best plain: the fastest plain-PyTorch "
-              "provider of the row's case and mode (torch, torch_compile, torch_graph) in this "
-              "file. x floor = median / floor."]
+        fam = families.setdefault(_family(e.get("group", "")), {})
+        fam.setdefault((e["case"], e["mode"]), {})[e["provider"]] = e
+    lines = [header(data)]
+    for family, groups in families.items():
+        columns, plain_set = COMPARE[family]
+        titles = [t for t, _ in columns] + (["vs best plain"] if plain_set else [])
+        lines += ["", "| case | mode | provider | device | median ms | min ms | "
+                  + " | ".join(titles) + " | GB/s | TFLOP/s | floor ms | x floor |",
+                  "|---|---|---|---|--:|--:|" + "--:|" * len(titles) + "--:|--:|--:|--:|"]
+        for (case, mode), rows in groups.items():
+            plain = [rows[p]["time_s"] for p in plain_set if p in rows]
+            best_plain = min(plain) if plain else None
+            first = True
+            for prov in sorted(rows, key=lambda p: (ORDER + (p,)).index(p)):
+                e = rows[prov]
+                t = e["time_s"]
+                time = _ms(t)
+                if e.get("per", 1) > 1:
+                    time += f" ({_ms(e['time_per_unit_s'])}/replica)"
+                name = prov
+                if e.get("compile_backend", "inductor") != "inductor":
+                    name += f" [{e['compile_backend']}]"
+                ratios = [_x(rows[b]["time_s"] / t) if b in rows else "-" for _, b in columns]
+                if plain_set:
+                    ratios.append(_x(best_plain / t) if best_plain else "-")
+                lines.append(
+                    f"| {case if first else ''} | {mode if first else ''} | {name} | {e['device']} "
+                    f"| {time} | {_ms(e['time_min_s'])} | " + " | ".join(ratios) +
+                    f" | {e['gbs']:.2f} | {e['tflops']:.3f} | {_ms(e['floor_s'])} "
+                    f"| {e['ratio_to_floor']:.1f} |")
+                first = False
+    if not families:
+        lines += ["", "| (no timed benchmarks in this file) ||||||||||||"]
+    lines += ["", "Speedups are ratios of medians within this run: vs X = X's time / this row's "
+              "time; vs best plain: the fastest plain-PyTorch provider of the row's case and mode "
+              "in this file (torch, torch_compile, torch_graph; for sparse routing the expert "
+              "loop and grouped_mm). x floor = median / floor."]
     return "\n".join(lines)
 
 

@@ -35,3 +35,34 @@ def test_graph_provider_step_trains_as_the_eager_step(monkeypatch, lookahead):
     for name, t in cpu.model.state_dict().items():
         assert torch.equal(t, graph.model.state_dict()[name]), name
     assert (graph._enc is not None) == (lookahead == "1")
+
+
+ROUTED_TINY = next(c for c in P.ROUTED_CASES if c.size == "tiny")
+
+
+def _routed_grads(prov):
+    """(y, and the gradients of x, the top-k weights, the expert weights and biases)."""
+    prov.zero_grad()
+    y = prov.infer().detach()
+    prov.objective().backward()
+    d = prov.data
+    if isinstance(prov, P.LoopRouted):
+        weight = torch.stack([p.grad for p in prov.weights])
+        bias = torch.stack([p.grad for p in prov.biases])
+    else:
+        weight, bias = prov.weight.grad, prov.bias.grad
+    return [y, d.x.grad.clone(), d.w.grad.clone(), weight, bias]
+
+
+@pytest.mark.parametrize("provider", ["loop", "grouped_mm", "dense"])
+def test_routed_providers_compute_the_routed_layer(provider):
+    """Every sparse-routing provider computes y and the four gradients of gated_ops.routed_matmul
+    (the benchmark times the same function and backward in each)."""
+    device = torch.device("cpu")
+    try:
+        prov = P.make_routed(provider, ROUTED_TINY, "full", device)
+    except P.Unavailable as e:
+        pytest.skip(str(e))
+    ours = _routed_grads(P.make_routed("cpu", ROUTED_TINY, "full", device))
+    for name, a, b in zip(("y", "x", "topk_weight", "weight", "bias"), _routed_grads(prov), ours):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
