@@ -813,6 +813,8 @@ def bench_case(measure, bench_env, make: Callable, case, mode: str, provider: st
         pytest.skip(str(e))
     info = {"provider": provider, "mode": mode, "case": case.name, "shape": case.shape,
             "size": case.size, "group": case.group, **(extra_info or {})}
+    if getattr(case, "dtype", None) is not None:
+        info.setdefault("dtype", str(case.dtype).replace("torch.", ""))  # picks the floor's peak
     if provider == "torch_compile":
         info["compile_backend"] = prov.backend
     measure(fn, setup, device, counts, info, per=per)
