@@ -109,11 +109,13 @@ def cmd_run(ns) -> None:
 
 
 # ------------------------------------------------------------------------------------ report
-def load_part(out: Path, part: Part) -> list[dict]:
-    """The runs of a part: config and metrics lines (evaluated epochs only)."""
+def load_runs(run_dir: Path) -> list[dict]:
+    """The runs of a grid's directory: each run's configuration (``config.json``'s "config",
+    written by experiments.kpath) and its evaluated metrics lines, for runs with at least one
+    evaluation."""
     runs = []
-    for cfg_path in sorted((out / part.name).glob("*/config.json")):
-        cfg = json.loads(cfg_path.read_text())
+    for cfg_path in sorted(run_dir.glob("*/config.json")):
+        cfg = json.loads(cfg_path.read_text())["config"]
         metrics = cfg_path.parent / "metrics.jsonl"
         lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() \
             else []
@@ -121,6 +123,11 @@ def load_part(out: Path, part: Part) -> list[dict]:
         if evals:
             runs.append({"config": cfg, "evals": evals})
     return runs
+
+
+def load_part(out: Path, part: Part) -> list[dict]:
+    """The runs of a part (``load_runs`` of its directory)."""
+    return load_runs(out / part.name)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -219,13 +226,14 @@ def make_figure(out: Path, data: dict[str, list[dict]]) -> Path | None:
     parts = [p for p in PARTS.values() if data.get(p.name)]
     if not parts:
         return None
-    shown = {10: (1, 3, 7), 30: (5, 15, 29), 100: (10, 50, 90)}
-    fig, axes = plt.subplots(len(parts), 3, figsize=(13, 3.1 * len(parts)), squeeze=False,
+    # three N per part: the smallest, the middle and the largest
+    shown = {p.name: sorted({p.Ns[0], p.Ns[len(p.Ns) // 2], p.Ns[-1]}) for p in parts}
+    fig, axes = plt.subplots(len(parts), max(len(v) for v in shown.values()), figsize=(13, 3.1 * len(parts)), squeeze=False,
                              sharey=True)
     colors = {1.0: "tab:red", 0.1: "tab:orange", 0.03: "tab:green", 0.01: "tab:blue"}
     for row, p in enumerate(parts):
         cur = curves(data[p.name])
-        for col, N in enumerate(shown[p.K]):
+        for col, N in enumerate(shown[p.name]):
             ax = axes[row][col]
             for g in p.gains:
                 c = cur.get((N, g))
@@ -258,14 +266,7 @@ def make_figure(out: Path, data: dict[str, list[dict]]) -> Path | None:
 def report_dir(run_dir: Path) -> str:
     """The mean +- std table of any grid's run directory (a part, the GPU study's output):
     final evaluation of every (N, gain) over seeds; written to run_dir/study_table.md."""
-    runs = []
-    for cfg_path in sorted(run_dir.glob("*/config.json")):
-        cfg = json.loads(cfg_path.read_text())
-        m = cfg_path.parent / "metrics.jsonl"
-        evals = [d for d in (json.loads(x) for x in m.read_text().splitlines())
-                 if d.get("test_trained_acc") is not None] if m.exists() else []
-        if evals:
-            runs.append({"config": cfg, "evals": evals})
+    runs = load_runs(run_dir)
     if not runs:
         raise SystemExit(f"{run_dir}: no run with an evaluation (config.json + metrics.jsonl)")
     gains = tuple(sorted({r["config"]["gain"] for r in runs}, reverse=True))
