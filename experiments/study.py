@@ -247,7 +247,7 @@ def make_figure(out: Path, data: dict[str, list[dict]]) -> Path | None:
                 ax.plot(c["steps"], [t[0] for t in c["trained"]], color=colors.get(g), ls=":",
                         lw=1)
             ax.set_title(f"{p.name}, N = {N}", fontsize=9)
-            ax.set_xscale("log")
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
             ax.axhline(0.1, color="grey", lw=0.5)
             if row == len(parts) - 1:
                 ax.set_xlabel("SGD steps")
