@@ -228,8 +228,8 @@ def make_figure(out: Path, data: dict[str, list[dict]]) -> Path | None:
         return None
     # three N per part: the smallest, the middle and the largest
     shown = {p.name: sorted({p.Ns[0], p.Ns[len(p.Ns) // 2], p.Ns[-1]}) for p in parts}
-    fig, axes = plt.subplots(len(parts), max(len(v) for v in shown.values()), figsize=(13, 3.1 * len(parts)), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(len(parts), max(len(v) for v in shown.values()),
+                             figsize=(13, 3.1 * len(parts)), squeeze=False, sharey=True)
     colors = {1.0: "tab:red", 0.1: "tab:orange", 0.03: "tab:green", 0.01: "tab:blue"}
     for row, p in enumerate(parts):
         cur = curves(data[p.name])
@@ -241,16 +241,16 @@ def make_figure(out: Path, data: dict[str, list[dict]]) -> Path | None:
                     continue
                 m = [u[0] for u in c["untrained"]]
                 s = [0 if math.isnan(u[1]) else u[1] for u in c["untrained"]]
-                ax.plot(c["steps"], m, color=colors.get(g), label=f"gain {g:g}")
-                ax.fill_between(c["steps"], [a - b for a, b in zip(m, s)],
+                t = [p.lr * x for x in c["steps"]]  # learning time: parts of one K align
+                ax.plot(t, m, color=colors.get(g), label=f"gain {g:g}")
+                ax.fill_between(t, [a - b for a, b in zip(m, s)],
                                 [a + b for a, b in zip(m, s)], color=colors.get(g), alpha=0.2)
-                ax.plot(c["steps"], [t[0] for t in c["trained"]], color=colors.get(g), ls=":",
+                ax.plot(t, [tr[0] for tr in c["trained"]], color=colors.get(g), ls=":",
                         lw=1)
             ax.set_title(f"{p.name}, N = {N}", fontsize=9)
-            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
             ax.axhline(0.1, color="grey", lw=0.5)
             if row == len(parts) - 1:
-                ax.set_xlabel("SGD steps")
+                ax.set_xlabel("lr x SGD steps")
             if col == 0:
                 ax.set_ylabel("test accuracy")
     axes[0][0].legend(fontsize=8, loc="upper left")
