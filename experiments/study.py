@@ -74,6 +74,8 @@ PARTS = {p.name: p for p in (
     Part("K30-lr0.05", 30, (1, 5, 10, 15, 20, 25, 29), 0.05, 8000, 800),
     Part("K30-converge", 30, (5, 20, 29), 0.05, 64000, 2000, gains=(1.0, 0.03, 0.01),
          converge=True, note="lr 0.05 until every run's trained-path accuracy stops rising"),
+    Part("K10-converge", 10, (3, 5, 9), 0.05, 64000, 2000, gains=(1.0, 0.03, 0.01),
+         converge=True, note="lr 0.05 until every run's trained-path accuracy stops rising"),
     Part("K10-lr0.0125", 10, (1, 2, 3, 5, 7, 9), 0.0125, 32000, 2000,
          note="the same lr x steps as K10-lr0.05"),
     Part("K30-lr0.0125", 30, (1, 5, 10, 20, 29), 0.0125, 32000, 3200,
