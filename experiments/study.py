@@ -63,10 +63,19 @@ class Part:
              "--epochs", str(self.steps // self.eval_steps),
              "--eval-samples", "none", "--eval-train-samples", "1000",
              "--threads", str(threads), "--checkpoint-every", "600", "--progress", "false",
-             "--out", str(out / self.name)]
+             "--out", _shown(out / self.name)]
         if self.converge:
             a += ["--converge-delta", "0.005", "--converge-window", "3"]
         return a
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (what the runs' files
+    record as their output directory), else as given."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 PARTS = {p.name: p for p in (

@@ -26,6 +26,15 @@ def test_every_part_is_a_valid_kpath_command(name, tmp_path):
     assert cfg.eval_samples is None  # the full test set
 
 
+def test_runs_record_their_output_directory_relative_to_the_working_directory(tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = study.PARTS["K10-lr0.05"].args(tmp_path / "study", threads=1)
+    assert args[args.index("--out") + 1] == str(Path("study") / "K10-lr0.05")
+    outside = study.PARTS["K10-lr0.05"].args(tmp_path.parent / "elsewhere", threads=1)
+    assert outside[outside.index("--out") + 1] == str(tmp_path.parent / "elsewhere" / "K10-lr0.05")
+
+
 def test_same_lr_times_steps_across_learning_rates():
     """The two learning rates of a K are compared at the same lr x steps."""
     by_k: dict[int, set[float]] = {}
