@@ -911,8 +911,9 @@ class LoopRouted(RoutedProvider):
         super().__init__(data)
         # one parameter per expert, as nn.ModuleList([nn.Linear ...]) holds them: indexing one
         # (E, D, D) parameter would cost a zero-filled (E, D, D) gradient per expert in backward
-        self.weights = [nn.Parameter(w.clone()) for w in data.weight]
-        self.biases = [nn.Parameter(b.clone()) for b in data.bias]
+        # (views of the base class's copies: the same values, no second copy of the bank)
+        self.weights = [nn.Parameter(w) for w in self.weight.detach().unbind(0)]
+        self.biases = [nn.Parameter(b) for b in self.bias.detach().unbind(0)]
 
     def layer(self, x, idx, w):
         y = torch.zeros(x.shape[0], self.weights[0].shape[0], dtype=x.dtype, device=x.device)
