@@ -87,8 +87,8 @@ PARTS = {p.name: p for p in (
          converge=True, note="lr 0.05 until every run's trained-path accuracy stops rising"),
     Part("K10-lr0.0125", 10, (1, 2, 3, 5, 7, 9), 0.0125, 32000, 2000,
          note="the same lr x steps as K10-lr0.05"),
-    Part("K30-lr0.0125", 30, (1, 5, 10, 20, 29), 0.0125, 32000, 3200,
-         note="the same lr x steps as K30-lr0.05"),
+    Part("K30-lr0.0125", 30, (5, 10, 20), 0.0125, 32000, 3200, gains=(1.0, 0.1, 0.01),
+         note="the same lr x steps as K30-lr0.05, where the gains part"),
     Part("K100-cpu", 100, (10, 50, 90), 0.05, 15000, 3000, gains=(1.0, 0.01), seeds=(1,),
          note="a cut-down gpu_study on the CPU: the K = 100 trend predicted"),
 )}
