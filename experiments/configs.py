@@ -388,8 +388,9 @@ def gpu_study() -> KPathConfig:
     """The K = 100 study for one H100, about 5 minutes: Fashion-MNIST, H = 128, N across its
     range, gains 1 to 1e-3, 2 seeds (40 runs as the replicas of one captured model), the
     authors' gate mode, at the paper's lr x steps (1e-4 x 7.5M = 750) compressed to lr 0.05 x
-    15,000 steps (the CPU study's lr comparison checks that compression at K = 10 and 30);
-    the full test set every 1500 steps. ``bash scripts/gpu_check.sh OUTDIR study`` runs it."""
+    15,000 steps (the CPU study finds this compression safe for the escape times from a small
+    start, not for what follows them: experiments/README.md); the full test set every 1500
+    steps. ``bash scripts/gpu_check.sh OUTDIR study`` runs it."""
     return KPathConfig(dataset="fashion_mnist", K=100, Ns=[10, 30, 50, 70, 90],
                        gains=[1.0, 0.1, 0.01, 0.001], seeds=[1, 2], hidden=128,
                        mode="N_plus_mod_permute", lr=0.05, batch_size=8, epochs=10,
